@@ -1,0 +1,1 @@
+"""cxr-node: ai package."""

@@ -1,0 +1,1 @@
+"""cxr-node: node package."""

@@ -1,0 +1,351 @@
+"""Configuration step: read the node's TOML file, apply environment overrides, validate every key.
+
+Order of precedence: built-in defaults < TOML file < environment variables (``CXR_<SECTION>_<KEY>``,
+e.g. ``CXR_SCP_PORT=11113``; destinations as JSON in ``CXR_DESTINATIONS``) < command-line flags.
+Validation collects *all* problems and names each key with what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CXR_"
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control
+
+
+class ConfigError(ValueError):
+    """One or more configuration keys are invalid; ``problems`` lists each as 'key: expected ..., found ...'."""
+
+    def __init__(self, problems: list[str], source: str = "configuration") -> None:
+        self.problems = problems
+        super().__init__(f"{source} is invalid:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class ScpSettings:
+    """The C-STORE/C-ECHO service class provider (what modalities send to)."""
+
+    ae_title: str = "CXR-AI"  # called AE title we answer to
+    port: int = 11112
+    bind_address: str = "0.0.0.0"
+    allowed_callers: tuple[str, ...] = ()  # calling AE titles accepted; empty = any
+    require_called_ae: bool = True  # refuse associations addressed to another AE title
+    max_associations: int = 16  # concurrent associations (pynetdicom's default, 10, silently refuses more)
+    max_pdu: int = 131072  # receive PDU size; larger PDUs halve pynetdicom's CPU per GB
+    network_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where received files, produced results and the database live."""
+
+    data_dir: str = "var"  # received files, results, the SQLite database
+    database_url: str = ""  # empty: SQLite in data_dir; or a SQLAlchemy URL (PostgreSQL)
+    retention_days: int = 30  # received instances older than this are purged; 0 = keep forever
+    min_free_mb: int = 200  # refuse new instances (Out of Resources) below this free space
+
+
+@dataclass(frozen=True)
+class FilterSettings:
+    """Which received instances are analysed (frontal human chest radiographs)."""
+
+    modalities: tuple[str, ...] = ("CR", "DX", "DR", "RG")
+    no_view_policy: str = "analyse"  # images with no view information: "analyse" or "skip"
+    rules_file: str = ""  # empty: the bundled config/filter_rules.toml
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The analysis worker that leases jobs from the shared queue."""
+
+    lease_s: float = 120.0  # a job leased longer than this returns to the queue
+    poll_s: float = 0.2  # idle poll interval
+    max_attempts: int = 5  # retryable failures before a job is failed for good
+    retry_initial_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class SendSettings:
+    """Sending results to destinations (the outbox)."""
+
+    retry_initial_s: float = 10.0  # first retry delay for a failed send; doubles per attempt
+    retry_max_s: float = 600.0  # cap of the delay
+    alert_after: int = 5  # log an alert after this many consecutive failures to a destination
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One DICOM destination that receives every result (SR and SC)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae: str = ""  # our AE title towards this destination; empty: scp.ae_title
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The model package the worker runs."""
+
+    package: str = ""  # empty: the bundled default model package
+    providers: tuple[str, ...] = ()  # empty: CUDA when present, else CPU
+    heatmap: bool = True  # produce the Secondary Capture overlay
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole node configuration."""
+
+    scp: ScpSettings = field(default_factory=ScpSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    filter: FilterSettings = field(default_factory=FilterSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    send: SendSettings = field(default_factory=SendSettings)
+    destinations: tuple[Destination, ...] = ()
+    model: ModelSettings = field(default_factory=ModelSettings)
+    thresholds: Mapping[str, float] = field(default_factory=dict)  # per-label overrides
+    base_dir: str = "."  # relative paths are resolved against this (the config file's folder)
+
+    def resolve(self, path: str) -> Path:
+        """Resolve a configured path against the configuration file's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    @property
+    def data_path(self) -> Path:
+        return self.resolve(self.storage.data_dir)
+
+    @property
+    def database_url(self) -> str:
+        if self.storage.database_url:
+            return self.storage.database_url
+        return f"sqlite:///{(self.data_path / 'cxr-node.sqlite').resolve()}"
+
+    def summary(self) -> dict[str, Any]:
+        """The effective configuration for the start-up log, without secrets (passwords in URLs)."""
+        url = re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", self.database_url)
+        return {
+            "scp": {"ae_title": self.scp.ae_title, "port": self.scp.port,
+                    "allowed_callers": list(self.scp.allowed_callers),
+                    "max_associations": self.scp.max_associations},
+            "database": url,
+            "data_dir": str(self.data_path),
+            "destinations": [f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in self.destinations],
+            "model": self.model.package or "(bundled)",
+            "thresholds": dict(self.thresholds),
+            "no_view_policy": self.filter.no_view_policy,
+        }
+
+
+_SECTIONS: dict[str, type] = {
+    "scp": ScpSettings,
+    "storage": StorageSettings,
+    "filter": FilterSettings,
+    "worker": WorkerSettings,
+    "send": SendSettings,
+    "model": ModelSettings,
+}
+
+
+def _type_name(t: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        t, "a list of strings"
+    )
+
+
+def _coerce(key: str, value: Any, default: Any, problems: list[str]) -> Any:
+    """Check one value against the type of its default; append a problem and return None if wrong."""
+    t = type(default)
+    ok: bool
+    if t is bool:
+        ok = isinstance(value, bool)
+    elif t is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif t is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif t is str:
+        ok = isinstance(value, str)
+    elif t is tuple:
+        ok = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    else:  # pragma: no cover - every field has one of the types above
+        ok = True
+    if not ok:
+        problems.append(f"{key}: expected {_type_name(t)}, found {value!r}")
+        return None
+    return value
+
+
+def _section(name: str, raw: Any, problems: list[str]) -> Any:
+    cls = _SECTIONS[name]
+    default = cls()
+    if raw is None:
+        return default
+    if not isinstance(raw, dict):
+        problems.append(f"[{name}]: expected a table, found {raw!r}")
+        return default
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            problems.append(f"{name}.{key}: unknown key (expected one of {', '.join(sorted(known))})")
+            continue
+        v = _coerce(f"{name}.{key}", value, getattr(default, key), problems)
+        if v is not None:
+            values[key] = v
+    return replace(default, **values)
+
+
+def _destinations(raw: Any, problems: list[str]) -> tuple[Destination, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.append(f"destinations: expected an array of tables [[destinations]], found {raw!r}")
+        return ()
+    out: list[Destination] = []
+    required = {"name": "", "ae_title": "", "host": "", "port": 0}
+    for i, item in enumerate(raw):
+        where = f"destinations[{i}]"
+        if not isinstance(item, dict):
+            problems.append(f"{where}: expected a table, found {item!r}")
+            continue
+        before = len(problems)
+        for key in item:
+            if key not in (*required, "calling_ae"):
+                problems.append(f"{where}.{key}: unknown key (expected name, ae_title, host, port, calling_ae)")
+        for key, default in required.items():
+            if key not in item:
+                problems.append(f"{where}.{key}: required, found nothing")
+            else:
+                _coerce(f"{where}.{key}", item[key], default, problems)
+        calling = item.get("calling_ae", "")
+        _coerce(f"{where}.calling_ae", calling, "", problems)
+        if len(problems) == before:
+            out.append(Destination(item["name"], item["ae_title"], item["host"], item["port"], calling))
+    return tuple(out)
+
+
+def _thresholds(raw: Any, problems: list[str]) -> dict[str, float]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(f"[thresholds]: expected a table of label = number, found {raw!r}")
+        return {}
+    out: dict[str, float] = {}
+    for label, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            problems.append(f"thresholds.{label}: expected a probability between 0 and 1, found {value!r}")
+        else:
+            out[label] = float(value)
+    return out
+
+
+def _validate(s: Settings, problems: list[str]) -> None:
+    """Cross-field and range checks."""
+    if not AE_TITLE_RE.match(s.scp.ae_title) or not s.scp.ae_title.strip():
+        problems.append(f"scp.ae_title: expected 1-16 printable characters, no backslash, found {s.scp.ae_title!r}")
+    for ae in s.scp.allowed_callers:
+        if not AE_TITLE_RE.match(ae):
+            problems.append(f"scp.allowed_callers: expected AE titles of 1-16 characters, found {ae!r}")
+    if not 0 <= s.scp.port <= 65535:
+        problems.append(f"scp.port: expected 0-65535, found {s.scp.port}")
+    if s.scp.max_associations < 1:
+        problems.append(f"scp.max_associations: expected >= 1, found {s.scp.max_associations}")
+    if s.filter.no_view_policy not in ("analyse", "skip"):
+        problems.append(f"filter.no_view_policy: expected 'analyse' or 'skip', found {s.filter.no_view_policy!r}")
+    if s.send.retry_initial_s <= 0 or s.send.retry_max_s < s.send.retry_initial_s:
+        problems.append(
+            "send.retry_initial_s/retry_max_s: expected 0 < retry_initial_s <= retry_max_s, "
+            f"found {s.send.retry_initial_s} and {s.send.retry_max_s}"
+        )
+    if s.storage.retention_days < 0:
+        problems.append(f"storage.retention_days: expected >= 0, found {s.storage.retention_days}")
+    names = [d.name for d in s.destinations]
+    for d in s.destinations:
+        if names.count(d.name) > 1:
+            problems.append(f"destinations: name {d.name!r} is used more than once")
+        if not AE_TITLE_RE.match(d.ae_title):
+            problems.append(f"destinations.{d.name}.ae_title: expected 1-16 characters, found {d.ae_title!r}")
+        if not 1 <= d.port <= 65535:
+            problems.append(f"destinations.{d.name}.port: expected 1-65535, found {d.port}")
+
+
+def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str], problems: list[str]) -> None:
+    """Apply ``CXR_<SECTION>_<KEY>`` variables onto the raw TOML mapping (values parsed as TOML)."""
+    for var, text in environ.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX):].lower()
+        if rest == "destinations":
+            try:
+                raw["destinations"] = json.loads(text)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{var}: expected a JSON array of destinations, found {text!r} ({exc.msg})")
+            continue
+        section, _, key = rest.partition("_")
+        if section == "thresholds" and key:
+            target = raw.setdefault("thresholds", {})
+            label = next((k for k in target if k.lower() == key), key)
+            target[label] = _parse_env_value(text)
+        elif section in _SECTIONS and key:
+            raw.setdefault(section, {})[key] = _parse_env_value(text)
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string such as CXR_SCP_AE_TITLE=NODE1
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load, override and validate the configuration.
+
+    Args:
+        path: the TOML file; None for the built-in defaults.
+        environ: the environment to read ``CXR_*`` overrides from (default: ``os.environ``).
+
+    Raises:
+        ConfigError: naming every invalid key, or the TOML syntax error.
+    """
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    source = "configuration"
+    base_dir = "."
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError([f"file not found: {p}"], source) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"TOML syntax: {exc}"], source) from exc
+        base_dir = str(p.resolve().parent)
+    problems: list[str] = []
+    _env_overrides(raw, environ, problems)
+    for key in raw:
+        if key not in (*_SECTIONS, "destinations", "thresholds"):
+            problems.append(f"{key}: unknown section (expected scp, storage, filter, worker, send, "
+                            "destinations, model, thresholds)")
+    sections = {name: _section(name, raw.get(name), problems) for name in _SECTIONS}
+    settings = Settings(
+        destinations=_destinations(raw.get("destinations"), problems),
+        thresholds=_thresholds(raw.get("thresholds"), problems),
+        base_dir=base_dir,
+        **sections,
+    )
+    _validate(settings, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return settings

@@ -1,0 +1,1 @@
+"""cxr-node: storage package."""

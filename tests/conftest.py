@@ -1,0 +1,49 @@
+"""Shared test fixtures: where the real data lies, free ports, required external tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """``$CXR_DATA_DIR`` or ``../shared/data`` beside the repository; None when absent."""
+    env = os.environ.get("CXR_DATA_DIR")
+    path = Path(env) if env else REPO.parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real chest X-ray data; the test skips with the reason when it is absent."""
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("real data not found: set CXR_DATA_DIR or place shared/data beside the repository")
+    return path
+
+
+def require_tool(name: str) -> str:
+    """Path of an external program, or skip the test naming the Debian package that provides it."""
+    path = shutil.which(name)
+    if path is None:
+        pkg = {"dciodvfy": "dicom3tools", "Orthanc": "orthanc"}.get(name, "dcmtk")
+        pytest.skip(f"{name} not installed (Debian package {pkg}; .ci/run installs it)")
+    return path
+
+
+def free_port() -> int:
+    """A TCP port that is free on the loopback interface right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()

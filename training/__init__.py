@@ -1,0 +1,1 @@
+"""cxr-node: training package."""
