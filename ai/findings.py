@@ -1,0 +1,29 @@
+"""Finding contract: what the model runtime hands to the node for one label of one image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One label's result for one image.
+
+    Attributes:
+        label: canonical label name, e.g. ``Tuberculosis``.
+        probability: ensemble mean probability in [0, 1].
+        threshold: the effective operating threshold (package value or site override).
+        positive: ``probability >= threshold``.
+        threshold_method: how the threshold was chosen, e.g. ``Youden J on OOF`` or ``site override``.
+        heatmap: class activation map on the model's input grid (size x size, float32 in [0, 1]),
+            or None when the model provides none.
+    """
+
+    label: str
+    probability: float
+    threshold: float
+    positive: bool
+    threshold_method: str
+    heatmap: np.ndarray | None = None
