@@ -1,0 +1,408 @@
+"""Data step: read a cohort manifest, cache the node's preprocessed pixels, serve training samples.
+
+A cohort manifest is a CSV with one row per image:
+
+- ``image`` (required): path of a DICOM, PNG or JPEG file, absolute, or relative to the CSV's folder,
+  or relative to the folder above it (the shared data's ``tb/shenzhen.csv`` names
+  ``tb/shenzhen/images/...`` relative to the data root);
+- ``patient_id`` (required, non-empty): folds are grouped by it;
+- ``site`` (required): acquisition site, kept for subgroup analyses;
+- one ``label_<Label>`` column per label (spellings per :mod:`training.labels`): ``1``, ``0`` or
+  empty (= unknown; masked out of losses and metrics). At least one is required;
+- optional ``age`` (number or empty), ``sex`` (free text), ``lung_mask`` (a path like ``image``).
+
+Pixels: :class:`PreprocessCache` runs ``ai.pixels.read_image_file`` + ``ai.preprocess.preprocess_gray``
+(the one preprocessing the node uses) once per file and spec, and keeps the uint8 SxS result as a
+``.npy`` file. :class:`CxrDataset` applies the training augmentation to that uint8 image and then
+``ai.preprocess.to_model_input``, so training sees exactly the pixels the node will see.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.labels import LabelError, canonical_label, label_columns
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("image", "patient_id", "site")
+_POSITIVE = {"1", "1.0"}
+_NEGATIVE = {"0", "0.0"}
+
+
+class CohortError(ValueError):
+    """A cohort manifest is invalid: missing column or file, bad label value, duplicate image."""
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """One cohort: images with patient, site, labels and demographics, row order as in the CSV.
+
+    Attributes:
+        name: cohort name (``shenzhen``); used in prediction file names.
+        csv_path: the manifest it was read from.
+        labels: canonical label names, the column order of ``y``.
+        images: the ``image`` values as written in the CSV (the key of prediction CSVs).
+        paths: resolved absolute file paths.
+        patient_ids: patient identifier per image.
+        sites: site per image.
+        y: float32 ``[N, L]``: 1, 0 or NaN (unknown).
+        ages: float ``[N]``, NaN where unknown.
+        sexes: sex per image, empty where unknown.
+        masks: resolved lung-mask path per image, or None.
+    """
+
+    name: str
+    csv_path: Path
+    labels: tuple[str, ...]
+    images: tuple[str, ...]
+    paths: tuple[Path, ...]
+    patient_ids: tuple[str, ...]
+    sites: tuple[str, ...]
+    y: np.ndarray
+    ages: np.ndarray
+    sexes: tuple[str, ...]
+    masks: tuple[Path | None, ...]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> Cohort:
+        """The rows ``index`` (in that order) as a new cohort."""
+        idx = [int(i) for i in index]
+        return replace(
+            self,
+            images=tuple(self.images[i] for i in idx),
+            paths=tuple(self.paths[i] for i in idx),
+            patient_ids=tuple(self.patient_ids[i] for i in idx),
+            sites=tuple(self.sites[i] for i in idx),
+            y=self.y[idx],
+            ages=self.ages[idx],
+            sexes=tuple(self.sexes[i] for i in idx),
+            masks=tuple(self.masks[i] for i in idx),
+        )
+
+    def with_labels(self, labels: Sequence[str]) -> Cohort:
+        """The same rows with label columns ``labels`` (canonical order); absent labels are all unknown."""
+        wanted = tuple(canonical_label(label) for label in labels)
+        y = np.full((len(self), len(wanted)), np.nan, dtype=np.float32)
+        for j, label in enumerate(wanted):
+            if label in self.labels:
+                y[:, j] = self.y[:, self.labels.index(label)]
+        return replace(self, labels=wanted, y=y)
+
+    def prevalence(self) -> dict[str, float]:
+        """Fraction of positives among the known values, per label (NaN when none is known)."""
+        out = {}
+        for j, label in enumerate(self.labels):
+            known = self.y[~np.isnan(self.y[:, j]), j]
+            out[label] = float(known.mean()) if known.size else math.nan
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for reports and the model manifest's data summary (no patient-identifying values)."""
+        per_label = {}
+        for j, label in enumerate(self.labels):
+            col = self.y[:, j]
+            per_label[label] = {
+                "positive": int(np.sum(col == 1)),
+                "negative": int(np.sum(col == 0)),
+                "unknown": int(np.sum(np.isnan(col))),
+            }
+        return {
+            "name": self.name,
+            "images": len(self),
+            "patients": len(set(self.patient_ids)),
+            "sites": sorted(set(self.sites)),
+            "labels": per_label,
+        }
+
+
+def load_cohort(
+    csv_path: str | Path,
+    name: str | None = None,
+    root: str | Path | None = None,
+    labels: Sequence[str] | None = None,
+    check_files: bool = True,
+) -> Cohort:
+    """Read and validate a cohort manifest.
+
+    Args:
+        csv_path: the manifest CSV.
+        name: cohort name; defaults to the CSV's file stem.
+        root: folder that relative paths start from; default: the CSV's folder, then its parent
+            (the first where the file exists, decided per row).
+        labels: keep exactly these labels in this order (absent ones become unknown); default: the
+            manifest's ``label_*`` columns in header order.
+        check_files: require every image and lung-mask file to exist.
+
+    Returns:
+        The validated cohort.
+
+    Raises:
+        CohortError: a missing column or file, an invalid label or age value, an empty patient id,
+            a duplicated image; the message names the CSV, the row and the column.
+    """
+    csv_path = Path(csv_path).resolve()
+    if not csv_path.is_file():
+        raise CohortError(f"cohort manifest {csv_path} does not exist")
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
+    columns = _check_header(csv_path, header)
+    bases = [Path(root).resolve()] if root is not None else [csv_path.parent, csv_path.parent.parent]
+    cohort = _parse_rows(csv_path, name or csv_path.stem, rows, columns, bases, check_files)
+    return cohort.with_labels(labels) if labels is not None else cohort
+
+
+def _check_header(csv_path: Path, header: list[str]) -> dict[str, str]:
+    """Validate the header; returns ``{canonical label: column}``."""
+    missing = [column for column in REQUIRED_COLUMNS if column not in header]
+    if missing:
+        raise CohortError(f"{csv_path}: missing required column(s) {missing}; found columns {header}")
+    try:
+        columns = label_columns(header)
+    except LabelError as exc:
+        raise CohortError(f"{csv_path}: {exc}") from exc
+    if not columns:
+        raise CohortError(
+            f"{csv_path}: no label column; expected at least one 'label_<Label>', found {header}"
+        )
+    return columns
+
+
+def _parse_rows(
+    csv_path: Path,
+    name: str,
+    rows: list[dict[str, str]],
+    columns: dict[str, str],
+    bases: list[Path],
+    check_files: bool,
+) -> Cohort:
+    """Turn validated rows into a :class:`Cohort`, collecting every missing file before raising."""
+    if not rows:
+        raise CohortError(f"{csv_path}: the manifest has a header but no rows")
+    labels = tuple(columns)
+    y = np.full((len(rows), len(labels)), np.nan, dtype=np.float32)
+    ages = np.full(len(rows), np.nan, dtype=np.float64)
+    paths: list[Path] = []
+    masks: list[Path | None] = []
+    missing: list[str] = []
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        line = i + 2  # header is line 1
+        image = (row.get("image") or "").strip()
+        if not image:
+            raise CohortError(f"{csv_path} line {line}: empty 'image'")
+        if image in seen:
+            raise CohortError(f"{csv_path} line {line}: image {image!r} already listed on line {seen[image]}")
+        seen[image] = line
+        if not (row.get("patient_id") or "").strip():
+            raise CohortError(f"{csv_path} line {line}: empty 'patient_id' for image {image!r}")
+        for j, label in enumerate(labels):
+            y[i, j] = _label_value(csv_path, line, columns[label], row.get(columns[label]))
+        ages[i] = _age_value(csv_path, line, row.get("age"))
+        paths.append(_resolve(image, bases, check_files, missing))
+        mask = (row.get("lung_mask") or "").strip()
+        masks.append(_resolve(mask, bases, check_files, missing) if mask else None)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CohortError(
+            f"{csv_path}: {len(missing)} file(s) not found relative to {[str(b) for b in bases]}: {shown}"
+        )
+    return Cohort(
+        name=name,
+        csv_path=csv_path,
+        labels=labels,
+        images=tuple(row["image"].strip() for row in rows),
+        paths=tuple(paths),
+        patient_ids=tuple(row["patient_id"].strip() for row in rows),
+        sites=tuple((row.get("site") or "").strip() for row in rows),
+        y=y,
+        ages=ages,
+        sexes=tuple((row.get("sex") or "").strip() for row in rows),
+        masks=tuple(masks),
+    )
+
+
+def _label_value(csv_path: Path, line: int, column: str, value: str | None) -> float:
+    """1, 0 or NaN from a label cell; anything else raises naming the cell."""
+    text = (value or "").strip()
+    if text in _POSITIVE:
+        return 1.0
+    if text in _NEGATIVE:
+        return 0.0
+    if text == "":
+        return math.nan
+    raise CohortError(f"{csv_path} line {line} column {column!r}: expected 1, 0 or empty, found {text!r}")
+
+
+def _age_value(csv_path: Path, line: int, value: str | None) -> float:
+    """Age in years or NaN; a non-numeric value raises naming the cell."""
+    text = (value or "").strip()
+    if not text:
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        raise CohortError(
+            f"{csv_path} line {line} column 'age': expected a number or empty, found {text!r}"
+        ) from None
+
+
+def _resolve(ref: str, bases: list[Path], check_files: bool, missing: list[str]) -> Path:
+    """Absolute path of ``ref``: as is when absolute, else the first base where it exists."""
+    path = Path(ref)
+    candidates = [path] if path.is_absolute() else [base / path for base in bases]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    if check_files:
+        missing.append(ref)
+    return candidates[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preprocessing cache
+# ---------------------------------------------------------------------------------------------------
+
+
+class PreprocessCache:
+    """uint8 SxS images as the node's preprocessing makes them, computed once per file and spec.
+
+    Files live in ``cache_dir/<spec digest>/<key>.npy``; the key hashes the resolved path, the file's
+    size and modification time, so an edited file is preprocessed again. Writes are atomic (temporary
+    file + rename), so parallel runs may share one cache folder.
+
+    Args:
+        cache_dir: the cache folder (created on first use).
+        spec: an ``ai.preprocess.PreprocessSpec``.
+    """
+
+    def __init__(self, cache_dir: str | Path, spec: Any) -> None:
+        self.spec = spec
+        spec_json = json.dumps(spec.to_dict(), sort_keys=True)
+        digest = hashlib.sha256(spec_json.encode()).hexdigest()[:16]
+        self.folder = Path(cache_dir) / digest
+        self.folder.mkdir(parents=True, exist_ok=True)
+        spec_file = self.folder / "spec.json"
+        if not spec_file.exists():
+            _write_atomic_bytes(spec_file, spec_json.encode())
+
+    def key(self, path: str | Path) -> str:
+        """Cache key of one file: sha256 of (resolved path, size, mtime_ns)."""
+        resolved = Path(path).resolve()
+        stat = resolved.stat()
+        text = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def get(self, path: str | Path) -> np.ndarray:
+        """The preprocessed uint8 ``(size, size)`` image of ``path``, from the cache or computed now."""
+        target = self.folder / f"{self.key(path)}.npy"
+        if target.exists():
+            try:
+                return np.load(target)
+            except (OSError, ValueError):
+                log.warning("cache entry %s unreadable, recomputing", target.name)
+        from ai.pixels import read_image_file
+        from ai.preprocess import preprocess_gray
+
+        gray, _ = preprocess_gray(read_image_file(path), self.spec)
+        gray = np.ascontiguousarray(gray, dtype=np.uint8)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        with tmp.open("wb") as handle:
+            np.save(handle, gray)
+        os.replace(tmp, target)
+        return gray
+
+    def load_many(
+        self, paths: Sequence[str | Path], progress: bool = False, desc: str = "preprocess"
+    ) -> np.ndarray:
+        """All images stacked as uint8 ``[N, size, size]`` (in memory; 512px is 256 KiB per image)."""
+        from tqdm import tqdm
+
+        size = int(self.spec.size)
+        out = np.empty((len(paths), size, size), dtype=np.uint8)
+        for i, path in enumerate(tqdm(paths, desc=desc, disable=not progress, leave=False)):
+            out[i] = self.get(path)
+        return out
+
+
+def _write_atomic_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dataset
+# ---------------------------------------------------------------------------------------------------
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The augmentation generator of one sample in one epoch: independent of workers and resume."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+class CxrDataset:
+    """A torch-style dataset over cached uint8 images: augmentation, then the node's model input.
+
+    Each item is ``(image float32 tensor [C, S, S] in [0, 1], labels float32 tensor [L] with NaN)``.
+    The augmentation of sample ``i`` in epoch ``e`` draws from ``sample_rng(seed, e, i)``, so a run is
+    reproducible whatever the number of workers and after a resume; call :meth:`set_epoch` per epoch.
+
+    Args:
+        images: uint8 ``[N, S, S]``.
+        y: float32 ``[N, L]`` (NaN = unknown).
+        spec: the ``PreprocessSpec`` passed to ``to_model_input``.
+        augment: ``augment(image_u8, rng) -> image_u8``, or None for evaluation.
+        seed: run seed.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        y: np.ndarray,
+        spec: Any,
+        augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if len(images) != len(y):
+            raise ValueError(f"images and labels differ in length: {len(images)} vs {len(y)}")
+        self.images = images
+        self.y = np.asarray(y, dtype=np.float32)
+        self.spec = spec
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of ``epoch``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        import torch
+
+        from ai.preprocess import to_model_input
+
+        image = self.images[index]
+        if self.augment is not None:
+            image = self.augment(image, sample_rng(self.seed, self.epoch, int(index)))
+        x = to_model_input(np.ascontiguousarray(image), self.spec)
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(self.y[index])

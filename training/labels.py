@@ -1,0 +1,151 @@
+"""Label vocabulary step: the canonical label names every cohort, model and package agrees on.
+
+Cohort manifests name their label columns freely (``label_tb``, ``label_Pleural Thickening``); this
+module maps every spelling onto one canonical name so that cohorts align, the prediction CSVs
+(``label_<Label>``, ``score_<Label>__<member>``) line up, and the model package's manifest carries
+the same names the node reports.
+
+The vocabulary is Tuberculosis plus the 14 NIH ChestX-ray14 findings in their canonical spelling
+(``Pleural_Thickening`` with an underscore, as in the NIH ``Data_Entry_2017.csv``) plus NIH's
+``No Finding``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+NIH_FINDINGS: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+"""The 14 findings of NIH ChestX-ray14, spelled as in its ``Data_Entry_2017.csv``."""
+
+NO_FINDING = "No Finding"
+CANONICAL_LABELS: tuple[str, ...] = ("Tuberculosis", *NIH_FINDINGS, NO_FINDING)
+"""Every label a cohort, a model or a package may name, in a fixed order."""
+
+LABEL_PREFIX = "label_"
+"""Prefix of a label column in cohort manifests and prediction CSVs (``label_Tuberculosis``)."""
+
+# Extra spellings (already normalised by _normalise) -> canonical name.
+_ALIASES: dict[str, str] = {
+    "tb": "Tuberculosis",
+    "ptb": "Tuberculosis",
+    "pulmonary_tuberculosis": "Tuberculosis",
+    "pleural_effusion": "Effusion",
+    "pleuralthickening": "Pleural_Thickening",
+    "nofinding": NO_FINDING,
+    "no_findings": NO_FINDING,
+    "cardiac_enlargement": "Cardiomegaly",
+    "enlarged_heart": "Cardiomegaly",
+    "pulmonary_edema": "Edema",
+    "pulmonary_fibrosis": "Fibrosis",
+}
+
+
+class LabelError(ValueError):
+    """A label name is not in the canonical vocabulary, or a label list is invalid."""
+
+
+def _normalise(name: str) -> str:
+    """Lower case, ``label_`` prefix removed, runs of spaces/hyphens/dots/underscores -> ``_``."""
+    text = name.strip()
+    if text.lower().startswith(LABEL_PREFIX):
+        text = text[len(LABEL_PREFIX) :]
+    return re.sub(r"[\s\-._]+", "_", text.lower()).strip("_")
+
+
+_LOOKUP: dict[str, str] = {_normalise(label): label for label in CANONICAL_LABELS} | _ALIASES
+
+
+def canonical_label(name: str) -> str:
+    """The canonical name for a label spelling.
+
+    Accepts the canonical name itself, any case, spaces or hyphens for underscores, an optional
+    ``label_`` prefix (a manifest column name) and the aliases above (``tb`` -> ``Tuberculosis``).
+
+    Args:
+        name: a label name or a label column name.
+
+    Returns:
+        The canonical label, e.g. ``Tuberculosis``.
+
+    Raises:
+        LabelError: the name matches no canonical label; the message lists the vocabulary.
+    """
+    found = _LOOKUP.get(_normalise(name))
+    if found is None:
+        raise LabelError(
+            f"label {name!r} is not in the canonical vocabulary; expected one of "
+            f"{', '.join(CANONICAL_LABELS)} (or an alias such as 'tb')"
+        )
+    return found
+
+
+def canonical_labels(names: Iterable[str]) -> tuple[str, ...]:
+    """Canonical names for a list of labels, in the given order, rejecting duplicates and emptiness.
+
+    Args:
+        names: label spellings (e.g. from a configuration file).
+
+    Returns:
+        The canonical names in the same order.
+
+    Raises:
+        LabelError: an unknown name, two spellings of the same label, or an empty list.
+    """
+    result: list[str] = []
+    for name in names:
+        label = canonical_label(name)
+        if label in result:
+            raise LabelError(f"label {name!r} names {label!r} a second time")
+        result.append(label)
+    if not result:
+        raise LabelError("at least one label is required, found none")
+    return tuple(result)
+
+
+def label_column(label: str) -> str:
+    """The column name of a label in prediction CSVs: ``label_<Label>``."""
+    return f"{LABEL_PREFIX}{canonical_label(label)}"
+
+
+def score_column(label: str, member: str) -> str:
+    """The column name of one member's score in prediction CSVs: ``score_<Label>__<member>``."""
+    return f"score_{canonical_label(label)}__{member}"
+
+
+def label_columns(columns: Iterable[str]) -> dict[str, str]:
+    """Map the ``label_*`` columns of a manifest header to canonical labels.
+
+    Args:
+        columns: the CSV header.
+
+    Returns:
+        ``{canonical label: column name}`` in header order.
+
+    Raises:
+        LabelError: a ``label_*`` column names no canonical label, or two columns name the same one.
+    """
+    found: dict[str, str] = {}
+    for column in columns:
+        if not column.lower().startswith(LABEL_PREFIX):
+            continue
+        label = canonical_label(column)
+        if label in found:
+            raise LabelError(f"columns {found[label]!r} and {column!r} both name label {label!r}")
+        found[label] = column
+    return found
