@@ -15,7 +15,7 @@ class PermanentError(CxrError):
     """A failure that will not go away on retry (undecodable pixels, invalid object, rejected send)."""
 
 
-class UnsupportedImage(PermanentError):
+class UnsupportedImage(PermanentError):  # noqa: N818 (name fixed by docs/contracts.md)
     """The image cannot be analysed: decoding, photometric interpretation, geometry or field detection."""
 
 
