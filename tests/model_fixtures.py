@@ -1,0 +1,61 @@
+"""Test helpers that build small model packages (untrained tiny networks) with `export_package`.
+
+Other modules' tests use `build_tiny_package` to get a real package (ONNX members + manifest) in well
+under a second per member, without any training or data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ai.preprocess import PreprocessSpec
+from training.export import MemberInfo, export_package
+from training.models import build_model
+
+TINY_VERSION = "0.0.0-test"
+
+
+def build_tiny_package(
+    out_dir: str | Path,
+    labels: Sequence[str] = ("Tuberculosis",),
+    members: int = 2,
+    size: int = 64,
+    seed: int = 0,
+    threshold: float = 0.5,
+) -> Path:
+    """Export `members` untrained tiny networks (seeds `seed`, `seed + 1`, ...) as a model package.
+
+    Args:
+        out_dir: the package folder (absent or empty).
+        labels: label names; every label gets `threshold` ("fixed for tests").
+        members: number of ensemble members (folds 0, 1, ...).
+        size: input size (`PreprocessSpec.size`).
+        seed: torch seed of the first member.
+        threshold: the operating threshold of every label.
+
+    Returns:
+        The package folder.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        models = []
+        for fold in range(members):
+            torch.manual_seed(seed + fold)
+            models.append((build_model("tiny", len(labels), size=size), MemberInfo(fold=fold)))
+        return export_package(
+            models,
+            out_dir,
+            name="tiny-test",
+            version=TINY_VERSION,
+            labels=tuple(labels),
+            spec=PreprocessSpec(size=size),
+            thresholds={label: (threshold, "fixed for tests") for label in labels},
+            data_summary={"note": "untrained tiny test network"},
+            evaluation_summary={},
+        )
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,294 @@
+"""Export step: `CxrNet` members -> ONNX graphs (checked for parity with torch) -> a model package.
+
+The member graph follows docs/contracts.md: input `image` float32 [N, 3, S, S] in [0, 1] (normalisation
+inside the graph, dynamic batch), outputs `logits` [N, L] and `cam` [N, L, h, w]. The TorchScript
+exporter is used (`dynamo=False`): the dynamo exporter fails on timm's ConvNeXt (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from ai.manifest import Member, ModelManifest, Threshold, load_manifest, sha256_file, write_manifest
+from ai.preprocess import PreprocessSpec
+from training.models import CxrNet
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "cam")
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """An export that failed or whose ONNX graph does not reproduce the torch model."""
+
+
+class _WithCam(nn.Module):
+    """Adapter whose `forward` is the member's `forward_with_cam` (what the graph computes)."""
+
+    def __init__(self, model: CxrNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_with_cam(image)
+
+
+def export_member(model: CxrNet, path: str | Path, size: int, opset: int = 17) -> Path:
+    """Write `model` as one ONNX member graph at input size `size` and check it with `onnx.checker`.
+
+    The model is exported in eval mode (dropout off, BatchNorm running statistics) and left in
+    eval mode. The batch dimension is dynamic; the image size is fixed at `size`.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ExportError: the exporter or the ONNX checker failed (names the architecture and file).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                _WithCam(model),
+                (example,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # the exporter raises many types; report which member failed
+        raise ExportError(f"ONNX export of {model.arch} to {path} failed: {exc}") from exc
+    return path
+
+
+def check_parity(
+    model: CxrNet,
+    onnx_path: str | Path,
+    inputs: torch.Tensor | np.ndarray,
+    tolerance: float = PARITY_TOLERANCE,
+) -> float:
+    """Largest absolute difference between torch and onnxruntime (CPU), over `logits` and `cam`.
+
+    Args:
+        model: the torch member (evaluated in eval mode).
+        onnx_path: its exported graph.
+        inputs: float images [N, 3, S, S] in [0, 1].
+        tolerance: the largest difference accepted.
+
+    Raises:
+        ExportError: a difference above `tolerance`, or output shapes that differ.
+    """
+    x = torch.as_tensor(np.asarray(inputs, dtype=np.float32))
+    model.eval()
+    with torch.no_grad():
+        expected = [t.numpy() for t in model.forward_with_cam(x)]
+    session = ort.InferenceSession(str(onnx_path), _session_options(), providers=["CPUExecutionProvider"])
+    got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
+    diff = 0.0
+    for name, want, have in zip(OUTPUT_NAMES, expected, got, strict=True):
+        if want.shape != have.shape:
+            raise ExportError(f"{onnx_path}: output {name} has shape {have.shape}, torch gives {want.shape}")
+        diff = max(diff, float(np.max(np.abs(want - have))))
+    if not diff <= tolerance:
+        raise ExportError(f"{onnx_path}: torch vs onnxruntime differ by {diff:.3g} (> {tolerance:g})")
+    return diff
+
+
+def _session_options() -> ort.SessionOptions:
+    """Quiet, deterministic CPU session options for checks."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return options
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """What the manifest says about one member besides its file and checksum.
+
+    Attributes:
+        fold: the cross-validation fold the member was trained without; None: trained on all data.
+        weights: where its initial weights came from; None: the model's own record (`CxrNet.weights`).
+        file: the `.onnx` file name in the package; None: `<architecture>_fold<k>.onnx` (or `_all`).
+        architecture: the registry name; None: the model's own (`CxrNet.arch`), which it must equal.
+    """
+
+    fold: int | None = None
+    weights: str | None = None
+    file: str | None = None
+    architecture: str | None = None
+
+    def resolve(self, model: CxrNet) -> Member:
+        """The manifest entry for `model` (sha256 still empty), every None filled in from `model`.
+
+        Raises:
+            ValueError: `architecture` differs from the model's.
+        """
+        if self.architecture not in (None, model.arch):
+            raise ValueError(f"MemberInfo.architecture {self.architecture!r} != the model's {model.arch!r}")
+        suffix = "all" if self.fold is None else f"fold{self.fold}"
+        return Member(
+            file=self.file or f"{model.arch}_{suffix}.onnx",
+            sha256="",
+            architecture=model.arch,
+            fold=self.fold,
+            weights=self.weights or model.weights,
+        )
+
+
+def export_package(
+    members: Sequence[tuple[CxrNet, MemberInfo]],
+    out_dir: str | Path,
+    *,
+    name: str,
+    version: str,
+    labels: Sequence[str],
+    spec: PreprocessSpec,
+    thresholds: Mapping[str, tuple[float, str] | Threshold],
+    data_summary: Mapping[str, Any] | None = None,
+    evaluation_summary: Mapping[str, Any] | None = None,
+    parity_inputs: torch.Tensor | np.ndarray | None = None,
+    opset: int = 17,
+    overwrite: bool = False,
+) -> Path:
+    """Write a model package: one checked ONNX graph per member + `manifest.json` (docs/contracts.md).
+
+    Each member is exported at `spec.size`, checked against torch on `parity_inputs` (default: two
+    seeded random images) and checksummed. The package is assembled in a hidden sibling folder,
+    read back with `ai.manifest.load_manifest` (checksums verified), then renamed into place, so a
+    half-written package is never found at `out_dir`. The parity results are recorded in the
+    evaluation summary under "onnx_export".
+
+    Args:
+        members: (model, info) per member, in ensemble order.
+        out_dir: the package folder; it must be absent or empty unless `overwrite`.
+        name: package name.
+        version: package version string.
+        labels: label names, in the order of the models' outputs.
+        spec: the preprocessing the members were trained with (its `size` is the export size).
+        thresholds: per label, (value, method) or a `Threshold`.
+        data_summary: training data summary (JSON values).
+        evaluation_summary: evaluation summary (JSON values).
+        parity_inputs: float images [N, 3, S, S] in [0, 1] for the parity check.
+        opset: ONNX opset.
+        overwrite: replace an existing package at `out_dir`.
+
+    Returns:
+        `out_dir`.
+
+    Raises:
+        ValueError: inconsistent labels, thresholds or members (named in the message).
+        FileExistsError: `out_dir` holds files and `overwrite` is False.
+        ExportError: an export or parity check failed.
+    """
+    labels = tuple(labels)
+    resolved = _resolve_members(members, labels, spec)
+    threshold_map = _thresholds(thresholds, labels)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace the package")
+    if parity_inputs is None:
+        parity_inputs = torch.rand(2, 3, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        entries, parity = [], {}
+        for model, entry in resolved:
+            path = export_member(model, staging / entry.file, spec.size, opset)
+            parity[entry.file] = check_parity(model, path, parity_inputs)
+            entries.append(replace(entry, sha256=sha256_file(path)))
+            log.info("exported %s (%s), parity %.2g", entry.file, entry.architecture, parity[entry.file])
+        export_record = {"opset": opset, "torch": torch.__version__, "parity_max_abs_diff": parity}
+        manifest = ModelManifest(
+            name=name,
+            version=version,
+            labels=labels,
+            preprocess=spec,
+            members=tuple(entries),
+            thresholds=threshold_map,
+            data_summary=dict(data_summary or {}),
+            evaluation_summary={**dict(evaluation_summary or {}), "onnx_export": export_record},
+            created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+        write_manifest(staging, manifest)
+        load_manifest(staging, verify=True)
+        _publish(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _resolve_members(
+    members: Sequence[tuple[CxrNet, MemberInfo]], labels: tuple[str, ...], spec: PreprocessSpec
+) -> list[tuple[CxrNet, Member]]:
+    """Each member's manifest entry (sha256 still empty); checks the members against the labels and the spec.
+
+    Raises:
+        ValueError: no members, duplicate labels or files, a label count or channel count mismatch.
+    """
+    if not members:
+        raise ValueError("export_package needs at least one member")
+    if not labels or len(set(labels)) != len(labels):
+        raise ValueError(f"labels must be non-empty and unique, got {list(labels)}")
+    if spec.channels != 3:
+        raise ValueError(f"members take 3-channel images; PreprocessSpec.channels is {spec.channels}")
+    resolved = [(model, info.resolve(model)) for model, info in members]
+    for model, entry in resolved:
+        if model.num_labels != len(labels):
+            raise ValueError(f"member {entry.file} has {model.num_labels} outputs for {len(labels)} labels")
+    files = [entry.file for _, entry in resolved]
+    if len(set(files)) != len(files):
+        raise ValueError(f"member files must be distinct, got {files}")
+    return resolved
+
+
+def _thresholds(
+    thresholds: Mapping[str, tuple[float, str] | Threshold], labels: tuple[str, ...]
+) -> dict[str, Threshold]:
+    """One `Threshold` per label, in label order.
+
+    Raises:
+        ValueError: missing or extra labels, or a value outside [0, 1].
+    """
+    if set(thresholds) != set(labels):
+        missing, extra = sorted(set(labels) - set(thresholds)), sorted(set(thresholds) - set(labels))
+        raise ValueError(f"thresholds need one entry per label: missing {missing}, extra {extra}")
+    out = {}
+    for label in labels:
+        item = thresholds[label]
+        threshold = item if isinstance(item, Threshold) else Threshold(float(item[0]), str(item[1]))
+        if not 0.0 <= threshold.value <= 1.0:
+            raise ValueError(f"threshold for {label} must be in [0, 1], got {threshold.value}")
+        out[label] = threshold
+    return out
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move the finished package into place, replacing what was at `out_dir`."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(staging, out_dir)
