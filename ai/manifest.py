@@ -1,0 +1,349 @@
+"""Model package step: read, validate and write the manifest that describes an ONNX ensemble.
+
+A model package is a folder with ``manifest.json`` and one ``.onnx`` file per member. The manifest
+carries its own contract: labels, preprocessing, members with sha256 checksums, the aggregation,
+per-label operating thresholds with how they were chosen, summaries of the training data and the
+evaluation, and a version. ``load_manifest`` refuses anything it cannot vouch for with a
+``ModelPackageError`` that names the file and the key, the value expected and the value found.
+
+``manifest.json`` (``FORMAT_VERSION`` 1)::
+
+    {"format_version": 1, "name": "cxr-tb", "version": "2025.06.1", "created": "2025-06-01T12:00:00Z",
+     "labels": ["Tuberculosis"],
+     "preprocess": {"size": 512, "clahe_clip": 2.0, "clahe_tile": 8, "channels": 3,
+                    "field_detection": true},
+     "input_name": "image", "outputs": {"logits": "logits", "cam": "cam"},
+     "aggregation": "mean",
+     "members": [{"file": "m0.onnx", "sha256": "<64 hex>", "architecture": "resnet50",
+                  "fold": 0, "weights": "imagenet"}],
+     "thresholds": {"Tuberculosis": {"value": 0.42, "method": "Youden J on OOF"}},
+     "data_summary": {}, "evaluation_summary": {}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ai.errors import ModelPackageError
+from ai.preprocess import PreprocessSpec
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+AGGREGATIONS = ("mean",)
+OUTPUT_KEYS = ("logits", "cam")
+REQUIRED_KEYS = ("format_version", "name", "version", "labels", "preprocess", "members", "thresholds")
+OPTIONAL_KEYS = ("aggregation", "input_name", "outputs", "data_summary", "evaluation_summary", "created")
+MEMBER_KEYS = ("file", "sha256", "architecture", "fold", "weights")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+CHUNK = 1 << 20
+JSON_TYPE_NAMES = {str: "string", int: "integer", float: "number", list: "array", dict: "object",
+                   type(None): "null", bool: "boolean"}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One ONNX model of the ensemble.
+
+    Attributes:
+        file: path of the ``.onnx`` file relative to the package folder.
+        sha256: hex digest of that file.
+        architecture: the architecture's registry name, e.g. ``resnet50``.
+        fold: the cross-validation fold it was trained without, or None (trained on all data).
+        weights: where the initial weights came from, e.g. ``imagenet`` or ``random``.
+    """
+
+    file: str
+    sha256: str
+    architecture: str
+    fold: int | None
+    weights: str
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A per-label operating threshold on the ensemble probability.
+
+    Attributes:
+        value: threshold in [0, 1]; a probability at or above it is positive.
+        method: how it was chosen, e.g. ``Youden J on OOF`` or ``sensitivity 0.90 on OOF``.
+    """
+
+    value: float
+    method: str
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """The validated content of ``manifest.json`` (see the module docstring for the file)."""
+
+    name: str
+    version: str
+    labels: tuple[str, ...]
+    preprocess: PreprocessSpec
+    members: tuple[Member, ...]
+    aggregation: str = "mean"
+    thresholds: dict[str, Threshold] = field(default_factory=dict)
+    input_name: str = "image"
+    outputs: dict[str, str] = field(default_factory=lambda: {"logits": "logits", "cam": "cam"})
+    data_summary: dict[str, Any] = field(default_factory=dict)
+    evaluation_summary: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values, in the order of the file format."""
+        return {
+            "format_version": self.format_version,
+            "name": self.name,
+            "version": self.version,
+            "created": self.created,
+            "labels": list(self.labels),
+            "preprocess": self.preprocess.to_dict(),
+            "input_name": self.input_name,
+            "outputs": dict(self.outputs),
+            "aggregation": self.aggregation,
+            "members": [
+                {"file": m.file, "sha256": m.sha256, "architecture": m.architecture, "fold": m.fold,
+                 "weights": m.weights}
+                for m in self.members
+            ],
+            "thresholds": {k: {"value": t.value, "method": t.method} for k, t in self.thresholds.items()},
+            "data_summary": self.data_summary,
+            "evaluation_summary": self.evaluation_summary,
+        }
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bundled_package_dir() -> Path:
+    """The default model package shipped inside the ``ai`` package (``ai/models/default``)."""
+    return Path(__file__).resolve().parent / "models" / "default"
+
+
+def member_path(package_dir: str | Path, member: Member) -> Path:
+    """Absolute path of a member's ``.onnx`` file."""
+    return Path(package_dir) / member.file
+
+
+def write_manifest(package_dir: str | Path, manifest: ModelManifest) -> Path:
+    """Write ``manifest.json`` atomically (temporary file, fsync, rename) and return its path."""
+    package_dir = Path(package_dir)
+    package_dir.mkdir(parents=True, exist_ok=True)
+    path = package_dir / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
+    text = json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_manifest(package_dir: str | Path, verify: bool = True) -> ModelManifest:
+    """Read and validate a package's manifest; with ``verify``, check every member file's sha256.
+
+    Args:
+        package_dir: the package folder.
+        verify: also check that each member file exists and matches its sha256.
+
+    Raises:
+        ModelPackageError: missing manifest or member, invalid JSON, a missing, unknown or invalid
+            key, or a checksum mismatch; the message names the file and the key.
+    """
+    package_dir = Path(package_dir)
+    path = package_dir / MANIFEST_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ModelPackageError(f"{path}: manifest not found in model package {package_dir}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelPackageError(f"{path}: cannot read manifest: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise ModelPackageError(f"{path}: invalid JSON at {where}: {exc.msg}") from exc
+    manifest = parse_manifest(data, path)
+    if verify:
+        verify_members(package_dir, manifest)
+    return manifest
+
+
+def verify_members(package_dir: str | Path, manifest: ModelManifest) -> None:
+    """Check that every member file exists and matches its sha256.
+
+    Raises:
+        ModelPackageError: naming the member file, the expected and the found digest.
+    """
+    for member in manifest.members:
+        file = member_path(package_dir, member)
+        if not file.is_file():
+            raise ModelPackageError(f"{file}: member file listed in {MANIFEST_NAME} not found")
+        found = sha256_file(file)
+        if found != member.sha256:
+            raise ModelPackageError(
+                f"{file}: sha256 mismatch: expected {member.sha256} (from {MANIFEST_NAME}), found {found}"
+            )
+
+
+class _Reader:
+    """Typed access to manifest values; every failure names the file and the key."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, expected: str, found: Any) -> ModelPackageError:
+        return ModelPackageError(f"{self.path}: key {key!r}: expected {expected}, found {found!r}")
+
+    def unknown(self, key: str, known: tuple[str, ...]) -> ModelPackageError:
+        return ModelPackageError(f"{self.path}: unknown key {key!r}: expected one of {sorted(known)}")
+
+    def require(self, data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+        """``data[key]`` if present and of a JSON type in ``kind`` (a bool is not a number)."""
+        name = f"{where}{key}"
+        if key not in data:
+            raise ModelPackageError(f"{self.path}: missing key {name!r}")
+        value = data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(JSON_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+            raise self.fail(name, f"a JSON {names}", value)
+        return value
+
+    def string(self, data: dict[str, Any], key: str, where: str = "") -> str:
+        value = self.require(data, key, str, where)
+        if not value.strip():
+            raise self.fail(f"{where}{key}", "a non-empty string", value)
+        return str(value)
+
+
+def parse_manifest(data: Any, path: Path) -> ModelManifest:
+    """Validate decoded manifest JSON (``path`` only names the file in errors)."""
+    reader = _Reader(path)
+    if not isinstance(data, dict):
+        found = type(data).__name__
+        raise ModelPackageError(f"{path}: expected a JSON object at the top level, found {found}")
+    unknown = sorted(set(data) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise reader.unknown(str(unknown[0]), REQUIRED_KEYS + OPTIONAL_KEYS)
+    for key in REQUIRED_KEYS:
+        reader.require(data, key, object)
+    version = reader.require(data, "format_version", int)
+    if version != FORMAT_VERSION:
+        raise reader.fail("format_version", str(FORMAT_VERSION), version)
+    labels = _parse_labels(reader, data)
+    return ModelManifest(
+        name=reader.string(data, "name"),
+        version=reader.string(data, "version"),
+        labels=labels,
+        preprocess=_parse_preprocess(reader, data),
+        members=_parse_members(reader, data),
+        aggregation=_parse_aggregation(reader, data),
+        thresholds=_parse_thresholds(reader, data, labels),
+        input_name=reader.string(data, "input_name") if "input_name" in data else "image",
+        outputs=_parse_outputs(reader, data),
+        data_summary=dict(reader.require(data, "data_summary", dict)) if "data_summary" in data else {},
+        evaluation_summary=(
+            dict(reader.require(data, "evaluation_summary", dict)) if "evaluation_summary" in data else {}
+        ),
+        created=str(reader.require(data, "created", str)) if "created" in data else "",
+        format_version=FORMAT_VERSION,
+    )
+
+
+def _parse_labels(reader: _Reader, data: dict[str, Any]) -> tuple[str, ...]:
+    labels = reader.require(data, "labels", list)
+    if not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+        raise reader.fail("labels", "a non-empty list of non-empty strings", labels)
+    if len(set(labels)) != len(labels):
+        raise reader.fail("labels", "unique label names", labels)
+    return tuple(labels)
+
+
+def _parse_preprocess(reader: _Reader, data: dict[str, Any]) -> PreprocessSpec:
+    raw = reader.require(data, "preprocess", dict)
+    try:
+        return PreprocessSpec.from_dict(raw)
+    except (TypeError, ValueError) as exc:
+        raise ModelPackageError(f"{reader.path}: key 'preprocess': {exc}") from exc
+
+
+def _parse_members(reader: _Reader, data: dict[str, Any]) -> tuple[Member, ...]:
+    raw = reader.require(data, "members", list)
+    if not raw:
+        raise reader.fail("members", "at least one member", raw)
+    members = []
+    for i, item in enumerate(raw):
+        where = f"members[{i}]."
+        if not isinstance(item, dict):
+            raise reader.fail(f"members[{i}]", "a JSON object", item)
+        unknown = sorted(set(item) - set(MEMBER_KEYS))
+        if unknown:
+            raise reader.unknown(f"{where}{unknown[0]}", MEMBER_KEYS)
+        file = reader.string(item, "file", where)
+        if Path(file).is_absolute() or ".." in Path(file).parts:
+            raise reader.fail(f"{where}file", "a path relative to the package folder", file)
+        sha = reader.string(item, "sha256", where)
+        if not SHA256_RE.match(sha):
+            raise reader.fail(f"{where}sha256", "64 lower-case hex characters", sha)
+        fold = reader.require(item, "fold", (int, type(None)), where)
+        members.append(Member(file, sha, reader.string(item, "architecture", where), fold,
+                              reader.string(item, "weights", where)))
+    files = [m.file for m in members]
+    if len(set(files)) != len(files):
+        raise reader.fail("members", "distinct member files", files)
+    return tuple(members)
+
+
+def _parse_aggregation(reader: _Reader, data: dict[str, Any]) -> str:
+    if "aggregation" not in data:
+        return "mean"
+    value = reader.string(data, "aggregation")
+    if value not in AGGREGATIONS:
+        raise reader.fail("aggregation", f"one of {list(AGGREGATIONS)}", value)
+    return value
+
+
+def _parse_thresholds(reader: _Reader, data: dict[str, Any], labels: tuple[str, ...]) -> dict[str, Threshold]:
+    raw = reader.require(data, "thresholds", dict)
+    if set(raw) != set(labels):
+        missing, extra = sorted(set(labels) - set(raw)), sorted(set(raw) - set(labels))
+        found = f"missing {missing}, extra {extra}"
+        raise reader.fail("thresholds", f"one entry per label {list(labels)}", found)
+    out = {}
+    for label in labels:
+        where = f"thresholds.{label}."
+        item = raw[label]
+        if not isinstance(item, dict):
+            raise reader.fail(f"thresholds.{label}", "a JSON object with value and method", item)
+        value = reader.require(item, "value", (int, float), where)
+        if not 0.0 <= float(value) <= 1.0:
+            raise reader.fail(f"{where}value", "a number in [0, 1]", value)
+        out[label] = Threshold(float(value), reader.string(item, "method", where))
+    return out
+
+
+def _parse_outputs(reader: _Reader, data: dict[str, Any]) -> dict[str, str]:
+    if "outputs" not in data:
+        return {"logits": "logits", "cam": "cam"}
+    raw = reader.require(data, "outputs", dict)
+    if set(raw) != set(OUTPUT_KEYS) or not all(isinstance(v, str) and v for v in raw.values()):
+        raise reader.fail("outputs", f"an object mapping {list(OUTPUT_KEYS)} to output names", raw)
+    return {k: str(raw[k]) for k in OUTPUT_KEYS}

@@ -1,0 +1,176 @@
+"""Tests of ai.manifest: round trip, and every refusal names the file and the key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ai
+from ai.errors import ModelPackageError
+from ai.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    REQUIRED_KEYS,
+    Member,
+    ModelManifest,
+    Threshold,
+    bundled_package_dir,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
+from ai.preprocess import PreprocessSpec
+
+
+def make_package(package_dir: Path, members: int = 2) -> ModelManifest:
+    """A package whose member files are plain bytes (the manifest does not parse ONNX)."""
+    package_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for fold in range(members):
+        path = package_dir / f"tiny_fold{fold}.onnx"
+        path.write_bytes(f"member {fold}".encode() * 100)
+        entries.append(Member(path.name, sha256_file(path), "tiny", fold, "random"))
+    manifest = ModelManifest(
+        name="tiny-test",
+        version="1.2.3",
+        labels=("Tuberculosis", "Nodule"),
+        preprocess=PreprocessSpec(size=64, clahe_clip=1.5),
+        members=tuple(entries),
+        thresholds={"Tuberculosis": Threshold(0.42, "Youden J on OOF"),
+                    "Nodule": Threshold(0.3, "sensitivity 0.90 on OOF")},
+        data_summary={"train": {"images": 10}},
+        evaluation_summary={"auroc": 0.5},
+        created="2025-06-01T12:00:00Z",
+    )
+    write_manifest(package_dir, manifest)
+    return manifest
+
+
+def edit_manifest(package_dir: Path, change: Any) -> Path:
+    """Apply ``change(data)`` to the manifest JSON in place; returns the manifest path."""
+    path = package_dir / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    manifest = make_package(tmp_path / "pkg")
+    loaded = load_manifest(tmp_path / "pkg")
+    assert loaded == manifest
+    assert loaded.format_version == FORMAT_VERSION
+    assert loaded.thresholds["Nodule"] == Threshold(0.3, "sensitivity 0.90 on OOF")
+    assert loaded.members[1].fold == 1 and loaded.preprocess.clahe_clip == 1.5
+    raw = json.loads((tmp_path / "pkg" / MANIFEST_NAME).read_text())
+    assert raw["format_version"] == FORMAT_VERSION and raw["aggregation"] == "mean"
+    assert raw["outputs"] == {"logits": "logits", "cam": "cam"} and raw["input_name"] == "image"
+
+
+def test_optional_keys_take_their_defaults(tmp_path: Path) -> None:
+    make_package(tmp_path)
+    for key in ("aggregation", "input_name", "outputs", "data_summary", "evaluation_summary", "created"):
+        edit_manifest(tmp_path, lambda d, k=key: d.pop(k))
+    loaded = load_manifest(tmp_path)
+    assert loaded.aggregation == "mean" and loaded.outputs == {"logits": "logits", "cam": "cam"}
+    assert loaded.data_summary == {} and loaded.created == ""
+
+
+def test_missing_manifest_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelPackageError, match=re.escape(str(tmp_path / MANIFEST_NAME))):
+        load_manifest(tmp_path)
+
+
+def test_missing_member_file_names_the_file(tmp_path: Path) -> None:
+    make_package(tmp_path)
+    (tmp_path / "tiny_fold1.onnx").unlink()
+    with pytest.raises(ModelPackageError, match=r"tiny_fold1\.onnx: member file .* not found"):
+        load_manifest(tmp_path)
+    assert load_manifest(tmp_path, verify=False).members[1].file == "tiny_fold1.onnx"
+
+
+def test_sha256_mismatch_names_the_file_and_both_digests(tmp_path: Path) -> None:
+    manifest = make_package(tmp_path)
+    path = tmp_path / "tiny_fold0.onnx"
+    path.write_bytes(b"changed")
+    found = hashlib.sha256(b"changed").hexdigest()
+    with pytest.raises(ModelPackageError) as info:
+        load_manifest(tmp_path)
+    message = str(info.value)
+    assert str(path) in message and manifest.members[0].sha256 in message and found in message
+
+
+def test_bad_json_names_the_file_and_the_place(tmp_path: Path) -> None:
+    make_package(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text('{"name": "x",\n "labels": [}')
+    with pytest.raises(ModelPackageError, match=r"manifest\.json: invalid JSON at line 2"):
+        load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("key", REQUIRED_KEYS)
+def test_missing_key_names_the_file_and_key(tmp_path: Path, key: str) -> None:
+    make_package(tmp_path)
+    edit_manifest(tmp_path, lambda d: d.pop(key))
+    with pytest.raises(ModelPackageError, match=rf"manifest\.json: missing key '{key}'"):
+        load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "found"),
+    [
+        (lambda d: d.update(format_version=2), "format_version", "2"),
+        (lambda d: d.update(labels=[]), "labels", r"\[\]"),
+        (lambda d: d.update(labels=["A", "A"]), "labels", "'A'"),
+        (lambda d: d.update(name=7), "name", "7"),
+        (lambda d: d.update(aggregation="max"), "aggregation", "'max'"),
+        (lambda d: d.update(colour="blue"), "colour", "'colour'"),
+        (lambda d: d["members"][1].update(sha256="abc"), r"members\[1\]\.sha256", "'abc'"),
+        (lambda d: d["members"][0].update(fold="0"), r"members\[0\]\.fold", "'0'"),
+        (lambda d: d["members"][0].pop("architecture"), r"members\[0\]\.architecture", None),
+        (lambda d: d["members"][0].update(file="../evil.onnx"), r"members\[0\]\.file", "evil"),
+        (lambda d: d["thresholds"]["Nodule"].update(value=1.5), r"thresholds\.Nodule\.value", "1.5"),
+        (lambda d: d["thresholds"]["Nodule"].update(value=True), r"thresholds\.Nodule\.value", "True"),
+        (lambda d: d["thresholds"].pop("Nodule"), "thresholds", r"missing \['Nodule'\]"),
+        (lambda d: d["preprocess"].update(size="big"), "preprocess", "big"),
+        (lambda d: d["preprocess"].update(tile=8), "preprocess", "tile"),
+        (lambda d: d.update(outputs={"logits": "logits"}), "outputs", "logits"),
+    ],
+)
+def test_invalid_values_name_the_file_key_and_value(tmp_path: Path, change: Any, key: str,
+                                                    found: str | None) -> None:
+    make_package(tmp_path)
+    edit_manifest(tmp_path, change)
+    with pytest.raises(ModelPackageError) as info:
+        load_manifest(tmp_path)
+    message = str(info.value)
+    assert message.startswith(str(tmp_path / MANIFEST_NAME)), message
+    assert re.search(key, message), message
+    if found is not None:
+        assert re.search(found, message), message
+
+
+def test_top_level_must_be_an_object(tmp_path: Path) -> None:
+    (tmp_path / MANIFEST_NAME).write_text("[1, 2]")
+    with pytest.raises(ModelPackageError, match="expected a JSON object at the top level, found list"):
+        load_manifest(tmp_path)
+
+
+def test_write_is_atomic_and_leaves_no_temporary(tmp_path: Path) -> None:
+    make_package(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST_NAME, "tiny_fold0.onnx", "tiny_fold1.onnx"]
+
+
+def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    data = bytes(range(256)) * 10000  # larger than one read chunk
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_bundled_package_dir_is_inside_the_ai_package() -> None:
+    assert bundled_package_dir() == Path(ai.__file__).resolve().parent / "models" / "default"
