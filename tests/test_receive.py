@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComputedRadiographyImageStorage,
+    Verification,
+)
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -30,7 +34,7 @@ import node.receive as receive
 from ai.errors import RetryableError
 from node.config import ScpSettings, Settings, StorageSettings
 from node.filter import FilterRules
-from node.receive import Intake, Status, start_scp
+from node.receive import Intake, NoDelayAssociationServer, Status, start_scp
 from storage.db import Instance, Job, make_engine
 from storage.files import write_atomic
 from storage.queue import Store
@@ -75,7 +79,7 @@ class Node:
     settings: Settings
     engine: Engine
     data_dir: Path
-    stop: Callable[[], None] = field(repr=False)
+    server: NoDelayAssociationServer = field(repr=False)
 
     @property
     def port(self) -> int:
@@ -98,12 +102,12 @@ def start_node(tmp_path: Path, rules: FilterRules) -> Iterator[Callable[..., Nod
         settings = make_settings(data_dir or tmp_path / "data", min_free_mb, **scp)
         engine = make_engine(f"sqlite:///{tmp_path / f'node{len(nodes)}.sqlite'}")
         server = start_scp(settings, Intake(settings.data_path, Store(engine), settings, rules))
-        nodes.append(Node(settings, engine, settings.data_path, server.shutdown))
+        nodes.append(Node(settings, engine, settings.data_path, server))
         return nodes[-1]
 
     yield start
     for node in nodes:
-        node.stop()
+        node.server.shutdown()
         node.engine.dispose()
 
 
@@ -193,6 +197,21 @@ def test_echo(start_node: Callable[..., Node]) -> None:
     node = start_node()
     done = echoscu(node)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.integration
+def test_accepted_sockets_have_tcp_nodelay(start_node: Callable[..., Node]) -> None:
+    node = start_node()
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE)
+    try:
+        assert assoc.is_established
+        (scp_assoc,) = node.server.active_associations
+        sock = scp_assoc.dul.socket.socket
+        assert sock is not None and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        assoc.release()
 
 
 @pytest.mark.integration
