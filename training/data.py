@@ -361,15 +361,18 @@ class CxrDataset:
     """A torch-style dataset over cached uint8 images: augmentation, then the node's model input.
 
     Each item is ``(image float32 tensor [C, S, S] in [0, 1], labels float32 tensor [L] with NaN)``.
-    The augmentation of sample ``i`` in epoch ``e`` draws from ``sample_rng(seed, e, i)``, so a run is
-    reproducible whatever the number of workers and after a resume; call :meth:`set_epoch` per epoch.
+    Item ``i`` is image ``index[i]`` of ``images`` (all of them when ``index`` is None), so a fold's
+    subset needs no copy of the pixels. Its augmentation in epoch ``e`` draws from
+    ``sample_rng(seed, e, index[i])``, so a run is reproducible whatever the number of workers and
+    after a resume; call :meth:`set_epoch` per epoch.
 
     Args:
         images: uint8 ``[N, S, S]``.
-        y: float32 ``[N, L]`` (NaN = unknown).
+        y: float32 ``[N, L]`` (NaN = unknown), rows aligned with ``images``.
         spec: the ``PreprocessSpec`` passed to ``to_model_input``.
         augment: ``augment(image_u8, rng) -> image_u8``, or None for evaluation.
         seed: run seed.
+        index: the rows of ``images`` this dataset serves, in order.
     """
 
     def __init__(
@@ -379,11 +382,13 @@ class CxrDataset:
         spec: Any,
         augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
         seed: int = 0,
+        index: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         if len(images) != len(y):
             raise ValueError(f"images and labels differ in length: {len(images)} vs {len(y)}")
         self.images = images
         self.y = np.asarray(y, dtype=np.float32)
+        self.index = np.arange(len(images)) if index is None else np.asarray(index, dtype=np.int64)
         self.spec = spec
         self.augment = augment
         self.seed = seed
@@ -394,15 +399,16 @@ class CxrDataset:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.index)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
+    def __getitem__(self, item: int) -> tuple[Any, Any]:
         import torch
 
         from ai.preprocess import to_model_input
 
-        image = self.images[index]
+        row = int(self.index[item])
+        image = self.images[row]
         if self.augment is not None:
-            image = self.augment(image, sample_rng(self.seed, self.epoch, int(index)))
+            image = self.augment(image, sample_rng(self.seed, self.epoch, row))
         x = to_model_input(np.ascontiguousarray(image), self.spec)
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(self.y[index])
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(self.y[row])

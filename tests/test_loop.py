@@ -1,0 +1,218 @@
+"""Training loop on a tiny synthetic cohort: units, OOF predictions, externals, resume after interruption."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from training.config import CohortConfig, ConfigError, RunConfig, with_overrides
+from training.loop import (
+    UnitKey,
+    balance_weights,
+    epoch_metrics,
+    fit,
+    prepare_run,
+    read_log,
+    unit_probabilities,
+)
+
+N_PATIENTS = 20
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Keep the shared CPU free and the arithmetic reproducible."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_cohort(folder: Path, name: str, n_patients: int, seed: int) -> Path:
+    """Two 64x64 PNGs per patient; positives carry a bright disc in the left lung area."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["image,patient_id,site,label_tb,sex,age"]
+    for p in range(n_patients):
+        positive = p % 2
+        for v in range(2):
+            img = rng.normal(90, 25, (64, 64)).clip(0, 255).astype(np.uint8)
+            img = cv2.GaussianBlur(img, (0, 0), 2)
+            if positive:
+                cv2.circle(img, (20, 28), 8, 230, -1)
+            path = folder / f"{name}_{p:02d}_{v}.png"
+            cv2.imwrite(str(path), img)
+            lines.append(f"{path.name},{name}{p:02d},{name},{positive},{'MF'[p % 2]},{30 + p}")
+    csv_path = folder / f"{name}.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    return csv_path
+
+
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cohorts")
+    return make_cohort(root / "dev", "dev", N_PATIENTS, 0), make_cohort(root / "ext", "ext", 5, 1)
+
+
+def tiny_config(cohorts: tuple[Path, Path], **changes: Any) -> RunConfig:
+    train_csv, external_csv = cohorts
+    config = RunConfig(
+        train=CohortConfig("dev", str(train_csv)),
+        external=(CohortConfig("ext", str(external_csv)),),
+        name="tiny-test",
+        architectures=("tiny",),
+        init="random",
+        folds=3,
+        image_size=64,
+        preprocess={"field_detection": False},
+        epochs_head=2,
+        epochs_finetune=2,
+        lr_head=0.01,
+        lr_finetune=0.005,
+        batch_size=8,
+        drop_rate=0.2,
+        loss="dynamic_bce",
+        patience=5,
+        progress=False,
+        threads=1,
+    )
+    return with_overrides(config, **changes) if changes else config
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_fit_writes_units_logs_and_predictions(cohorts: tuple[Path, Path], tmp_path: Path) -> None:
+    config = tiny_config(cohorts)
+    result = fit(config, tmp_path / "run")
+    run = tmp_path / "run"
+    assert (run / "config.toml").is_file() and (run / "folds.csv").is_file()
+    assert result.units == tuple(UnitKey("tiny", f) for f in range(3))
+    log = read_log(run / "units" / "tiny" / "fold0" / "log.csv")
+    assert [r["phase"] for r in log] == ["head", "head", "finetune", "finetune"]
+    assert set(log[0]) == {
+        "epoch", "phase", "lr", "train_loss", "val_loss", "auroc", "auprc",
+        "sensitivity", "specificity", "f1", "seconds",
+    }  # fmt: skip
+    assert all((run / "units" / "tiny" / f"fold{f}" / "done.json").is_file() for f in range(3))
+
+    oof = read_csv(run / "predictions_oof.csv")
+    assert sorted(r["image"] for r in oof) == sorted(
+        f"dev_{p:02d}_{v}.png" for p in range(N_PATIENTS) for v in (0, 1)
+    )
+    assert {"label_Tuberculosis", "score_Tuberculosis__tiny", "score_Tuberculosis__ensemble"} <= set(oof[0])
+    folds = {r["image"]: int(r["fold"]) for r in read_csv(run / "folds.csv")}
+    assert all(int(r["fold"]) == folds[r["image"]] for r in oof)
+    external = read_csv(run / "predictions_ext.csv")
+    assert len(external) == 10 and "fold" not in external[0]
+
+
+def test_oof_scores_come_from_the_held_out_fold_model(cohorts: tuple[Path, Path], tmp_path: Path) -> None:
+    config = tiny_config(cohorts, epochs_head=1, epochs_finetune=0, unfreeze="none")
+    fit(config, tmp_path / "run")
+    data = prepare_run(config, tmp_path / "run")
+    oof = {r["image"]: r for r in read_csv(tmp_path / "run" / "predictions_oof.csv")}
+    external_members = []
+    for fold in range(3):
+        held_out = np.flatnonzero(data.folds == fold)
+        (tmp_path / "run" / "units" / "tiny" / f"fold{fold}" / "pred_oof.npy").unlink()  # force recomputation
+        prob = unit_probabilities(data, UnitKey("tiny", fold), "oof", data.images, held_out)
+        for row, p in zip(held_out, prob[:, 0], strict=True):
+            assert float(oof[data.cohort.images[row]]["score_Tuberculosis__tiny"]) == pytest.approx(
+                p, abs=1e-6
+            )
+        _, pixels = data.externals[0]
+        external_members.append(unit_probabilities(data, UnitKey("tiny", fold), "check", pixels)[:, 0])
+    ext = read_csv(tmp_path / "run" / "predictions_ext.csv")
+    mean = np.mean(external_members, axis=0)
+    assert [float(r["score_Tuberculosis__tiny"]) for r in ext] == pytest.approx(mean.tolist(), abs=1e-6)
+
+
+class InterruptError(RuntimeError):
+    pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_after", [1, 3])  # mid head phase; mid fine-tune phase
+def test_resume_after_interruption_equals_uninterrupted(
+    cohorts: tuple[Path, Path], tmp_path: Path, stop_after: int
+) -> None:
+    config = tiny_config(cohorts, architectures=("tiny",), run_folds=(0, 1), balance_sampling=True)
+    fit(config, tmp_path / "straight")
+
+    def interrupt(key: UnitKey, row: dict[str, Any]) -> None:
+        if key == UnitKey("tiny", 1) and row["epoch"] == stop_after:
+            raise InterruptError
+
+    with pytest.raises(InterruptError):
+        fit(config, tmp_path / "resumed", on_epoch_end=interrupt)
+    assert not (tmp_path / "resumed" / "units" / "tiny" / "fold1" / "done.json").exists()
+    epochs_after: list[tuple[UnitKey, int]] = []
+    fit(None, tmp_path / "resumed", on_epoch_end=lambda key, row: epochs_after.append((key, row["epoch"])))
+    assert epochs_after[0] == (UnitKey("tiny", 1), stop_after + 1)  # continued, not restarted
+
+    for fold in (0, 1):
+        unit = Path("units") / "tiny" / f"fold{fold}"
+        a = torch.load(tmp_path / "straight" / unit / "model.pt")
+        b = torch.load(tmp_path / "resumed" / unit / "model.pt")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"fold {fold} weights differ"
+        strip = [
+            {k: v for k, v in r.items() if k != "seconds"}
+            for r in read_log(tmp_path / "straight" / unit / "log.csv")
+        ]
+        again = [
+            {k: v for k, v in r.items() if k != "seconds"}
+            for r in read_log(tmp_path / "resumed" / unit / "log.csv")
+        ]
+        assert strip == again
+    for name in ("predictions_oof.csv", "predictions_ext.csv"):
+        assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+
+
+def test_changed_config_on_existing_run_is_refused(cohorts: tuple[Path, Path], tmp_path: Path) -> None:
+    config = tiny_config(cohorts, epochs_head=1, epochs_finetune=0, run_folds=(0,))
+    fit(config, tmp_path / "run")
+    with pytest.raises(ConfigError, match="lr_head: differs"):
+        fit(with_overrides(config, lr_head=0.5), tmp_path / "run")
+    fit(with_overrides(config, num_workers=0, threads=1), tmp_path / "run")  # runtime keys may change
+    assert len(read_csv(tmp_path / "run" / "predictions_oof.csv")) < 2 * N_PATIENTS  # only fold 0
+
+
+def test_cached_features_match_the_image_path_for_the_head(
+    cohorts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Frozen backbone + no augmentation + no dropout: training the head on cached features is exact."""
+    base = dict(epochs_head=2, epochs_finetune=0, unfreeze="none", run_folds=(0,), drop_rate=0.0)
+    from training.augment import AugmentConfig
+
+    plain = tiny_config(cohorts, **base, augment=AugmentConfig.none())
+    fit(plain, tmp_path / "images")
+    fit(with_overrides(plain, cache_features=True), tmp_path / "features")
+    a = torch.load(tmp_path / "images" / "units" / "tiny" / "fold0" / "model.pt")
+    b = torch.load(tmp_path / "features" / "units" / "tiny" / "fold0" / "model.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_balance_weights_equalise_classes() -> None:
+    y = np.array([[1.0], [0.0], [0.0], [0.0], [np.nan]])
+    w = np.array(balance_weights(y))
+    assert w[0] == pytest.approx(3 * w[1]) and w[4] == 1.0
+    assert w[0] == pytest.approx(w[1:4].sum())
+
+
+def test_epoch_metrics_hand_case() -> None:
+    y = np.array([[1.0], [1.0], [0.0], [0.0], [np.nan]])
+    p = np.array([[0.9], [0.4], [0.6], [0.1], [0.99]])
+    m = epoch_metrics(y, p)
+    assert m["auroc"] == pytest.approx(0.75)
+    assert m["sensitivity"] == 0.5 and m["specificity"] == 0.5 and m["f1"] == pytest.approx(0.5)

@@ -1,0 +1,451 @@
+"""Run configuration step: one typed, validated description of a training run, stored as TOML.
+
+A run directory always holds the effective configuration as ``config.toml`` next to everything the run
+produced, so a result can be traced to the settings that made it, and an interrupted run resumes with
+the same settings. Cohort paths are resolved relative to the configuration file's folder when read and
+written back absolute. :func:`example_config_text` is the commented example ``cxr-train init-config``
+writes; every key, its meaning and its default are listed there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from training.augment import AugmentConfig
+from training.labels import LabelError, canonical_labels
+from training.losses import LOSSES
+
+CONFIG_NAME = "config.toml"
+UNFREEZE_MODES = ("last_stage", "all", "none")
+DEVICES = ("auto", "cpu", "cuda")
+# Keys that change how fast a run goes, not what it produces: they may differ on resume.
+RUNTIME_KEYS = frozenset({"num_workers", "threads", "progress", "device", "cache_dir"})
+
+
+class ConfigError(ValueError):
+    """The run configuration is invalid; ``problems`` lists each as 'key: expected ..., found ...'."""
+
+    def __init__(self, problems: list[str], source: str = "run configuration") -> None:
+        self.problems = problems
+        super().__init__(f"{source} is invalid:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class CohortConfig:
+    """A cohort manifest: name (used in file names), CSV path, optional root for relative image paths."""
+
+    name: str
+    csv: str
+    root: str = ""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a training run (see :func:`example_config_text` for each key)."""
+
+    train: CohortConfig
+    name: str = "cxr"
+    labels: tuple[str, ...] = ("Tuberculosis",)
+    external: tuple[CohortConfig, ...] = ()
+    architectures: tuple[str, ...] = ("efficientnet_lite0",)
+    init: str = "imagenet"
+    weights: dict[str, str] = field(default_factory=dict)
+    folds: int = 5
+    run_folds: tuple[int, ...] = ()
+    fold_tolerance: float = 0.05
+    image_size: int = 512
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    epochs_head: int = 3
+    epochs_finetune: int = 5
+    unfreeze: str = "last_stage"
+    lr_head: float = 1e-3
+    lr_finetune: float = 1e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 16
+    drop_rate: float = 0.0
+    loss: str = "bce"
+    loss_smoothing: float = 0.05
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    balance_sampling: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+    patience: int = 3
+    lr_patience: int = 1
+    lr_factor: float = 0.5
+    cache_features: bool = False
+    cache_dir: str = ""
+    num_workers: int = 0
+    threads: int = 0
+    device: str = "auto"
+    amp: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        problems = _validate(self)
+        if problems:
+            raise ConfigError(problems)
+
+    def weights_for(self, architecture: str) -> str | None:
+        """Initial weights of ``architecture`` for ``build_model``: None (random), "imagenet" or a path."""
+        value = self.weights.get(architecture, self.init)
+        return None if value in ("", "random", "none") else value
+
+    def fold_indices(self) -> tuple[int, ...]:
+        """The folds this run trains (``run_folds``, or all)."""
+        return self.run_folds or tuple(range(self.folds))
+
+    def preprocess_spec(self) -> Any:
+        """The ``ai.preprocess.PreprocessSpec`` of this run (``image_size`` + ``preprocess`` overrides)."""
+        from ai.preprocess import PreprocessSpec
+
+        return PreprocessSpec.from_dict({**self.preprocess, "size": self.image_size})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (tuples as lists), the shape :func:`config_from_dict` reads."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+def _validate(c: RunConfig) -> list[str]:
+    """Every problem of a configuration, each naming the key, what was expected and what was found."""
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, expected: str, found: Any) -> None:
+        if not ok:
+            problems.append(f"{key}: expected {expected}, found {found!r}")
+
+    try:
+        canonical_labels(c.labels)
+    except LabelError as exc:
+        problems.append(f"labels: {exc}")
+    need(
+        bool(c.architectures) and len(set(c.architectures)) == len(c.architectures),
+        "architectures",
+        "a non-empty list of distinct names",
+        c.architectures,
+    )
+    need(c.folds >= 2, "folds", "an integer >= 2", c.folds)
+    need(
+        all(0 <= f < c.folds for f in c.run_folds) and len(set(c.run_folds)) == len(c.run_folds),
+        "run_folds",
+        f"distinct fold indices in 0..{c.folds - 1}",
+        c.run_folds,
+    )
+    need(0 < c.fold_tolerance < 1, "fold_tolerance", "a number in (0, 1)", c.fold_tolerance)
+    need(c.image_size >= 8, "image_size", "an integer >= 8", c.image_size)
+    for key in ("epochs_head", "epochs_finetune", "seed", "num_workers", "threads", "lr_patience"):
+        need(getattr(c, key) >= 0, key, "an integer >= 0", getattr(c, key))
+    need(c.epochs_head + c.epochs_finetune >= 1, "epochs_head", "at least one epoch in total", c.epochs_head)
+    need(c.patience >= 1, "patience", "an integer >= 1", c.patience)
+    need(c.batch_size >= 1, "batch_size", "an integer >= 1", c.batch_size)
+    for key in ("lr_head", "lr_finetune"):
+        need(math.isfinite(getattr(c, key)) and getattr(c, key) > 0, key, "a number > 0", getattr(c, key))
+    need(c.weight_decay >= 0, "weight_decay", "a number >= 0", c.weight_decay)
+    need(0 <= c.drop_rate < 1, "drop_rate", "a number in [0, 1)", c.drop_rate)
+    need(0 < c.lr_factor < 1, "lr_factor", "a number in (0, 1)", c.lr_factor)
+    need(c.loss in LOSSES, "loss", f"one of {', '.join(LOSSES)}", c.loss)
+    need(0 <= c.loss_smoothing < 1, "loss_smoothing", "a number in [0, 1)", c.loss_smoothing)
+    need(c.focal_gamma >= 0, "focal_gamma", "a number >= 0", c.focal_gamma)
+    need(0 <= c.focal_alpha <= 1, "focal_alpha", "a number in [0, 1]", c.focal_alpha)
+    need(c.unfreeze in UNFREEZE_MODES, "unfreeze", f"one of {', '.join(UNFREEZE_MODES)}", c.unfreeze)
+    need(c.device in DEVICES, "device", f"one of {', '.join(DEVICES)}", c.device)
+    unknown = sorted(set(c.weights) - set(c.architectures))
+    need(not unknown, "weights", "keys that are configured architectures", unknown)
+    if "size" in c.preprocess:
+        problems.append("preprocess.size: not allowed here; set image_size instead")
+    else:
+        try:
+            c.preprocess_spec()
+        except (TypeError, ValueError) as exc:
+            problems.append(f"preprocess: {exc}")
+    names = [c.train.name, *(e.name for e in c.external)]
+    need(
+        len(set(names)) == len(names) and "oof" not in names,
+        "external",
+        "cohort names distinct from each other and from train, and not 'oof'",
+        names,
+    )
+    return problems
+
+
+def config_from_dict(
+    data: Mapping[str, Any], base_dir: str | Path = ".", source: str = "run configuration"
+) -> RunConfig:
+    """Build a :class:`RunConfig` from TOML-shaped data; relative paths start at ``base_dir``.
+
+    Raises:
+        ConfigError: unknown keys, wrong types or invalid values, all listed.
+    """
+    base = Path(base_dir).resolve()
+    data = dict(data)
+    known = {f.name: f for f in fields(RunConfig)}
+    problems = [
+        f"{key}: unknown key; expected one of {', '.join(sorted(known))}" for key in data if key not in known
+    ]
+    if "train" not in data:
+        problems.append("train: required table with 'name' and 'csv' is missing")
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key not in known:
+            continue
+        try:
+            values[key] = _convert(key, raw, base, known[key].default)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{key}: {exc}")
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        return RunConfig(**values)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, source) from None
+
+
+def _convert(key: str, raw: Any, base: Path, default: Any) -> Any:
+    """One TOML value -> the dataclass field's type (tuples, nested dataclasses, absolute paths)."""
+    if key == "train":
+        return _cohort(raw, base, "train")
+    if key == "external":
+        if not isinstance(raw, list):
+            raise TypeError(f"expected an array of tables [[external]], found {raw!r}")
+        return tuple(_cohort(item, base, f"external[{i}]") for i, item in enumerate(raw))
+    if key == "augment":
+        if not isinstance(raw, Mapping):
+            raise TypeError(f"expected a table, found {raw!r}")
+        return AugmentConfig(**{k: float(v) for k, v in raw.items()})
+    if key in ("weights", "preprocess"):
+        if not isinstance(raw, Mapping):
+            raise TypeError(f"expected a table, found {raw!r}")
+        if key == "weights":
+            return {str(k): _path_or_word(str(v), base) for k, v in raw.items()}
+        return dict(raw)
+    if key in ("labels", "architectures", "run_folds"):
+        if not isinstance(raw, list):
+            raise TypeError(f"expected a list, found {raw!r}")
+        return tuple(int(v) for v in raw) if key == "run_folds" else tuple(str(v) for v in raw)
+    if key == "init":
+        return _path_or_word(str(raw), base)
+    if key == "cache_dir":
+        return str((base / raw).resolve()) if raw else ""
+    return _scalar(raw, default)
+
+
+def _scalar(raw: Any, default: Any) -> Any:
+    """A scalar of the default's type; ints are accepted for floats, nothing else is coerced."""
+    if isinstance(default, bool):
+        if not isinstance(raw, bool):
+            raise TypeError(f"expected true or false, found {raw!r}")
+        return raw
+    if isinstance(default, int):
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise TypeError(f"expected an integer, found {raw!r}")
+        return raw
+    if isinstance(default, float):
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise TypeError(f"expected a number, found {raw!r}")
+        return float(raw)
+    if isinstance(default, str):
+        if not isinstance(raw, str):
+            raise TypeError(f"expected a string, found {raw!r}")
+        return raw
+    return raw
+
+
+def _path_or_word(value: str, base: Path) -> str:
+    """``imagenet``/``random``/empty stay; anything else is a weights file, made absolute."""
+    if value in ("", "imagenet", "random", "none"):
+        return value
+    return str((base / value).resolve())
+
+
+def _cohort(raw: Any, base: Path, key: str) -> CohortConfig:
+    """A cohort table with ``name``, ``csv`` and optional ``root`` (paths made absolute)."""
+    if not isinstance(raw, Mapping) or not raw.get("name") or not raw.get("csv"):
+        raise TypeError(f"{key} needs a table with 'name' and 'csv', found {raw!r}")
+    extra = sorted(set(raw) - {"name", "csv", "root"})
+    if extra:
+        raise TypeError(f"{key} has unknown key(s) {extra}; expected name, csv, root")
+    root = str((base / raw["root"]).resolve()) if raw.get("root") else ""
+    return CohortConfig(name=str(raw["name"]), csv=str((base / raw["csv"]).resolve()), root=root)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a TOML run configuration; relative paths start at the file's folder.
+
+    Raises:
+        ConfigError: unreadable TOML or invalid keys (all listed, with the file name).
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError([f"cannot read TOML: {exc}"], str(path)) from exc
+    return config_from_dict(data, path.parent, str(path))
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write ``config`` as TOML (absolute paths), atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(to_toml(config.to_dict()), encoding="utf-8")
+    tmp.replace(path)
+
+
+def config_differences(a: RunConfig, b: RunConfig) -> list[str]:
+    """Keys whose values differ between two configurations, runtime-only keys excluded."""
+    da, db = a.to_dict(), b.to_dict()
+    return sorted(k for k in da if k not in RUNTIME_KEYS and da[k] != db[k])
+
+
+def with_overrides(config: RunConfig, **changes: Any) -> RunConfig:
+    """A copy with fields replaced (validated again)."""
+    return replace(config, **changes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# TOML writing (tomllib reads only; the values here are simple)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML literal for a scalar or a list of scalars."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"cannot write {value!r} to TOML")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """TOML text for ``data``: scalars first, then tables, then arrays of tables (one level deep)."""
+    lines: list[str] = []
+    tables: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            tables.append(f"\n[{key}]")
+            tables.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            for item in value:
+                tables.append(f"\n[[{key}]]")
+                tables.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+        elif not (isinstance(value, list) and not value and _is_table_list(key)):
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines + tables) + "\n"
+
+
+def _toml_key(key: str) -> str:
+    """A bare key when TOML allows one, else a quoted key."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+def _is_table_list(key: str) -> bool:
+    """Keys that are arrays of tables (an empty one is simply left out)."""
+    return key == "external"
+
+
+def default_value(name: str) -> Any:
+    """The default of a :class:`RunConfig` field (for documentation and tests)."""
+    item = {f.name: f for f in fields(RunConfig)}[name]
+    if item.default is not MISSING:
+        return item.default
+    if item.default_factory is not MISSING:
+        return item.default_factory()
+    raise KeyError(f"{name} has no default")
+
+
+EXAMPLE_CONFIG = """\
+# cxr-train run configuration (TOML). Write one with `cxr-train init-config FILE`, edit, then
+# `cxr-train fit --config FILE --run-dir runs/NAME`. Relative paths start at this file's folder.
+# The effective configuration is saved as runs/NAME/config.toml with everything the run produces.
+
+name = "tb-shenzhen"            # run name (reports, package name)
+labels = ["Tuberculosis"]       # canonical labels (training.labels); manifests may spell them label_tb ...
+
+# Architectures of the ensemble (training.models registry), each trained on every fold.
+architectures = ["efficientnet_lite0"]
+init = "imagenet"               # initial weights: "imagenet" (where offline weights exist), "random", a file
+# [weights] below overrides per architecture, e.g.  resnet18 = "weights/resnet18_cxr.pth"
+
+folds = 5                       # patient-grouped, label-stratified k-fold on the training cohort
+run_folds = []                  # train only these folds (e.g. [0]); [] = all
+fold_tolerance = 0.05           # max |fold prevalence - cohort prevalence| (widened to one patient's weight)
+
+image_size = 512                # model input side = PreprocessSpec.size (the exported package says so too)
+epochs_head = 3                 # phase 1: backbone frozen, head trained
+epochs_finetune = 5             # phase 2: unfrozen part + head
+unfreeze = "last_stage"         # phase 2 unfreezes: "last_stage", "all", or "none" (no phase 2)
+lr_head = 0.001                 # AdamW learning rate, phase 1
+lr_finetune = 0.0001            # AdamW learning rate, phase 2
+weight_decay = 0.0001
+batch_size = 16
+drop_rate = 0.0                 # dropout before the head
+loss = "bce"                    # "bce", "weighted_bce", "dynamic_bce" (seed's, label smoothing), "focal"
+loss_smoothing = 0.05           # dynamic_bce label smoothing eps: t = y (1 - eps) + eps / 2
+focal_gamma = 2.0
+focal_alpha = 0.25              # focal weight of positives (0.5 = both classes alike)
+balance_sampling = false        # sample images inversely to their label frequency
+seed = 0
+patience = 3                    # early stopping: epochs without a better validation loss, per phase
+lr_patience = 1                 # ReduceLROnPlateau on validation loss: patience
+lr_factor = 0.5                 # ... and factor
+cache_features = false          # phase 1 trains the head on backbone features computed once (no augmentation)
+cache_dir = ""                  # preprocessing cache; "" = RUN_DIR/cache (share one across runs to save time)
+num_workers = 0                 # DataLoader workers
+threads = 0                     # torch.set_num_threads; 0 = torch's default
+device = "auto"                 # "auto" (CUDA if present), "cpu", "cuda"
+amp = true                      # mixed precision, on CUDA only
+progress = true                 # tqdm progress bars
+
+[train]                         # the cohort folds are made from; OOF predictions come from it
+name = "shenzhen"
+csv = "../shared/data/tb/shenzhen.csv"
+root = ""                       # "" = image paths relative to the CSV's folder or its parent
+
+[[external]]                    # never used for fitting or thresholds; scored by the mean of the fold models
+name = "montgomery"
+csv = "../shared/data/tb/montgomery.csv"
+
+[weights]
+
+[preprocess]                    # PreprocessSpec overrides (size comes from image_size)
+clahe_clip = 2.0
+clahe_tile = 8
+field_detection = true
+
+[augment]                       # probability (*_p) and magnitude of each augmentation; never any flip
+rotate_p = 0.5
+rotate_deg = 7.0                # max |angle|
+shift_p = 0.5
+shift_frac = 0.05               # max shift, fraction of the side
+scale_p = 0.5
+scale_frac = 0.1                # zoom in [1 - f, 1 + f]
+brightness_p = 0.4
+brightness = 0.08               # max offset, fraction of 255
+contrast_p = 0.4
+contrast = 0.15                 # factor in [1 - c, 1 + c]
+gamma_p = 0.3
+gamma = 0.25                    # exponent in [1/(1 + g), 1 + g]
+noise_p = 0.2
+noise_std = 0.02                # fraction of 255
+blur_p = 0.15
+blur_sigma = 1.0                # max sigma, pixels
+downsample_p = 0.15
+downsample_min = 0.5            # smallest resolution factor
+"""
+
+
+def example_config_text() -> str:
+    """The commented example configuration (every key with its default, paths to the shared TB data)."""
+    return EXAMPLE_CONFIG
