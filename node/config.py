@@ -58,7 +58,7 @@ class FilterSettings:
 
     modalities: tuple[str, ...] = ("CR", "DX", "DR", "RG")
     no_view_policy: str = "analyse"  # images with no view information: "analyse" or "skip"
-    rules_file: str = ""  # empty: the bundled config/filter_rules.toml
+    rules_file: str = ""  # empty: the bundled node/filter_rules.toml
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,114 @@
+"""Real DICOM peers for integration tests: Orthanc as the PACS, dcmtk as the modality.
+
+Each peer takes free loopback ports, runs in its own temporary folder and is stopped in teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import free_port, require_tool
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk leaves Nagle on otherwise (~40 ms per C-STORE)
+
+
+@dataclass
+class Orthanc:
+    """A running Orthanc: DICOM AE ``aet`` on ``dicom_port``, REST API on ``http_port``."""
+
+    aet: str
+    dicom_port: int
+    http_port: int
+    folder: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def rest(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+            return json.loads(r.read())
+
+    def instances(self) -> list[dict[str, Any]]:
+        """Every stored instance with its main tags (Orthanc's `expand` view)."""
+        return list(self.rest("/instances?expand"))
+
+    def tags(self, orthanc_id: str) -> dict[str, Any]:
+        return dict(self.rest(f"/instances/{orthanc_id}/simplified-tags"))
+
+    def start(self) -> None:
+        binary = require_tool("Orthanc")
+        config = {
+            "Name": "cxr-test-pacs", "DicomAet": self.aet, "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port, "StorageDirectory": str(self.folder / "storage"),
+            "IndexDirectory": str(self.folder / "storage"), "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": True, "Plugins": [],
+            "HttpServerEnabled": True, "DicomServerEnabled": True, "StableAge": 1,
+            "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True,
+            "UnknownSopClassAccepted": True,
+        }
+        cfg = self.folder / "orthanc.json"
+        cfg.write_text(json.dumps(config))
+        log = (self.folder / "orthanc.log").open("wb")
+        self.process = subprocess.Popen([binary, str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self.rest("/system")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError) as exc:
+                if self.process.poll() is not None:
+                    log_text = (self.folder / "orthanc.log").read_text()[-2000:]
+                    raise RuntimeError(f"Orthanc exited: {log_text}") from exc
+                time.sleep(0.2)
+        raise RuntimeError("Orthanc did not answer its REST API within 30 s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+@contextmanager
+def orthanc(folder: Path, aet: str = "PACS", dicom_port: int | None = None) -> Iterator[Orthanc]:
+    """Start Orthanc in ``folder``; stop it on exit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pacs = Orthanc(aet, dicom_port or free_port(), free_port(), folder)
+    pacs.start()
+    try:
+        yield pacs
+    finally:
+        pacs.stop()
+
+
+def dcmsend(files: Sequence[Path], port: int, called: str = "CXR-AI", calling: str = "MODALITY",
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Send files like a modality: dcmtk ``dcmsend`` proposes each file's own transfer syntax."""
+    binary = require_tool("dcmsend")
+    cmd = [binary, "-aet", calling, "-aec", called, "--no-halt", "-nuc", "127.0.0.1", str(port),
+           *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=DCMTK_ENV, check=False)
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.25, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns a truthy value; raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
