@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +176,10 @@ def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
 
 def test_bundled_package_dir_is_inside_the_ai_package() -> None:
     assert bundled_package_dir() == Path(ai.__file__).resolve().parent / "models" / "default"
+
+
+def test_ai_package_imports_without_torch() -> None:
+    # The node runs without the train extra: nothing in ai/ may pull in torch.
+    code = ("import sys, ai.pixels, ai.preprocess, ai.manifest, ai.ensemble, ai.findings; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
