@@ -127,9 +127,7 @@ class FitResult:
 # ---------------------------------------------------------------------------------------------------
 
 
-def fit(
-    config: RunConfig | None, run_dir: str | Path, on_epoch_end: EpochCallback | None = None
-) -> FitResult:
+def fit(config: RunConfig | None, run_dir: str | Path, on_epoch_end: EpochCallback | None = None) -> FitResult:
     """Train every (architecture, fold) unit not yet done, then write the prediction CSVs.
 
     Args:
@@ -212,9 +210,7 @@ def _folds(config: RunConfig, run_dir: Path, cohort: Cohort) -> np.ndarray:
         folds = load_folds(path, cohort.images)
         check_folds(folds, cohort.patient_ids, cohort.y, config.folds, config.fold_tolerance, cohort.labels)
         return folds
-    folds = grouped_stratified_kfold(
-        cohort.patient_ids, cohort.y, config.folds, config.seed, config.fold_tolerance
-    )
+    folds = grouped_stratified_kfold(cohort.patient_ids, cohort.y, config.folds, config.seed, config.fold_tolerance)
     save_folds(path, cohort.images, cohort.patient_ids, folds)
     return folds
 
@@ -294,14 +290,14 @@ def train_unit(data: RunData, key: UnitKey, on_epoch_end: EpochCallback | None =
     _finish_unit(unit_dir, key, state, time.monotonic() - started)
 
 
-def _build(config: RunConfig, architecture: str) -> nn.Module:
-    """The unit's model, initialised as configured."""
+def _build(config: RunConfig, architecture: str, weights: bool = True) -> nn.Module:
+    """The unit's model, initialised as configured (random when ``weights`` is False: weights follow)."""
     from training.models import build_model
 
     return build_model(
         architecture,
         len(config.labels),
-        config.weights_for(architecture),
+        config.weights_for(architecture) if weights else None,
         size=config.image_size,
         drop_rate=config.drop_rate,
     )
@@ -479,9 +475,7 @@ class _UnitContext:
         if self.on_epoch_end is not None:
             self.on_epoch_end(self.key, row)
 
-    def _train_loader(
-        self, epoch: int, features: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[Any, Any]:
+    def _train_loader(self, epoch: int, features: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[Any, Any]:
         """The epoch's loader (seeded order) and the forward function that matches its inputs."""
         config = self.config
         y = self.data.cohort.y[self.train_idx]
@@ -534,12 +528,7 @@ class _UnitContext:
         self.model.eval()
         if features is not None:
             with torch.no_grad():
-                return (
-                    _head_forward(self.model)(features[0][self.val_idx].to(self.data.device))
-                    .float()
-                    .cpu()
-                    .numpy()
-                )
+                return _head_forward(self.model)(features[0][self.val_idx].to(self.data.device)).float().cpu().numpy()
         return predict_array(
             self.model,
             self.data.images,
@@ -576,9 +565,7 @@ def _sampler(y: np.ndarray, balance: bool, generator: torch.Generator) -> torch.
     """Random order, or sampling with replacement inversely to each image's label frequencies."""
     if not balance:
         return RandomSampler(range(len(y)), generator=generator)
-    return WeightedRandomSampler(
-        balance_weights(y), num_samples=len(y), replacement=True, generator=generator
-    )
+    return WeightedRandomSampler(balance_weights(y), num_samples=len(y), replacement=True, generator=generator)
 
 
 def balance_weights(y: np.ndarray) -> list[float]:
@@ -593,9 +580,7 @@ def balance_weights(y: np.ndarray) -> list[float]:
     per_entry = np.where(y == 1, 0.5 / pos, 0.5 / (1 - pos))
     per_entry = np.where(np.isnan(y), np.nan, per_entry)
     known = ~np.isnan(y)
-    weights = np.where(
-        known.any(axis=1), np.nansum(per_entry, axis=1) / np.maximum(known.sum(axis=1), 1), 1.0
-    )
+    weights = np.where(known.any(axis=1), np.nansum(per_entry, axis=1) / np.maximum(known.sum(axis=1), 1), 1.0)
     return weights.tolist()
 
 
@@ -747,6 +732,22 @@ def read_log(path: str | Path) -> list[dict[str, str]]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def load_unit_model(
+    run_dir: str | Path, config: RunConfig, key: UnitKey, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """A unit's model with its best weights (``model.pt``), in evaluation mode.
+
+    Raises:
+        FileNotFoundError: the unit has no ``model.pt`` (never trained).
+    """
+    path = Path(run_dir) / "units" / key.architecture / f"fold{key.fold}" / "model.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: unit {key.name} has not been trained")
+    model = _build(config, key.architecture, weights=False)
+    model.load_state_dict(torch.load(path, map_location="cpu"))
+    return model.to(device).eval()
+
+
 def unit_probabilities(
     data: RunData, key: UnitKey, cohort_name: str, images: np.ndarray, index: np.ndarray | None = None
 ) -> np.ndarray:
@@ -759,9 +760,7 @@ def unit_probabilities(
         cached = np.load(path)
         if cached.shape == (n, len(data.config.labels)):
             return cached
-    model = _build(data.config, key.architecture).to(data.device)
-    model.load_state_dict(torch.load(unit_dir / "model.pt", map_location=data.device))
-    model.eval()
+    model = load_unit_model(data.run_dir, data.config, key, data.device)
     amp = data.device.type == "cuda" and data.config.amp
     logits = predict_array(
         model,
@@ -801,9 +800,7 @@ def external_scores(
     """Per architecture: the mean probability of its fold models on an external cohort."""
     scores: dict[str, np.ndarray] = {}
     for arch in dict.fromkeys(key.architecture for key in units):
-        members = [
-            unit_probabilities(data, key, cohort.name, images) for key in units if key.architecture == arch
-        ]
+        members = [unit_probabilities(data, key, cohort.name, images) for key in units if key.architecture == arch]
         scores[arch] = np.mean(members, axis=0).astype(np.float32)
     return scores
 
@@ -812,9 +809,7 @@ def write_predictions(data: RunData, units: Sequence[UnitKey]) -> list[Path]:
     """``predictions_oof.csv`` and one ``predictions_<cohort>.csv`` per external cohort."""
     rows, scores = oof_scores(data, units)
     folds = {"fold": data.folds[rows]}
-    paths = [
-        write_prediction_csv(data.run_dir / "predictions_oof.csv", data.cohort.subset(rows), scores, folds)
-    ]
+    paths = [write_prediction_csv(data.run_dir / "predictions_oof.csv", data.cohort.subset(rows), scores, folds)]
     for cohort, images in data.externals:
         path = data.run_dir / f"predictions_{cohort.name}.csv"
         paths.append(write_prediction_csv(path, cohort, external_scores(data, units, cohort, images)))

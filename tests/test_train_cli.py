@@ -1,0 +1,122 @@
+"""`cxr-train`: the help shows the workflow; init-config -> fit -> baseline -> evaluate -> export end to end."""
+
+from __future__ import annotations
+
+import csv
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.cli import main
+from training.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    default_value,
+    example_config_text,
+    load_config,
+    save_config,
+)
+
+from .test_loop import make_cohort, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_help_shows_the_whole_workflow(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for step in ("manifest", "init-config", "fit --config", "evaluate --run-dir", "export --run-dir",
+                 "baseline", "compare", "package"):  # fmt: skip
+        assert step in text, step
+    assert text.index("fit --config") < text.index("evaluate --run-dir") < text.index("export --run-dir")
+
+
+def test_init_config_writes_a_loadable_commented_example(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "run.toml"
+    assert main(["init-config", str(path)]) == 0
+    assert "#" in path.read_text()
+    config = load_config(path)
+    assert config.train.csv == str((tmp_path / "../shared/data/tb/shenzhen.csv").resolve())
+    assert [e.name for e in config.external] == ["montgomery"]
+    for key in ("architectures", "folds", "epochs_head", "epochs_finetune", "loss", "augment", "seed", "init"):
+        assert getattr(config, key) == default_value(key), key
+    assert main(["init-config", str(path)]) == 2  # refuses to overwrite
+    assert "--force" in capsys.readouterr().err
+
+
+def test_config_roundtrip_and_validation(tmp_path: Path) -> None:
+    data = tomllib.loads(example_config_text())
+    config = config_from_dict(data, tmp_path)
+    save_config(config, tmp_path / "config.toml")
+    assert load_config(tmp_path / "config.toml") == config
+    bad = {**data, "folds": 1, "loss": "hinge", "colour": "red", "labels": ["TB", "Covid"]}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(bad, tmp_path)
+    assert "colour: unknown key" in str(info.value)
+    bad.pop("colour")
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(bad, tmp_path)
+    text = str(info.value)
+    assert "folds: expected an integer >= 2, found 1" in text and "loss: expected one of" in text
+    assert "'Covid' is not in the canonical vocabulary" in text
+    with pytest.raises(ConfigError, match="epochs_head: expected an integer"):
+        config_from_dict({**data, "epochs_head": "3"}, tmp_path)
+
+
+def test_fit_with_invalid_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('folds = 1\n[train]\nname = "x"\ncsv = "x.csv"\n')
+    assert main(["fit", "--config", str(path), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "folds: expected an integer >= 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fit_baseline_evaluate_compare_export_end_to_end(tmp_path: Path) -> None:
+    from ai.manifest import load_manifest
+
+    cohorts = (make_cohort(tmp_path / "dev", "dev", 20, 0), make_cohort(tmp_path / "ext", "ext", 6, 1))
+    config: RunConfig = tiny_config(cohorts, epochs_head=1, epochs_finetune=1)
+    config_path = tmp_path / "run.toml"
+    save_config(config, config_path)
+    run = tmp_path / "run"
+
+    assert main(["fit", "--config", str(config_path), "--run-dir", str(run)]) == 0
+    assert main(["fit", "--run-dir", str(run)]) == 0  # a rerun finds every unit done
+    assert main(["baseline", "--run-dir", str(run), "--n-boot", "50"]) == 0
+    assert (run / "audits.json").is_file()
+    assert main(["evaluate", "--run-dir", str(run), "--n-boot", "50"]) == 0
+    assert (run / "report" / "report.md").is_file()
+
+    perturbed = tmp_path / "other" / "predictions_oof.csv"
+    perturbed.parent.mkdir()
+    with (run / "predictions_oof.csv").open(newline="") as src:
+        rows = list(csv.DictReader(src))
+    for i, row in enumerate(rows):
+        for key in ("score_Tuberculosis__tiny", "score_Tuberculosis__ensemble"):
+            row[key] = f"{(float(row[key]) + (i % 7) / 10) / 1.6:.6f}"
+    with perturbed.open("w", newline="") as dst:
+        writer = csv.DictWriter(dst, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["compare", str(run / "predictions_oof.csv"), str(perturbed), "--label", "Tuberculosis"]) == 0
+
+    package = tmp_path / "package"
+    assert main(["export", "--run-dir", str(run), "--out", str(package), "--version", "1.0-test"]) == 0
+    manifest = load_manifest(package, verify=True)
+    assert manifest.labels == ("Tuberculosis",) and manifest.version == "1.0-test"
+    assert sorted(m.fold for m in manifest.members) == [0, 1, 2]
+    assert manifest.preprocess.size == 64 and manifest.preprocess.field_detection is False
+    assert manifest.thresholds["Tuberculosis"].method == "Youden J on OOF ensemble"
+    assert main(["export", "--run-dir", str(run), "--out", str(package), "--members", "resnet18"]) == 2

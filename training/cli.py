@@ -1,0 +1,306 @@
+"""`cxr-train` entry point: the offline training workflow, one thin subcommand per step.
+
+The subcommands parse arguments and call the library: :func:`training.loop.fit`,
+:func:`training.evaluate.evaluate_dir`, :func:`training.compare.compare`,
+:func:`training.export.export_package` (through :func:`export_run`) and
+:func:`training.audits.thumbnail_baseline` (through :func:`baseline_run`). The two ``*_run``
+functions below compose those steps over a run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.config import CONFIG_NAME, ConfigError, example_config_text, load_config
+
+log = logging.getLogger(__name__)
+
+WORKFLOW = """\
+workflow:
+  1. manifest   one CSV per cohort: image,patient_id,site,label_<Label>,... (1, 0, empty = unknown)
+                [,age,sex,lung_mask]; image paths relative to the CSV's folder or its parent
+                (labels: Tuberculosis, the 14 NIH findings ...; label_tb is accepted)
+  2. config     cxr-train init-config run.toml          then edit labels, cohorts, architectures
+  3. fit        cxr-train fit --config run.toml --run-dir runs/tb
+                (k-fold x architectures; interrupted? run `cxr-train fit --run-dir runs/tb` again)
+  4. evaluate   cxr-train baseline --run-dir runs/tb    thumbnail floor (shortcut audit), optional
+                cxr-train evaluate --run-dir runs/tb    -> runs/tb/report/report.md
+                cxr-train compare A.csv B.csv --label Tuberculosis   DeLong between two models
+  5. export     cxr-train export --run-dir runs/tb --out packages/tb-v1
+  6. deploy     point the node at the package: [model] package = "packages/tb-v1" in node.toml
+                (or CXR_MODEL_PACKAGE=packages/tb-v1), then restart cxr-node
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="cxr-train",
+        description="Offline training of cxr-node model packages from chest X-ray cohorts.",
+        epilog=WORKFLOW,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_)
+
+    p = add("init-config", "write a commented example run configuration")
+    p.add_argument("path", type=Path, help="the TOML file to write")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    p = add("fit", "train every (architecture, fold) unit; resumes an interrupted run")
+    p.add_argument("--config", type=Path, help="run configuration (omit to resume with RUN_DIR/config.toml)")
+    p.add_argument("--run-dir", type=Path, required=True, help="the run directory")
+
+    p = add("evaluate", "metrics with CIs and a Markdown report from the run's prediction CSVs")
+    p.add_argument("--run-dir", type=Path, required=True, help="folder with predictions_*.csv")
+    p.add_argument("--out", type=Path, help="report folder (default RUN_DIR/report)")
+    p.add_argument("--labels", nargs="+", help="labels to evaluate (default: all scored)")
+    p.add_argument("--target-sensitivity", type=float, default=0.90)
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per CI")
+
+    p = add("compare", "DeLong test between two prediction CSVs on the images both score")
+    p.add_argument("a", type=Path, help="prediction CSV of model A")
+    p.add_argument("b", type=Path, help="prediction CSV of model B")
+    p.add_argument("--label", required=True, help="label, e.g. Tuberculosis")
+    p.add_argument("--member-a", default="ensemble", help="member of A (default ensemble)")
+    p.add_argument("--member-b", help="member of B (default: same as A)")
+
+    p = add("export", "ONNX members + manifest (thresholds from the OOF predictions) for the node")
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="package folder to write")
+    p.add_argument("--members", nargs="+", help="architectures to include (default: all trained)")
+    p.add_argument("--version", default="", help="package version (default: the run name + date)")
+    p.add_argument("--threshold", choices=("youden", "sensitivity"), default="youden",
+                   help="operating point written into the manifest (default youden)")  # fmt: skip
+    p.add_argument("--target-sensitivity", type=float, default=0.90)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package")
+
+    p = add("baseline", "thumbnail + intensity floor on the same folds (shortcut audit) -> RUN_DIR/audits.json")
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--n-boot", type=int, default=2000)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns the process exit status (2 for invalid input)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers = {
+        "init-config": _init_config,
+        "fit": _fit,
+        "evaluate": _evaluate,
+        "compare": _compare,
+        "export": _export,
+        "baseline": _baseline,
+    }
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+        print(f"cxr-train {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _init_config(args: argparse.Namespace) -> int:
+    if args.path.exists() and not args.force:
+        raise FileExistsError(f"{args.path} exists; pass --force to overwrite it")
+    args.path.parent.mkdir(parents=True, exist_ok=True)
+    args.path.write_text(example_config_text(), encoding="utf-8")
+    print(f"wrote {args.path}; edit it, then: cxr-train fit --config {args.path} --run-dir runs/NAME")
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from training.loop import fit
+
+    config = load_config(args.config) if args.config else None
+    result = fit(config, args.run_dir)
+    print(f"{len(result.units)} unit(s) done; predictions: {', '.join(str(p) for p in result.predictions)}")
+    print(f"next: cxr-train evaluate --run-dir {args.run_dir}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_dir
+
+    audits_path = args.run_dir / "audits.json"
+    audits = json.loads(audits_path.read_text()) if audits_path.exists() else []
+    out = args.out or args.run_dir / "report"
+    report = evaluate_dir(args.run_dir, out, args.labels, args.target_sensitivity, args.n_boot, audits=audits)
+    print(f"report: {report}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from training.compare import compare
+
+    result = compare(args.a, args.b, args.label, args.member_a, args.member_b)
+    print(result["verdict"])
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    package = export_run(args.run_dir, args.out, args.members, args.version, args.threshold,
+                         args.target_sensitivity, args.overwrite)  # fmt: skip
+    print(f'package: {package}\nnext: set [model] package = "{package}" in node.toml and restart cxr-node')
+    return 0
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    for report in baseline_run(args.run_dir, args.n_boot):
+        print(f"{report.get('cohort', '')} {report.get('label', '')}: {report['verdict']}")
+    print(f"written to {args.run_dir / 'audits.json'}; `cxr-train evaluate` includes it in the report")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compositions over a run directory
+# ---------------------------------------------------------------------------------------------------
+
+
+def _run_config(run_dir: Path) -> Any:
+    """The configuration a run directory was trained with."""
+    path = run_dir / CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not a run directory (run `cxr-train fit` first)")
+    return load_config(path)
+
+
+def _ensemble_of(table: Any, label: str, members: Sequence[str]) -> np.ndarray:
+    """Mean score of ``members`` for ``label`` in a prediction table (the exported ensemble)."""
+    missing = [m for m in members if m not in table.scores.get(label, {})]
+    if missing:
+        raise ValueError(f"prediction table {table.name!r} has no scores of {missing} for {label}")
+    return np.mean([table.scores[label][m] for m in members], axis=0)
+
+
+def export_run(
+    run_dir: str | Path, out: str | Path, members: Sequence[str] | None = None, version: str = "",
+    threshold: str = "youden", target_sensitivity: float = 0.90, overwrite: bool = False,
+) -> Path:  # fmt: skip
+    """Export the finished units of ``members`` (architectures) as a model package.
+
+    Every fold model of each selected architecture becomes a member (the node averages them all, which
+    equals the mean over architectures of their fold means). Thresholds are chosen on the OOF ensemble
+    of the selected architectures (Youden J, or the highest threshold reaching ``target_sensitivity``).
+
+    Raises:
+        ValueError: an unknown or unfinished architecture.
+        FileNotFoundError: no ``config.toml`` or ``predictions_oof.csv`` in the run directory.
+    """
+    from training.export import MemberInfo, export_package
+    from training.loop import iter_units, load_unit_model
+
+    run_dir = Path(run_dir)
+    config = _run_config(run_dir)
+    archs = list(members or config.architectures)
+    unknown = sorted(set(archs) - set(config.architectures))
+    if unknown:
+        raise ValueError(f"--members {unknown} not in the run's architectures {list(config.architectures)}")
+    units = [key for key, _ in iter_units(run_dir) if key.architecture in archs]
+    if len(units) != len(archs) * len(config.fold_indices()):
+        raise ValueError(f"{run_dir}: {len(units)} finished unit(s) of {archs}, expected "
+                         f"{len(archs) * len(config.fold_indices())}; run `cxr-train fit` first")  # fmt: skip
+    thresholds, evaluation = oof_thresholds(run_dir, config.labels, archs, threshold, target_sensitivity)
+    models = []
+    for key in units:
+        info = MemberInfo(fold=key.fold, weights=config.weights_for(key.architecture) or "random")
+        models.append((load_unit_model(run_dir, config, key), info))
+    summary_path = run_dir / "cohorts.json"
+    return export_package(
+        models, out, name=config.name, version=version or f"{config.name}-{_today()}", labels=config.labels,
+        spec=config.preprocess_spec(), thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation,
+        data_summary=json.loads(summary_path.read_text()) if summary_path.exists() else {},
+    )  # fmt: skip
+
+
+def oof_thresholds(
+    run_dir: Path, labels: Sequence[str], archs: Sequence[str], threshold: str, target_sensitivity: float
+) -> tuple[dict[str, tuple[float, str]], dict[str, Any]]:
+    """Per label, the operating threshold on the OOF ensemble of ``archs``, and its OOF AUROC."""
+    from training import metrics
+    from training.evaluate import read_predictions
+
+    oof = read_predictions(run_dir / "predictions_oof.csv")
+    thresholds: dict[str, tuple[float, str]] = {}
+    evaluation: dict[str, Any] = {"ensemble_of": list(archs), "oof": {}}
+    for label in labels:
+        y, p = oof.labels[label], _ensemble_of(oof, label, archs)
+        if threshold == "youden":
+            thresholds[label] = (float(metrics.youden_threshold(y, p)), "Youden J on OOF ensemble")
+        else:
+            value = float(metrics.threshold_for_sensitivity(y, p, target_sensitivity))
+            thresholds[label] = (value, f"sensitivity >= {target_sensitivity:.2f} on OOF ensemble")
+        evaluation["oof"][label] = {"auroc": float(metrics.auroc(y, p)), "n": int(np.sum(~np.isnan(y)))}
+    return thresholds, evaluation
+
+
+def _today() -> str:
+    """The date for default package versions (UTC, YYYYMMDD)."""
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).strftime("%Y%m%d")
+
+
+def baseline_run(run_dir: str | Path, n_boot: int = 2000) -> list[dict[str, Any]]:
+    """Thumbnail floor per label on the run's folds vs the OOF ensemble (and on every external cohort).
+
+    Writes the reports to ``RUN_DIR/audits.json`` (read by ``cxr-train evaluate``) and returns them.
+    """
+    from training.audits import floor_report, thumbnail_baseline
+    from training.evaluate import load_prediction_dir
+    from training.loop import prepare_run
+
+    run_dir = Path(run_dir)
+    config = _run_config(run_dir)
+    data = prepare_run(config, run_dir)
+    oof, externals = load_prediction_dir(run_dir)
+    reports = []
+    for j, label in enumerate(config.labels):
+        y = data.cohort.y[:, j]
+        if len(np.unique(y[~np.isnan(y)])) < 2:
+            log.warning("baseline: %s has one class only in %s, skipped", label, data.cohort.name)
+            continue
+        floor = thumbnail_baseline(data.images, y, data.folds)
+        reports.append(_floor_vs_model(floor_report, data.cohort, oof, label, floor.oof_scores, n_boot))
+        for cohort, images in data.externals:
+            if cohort.name in externals:
+                table = externals[cohort.name]
+                reports.append(_floor_vs_model(floor_report, cohort, table, label, floor.score(images), n_boot))
+    (run_dir / "audits.json").write_text(json.dumps(reports, indent=1, default=_plain))
+    return reports
+
+
+def _floor_vs_model(
+    floor_report: Any, cohort: Any, table: Any, label: str, floor_scores: np.ndarray, n_boot: int
+) -> dict[str, Any]:
+    """Floor report on the images a prediction table scores (matched on the image key)."""
+    position = {image: i for i, image in enumerate(cohort.images)}
+    rows = np.array([position[str(image)] for image in table.images])
+    y = cohort.y[rows, cohort.labels.index(label)]
+    model = table.scores[label]["ensemble"]
+    groups = np.asarray(cohort.patient_ids)[rows]
+    return floor_report(y, model, floor_scores[rows], groups, cohort=table.name, label=label, n_boot=n_boot)
+
+
+def _plain(value: Any) -> Any:
+    """JSON for numpy values in audit reports."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
