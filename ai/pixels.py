@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 ROBUST_PERCENTILES = (0.5, 99.5)
+LUT_BLOCK_ROWS = 64
 
 
 def dicom_to_float(ds: Dataset) -> np.ndarray:
@@ -41,7 +42,9 @@ def dicom_to_float(ds: Dataset) -> np.ndarray:
 
     Integer images of up to 16 stored bits go through a lookup table built by running the whole
     chain (modality, VOI, normalisation, inversion) once over every storable value: identical
-    results, a fraction of the time of running float64 maths over millions of pixels.
+    results, a fraction of the time of running float64 maths over millions of pixels. pydicom
+    masks the bits above High Bit; values a decoder still returns beyond the range that Bits
+    Stored allows are clipped to it.
 
     Args:
         ds: a dataset with pixel data (any transfer syntax pydicom can decode here).
@@ -60,12 +63,20 @@ def dicom_to_float(ds: Dataset) -> np.ndarray:
     if np.issubdtype(stored.dtype, np.integer) and int(ds.BitsStored) <= 16:
         domain = _stored_range(ds)
         lut = _display_transform(domain, ds, sample, sop_uid).astype(np.float32)
-        index = np.clip(stored, domain[0], domain[-1])
-        if domain[0] != 0:
-            index = index.astype(np.int32) - np.int32(domain[0])
-        return np.ascontiguousarray(lut[index])
+        return _apply_lut(lut, stored, int(domain[0]))
     image = _display_transform(stored, ds, sample, sop_uid)
     return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def _apply_lut(lut: np.ndarray, stored: np.ndarray, first: int) -> np.ndarray:
+    """``lut[stored - first]``, out-of-range values clipped to the ends; in row blocks that stay in cache."""
+    out = np.empty(stored.shape, dtype=np.float32)
+    for row in range(0, stored.shape[0], LUT_BLOCK_ROWS):
+        block = stored[row : row + LUT_BLOCK_ROWS]
+        if first:
+            block = block.astype(np.int32) - np.int32(first)
+        np.take(lut, block, out=out[row : row + LUT_BLOCK_ROWS], mode="clip")
+    return out
 
 
 def _display_transform(stored: np.ndarray, ds: Dataset, sample: np.ndarray, sop_uid: str) -> np.ndarray:

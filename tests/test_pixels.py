@@ -95,6 +95,17 @@ def test_sixteen_bit_without_window_uses_robust_percentiles() -> None:
     assert out[-1, -2] > 0.95 and out[1, 0] < 0.05
 
 
+def test_bits_above_high_bit_are_ignored() -> None:
+    # Bits Allocated 16, Bits Stored 12: the top 4 bits are not pixel data (old overlays use them).
+    stored = quantise(ramp(), 12)
+    stored[0, :3] = [4095, 5000, 65535]
+    ds = make_ds(stored, bits_stored=16, WindowCenter=2048, WindowWidth=4096)
+    ds.BitsStored, ds.HighBit = 12, 11
+    out = dicom_to_float(ds)
+    np.testing.assert_allclose(out[0, :3], [1.0, (5000 & 0xFFF) / 4095, 1.0], atol=1e-3)
+    np.testing.assert_allclose(out[1:], stored[1:] / 4095, atol=1e-3)
+
+
 def test_signed_pixels() -> None:
     stored = (np.rint(ramp() * 4095) - 2048).astype(np.int16)
     ds = make_ds(stored, bits_stored=12, WindowCenter=0.5, WindowWidth=4096, RescaleSlope=1,
