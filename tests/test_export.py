@@ -1,0 +1,155 @@
+"""Model package export (training.export.export_package) read back through ai.manifest, as the node does."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from ai.errors import ModelPackageError
+from ai.manifest import MANIFEST_NAME, load_manifest, sha256_file
+from ai.preprocess import PreprocessSpec
+from tests.model_fixtures import TINY_VERSION, build_tiny_package
+from training import export
+from training.export import ExportError, MemberInfo, export_package
+from training.models import build_model
+
+LABELS = ("Tuberculosis", "Effusion")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_tiny_package_round_trips_through_load_manifest(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    package = build_tiny_package(tmp_path / "pkg", labels=LABELS, members=2, size=64)
+    assert time.perf_counter() - start < 5.0, "build_tiny_package must stay fast for other tests"
+    manifest = load_manifest(package, verify=True)
+    assert manifest.labels == LABELS and manifest.version == TINY_VERSION
+    assert manifest.preprocess == PreprocessSpec(size=64)
+    assert [(m.architecture, m.fold, m.weights) for m in manifest.members] == [
+        ("tiny", 0, "random"),
+        ("tiny", 1, "random"),
+    ]
+    assert {label: (t.value, t.method) for label, t in manifest.thresholds.items()} == {
+        label: (0.5, "fixed for tests") for label in LABELS
+    }
+    for member in manifest.members:
+        assert member.sha256 == sha256_file(package / member.file)
+    assert sorted(p.name for p in package.iterdir()) == sorted([MANIFEST_NAME, *(m.file for m in manifest.members)])
+    parity = manifest.evaluation_summary["onnx_export"]["parity_max_abs_diff"]
+    assert set(parity) == {m.file for m in manifest.members} and max(parity.values()) <= 1e-4
+
+
+def test_member_graph_follows_the_contract(tmp_path: Path) -> None:
+    package = build_tiny_package(tmp_path / "pkg", labels=LABELS, members=2, size=64)
+    manifest = load_manifest(package)
+    graph = onnx.load(str(package / manifest.members[0].file)).graph
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert graph.input[0].name == manifest.input_name == "image"
+    assert isinstance(dims[0], str) and dims[1:] == [3, 64, 64], "batch is dynamic, size fixed"
+    assert [o.name for o in graph.output] == ["logits", "cam"]
+    images = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
+    outputs = [_session(package / m.file).run(None, {"image": images}) for m in manifest.members]
+    for logits, cam in outputs:
+        assert logits.shape == (3, 2) and cam.shape[:2] == (3, 2) and cam.shape[2] == cam.shape[3]
+        np.testing.assert_allclose(cam.mean((2, 3)), logits, atol=1e-5)
+    assert not np.allclose(outputs[0][0], outputs[1][0]), "members use different seeds"
+
+
+def test_corrupted_or_missing_member_is_detected(tmp_path: Path) -> None:
+    package = build_tiny_package(tmp_path / "pkg")
+    member = package / load_manifest(package).members[1].file
+    data = bytearray(member.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    member.write_bytes(bytes(data))
+    with pytest.raises(ModelPackageError, match=rf"{member.name}.*sha256 mismatch"):
+        load_manifest(package)
+    member.unlink()
+    with pytest.raises(ModelPackageError, match=rf"{member.name}.*not found"):
+        load_manifest(package)
+
+
+def test_package_of_mixed_architectures_records_weights_and_folds(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    lite = build_model("efficientnet_lite0", 1, weights="imagenet")
+    tiny = build_model("tiny", 1)
+    package = export_package(
+        [(lite, MemberInfo(fold=0)), (tiny, MemberInfo(file="extra.onnx"))],
+        tmp_path / "pkg",
+        name="mixed",
+        version="1.2.3",
+        labels=["Tuberculosis"],
+        spec=PreprocessSpec(size=64),
+        thresholds={"Tuberculosis": (0.3, "sensitivity 0.90 on OOF")},
+        data_summary={"cohorts": ["shenzhen"]},
+        evaluation_summary={"auroc": 0.9},
+    )
+    manifest = load_manifest(package)
+    assert [(m.file, m.architecture, m.fold, m.weights) for m in manifest.members] == [
+        ("efficientnet_lite0_fold0.onnx", "efficientnet_lite0", 0, "imagenet"),
+        ("extra.onnx", "tiny", None, "random"),
+    ]
+    assert manifest.data_summary == {"cohorts": ["shenzhen"]} and manifest.evaluation_summary["auroc"] == 0.9
+
+
+def _export(tmp_path: Path, **overrides: object) -> Path:
+    args: dict = {
+        "members": [(build_model("tiny", 2), MemberInfo())],
+        "out_dir": tmp_path / "pkg",
+        "name": "t",
+        "version": "1",
+        "labels": LABELS,
+        "spec": PreprocessSpec(size=32),
+        "thresholds": {label: (0.5, "fixed") for label in LABELS},
+    }
+    args.update(overrides)
+    members, out_dir = args.pop("members"), args.pop("out_dir")
+    return export_package(members, out_dir, **args)  # type: ignore[arg-type]
+
+
+def test_inconsistent_inputs_are_refused_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"missing \['Effusion'\]"):
+        _export(tmp_path, thresholds={"Tuberculosis": (0.5, "fixed")})
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        _export(tmp_path, thresholds={label: (1.5, "fixed") for label in LABELS})
+    with pytest.raises(ValueError, match="1 outputs for 2 labels"):
+        _export(tmp_path, members=[(build_model("tiny", 1), MemberInfo())])
+    with pytest.raises(ValueError, match="distinct"):
+        _export(tmp_path, members=[(build_model("tiny", 2), MemberInfo())] * 2)
+    with pytest.raises(ValueError, match="architecture"):
+        _export(tmp_path, members=[(build_model("tiny", 2), MemberInfo(architecture="resnet18"))])
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_existing_package_is_replaced_only_when_asked(tmp_path: Path) -> None:
+    first = _export(tmp_path)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        _export(tmp_path)
+    _export(tmp_path, version="2", overwrite=True)
+    assert load_manifest(first).version == "2"
+
+
+def test_failed_parity_leaves_no_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> float:
+        raise ExportError("differ by 1 (> 0.0001)")
+
+    monkeypatch.setattr(export, "check_parity", fail)
+    with pytest.raises(ExportError):
+        _export(tmp_path)
+    assert list(tmp_path.iterdir()) == []
