@@ -5,12 +5,13 @@ The display pipeline of PS3.4 N.2 for grayscale images, in order:
 1. decode the stored values (pydicom 3 ``ds.pixel_array``; pylibjpeg, pyjpegls and gdcm plug-ins
    cover JPEG, JPEG 2000, JPEG-LS and RLE);
 2. Modality LUT or Rescale Slope/Intercept (``pydicom.pixels.apply_modality_lut``);
-3. VOI LUT Sequence or the *first* window (``pydicom.pixels.apply_voi_lut``), normalised to [0, 1] by
-   the output range of that very transform (a window is probed far below and far above its centre,
-   so LINEAR, LINEAR_EXACT, SIGMOID and negative rescale slopes are handled alike; a VOI LUT by the
-   range of its entries, whatever their bit depth). Without either, the
-   modality-transformed range of the stored bits is used for images of at most 8 bits (they are
-   display-ready, like 8-bit PNG), robust percentiles (0.5 %, 99.5 %) of the image otherwise;
+3. the first VOI LUT Sequence item (applied here: pydicom 3.0's ``apply_voi`` wraps the indices of
+   8-bit LUTs with more than 256 entries), else the *first* window (``pydicom.pixels.apply_voi_lut``),
+   normalised to [0, 1] by the output range of that very transform (a window is probed far below
+   and far above its centre, so LINEAR, LINEAR_EXACT, SIGMOID and negative rescale slopes are
+   handled alike; a VOI LUT by the range of its entries, whatever their bit depth). Without either,
+   the modality-transformed range of the stored bits is used for images of at most 8 bits (they
+   are display-ready, like 8-bit PNG), robust percentiles (0.5 %, 99.5 %) of the image otherwise;
 4. inversion, *once*, after VOI: MONOCHROME1 means "minimum is white"; a Presentation LUT Shape of
    INVERSE states the same inversion (DX requires INVERSE with MONOCHROME1), so the image is inverted
    when either says so, never twice.
@@ -18,7 +19,6 @@ The display pipeline of PS3.4 N.2 for grayscale images, in order:
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import cv2
@@ -28,8 +28,6 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from ai.errors import UnsupportedImage
-
-log = logging.getLogger(__name__)
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
