@@ -106,9 +106,7 @@ def test_fit_writes_units_logs_and_predictions(cohorts: tuple[Path, Path], tmp_p
     assert all((run / "units" / "tiny" / f"fold{f}" / "done.json").is_file() for f in range(3))
 
     oof = read_csv(run / "predictions_oof.csv")
-    assert sorted(r["image"] for r in oof) == sorted(
-        f"dev_{p:02d}_{v}.png" for p in range(N_PATIENTS) for v in (0, 1)
-    )
+    assert sorted(r["image"] for r in oof) == sorted(f"dev_{p:02d}_{v}.png" for p in range(N_PATIENTS) for v in (0, 1))
     assert {"label_Tuberculosis", "score_Tuberculosis__tiny", "score_Tuberculosis__ensemble"} <= set(oof[0])
     folds = {r["image"]: int(r["fold"]) for r in read_csv(run / "folds.csv")}
     assert all(int(r["fold"]) == folds[r["image"]] for r in oof)
@@ -127,9 +125,7 @@ def test_oof_scores_come_from_the_held_out_fold_model(cohorts: tuple[Path, Path]
         (tmp_path / "run" / "units" / "tiny" / f"fold{fold}" / "pred_oof.npy").unlink()  # force recomputation
         prob = unit_probabilities(data, UnitKey("tiny", fold), "oof", data.images, held_out)
         for row, p in zip(held_out, prob[:, 0], strict=True):
-            assert float(oof[data.cohort.images[row]]["score_Tuberculosis__tiny"]) == pytest.approx(
-                p, abs=1e-6
-            )
+            assert float(oof[data.cohort.images[row]]["score_Tuberculosis__tiny"]) == pytest.approx(p, abs=1e-6)
         _, pixels = data.externals[0]
         external_members.append(unit_probabilities(data, UnitKey("tiny", fold), "check", pixels)[:, 0])
     ext = read_csv(tmp_path / "run" / "predictions_ext.csv")
@@ -166,12 +162,10 @@ def test_resume_after_interruption_equals_uninterrupted(
         b = torch.load(tmp_path / "resumed" / unit / "model.pt")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"fold {fold} weights differ"
         strip = [
-            {k: v for k, v in r.items() if k != "seconds"}
-            for r in read_log(tmp_path / "straight" / unit / "log.csv")
+            {k: v for k, v in r.items() if k != "seconds"} for r in read_log(tmp_path / "straight" / unit / "log.csv")
         ]
         again = [
-            {k: v for k, v in r.items() if k != "seconds"}
-            for r in read_log(tmp_path / "resumed" / unit / "log.csv")
+            {k: v for k, v in r.items() if k != "seconds"} for r in read_log(tmp_path / "resumed" / unit / "log.csv")
         ]
         assert strip == again
     for name in ("predictions_oof.csv", "predictions_ext.csv"):
@@ -187,9 +181,7 @@ def test_changed_config_on_existing_run_is_refused(cohorts: tuple[Path, Path], t
     assert len(read_csv(tmp_path / "run" / "predictions_oof.csv")) < 2 * N_PATIENTS  # only fold 0
 
 
-def test_cached_features_match_the_image_path_for_the_head(
-    cohorts: tuple[Path, Path], tmp_path: Path
-) -> None:
+def test_cached_features_match_the_image_path_for_the_head(cohorts: tuple[Path, Path], tmp_path: Path) -> None:
     """Frozen backbone + no augmentation + no dropout: training the head on cached features is exact."""
     base = dict(epochs_head=2, epochs_finetune=0, unfreeze="none", run_folds=(0,), drop_rate=0.0)
     from training.augment import AugmentConfig

@@ -69,9 +69,7 @@ class AugmentConfig:
             if value < 0:
                 raise ValueError(f"augment.{item.name}: expected a value >= 0, found {value}")
         if not 0.0 < self.downsample_min <= 1.0:
-            raise ValueError(
-                f"augment.downsample_min: expected a factor in (0, 1], found {self.downsample_min}"
-            )
+            raise ValueError(f"augment.downsample_min: expected a factor in (0, 1], found {self.downsample_min}")
         if self.scale_frac >= 1.0:
             raise ValueError(f"augment.scale_frac: expected a value < 1, found {self.scale_frac}")
 
@@ -91,7 +89,7 @@ def affine_matrix(size: int, angle_deg: float, scale: float, shift: tuple[float,
         raise ValueError(f"scale must be positive, found {scale}")
     centre = ((size - 1) / 2.0, (size - 1) / 2.0)
     matrix = cv2.getRotationMatrix2D(centre, angle_deg, scale)
-    matrix[:, 2] += shift
+    matrix[:, 2] += np.asarray(shift, dtype=np.float64)
     if np.linalg.det(matrix[:, :2]) <= 0:
         raise ValueError("the augmentation matrix would mirror the image")
     return matrix
@@ -134,11 +132,7 @@ class Augmenter:
         c = self.config
         size = image.shape[0]
         angle = rng.uniform(-c.rotate_deg, c.rotate_deg) if fire[0] < c.rotate_p else 0.0
-        shift = (
-            tuple(rng.uniform(-c.shift_frac, c.shift_frac, size=2) * size)
-            if fire[1] < c.shift_p
-            else (0.0, 0.0)
-        )
+        shift = tuple(rng.uniform(-c.shift_frac, c.shift_frac, size=2) * size) if fire[1] < c.shift_p else (0.0, 0.0)
         scale = rng.uniform(1 - c.scale_frac, 1 + c.scale_frac) if fire[2] < c.scale_p else 1.0
         if angle == 0.0 and scale == 1.0 and shift == (0.0, 0.0):
             return image

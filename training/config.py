@@ -186,9 +186,7 @@ def config_from_dict(
     base = Path(base_dir).resolve()
     data = dict(data)
     known = {f.name: f for f in fields(RunConfig)}
-    problems = [
-        f"{key}: unknown key; expected one of {', '.join(sorted(known))}" for key in data if key not in known
-    ]
+    problems = [f"{key}: unknown key; expected one of {', '.join(sorted(known))}" for key in data if key not in known]
     if "train" not in data:
         problems.append("train: required table with 'name' and 'csv' is missing")
     values: dict[str, Any] = {}

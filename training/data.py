@@ -177,9 +177,7 @@ def _check_header(csv_path: Path, header: list[str]) -> dict[str, str]:
     except LabelError as exc:
         raise CohortError(f"{csv_path}: {exc}") from exc
     if not columns:
-        raise CohortError(
-            f"{csv_path}: no label column; expected at least one 'label_<Label>', found {header}"
-        )
+        raise CohortError(f"{csv_path}: no label column; expected at least one 'label_<Label>', found {header}")
     return columns
 
 
@@ -257,9 +255,7 @@ def _age_value(csv_path: Path, line: int, value: str | None) -> float:
     try:
         return float(text)
     except ValueError:
-        raise CohortError(
-            f"{csv_path} line {line} column 'age': expected a number or empty, found {text!r}"
-        ) from None
+        raise CohortError(f"{csv_path} line {line} column 'age': expected a number or empty, found {text!r}") from None
 
 
 def _resolve(ref: str, bases: list[Path], check_files: bool, missing: list[str]) -> Path:
@@ -327,9 +323,7 @@ class PreprocessCache:
         os.replace(tmp, target)
         return gray
 
-    def load_many(
-        self, paths: Sequence[str | Path], progress: bool = False, desc: str = "preprocess"
-    ) -> np.ndarray:
+    def load_many(self, paths: Sequence[str | Path], progress: bool = False, desc: str = "preprocess") -> np.ndarray:
         """All images stacked as uint8 ``[N, size, size]`` (in memory; 512px is 256 KiB per image)."""
         from tqdm import tqdm
 

@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -62,6 +62,9 @@ from training.data import Cohort, CxrDataset, PreprocessCache, load_cohort
 from training.labels import label_column, score_column
 from training.losses import LossFn, make_loss
 from training.splits import check_folds, fold_summary, grouped_stratified_kfold, load_folds, save_folds
+
+if TYPE_CHECKING:
+    from training.models import CxrNet
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +264,7 @@ class Phase:
     name: str
     epochs: int
     lr: float
-    prepare: Callable[[nn.Module], None]
+    prepare: Callable[[CxrNet], None]
 
 
 def train_unit(data: RunData, key: UnitKey, on_epoch_end: EpochCallback | None = None) -> None:
@@ -290,7 +293,7 @@ def train_unit(data: RunData, key: UnitKey, on_epoch_end: EpochCallback | None =
     _finish_unit(unit_dir, key, state, time.monotonic() - started)
 
 
-def _build(config: RunConfig, architecture: str, weights: bool = True) -> nn.Module:
+def _build(config: RunConfig, architecture: str, weights: bool = True) -> CxrNet:
     """The unit's model, initialised as configured (random when ``weights`` is False: weights follow)."""
     from training.models import build_model
 
@@ -307,7 +310,7 @@ def _phases(config: RunConfig) -> list[Phase]:
     """The configured phases (a phase with 0 epochs is kept so that indices stay stable)."""
     from training.models import freeze_backbone, unfreeze_last_stage
 
-    def finetune(model: nn.Module) -> None:
+    def finetune(model: CxrNet) -> None:
         freeze_backbone(model)
         if config.unfreeze == "all":
             for param in model.backbone.parameters():
@@ -322,7 +325,7 @@ def _phases(config: RunConfig) -> list[Phase]:
     ]
 
 
-def _resume(unit_dir: Path, model: nn.Module, device: torch.device) -> tuple[UnitState, dict | None]:
+def _resume(unit_dir: Path, model: CxrNet, device: torch.device) -> tuple[UnitState, dict | None]:
     """The unit's saved state and checkpoint (model weights loaded), or a fresh state."""
     path = unit_dir / "checkpoint.pt"
     if not path.exists():
@@ -355,7 +358,7 @@ class _UnitContext:
         data: RunData,
         key: UnitKey,
         unit_dir: Path,
-        model: nn.Module,
+        model: CxrNet,
         on_epoch_end: EpochCallback | None,
     ) -> None:
         self.data, self.key, self.unit_dir, self.model = data, key, unit_dir, model
@@ -541,12 +544,12 @@ class _UnitContext:
         )
 
 
-def _pooled_features(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def _pooled_features(model: CxrNet) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> features(x).mean((2, 3))``: what the head of a ``CxrNet`` sees before dropout."""
     return lambda x: model.features(x).mean((2, 3))
 
 
-def _head_forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def _head_forward(model: CxrNet) -> Callable[[torch.Tensor], torch.Tensor]:
     """``features -> logits`` through the model's dropout and head (the cached-features path)."""
     return lambda f: model.head(model.dropout(f))
 
@@ -631,7 +634,7 @@ def predict_array(
     from tqdm import tqdm
 
     dataset = CxrDataset(images, np.zeros((len(images), 0), dtype=np.float32), spec, index=index)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader: DataLoader[Any] = DataLoader(cast(Any, dataset), batch_size=batch_size, shuffle=False)
     outputs = []
     with torch.no_grad():
         for x, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
@@ -732,9 +735,7 @@ def read_log(path: str | Path) -> list[dict[str, str]]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_unit_model(
-    run_dir: str | Path, config: RunConfig, key: UnitKey, device: torch.device | str = "cpu"
-) -> nn.Module:
+def load_unit_model(run_dir: str | Path, config: RunConfig, key: UnitKey, device: torch.device | str = "cpu") -> CxrNet:
     """A unit's model with its best weights (``model.pt``), in evaluation mode.
 
     Raises:

@@ -42,8 +42,7 @@ def _split(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, t
     """(float logits, targets with NaN replaced by 0, known mask); checks shapes."""
     if logits.shape != targets.shape:
         raise ValueError(
-            f"logits and targets must have the same shape, found {tuple(logits.shape)} and "
-            f"{tuple(targets.shape)}"
+            f"logits and targets must have the same shape, found {tuple(logits.shape)} and {tuple(targets.shape)}"
         )
     known = ~torch.isnan(targets)
     return logits.float(), torch.nan_to_num(targets.float(), nan=0.0), known
@@ -119,9 +118,7 @@ class DynamicWeightedBCE:
         return _masked_mean(-(weight.to(x) * t * log_p + (1 - t) * log_q), known)
 
 
-def focal(
-    logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, alpha: float | None = 0.25
-) -> torch.Tensor:
+def focal(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, alpha: float | None = 0.25) -> torch.Tensor:
     """Focal loss (Lin et al. 2017), mean over the known entries."""
     x, y, known = _split(logits, targets)
     log_p, log_q = _log_terms(x)

@@ -144,9 +144,7 @@ def check_folds(
         _check_prevalence(folds, y2[:, j], k, tolerance, biggest, names[j])
 
 
-def _check_prevalence(
-    folds: np.ndarray, col: np.ndarray, k: int, tolerance: float, biggest: int, name: str
-) -> None:
+def _check_prevalence(folds: np.ndarray, col: np.ndarray, k: int, tolerance: float, biggest: int, name: str) -> None:
     """Each fold's prevalence of one label within the allowed deviation of the cohort's."""
     known = ~np.isnan(col)
     if not known.any():
@@ -180,9 +178,7 @@ def fold_summary(folds: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> lis
     return rows
 
 
-def save_folds(
-    path: str | Path, images: Sequence[str], patient_ids: Sequence[str], folds: np.ndarray
-) -> None:
+def save_folds(path: str | Path, images: Sequence[str], patient_ids: Sequence[str], folds: np.ndarray) -> None:
     """Write ``image,patient_id,fold`` rows (the run directory's ``folds.csv``)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
