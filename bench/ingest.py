@@ -1,0 +1,518 @@
+"""Ingest benchmark: C-STORE throughput of ``cxr-node serve --role scp`` against dcmtk ``storescp``.
+
+Both servers receive the same corpus from the same dcmtk client (``dcmsend``, each file in its own
+transfer syntax, ``TCP_NODELAY=1``) over one association and over N parallel associations (N client
+processes, each sending its share). The wall time from starting the clients to the last client's exit
+gives images/s and MB/s; every measurement uses a fresh server with an empty folder (and, for the node,
+an empty SQLite database), and is checked: every image answered Success, every image arrived (storescp:
+a file per image; node: an instance row + job row per image and its file on disk).
+
+Runs are interleaved (storescp, node, node, storescp, ...) so that the load of other work on the machine
+falls on both servers alike; the load average is recorded before and after every measurement.
+
+Not alike, and said so in the results: the node fsyncs every file and its folder and commits its job
+row (SQLite WAL, synchronous=FULL) before it answers Success; storescp writes without fsync.
+
+Run on demand (not part of the test suite)::
+
+    .venv/bin/python bench/ingest.py                       # 100 synthetic 2048x2048 CR, 3 runs, 1 and 4 assoc.
+    .venv/bin/python bench/ingest.py --images 40 --runs 1  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "ingest.json"
+CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
+CORPUS_VERSION = 1  # bump when the synthetic images change
+NODE_AE = "CXR-AI"
+STORESCP_AE = "STORESCP"
+CALLING_AE = "BENCH-MOD"
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk leaves Nagle on otherwise (~40 ms per C-STORE)
+NODE_STOP_TIMEOUT_S = 30.0
+DIMSE_STATUS = re.compile(r"DIMSE Status\s*:\s*(0x[0-9a-fA-F]{4})")  # in dcmsend's report file
+
+
+# --- the corpus -------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "cxr-node-bench"
+
+
+def chest_like(size: int) -> np.ndarray:
+    """A smooth chest-like 12-bit picture: body outline, two darker lungs, a bright mediastinum."""
+    axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    y, x = np.meshgrid(axis, axis, indexing="ij")
+    body = np.exp(-((x / 0.85) ** 8) - ((y / 0.98) ** 8))
+    lungs = sum(np.exp(-(((x - cx) / 0.28) ** 4) - (((y + 0.05) / 0.55) ** 4)) for cx in (-0.38, 0.38))
+    mediastinum = np.exp(-((x / 0.12) ** 4)) * (y > -0.6)
+    return (250.0 + 2600.0 * body - 1500.0 * lungs + 700.0 * mediastinum).astype(np.float32)
+
+
+def synthetic_cr(base: np.ndarray, index: int, study_uid: str, rng: np.random.Generator) -> Dataset:
+    """A 16-bit MONOCHROME2 CR PA chest image, uncompressed Explicit VR Little Endian, unique UIDs."""
+    noisy = base + rng.standard_normal(base.shape, dtype=np.float32) * 40.0
+    pixels = np.clip(noisy * rng.uniform(0.9, 1.1), 0, 4095).astype("<u2")
+    ds = Dataset()
+    ds.SOPClassUID = CR_IMAGE_STORAGE
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+    ds.PatientName, ds.PatientID = f"BENCH^SYNTHETIC^{index // 2:04d}", f"BENCH{index // 2:06d}"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20250101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.AccessionNumber, ds.StudyID = f"ACC{index // 2:06d}", "1"
+    ds.SeriesNumber, ds.InstanceNumber = 1, index % 2 + 1
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
+    ds.PatientOrientation = ["L", "F"]
+    ds.SeriesDescription = "CHEST PA (synthetic benchmark image)"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.ImagerPixelSpacing = [0.15, 0.15]
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PixelData = pixels.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def build_corpus(cache_dir: Path, images: int, size: int) -> list[Path]:
+    """The synthetic corpus, generated once (two images per study) and reused while its recipe holds."""
+    folder = cache_dir / f"ingest-v{CORPUS_VERSION}-{images}x{size}"
+    recipe = {"version": CORPUS_VERSION, "images": images, "size": size}
+    marker = folder / "corpus.json"
+    if marker.exists() and json.loads(marker.read_text()) == recipe:
+        return sorted(folder.glob("img*.dcm"))
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    log(f"building the corpus: {images} synthetic {size}x{size} 16-bit CR images in {folder}")
+    base, rng = chest_like(size), np.random.default_rng(20250101)
+    study_uid = ""
+    for i in range(images):
+        study_uid = generate_uid() if i % 2 == 0 else study_uid
+        synthetic_cr(base, i, study_uid, rng).save_as(folder / f"img{i:05d}.dcm", enforce_file_format=True)
+    marker.write_text(json.dumps(recipe))
+    return sorted(folder.glob("img*.dcm"))
+
+
+def real_files(data_dir: Path) -> list[Path]:
+    """The real files of ``../shared/data/dicom``, one per SOP Instance UID (a variant shares its UID)."""
+    seen: dict[str, Path] = {}
+    for path in sorted((data_dir / "dicom").glob("*.dcm")):
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+        seen.setdefault(uid, path)
+    return list(seen.values())
+
+
+# --- servers --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and of its children that were waited for (/proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_ready(port: int, called_ae: str, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    """Wait until the server answers C-ECHO (a bare TCP connect would hold a single-process storescp)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it answered C-ECHO")
+        done = subprocess.run(["echoscu", "-to", "2", "-aet", CALLING_AE, "-aec", called_ae, "127.0.0.1",
+                               str(port)], env=DCMTK_ENV, capture_output=True, check=False)
+        if done.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"server on port {port} did not answer C-ECHO within {timeout_s:.0f} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=NODE_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Server:
+    """One server under test, started fresh in ``folder`` for each measurement."""
+
+    kind: str  # "storescp", "storescp-fork" or "node"
+    called_ae: str
+    port: int = 0
+    folder: Path = Path()
+    proc: subprocess.Popen[bytes] | None = None
+
+    def count_arrived(self, expected_uids: set[str]) -> int:
+        """How many of the expected instances arrived (files; for the node rows + files)."""
+        if self.kind == "node":
+            db = self.folder / "data" / "cxr-node.sqlite"
+            with contextlib.closing(sqlite3.connect(db)) as con:
+                rows = con.execute("SELECT i.sop_instance_uid, i.path FROM instances i "
+                                   "JOIN jobs j ON j.instance_id = i.id").fetchall()
+            return sum(1 for uid, path in rows if uid in expected_uids and Path(path).is_file())
+        found = set()
+        for path in (self.folder / "out").rglob("*"):
+            if path.is_file():
+                found.add(str(pydicom.dcmread(path, stop_before_pixels=True,
+                                              specific_tags=["SOPInstanceUID"]).SOPInstanceUID))
+        return len(found & expected_uids)
+
+
+@contextlib.contextmanager
+def running(kind: str, args: argparse.Namespace) -> Iterator[Server]:
+    """Start a server in an empty folder under ``work_dir``; stop it and remove the folder afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=args.work_dir))
+    port = free_port()
+    if kind == "node":
+        server = Server(kind, NODE_AE, port, folder)
+        cmd = node_command(folder, port, args.max_pdu, args.node_log_level, args.node_launcher)
+    else:
+        server = Server(kind, STORESCP_AE, port, folder)
+        (folder / "out").mkdir()
+        # A real archive's layout: one folder per study, files named by SOP Instance UID.
+        cmd = ["storescp", "--fork" if kind == "storescp-fork" else "--single-process", "-aet", STORESCP_AE,
+               "-od", str(folder / "out"), "-su", "study", "-uf", "-pdu", str(args.max_pdu), "+xa", str(port)]
+    with open(folder / "server.log", "wb") as server_log:
+        server.proc = subprocess.Popen(cmd, env=DCMTK_ENV, stdout=server_log, stderr=subprocess.STDOUT,
+                                       cwd=folder)
+        try:
+            try:
+                wait_ready(port, server.called_ae, server.proc)
+            except RuntimeError:
+                log((folder / "server.log").read_text(errors="replace")[-3000:])
+                raise
+            yield server
+        finally:
+            stop(server.proc)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def node_command(folder: Path, port: int, max_pdu: int, log_level: str, launcher: str) -> list[str]:
+    """``cxr-node serve --role scp`` on a fresh config (SQLite in the folder), or the same parts built here."""
+    config = folder / "node.toml"
+    config.write_text(
+        f'[scp]\nae_title = "{NODE_AE}"\nport = {port}\nbind_address = "127.0.0.1"\n'
+        f"max_pdu = {max_pdu}\nmax_associations = 16\n\n"
+        f'[storage]\ndata_dir = "{folder / "data"}"\n'
+    )
+    if launcher == "cli":
+        exe = Path(sys.executable).with_name("cxr-node")
+        return [str(exe), "--log-level", log_level, "serve", "--config", str(config), "--role", "scp"]
+    return [sys.executable, str(Path(__file__).resolve()), "--serve-scp", str(config), "--node-log-level", log_level]
+
+
+def node_launcher(choice: str) -> str:
+    """``cli`` when ``node.app`` (the composition root of ``cxr-node serve``) imports, else ``direct``."""
+    if choice != "auto":
+        return choice
+    done = subprocess.run([sys.executable, "-c", "import node.app"], cwd=REPO, capture_output=True, text=True)
+    if done.returncode == 0:
+        return "cli"
+    log(f"note: `cxr-node serve` cannot start here ({done.stderr.strip().splitlines()[-1]}); the node is started "
+        "with --serve-scp: the same Store, Intake and start_scp that Node(role='scp') builds")
+    return "direct"
+
+
+def serve_scp(config: Path, log_level: str) -> int:
+    """What ``Node(settings, role="scp").serve_forever()`` runs, without the worker's imports."""
+    import logging
+    import threading
+
+    from node.cli import _setup_logging
+    from node.config import load_settings
+    from node.filter import FilterRules
+    from node.receive import Intake, start_scp
+    from storage.db import make_engine
+    from storage.queue import Store
+
+    _setup_logging(log_level)
+    s = load_settings(config)
+    s.data_path.mkdir(parents=True, exist_ok=True)
+    store = Store(make_engine(s.database_url), max_attempts=s.worker.max_attempts)
+    rules = FilterRules.load(s.resolve(s.filter.rules_file) if s.filter.rules_file else None)
+    server = start_scp(s, Intake(s.data_path, store, s, rules))
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    server.shutdown()
+    logging.getLogger("node").info("bench SCP stopped")
+    return 0
+
+
+# --- clients and one measurement ----------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    """One timed transfer of the whole corpus to one server."""
+
+    server: str
+    associations: int
+    run: int
+    images: int
+    megabytes: float
+    seconds: float
+    images_per_s: float
+    mb_per_s: float
+    successes: int
+    arrived: int
+    server_cpu_s: float
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float]
+    ok: bool = field(default=False)
+
+
+def send(server: Server, shares: list[list[Path]], report_dir: Path) -> tuple[float, int]:
+    """Start one dcmsend per share at once; the wall time until the last exits and the Success count."""
+    procs = []
+    t0 = time.perf_counter()
+    for i, files in enumerate(shares):
+        report = report_dir / f"dcmsend-{i}.txt"
+        cmd = ["dcmsend", "-aet", CALLING_AE, "-aec", server.called_ae, "--decompress-never", "--no-halt",
+               "--create-report-file", str(report), "127.0.0.1", str(server.port), *map(str, files)]
+        procs.append(subprocess.Popen(cmd, env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    errors = [p.communicate()[1] for p in procs]
+    seconds = time.perf_counter() - t0
+    for p, err in zip(procs, errors, strict=True):
+        if p.returncode != 0:
+            log(f"  dcmsend exited with {p.returncode}: {err.decode(errors='replace')[-500:]}")
+    statuses = []
+    for i in range(len(shares)):
+        with contextlib.suppress(FileNotFoundError):
+            statuses += DIMSE_STATUS.findall((report_dir / f"dcmsend-{i}.txt").read_text())
+    return seconds, statuses.count("0x0000")
+
+
+def measure(kind: str, associations: int, run: int, corpus: list[Path], uids: set[str],
+            args: argparse.Namespace) -> Measurement:
+    shares = [corpus[i::associations] for i in range(associations)]
+    megabytes = sum(p.stat().st_size for p in corpus) / 1e6
+    with running(kind, args) as server:
+        assert server.proc is not None
+        load_before = os.getloadavg()
+        cpu0 = cpu_seconds(server.proc.pid)
+        seconds, successes = send(server, shares, server.folder)
+        cpu = cpu_seconds(server.proc.pid) - cpu0  # storescp --fork: children are counted once reaped
+        load_after = os.getloadavg()
+        arrived = server.count_arrived(uids)
+    m = Measurement(kind, associations, run, len(corpus), round(megabytes, 1), round(seconds, 3),
+                    round(len(corpus) / seconds, 2), round(megabytes / seconds, 1), successes, arrived,
+                    round(cpu, 2), _round3(load_before), _round3(load_after))
+    m.ok = successes == len(corpus) and arrived == len(uids)
+    log(f"  run {run} {kind:<13} x{associations}: {m.images_per_s:7.2f} img/s {m.mb_per_s:7.1f} MB/s "
+        f"({seconds:.2f} s, server CPU {cpu:.1f} s, load {load_before[0]:.2f}) "
+        f"{'ok' if m.ok else f'INCOMPLETE: {successes} successes, {arrived} arrived of {len(corpus)}'}")
+    return m
+
+
+def _round3(load: Sequence[float]) -> tuple[float, float, float]:
+    return (round(load[0], 2), round(load[1], 2), round(load[2], 2))
+
+
+# --- the run and its report ------------------------------------------------------------------
+
+
+def servers_for(associations: int, storescp_mode: str) -> list[str]:
+    """storescp serves parallel associations in parallel only with --fork (one process each)."""
+    if associations == 1 or storescp_mode == "single":
+        return ["storescp", "node"]
+    if storescp_mode == "fork":
+        return ["storescp-fork", "node"]
+    return ["storescp-fork", "storescp", "node"]
+
+
+def baseline(associations: int, storescp_mode: str) -> str:
+    return "storescp" if associations == 1 or storescp_mode == "single" else "storescp-fork"
+
+
+def run_all(corpus: list[Path], uids: set[str], args: argparse.Namespace) -> list[Measurement]:
+    """Every (run, associations, server), interleaved; the server order alternates between runs."""
+    results = []
+    for run in range(1, args.runs + 1):
+        for associations in args.associations:
+            kinds = servers_for(associations, args.storescp_mode)
+            for kind in kinds if run % 2 else list(reversed(kinds)):
+                results.append(measure(kind, associations, run, corpus, uids, args))
+    return results
+
+
+def summarize(results: list[Measurement], args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for associations in args.associations:
+        medians = {}
+        for kind in servers_for(associations, args.storescp_mode):
+            ms = [m for m in results if m.server == kind and m.associations == associations]
+            medians[kind] = {
+                "images_per_s": statistics.median(m.images_per_s for m in ms),
+                "mb_per_s": statistics.median(m.mb_per_s for m in ms),
+                "server_cpu_s": statistics.median(m.server_cpu_s for m in ms),
+                "all_ok": all(m.ok for m in ms),
+                "runs": len(ms),
+            }
+        base = baseline(associations, args.storescp_mode)
+        ratio = medians["node"]["images_per_s"] / medians[base]["images_per_s"]
+        rows.append({"associations": associations, "baseline": base, "median": medians,
+                     "ratio_node_to_baseline": round(ratio, 3), "goal": 0.7, "meets_goal": ratio >= 0.7})
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'assoc':>5}  {'server':<14}{'img/s':>8}{'MB/s':>8}{'CPU s':>8}  ok",
+             "-" * 50]
+    for row in rows:
+        for kind, med in row["median"].items():
+            lines.append(f"{row['associations']:>5}  {kind:<14}{med['images_per_s']:>8.2f}{med['mb_per_s']:>8.1f}"
+                         f"{med['server_cpu_s']:>8.1f}  {'yes' if med['all_ok'] else 'NO'}")
+        verdict = "meets" if row["meets_goal"] else "BELOW"
+        lines.append(f"{'':>5}  node / {row['baseline']}: {row['ratio_node_to_baseline']:.2f} ({verdict} goal 0.7)")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1])  # type: ignore[index]
+    dcmtk = subprocess.run(["storescp", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "node/receive.py",
+                            "storage/files.py"], capture_output=True, text=True).stdout.strip()
+    import pynetdicom
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_kb / 1e6, 1),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "pynetdicom": pynetdicom.__version__, "pydicom": pydicom.__version__, "dcmtk": dcmtk,
+            "commit": commit + (" (receive/storage modified)" if dirty else ""),
+            "load_at_start": _round3(os.getloadavg())}
+
+
+NOTES = [
+    "Wall time = start of the dcmsend client processes until the last exits (includes dcmsend's scan of its "
+    "input files and association set-up); images/s = images / wall time; medians over runs.",
+    "The node answers Success only after the file is fsync'd, renamed atomically, its folder fsync'd and its "
+    "instance + job rows committed (SQLite WAL, synchronous=FULL). storescp does NOT fsync: its files may "
+    "still be in the page cache when it answers Success.",
+    "storescp-fork serves each association in its own process (parallel on all cores); storescp in its "
+    "default single-process mode serves associations one after another.",
+    "Clients and servers share the machine's cores, and other work may run beside the benchmark: see the "
+    "load averages; runs are interleaved so that load falls on both servers alike.",
+]
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Writes a table to stdout and the raw runs to --out (JSON).")
+    p.add_argument("--images", type=int, default=100, help="synthetic images in the corpus (default 100)")
+    p.add_argument("--size", type=int, default=2048, help="rows = columns of each image (default 2048)")
+    p.add_argument("--runs", type=int, default=3, help="repeats of each measurement; the median is reported")
+    p.add_argument("--associations", type=int, nargs="+", default=[1, 4],
+                   help="parallel associations (one dcmsend process each) to measure (default 1 4)")
+    p.add_argument("--storescp-mode", choices=("fork", "single", "both"), default="both",
+                   help="storescp for parallel associations: --fork (the baseline), single-process, or both "
+                        "(default both; the ratio is always against --fork when it is measured)")
+    p.add_argument("--include-real", action="store_true",
+                   help="also send the real files of ../shared/data/dicom (compressed, as they are)")
+    p.add_argument("--max-pdu", type=int, default=131072,
+                   help="maximum receive PDU of both servers (default 131072, the node's default)")
+    p.add_argument("--node-log-level", default="INFO", help="the node's --log-level (default INFO, as deployed)")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                   help="where the corpus is generated once (default $XDG_CACHE_HOME/cxr-node-bench)")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="where the servers write (default: a temporary folder, removed afterwards)")
+    p.add_argument("--node-launcher", choices=("auto", "cli", "direct"), default="auto",
+                   help="cli: `cxr-node serve --role scp`; direct: its SCP parts started by this script "
+                        "(default auto: cli when node.app imports)")
+    p.add_argument("--serve-scp", type=Path, default=None, help=argparse.SUPPRESS)  # internal: the direct launcher
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS.relative_to(REPO)})")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_scp is not None:
+        return serve_scp(args.serve_scp, args.node_log_level)
+    args.node_launcher = node_launcher(args.node_launcher)
+    for tool in ("storescp", "dcmsend", "echoscu"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: install the Debian package dcmtk")
+    corpus = build_corpus(args.cache_dir, args.images, args.size)
+    if args.include_real:
+        corpus += real_files(REPO.parent / "shared" / "data")
+    uids = {str(pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+            for p in corpus}
+    for path in corpus:  # warm the page cache so that the first run reads no more from disk than the others
+        path.read_bytes()
+    info = machine_info()
+    log(f"corpus: {len(corpus)} files, {sum(p.stat().st_size for p in corpus) / 1e6:.0f} MB; "
+        f"{info['cores']} cores ({info['cpu']}); load average at start {info['load_at_start']}")
+    with contextlib.ExitStack() as stack:
+        if args.work_dir is None:
+            args.work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cxr-bench-ingest-")))
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        results = run_all(corpus, uids, args)
+    rows = summarize(results, args)
+    loads = [m.load_before[0] for m in results] + [m.load_after[0] for m in results]
+    info["load_during"] = {"min": min(loads), "median": round(statistics.median(loads), 2), "max": max(loads)}
+    log("\n" + table(rows))
+    log(f"\n1-min load average during the measurements: {info['load_during']} on {info['cores']} cores")
+    log("storescp does not fsync; the node fsyncs the file + folder and commits its job row before Success.")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    params = {k: v for k, v in vars(args).items() if k not in ("cache_dir", "work_dir", "out", "serve_scp")}
+    args.out.write_text(json.dumps({"benchmark": "ingest", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                    "command": " ".join(["python", "bench/ingest.py", *sys.argv[1:]]),
+                                    "params": params, "machine": info, "summary": rows, "notes": NOTES,
+                                    "runs": [asdict(m) for m in results]}, indent=2) + "\n")
+    log(f"results written to {args.out}")
+    return 0 if all(m.ok for m in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
