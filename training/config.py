@@ -166,6 +166,8 @@ def _validate(c: RunConfig) -> list[str]:
         except (TypeError, ValueError) as exc:
             problems.append(f"preprocess: {exc}")
     names = [c.train.name, *(e.name for e in c.external)]
+    bad_names = [n for n in names if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", n)]
+    need(not bad_names, "train.name/external.name", "letters, digits, '_', '.', '-' (used in file names)", bad_names)
     need(
         len(set(names)) == len(names) and "oof" not in names,
         "external",

@@ -273,6 +273,8 @@ def train_unit(data: RunData, key: UnitKey, on_epoch_end: EpochCallback | None =
     if (unit_dir / "done.json").exists():
         return
     unit_dir.mkdir(parents=True, exist_ok=True)
+    for stale in unit_dir.glob("pred_*.npy"):  # predictions of weights this training replaces
+        stale.unlink()
     config = data.config
     torch.manual_seed(derive_seed(config.seed, key.architecture, key.fold, "init"))
     model = _build(config, key.architecture).to(data.device)
