@@ -84,9 +84,7 @@ def _input_centre(cam: torch.Tensor, x: torch.Tensor, i: int, j: int) -> tuple[f
     (grad,) = torch.autograd.grad(cam[0, 0, i, j], x, retain_graph=True)
     weight = grad.abs().sum((0, 1))
     pos = torch.arange(weight.shape[0], dtype=weight.dtype)
-    return float((weight.sum(1) * pos).sum() / weight.sum()), float(
-        (weight.sum(0) * pos).sum() / weight.sum()
-    )
+    return float((weight.sum(1) * pos).sum() / weight.sum()), float((weight.sum(0) * pos).sum() / weight.sum())
 
 
 @pytest.mark.parametrize("name", _params())
@@ -321,9 +319,7 @@ def test_lite_imagenet_weights_map_in_order_and_match_the_original(name: str) ->
 
 def test_lite_matches_the_original_package_when_installed() -> None:
     """The original model code (PyPI `efficientnet-lite-pytorch`) gives the same logits as timm + mapping."""
-    original = pytest.importorskip(
-        "efficientnet_lite_pytorch", reason="efficientnet-lite-pytorch not installed"
-    )
+    original = pytest.importorskip("efficientnet_lite_pytorch", reason="efficientnet-lite-pytorch not installed")
     import timm
 
     path = lite_checkpoint_path("efficientnet_lite0")

@@ -266,9 +266,7 @@ def map_state_dict_in_order(
     mapped: OrderedDict[str, torch.Tensor] = OrderedDict()
     for (s_key, s_val), (t_key, t_val) in zip(src, tgt, strict=True):
         if tuple(s_val.shape) != tuple(t_val.shape):
-            raise WeightsError(
-                f"shape mismatch mapping {s_key} {tuple(s_val.shape)} onto {t_key} {tuple(t_val.shape)}"
-            )
+            raise WeightsError(f"shape mismatch mapping {s_key} {tuple(s_val.shape)} onto {t_key} {tuple(t_val.shape)}")
         mapped[t_key] = s_val
     return mapped
 
@@ -403,9 +401,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
             break
-    tensors = (
-        {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, Mapping) else {}
-    )
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, Mapping) else {}
     if not tensors:
         raise WeightsError(f"no tensors found in {path} (expected a state dict or a checkpoint with one)")
     return {_strip_prefixes(k): v for k, v in tensors.items()}
@@ -453,9 +449,7 @@ def load_state_into(model: CxrNet, state: Mapping[str, torch.Tensor], source: st
         for key in dropped:
             del state[key]
         if dropped:
-            log.info(
-                "%s: dropped the original classifier (%s) from %s", model.arch, ", ".join(dropped), source
-            )
+            log.info("%s: dropped the original classifier (%s) from %s", model.arch, ", ".join(dropped), source)
     body = model.backbone.body
     _resample_pos_embed(body, state)
     _load_strict(body, state, source)
