@@ -11,6 +11,7 @@ import pytest
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
 from training import metrics
+from training.audits import floor_report
 from training.compare import compare
 from training.delong import delong_test
 from training.evaluate import (
@@ -64,7 +65,8 @@ def cohorts() -> tuple[PredictionTable, dict[str, PredictionTable]]:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory, cohorts: Any) -> tuple[dict[str, Any], Path]:
     oof, externals = cohorts
-    audit = {"kind": "thumbnail_floor", "cohort": "oof", "label": TB, "verdict": "model AUROC 0.9 vs 0.8"}
+    audit = floor_report(oof.labels[TB], oof.scores[TB][ENSEMBLE], oof.scores[TB]["resnet"], oof.patient_ids,
+                         cohort="oof", label=TB, n_boot=N_BOOT)  # a member standing in for the floor
     results = evaluate_cohorts(oof, externals, n_boot=N_BOOT, seed=3, audits=[audit])
     out = tmp_path_factory.mktemp("report")
     write_report(results, out)
@@ -149,6 +151,7 @@ def test_subgroups_and_skipped_labels(report: Any) -> None:
     assert "one class" in oof_tb["subgroups"]["site"]["tiny"]["skipped"]
     assert "auroc" in oof_tb["subgroups"]["site"]["north"]
     assert set(oof_tb["subgroups"]["sex"]) == {"F", "M"}
+    assert list(oof_tb["subgroups"]["age_band"]) == ["<18", "18-40", "40-60", ">=60"]
     assert "no label column" in results["cohorts"]["site_b"]["labels"][EFF]["skipped"]
 
 
@@ -157,7 +160,8 @@ def test_markdown_has_tables_and_audit_verdicts(report: Any) -> None:
     text = (out / "report.md").read_text()
     assert f"## {TB}" in text and f"## {EFF}" in text
     assert "| oof | **ensemble** |" in text and "| site_a | densenet |" in text
-    assert "model AUROC 0.9 vs 0.8" in text
+    assert "- **thumbnail_floor** (oof, Tuberculosis): model AUROC 0.9" in text
+    assert "above the floor" in text
     assert f"![roc_site_a_{TB}](plots/roc_site_a_{TB}.png)" in text
 
 

@@ -352,7 +352,9 @@ def subgroup_metrics(
     out: dict[str, dict[str, Any]] = {}
     for attr, values in _attributes(table).items():
         out[attr] = {}
-        for value in sorted(set(values.tolist()) - {""}):
+        present = set(values.tolist()) - {""}
+        ordered = [b[0] for b in AGE_BANDS if b[0] in present] if attr == "age_band" else sorted(present)
+        for value in ordered:
             sel = values == value
             y, p, g = _known(y_all[sel], p_all[sel], table.patient_ids[sel])
             n_pos = int(y.sum())
