@@ -1,0 +1,539 @@
+"""Queue step: the job queue with leases and the per-destination outbox, on SQLite or PostgreSQL.
+
+Every public method is one transaction and returns plain frozen dataclasses (no ORM objects leave
+this module). Database trouble that may pass (SQLite busy past ``busy_timeout``, a PostgreSQL
+connection lost, a deadlock) is raised as ``RetryableError``.
+
+Attempts: ``Job.attempts`` counts *starts*: ``lease_job`` adds one. A worker that crashes or hangs
+(its lease expires) therefore also uses up an attempt, so a job that kills its worker cannot loop
+forever; ``fail_job(retryable=True)`` re-queues until ``attempts`` reaches ``max_attempts``.
+
+Re-receiving a SOP Instance UID (``record_instance``) never creates a second instance or job:
+- the instance row takes the new file's path, size, calling AE and receive time;
+- a job that is ``running`` or ``done`` is left as it is (not re-queued; its results stand);
+- a job that is ``queued``, ``failed`` or ``skipped`` is reset to the new filter decision
+  (``queued`` or ``skipped``), with attempts 0, no error, due now, and the instance row takes the new
+  decision and reason. Re-sending an image is how a site retries a failed or skipped one.
+
+Clocks: due times and leases use this process's clock (UTC); machines sharing a PostgreSQL queue
+must keep their clocks synchronised (NTP) to within a small fraction of the lease time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ai.errors import RetryableError
+from storage.db import (
+    JOB_DONE,
+    JOB_FAILED,
+    JOB_QUEUED,
+    JOB_RUNNING,
+    JOB_SKIPPED,
+    JOB_STATES,
+    OUTBOX_FAILED,
+    OUTBOX_PENDING,
+    OUTBOX_REJECTED,
+    OUTBOX_SENT,
+    OUTBOX_STATES,
+    RESULT_KINDS,
+    Instance,
+    Job,
+    OutboxItem,
+    Result,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the receive step knows about a durably written instance."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    calling_ae: str
+    path: Path
+    size: int
+    received_at: dt.datetime | None = None  # None: now
+
+
+@dataclass(frozen=True)
+class LeasedJob:
+    """A job leased to one worker until ``lease_expires_at``."""
+
+    job_id: int
+    instance_id: int
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    path: Path
+    attempts: int  # including this one
+    lease_owner: str
+    lease_expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """One produced DICOM object, already written durably at ``path``."""
+
+    kind: str  # 'sr', 'sc' or 'failure_sr'
+    sop_instance_uid: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """One result due for delivery to one destination."""
+
+    id: int
+    destination: str
+    result_id: int
+    kind: str
+    sop_instance_uid: str
+    path: Path
+    state: str
+    attempts: int  # deliveries tried so far
+    next_attempt_at: dt.datetime
+    last_error: str | None
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+class Store:
+    """The queue and outbox on one engine (built once in the composition root and shared).
+
+    Args:
+        engine: from ``storage.db.make_engine``.
+        max_attempts: starts of a job before a retryable failure becomes final.
+        clock: returns the current aware UTC time (tests pass a fake clock).
+    """
+
+    def __init__(
+        self, engine: Engine, *, max_attempts: int = 5, clock: Callable[[], dt.datetime] = utcnow
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts: expected >= 1, found {max_attempts}")
+        self.engine = engine
+        self.max_attempts = max_attempts
+        self.clock = clock
+        self._write = sessionmaker(engine, expire_on_commit=False)
+        self._read = sessionmaker(engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False)
+
+    @contextmanager
+    def _tx(self, what: str, read_only: bool = False) -> Iterator[Session]:
+        """One transaction; transient database errors become ``RetryableError``."""
+        maker = self._read if read_only else self._write
+        try:
+            with maker.begin() as session:
+                yield session
+        except OperationalError as exc:
+            raise RetryableError(f"database unavailable in {what}: {exc.orig}") from exc
+
+    # ------------------------------------------------------------------ jobs
+
+    def record_instance(self, meta: ReceivedInstance, accepted: bool, reason: str) -> int:
+        """Record a received instance and its job (``queued`` if accepted, else ``skipped``).
+
+        Idempotent on SOPInstanceUID (see the module docstring for what a repeat changes).
+
+        Returns:
+            The job id (the same id for every repeat of one SOP Instance UID).
+        """
+        try:
+            with self._tx("record_instance") as s:
+                return self._record(s, meta, accepted, reason)
+        except IntegrityError:
+            # PostgreSQL: a concurrent first receive of the same UID won; take the repeat path.
+            with self._tx("record_instance") as s:
+                return self._record(s, meta, accepted, reason)
+
+    def _record(self, s: Session, meta: ReceivedInstance, accepted: bool, reason: str) -> int:
+        now = self.clock()
+        received_at = meta.received_at or now
+        inst = s.scalars(
+            select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid).with_for_update()
+        ).one_or_none()
+        if inst is None:
+            inst = Instance(sop_instance_uid=meta.sop_instance_uid, accepted=accepted, reason=reason)
+            self._set_file(inst, meta, received_at)
+            s.add(inst)
+            s.flush()
+            job = Job(instance_id=inst.id, attempts=0, created_at=now)
+            self._set_decision(job, accepted, reason, now)
+            s.add(job)
+            s.flush()
+            return job.id
+        self._set_file(inst, meta, received_at)
+        job = s.scalars(select(Job).where(Job.instance_id == inst.id).with_for_update()).one()
+        if job.state in (JOB_RUNNING, JOB_DONE):
+            log.info("re-received %s: job %d is %s, left as it is", meta.sop_instance_uid, job.id, job.state)
+            return job.id
+        inst.accepted, inst.reason = accepted, reason
+        self._set_decision(job, accepted, reason, now)
+        job.attempts, job.last_error = 0, None
+        log.info("re-received %s: job %d reset to %s", meta.sop_instance_uid, job.id, job.state)
+        return job.id
+
+    @staticmethod
+    def _set_file(inst: Instance, meta: ReceivedInstance, received_at: dt.datetime) -> None:
+        inst.study_instance_uid = meta.study_instance_uid
+        inst.series_instance_uid = meta.series_instance_uid
+        inst.sop_class_uid = meta.sop_class_uid
+        inst.calling_ae = meta.calling_ae
+        inst.path = str(meta.path)
+        inst.size = meta.size
+        inst.received_at = received_at
+
+    @staticmethod
+    def _set_decision(job: Job, accepted: bool, reason: str, now: dt.datetime) -> None:
+        job.state = JOB_QUEUED if accepted else JOB_SKIPPED
+        job.reason = "" if accepted else reason
+        job.next_attempt_at = now
+        job.lease_owner = job.lease_expires_at = None
+        job.finished_at = None if accepted else now
+        job.updated_at = now
+
+    def lease_job(self, owner: str, lease_s: float) -> LeasedJob | None:
+        """Claim the oldest due queued job for ``owner`` until now + ``lease_s``; None if none is due.
+
+        Atomic: PostgreSQL locks the row with ``FOR UPDATE SKIP LOCKED`` (concurrent workers skip
+        it); SQLite runs the transaction under ``BEGIN IMMEDIATE`` (one writer at a time).
+        """
+        now = self.clock()
+        expires = now + dt.timedelta(seconds=lease_s)
+        with self._tx("lease_job") as s:
+            row = s.execute(
+                select(Job, Instance)
+                .join(Instance, Job.instance_id == Instance.id)
+                .where(Job.state == JOB_QUEUED, Job.next_attempt_at <= now)
+                .order_by(Job.next_attempt_at, Job.id)
+                .limit(1)
+                .with_for_update(skip_locked=True, of=Job)
+            ).first()
+            if row is None:
+                return None
+            job, inst = row
+            job.state, job.lease_owner, job.lease_expires_at = JOB_RUNNING, owner, expires
+            job.attempts += 1
+            job.updated_at = now
+            return LeasedJob(
+                job_id=job.id, instance_id=inst.id, sop_instance_uid=inst.sop_instance_uid,
+                study_instance_uid=inst.study_instance_uid, series_instance_uid=inst.series_instance_uid,
+                sop_class_uid=inst.sop_class_uid, path=Path(inst.path), attempts=job.attempts,
+                lease_owner=owner, lease_expires_at=expires,
+            )
+
+    def renew_lease(self, job_id: int, owner: str, lease_s: float) -> bool:
+        """Extend a running job's lease; False if ``owner`` no longer holds it."""
+        now = self.clock()
+        with self._tx("renew_lease") as s:
+            result: Any = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JOB_RUNNING, Job.lease_owner == owner)
+                .values(lease_expires_at=now + dt.timedelta(seconds=lease_s), updated_at=now)
+            )
+            return bool(result.rowcount)
+
+    def complete_job(self, job_id: int, results: Sequence[ResultRecord], destinations: Sequence[str]) -> None:
+        """Mark a job done and record its results with one pending outbox row per destination.
+
+        One transaction. Idempotent: calling it again with the same result UIDs adds no rows (a
+        result's path is updated; outbox rows are added only for destinations that had none).
+
+        Raises:
+            ValueError: unknown job, unknown result kind, or a result UID owned by another job.
+        """
+        now = self.clock()
+        with self._tx("complete_job") as s:
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise ValueError(f"complete_job: job {job_id} not found")
+            if job.state != JOB_RUNNING:
+                log.warning("complete_job: job %d was %s, not running; marking it done", job_id, job.state)
+            for record in results:
+                result_id = self._upsert_result(s, job_id, record, now)
+                have = set(s.scalars(select(OutboxItem.destination).where(OutboxItem.result_id == result_id)))
+                for name in destinations:
+                    if name not in have:
+                        s.add(OutboxItem(result_id=result_id, destination=name, state=OUTBOX_PENDING,
+                                         attempts=0, next_attempt_at=now, created_at=now, updated_at=now))
+            job.state, job.finished_at, job.updated_at = JOB_DONE, now, now
+            job.lease_owner = job.lease_expires_at = job.last_error = None
+
+    @staticmethod
+    def _upsert_result(s: Session, job_id: int, record: ResultRecord, now: dt.datetime) -> int:
+        if record.kind not in RESULT_KINDS:
+            raise ValueError(f"result kind: expected one of {RESULT_KINDS}, found {record.kind!r}")
+        uid = record.sop_instance_uid
+        res = s.scalars(select(Result).where(Result.sop_instance_uid == uid)).one_or_none()
+        if res is None:
+            res = Result(job_id=job_id, kind=record.kind, sop_instance_uid=record.sop_instance_uid,
+                         path=str(record.path), created_at=now)
+            s.add(res)
+            s.flush()
+        elif res.job_id != job_id:
+            raise ValueError(f"result {uid}: expected to belong to job {job_id}, found job {res.job_id}")
+        else:
+            res.kind, res.path = record.kind, str(record.path)
+        return res.id
+
+    def fail_job(self, job_id: int, error: str, retryable: bool, retry_at: dt.datetime | None = None) -> str:
+        """Record a failed run of a job.
+
+        Retryable and fewer than ``max_attempts`` starts: back to ``queued``, due at ``retry_at``
+        (None: now). Otherwise ``failed`` for good. A job that is not running (its lease expired and
+        it was reaped, or it is already done) is left unchanged.
+
+        Returns:
+            The job's state afterwards.
+        """
+        now = self.clock()
+        with self._tx("fail_job") as s:
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise ValueError(f"fail_job: job {job_id} not found")
+            if job.state != JOB_RUNNING:
+                log.warning("fail_job: job %d is %s, not running; left unchanged", job_id, job.state)
+                return job.state
+            job.lease_owner = job.lease_expires_at = None
+            job.updated_at = now
+            if retryable and job.attempts < self.max_attempts:
+                job.state, job.next_attempt_at = JOB_QUEUED, retry_at or now
+                job.last_error = _clip(error)
+            else:
+                job.state, job.finished_at = JOB_FAILED, now
+                suffix = f" (gave up after {job.attempts} attempts)" if retryable else ""
+                job.last_error = _clip(error + suffix)
+            return job.state
+
+    def reap_expired_leases(self) -> int:
+        """Return running jobs whose lease has expired to the queue (or fail them after max attempts).
+
+        Returns:
+            The number of jobs reaped.
+        """
+        now = self.clock()
+        with self._tx("reap_expired_leases") as s:
+            jobs = s.scalars(
+                select(Job)
+                .where(Job.state == JOB_RUNNING, Job.lease_expires_at < now)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for job in jobs:
+                expired = job.lease_expires_at.isoformat() if job.lease_expires_at else "?"
+                error = f"lease of {job.lease_owner} expired at {expired} (attempt {job.attempts})"
+                if job.attempts >= self.max_attempts:
+                    job.state, job.finished_at = JOB_FAILED, now
+                    error += f"; gave up after {job.attempts} attempts"
+                else:
+                    job.state, job.next_attempt_at = JOB_QUEUED, now
+                job.last_error, job.updated_at = error, now
+                job.lease_owner = job.lease_expires_at = None
+                log.warning("job %d: %s", job.id, error)
+            return len(jobs)
+
+    # ---------------------------------------------------------------- outbox
+
+    def due_outbox(
+        self, now: dt.datetime | None = None, limit: int = 100, claim_s: float = 0.0
+    ) -> list[OutboxEntry]:
+        """Outbox entries (pending or failed-retryable) whose ``next_attempt_at`` has come.
+
+        Args:
+            now: the time to compare with (None: the store's clock).
+            limit: at most this many, oldest due first.
+            claim_s: when > 0, push the returned entries' ``next_attempt_at`` to now + ``claim_s`` in
+                the same transaction, so that other processes sharing the queue do not send them
+                too; ``mark_*`` then sets the real outcome. A crashed sender's entries fall due again.
+        """
+        now = now or self.clock()
+        with self._tx("due_outbox", read_only=claim_s <= 0) as s:
+            rows = s.execute(
+                select(OutboxItem, Result)
+                .join(Result, OutboxItem.result_id == Result.id)
+                .where(OutboxItem.state.in_((OUTBOX_PENDING, OUTBOX_FAILED)))
+                .where(OutboxItem.next_attempt_at <= now)
+                .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True, of=OutboxItem)
+            ).all()
+            entries = [
+                OutboxEntry(
+                    id=item.id, destination=item.destination, result_id=res.id, kind=res.kind,
+                    sop_instance_uid=res.sop_instance_uid, path=Path(res.path), state=item.state,
+                    attempts=item.attempts, next_attempt_at=item.next_attempt_at, last_error=item.last_error,
+                )
+                for item, res in rows
+            ]
+            if claim_s > 0:
+                for item, _res in rows:
+                    item.next_attempt_at = now + dt.timedelta(seconds=claim_s)
+            return entries
+
+    def _outbox_item(self, s: Session, outbox_id: int, what: str) -> OutboxItem:
+        item = s.get(OutboxItem, outbox_id, with_for_update=True)
+        if item is None:
+            raise ValueError(f"{what}: outbox entry {outbox_id} not found")
+        return item
+
+    def mark_sent(self, outbox_id: int) -> None:
+        """Record a successful delivery."""
+        now = self.clock()
+        with self._tx("mark_sent") as s:
+            item = self._outbox_item(s, outbox_id, "mark_sent")
+            item.state, item.sent_at, item.updated_at = OUTBOX_SENT, now, now
+            item.attempts += 1
+            item.last_error = None
+
+    def mark_send_failed(self, outbox_id: int, error: str, retry_at: dt.datetime) -> int:
+        """Record a retryable delivery failure; the entry falls due again at ``retry_at``.
+
+        An entry already sent (by a concurrent sender) stays sent.
+
+        Returns:
+            The number of attempts so far.
+        """
+        with self._tx("mark_send_failed") as s:
+            item = self._outbox_item(s, outbox_id, "mark_send_failed")
+            if item.state == OUTBOX_SENT:
+                return item.attempts
+            item.state, item.next_attempt_at = OUTBOX_FAILED, retry_at
+            item.attempts += 1
+            item.last_error, item.updated_at = _clip(error), self.clock()
+            return item.attempts
+
+    def mark_rejected(self, outbox_id: int, error: str) -> None:
+        """Record a permanent refusal by the destination; the entry is never retried."""
+        with self._tx("mark_rejected") as s:
+            item = self._outbox_item(s, outbox_id, "mark_rejected")
+            if item.state == OUTBOX_SENT:
+                return
+            item.state = OUTBOX_REJECTED
+            item.attempts += 1
+            item.last_error, item.updated_at = _clip(error), self.clock()
+
+    def resend(self, outbox_id: int) -> None:
+        """Make a failed or rejected entry due now (an operator's manual retry)."""
+        now = self.clock()
+        with self._tx("resend") as s:
+            item = self._outbox_item(s, outbox_id, "resend")
+            if item.state in (OUTBOX_FAILED, OUTBOX_REJECTED):
+                item.state, item.next_attempt_at, item.updated_at = OUTBOX_PENDING, now, now
+
+    # ---------------------------------------------------------------- status
+
+    def status(self, recent: int = 10) -> dict[str, Any]:
+        """Counts and the latest failures, for the status command (UIDs only, no patient data).
+
+        Returns:
+            ``{"jobs": {state: n}, "outbox": {destination: {state: n}},
+            "failures": [{"what", "id", "sop_instance_uid", "state", "attempts", "error", "at",
+            "destination"?}]}`` with the ``recent`` latest failures, newest first.
+        """
+        with self._tx("status", read_only=True) as s:
+            jobs = dict.fromkeys(JOB_STATES, 0)
+            jobs.update(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            outbox: dict[str, dict[str, int]] = {}
+            for dest, state, n in s.execute(
+                select(OutboxItem.destination, OutboxItem.state, func.count())
+                .group_by(OutboxItem.destination, OutboxItem.state)
+            ):
+                outbox.setdefault(dest, dict.fromkeys(OUTBOX_STATES, 0))[state] = n
+            failures = self._job_failures(s, recent) + self._send_failures(s, recent)
+        failures.sort(key=lambda f: f["at"], reverse=True)
+        return {"jobs": jobs, "outbox": outbox, "failures": failures[:recent]}
+
+    @staticmethod
+    def _job_failures(s: Session, recent: int) -> list[dict[str, Any]]:
+        rows = s.execute(
+            select(Job.id, Instance.sop_instance_uid, Job.state, Job.attempts, Job.last_error, Job.updated_at)
+            .join(Instance, Job.instance_id == Instance.id)
+            .where(Job.last_error.is_not(None))
+            .order_by(Job.updated_at.desc())
+            .limit(recent)
+        )
+        return [
+            {"what": "job", "id": i, "sop_instance_uid": uid, "state": st, "attempts": n, "error": err,
+             "at": at.isoformat()}
+            for i, uid, st, n, err, at in rows
+        ]
+
+    @staticmethod
+    def _send_failures(s: Session, recent: int) -> list[dict[str, Any]]:
+        rows = s.execute(
+            select(OutboxItem.id, Result.sop_instance_uid, OutboxItem.state, OutboxItem.attempts,
+                   OutboxItem.last_error, OutboxItem.updated_at, OutboxItem.destination)
+            .join(Result, OutboxItem.result_id == Result.id)
+            .where(OutboxItem.last_error.is_not(None), OutboxItem.state.in_((OUTBOX_FAILED, OUTBOX_REJECTED)))
+            .order_by(OutboxItem.updated_at.desc())
+            .limit(recent)
+        )
+        return [
+            {"what": "send", "id": i, "sop_instance_uid": uid, "state": st, "attempts": n, "error": err,
+             "at": at.isoformat(), "destination": dest}
+            for i, uid, st, n, err, at, dest in rows
+        ]
+
+    # -------------------------------------------------------------- retention
+
+    def purge_before(self, cutoff: dt.datetime, limit: int = 1000) -> list[Path]:
+        """Delete instances received before ``cutoff`` with their job, results and outbox rows.
+
+        Only finished work is purged: an instance whose job is queued or running, or one of whose
+        results still waits for delivery (pending or failed), is kept, so retention never drops an
+        undelivered result. The caller deletes the returned files after this returns (the rows are
+        gone first, so a crash in between leaves orphan files, never rows without files).
+
+        Returns:
+            The files to delete: the instances' and their results' paths.
+        """
+        with self._tx("purge_before") as s:
+            undelivered = (
+                select(Result.job_id)
+                .join(OutboxItem, OutboxItem.result_id == Result.id)
+                .where(OutboxItem.state.in_((OUTBOX_PENDING, OUTBOX_FAILED)))
+            )
+            rows = s.execute(
+                select(Instance.id, Instance.path, Job.id)
+                .join(Job, Job.instance_id == Instance.id)
+                .where(
+                    Instance.received_at < cutoff,
+                    Job.state.in_((JOB_DONE, JOB_FAILED, JOB_SKIPPED)),
+                    Job.id.not_in(undelivered),
+                )
+                .limit(limit)
+            ).all()
+            if not rows:
+                return []
+            instance_ids = [r[0] for r in rows]
+            job_ids = [r[2] for r in rows]
+            result_rows = (
+                s.execute(select(Result.id, Result.path).where(Result.job_id.in_(job_ids))).all()
+            )
+            result_ids = [r[0] for r in result_rows]
+            s.execute(delete(OutboxItem).where(OutboxItem.result_id.in_(result_ids)))
+            s.execute(delete(Result).where(Result.id.in_(result_ids)))
+            s.execute(delete(Job).where(Job.id.in_(job_ids)))
+            s.execute(delete(Instance).where(Instance.id.in_(instance_ids)))
+        log.info("purged %d instances and %d results received before %s", len(rows), len(result_rows),
+                 cutoff.isoformat())
+        return [Path(r[1]) for r in rows] + [Path(r[1]) for r in result_rows]
