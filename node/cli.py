@@ -1,0 +1,193 @@
+"""Command line: ``cxr-node serve | predict | echo | status | check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ai.errors import ModelPackageError
+from node.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("node")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pydicom warnings can quote element values (e.g. an invalid Patient's Age): keep them out of logs.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    for noisy in ("pynetdicom", "apscheduler"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    scp_changes: dict[str, Any] = {}
+    if getattr(args, "port", None) is not None:
+        scp_changes["port"] = args.port
+    if getattr(args, "ae_title", None):
+        scp_changes["ae_title"] = args.ae_title
+    if scp_changes:
+        settings = dataclasses.replace(settings, scp=dataclasses.replace(settings.scp, **scp_changes))
+    if getattr(args, "data_dir", None):
+        storage = dataclasses.replace(settings.storage, data_dir=str(Path(args.data_dir).resolve()))
+        settings = dataclasses.replace(settings, storage=storage)
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.app import Node
+
+    settings = _settings(args)
+    Node(settings, role=args.role).serve_forever()
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from ai.errors import ModelPackageError
+    from ai.manifest import bundled_package_dir, load_manifest
+    from node.filter import FilterRules
+
+    settings = _settings(args)
+    problems: list[str] = []
+    try:
+        FilterRules.load(settings.resolve(settings.filter.rules_file) if settings.filter.rules_file else None)
+    except ValueError as exc:
+        problems.append(f"filter.rules_file: {exc}")
+    package = settings.resolve(settings.model.package) if settings.model.package else bundled_package_dir()
+    try:
+        manifest = load_manifest(package)
+        for label in settings.thresholds:
+            if label not in manifest.labels:
+                problems.append(f"thresholds.{label}: expected one of the model's labels "
+                                f"{list(manifest.labels)}, found {label!r}")
+    except ModelPackageError as exc:
+        problems.append(f"model.package: {exc}")
+    if problems:
+        print(f"{args.config or 'configuration'} is invalid:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{args.config or 'defaults'}: OK")
+    print(json.dumps(settings.summary(), indent=2))
+    return EXIT_OK
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from node.send import echo
+
+    settings = _settings(args)
+    dest = next((d for d in settings.destinations if d.name == args.name), None)
+    if dest is None:
+        names = ", ".join(d.name for d in settings.destinations) or "none configured"
+        print(f"echo: no destination named {args.name!r} (configured: {names})", file=sys.stderr)
+        return EXIT_CONFIG
+    ok = echo(dest, dest.calling_ae or settings.scp.ae_title, timeout_s=settings.send.timeout_s)
+    print(f"C-ECHO {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {'success' if ok else 'FAILED'}")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from storage.db import make_engine
+    from storage.queue import Store
+
+    settings = _settings(args)
+    store = Store(make_engine(settings.database_url))
+    status = store.status(recent=args.recent)
+    if args.format == "json":
+        print(json.dumps(status, indent=2, default=str))
+    else:
+        print(format_status(status))
+    return EXIT_OK
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Human-readable status: queue counts, outbox per destination, recent failures."""
+    lines = ["jobs:    " + ", ".join(f"{k} {v}" for k, v in sorted(status.get("jobs", {}).items()))]
+    for dest, counts in sorted(status.get("outbox", {}).items()):
+        lines.append(f"outbox {dest}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for key in ("job_failures", "send_failures"):
+        failures = status.get(key) or []
+        if failures:
+            lines.append(f"recent {key.replace('_', ' ')}:")
+            lines.extend(f"  {json.dumps(f, default=str)}" for f in failures)
+    return "\n".join(lines)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from node.predict import predict_paths
+
+    settings = _settings(args)
+    failed = 0
+    for row in predict_paths(settings, [Path(p) for p in args.paths], args.model):
+        failed += row["status"] == "failed"
+        print(json.dumps(row) if args.format == "jsonl" else _predict_line(row), flush=True)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _predict_line(row: dict[str, Any]) -> str:
+    if row["status"] != "analysed":
+        return f"{row['path']}: {row['status']} ({row['reason']})"
+    parts = [f"{label} {p:.3f}{' POSITIVE' if row['positive'][label] else ''}" for label, p in row["scores"].items()]
+    return f"{row['path']}: " + ", ".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cxr-node", description="Chest X-ray AI triage DICOM node: receive, analyse, return SR + overlay.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--config", type=Path, default=None,
+                       help="TOML configuration (default: built-in defaults; see config/node.toml)")
+        return p
+
+    p = add("serve", "run the node (SCP, worker and scheduler)")
+    p.add_argument("--role", choices=("all", "scp", "worker"), default="all",
+                   help="all: everything in one process; scp: receive only; worker: analyse and send")
+    p.add_argument("--port", type=int, default=None, help="override scp.port")
+    p.add_argument("--ae-title", default=None, help="override scp.ae_title")
+    p.add_argument("--data-dir", default=None, help="override storage.data_dir")
+    p.set_defaults(func=cmd_serve)
+    p = add("predict", "score DICOM, PNG or JPEG files offline with the node's preprocessing and ensemble")
+    p.add_argument("paths", nargs="+", help="files or folders")
+    p.add_argument("--model", type=Path, default=None, help="model package folder (default: configured)")
+    p.add_argument("--format", choices=("text", "jsonl"), default="text")
+    p.set_defaults(func=cmd_predict)
+    p = add("echo", "C-ECHO a configured destination")
+    p.add_argument("name", help="the destination's name in the configuration")
+    p.set_defaults(func=cmd_echo)
+    p = add("status", "queue and outbox counts, recent failures")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--recent", type=int, default=10, help="how many recent failures to list")
+    p.set_defaults(func=cmd_status)
+    p = add("check-config", "validate a configuration file (every bad key is named)")
+    p.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    except ModelPackageError as exc:
+        print(f"model package unusable: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

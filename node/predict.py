@@ -1,0 +1,77 @@
+"""Offline prediction: score DICOM, PNG or JPEG files with the node's own preprocessing and ensemble.
+
+DICOM files pass the same chest filter as received images (a lateral or a canine thorax is
+``skipped`` with the filter's reason); PNG and JPEG files carry no tags and are always analysed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from ai.ensemble import Ensemble
+from ai.errors import CxrError
+from ai.pixels import read_image_file
+from ai.preprocess import preprocess_gray, to_model_input
+from node.app import load_ensemble
+from node.config import Settings
+from node.filter import FilterRules, decide
+from node.worker import analysable_paths, analyse_dataset
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def _row(path: Path, status: str, reason: str, findings: Sequence[Any] = ()) -> dict[str, Any]:
+    return {
+        "path": str(path),
+        "status": status,
+        "reason": reason,
+        "scores": {f.label: round(float(f.probability), 6) for f in findings},
+        "positive": {f.label: bool(f.positive) for f in findings},
+        "thresholds": {f.label: round(float(f.threshold), 6) for f in findings},
+    }
+
+
+def _is_dicom(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(132)
+    return head[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
+
+
+def predict_one(path: Path, ensemble: Ensemble, settings: Settings, rules: FilterRules) -> dict[str, Any]:
+    """Score one file; never raises for a bad input (status ``failed`` with the reason instead)."""
+    try:
+        if _is_dicom(path):
+            ds = pydicom.dcmread(path)
+            decision = decide(ds, settings.filter, rules)
+            if not decision.accepted:
+                return _row(path, "skipped", decision.reason)
+            findings = analyse_dataset(ds, ensemble).findings
+            return _row(path, "analysed", decision.reason, findings)
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            return _row(path, "skipped", f"not DICOM, PNG or JPEG (suffix {path.suffix or 'none'})")
+        spec = ensemble.manifest.preprocess
+        gray, _ = preprocess_gray(read_image_file(path), spec)
+        return _row(path, "analysed", "image file (no DICOM tags to filter on)",
+                    ensemble.findings(to_model_input(gray, spec)))
+    except (CxrError, InvalidDicomError, OSError, ValueError) as exc:
+        return _row(path, "failed", f"{type(exc).__name__}: {exc}")
+
+
+def predict_paths(settings: Settings, paths: Sequence[Path], model: Path | None = None) -> Iterator[dict[str, Any]]:
+    """Yield one result row per input file (folders are expanded), in input order."""
+    if model is not None:
+        ensemble = Ensemble.load(model, providers=settings.model.providers,
+                                 threshold_overrides=settings.thresholds)
+    else:
+        ensemble = load_ensemble(settings)
+    rules = FilterRules.load(settings.resolve(settings.filter.rules_file) if settings.filter.rules_file else None)
+    for path in analysable_paths(paths):
+        if not path.exists():
+            yield _row(path, "failed", "file not found")
+            continue
+        yield predict_one(path, ensemble, settings, rules)

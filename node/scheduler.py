@@ -1,0 +1,84 @@
+"""Scheduler step: the node's periodic jobs on APScheduler.
+
+- ``send``: deliver due outbox entries; failed sends come due again after their exponential backoff
+  (``send.retry_initial_s`` doubling up to ``send.retry_max_s``, stored per entry in the outbox). The
+  worker wakes this job as soon as a result is recorded, so delivery does not wait for the interval.
+- ``reap``: return jobs whose worker died (expired lease) to the queue.
+- ``retention``: purge received instances and results older than ``storage.retention_days``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from node.config import Settings
+from storage.queue import Store
+
+log = logging.getLogger(__name__)
+
+SEND_INTERVAL_S = 2.0
+REAP_INTERVAL_S = 30.0
+RETENTION_INTERVAL_H = 6.0
+
+
+class NodeScheduler:
+    """Owns the APScheduler instance and the node's periodic jobs.
+
+    Args:
+        store: the queue and outbox.
+        settings: node settings (retention).
+        send_due: sends every due outbox entry and returns how many it tried (``Outbox.run_due``).
+    """
+
+    def __init__(self, store: Store, settings: Settings, send_due: Callable[[], int] | None) -> None:
+        self.store = store
+        self.settings = settings
+        self.scheduler = BackgroundScheduler(
+            timezone=dt.UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
+        )
+        if send_due is not None:
+            self.scheduler.add_job(send_due, "interval", seconds=SEND_INTERVAL_S, id="send",
+                                   next_run_time=dt.datetime.now(dt.UTC))
+        self.scheduler.add_job(self.reap, "interval", seconds=REAP_INTERVAL_S, id="reap")
+        if settings.storage.retention_days > 0:
+            self.scheduler.add_job(self.purge, "interval", hours=RETENTION_INTERVAL_H, id="retention",
+                                   next_run_time=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1))
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def shutdown(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+
+    def kick_send(self) -> None:
+        """Run the send job now (called when a result has been recorded)."""
+        job = self.scheduler.get_job("send")
+        if job is not None and self.scheduler.running:
+            job.modify(next_run_time=dt.datetime.now(dt.UTC))
+
+    def reap(self) -> int:
+        """Return expired leases to the queue."""
+        n = self.store.reap_expired_leases()
+        if n:
+            log.warning("returned %d job(s) with expired leases to the queue", n)
+        return n
+
+    def purge(self) -> int:
+        """Delete instances and results older than the retention period; returns files removed."""
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=self.settings.storage.retention_days)
+        removed = 0
+        for path in self.store.purge_before(cutoff):
+            try:
+                Path(path).unlink(missing_ok=True)
+                removed += 1
+            except OSError as exc:
+                log.error("retention: could not remove %s: %s", path, exc)
+        if removed:
+            log.info("retention: removed %d file(s) older than %s", removed, cutoff.date())
+        return removed
