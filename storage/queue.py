@@ -445,9 +445,11 @@ class Store:
         """Counts and the latest failures, for the status command (UIDs only, no patient data).
 
         Returns:
-            ``{"jobs": {state: n}, "outbox": {destination: {state: n}},
-            "failures": [{"what", "id", "sop_instance_uid", "state", "attempts", "error", "at",
-            "destination"?}]}`` with the ``recent`` latest failures, newest first.
+            ``{"jobs": {state: n}, "outbox": {destination: {state: n}}, "job_failures": [...],
+            "send_failures": [...], "failures": [...]}``: the ``recent`` latest job failures (retrying
+            or final), send failures (retrying or rejected) and both merged, newest first. Each is
+            ``{"what": "job"|"send", "id", "sop_instance_uid", "state", "attempts", "error", "at"}``,
+            send failures with their ``"destination"`` and the result's SOP Instance UID.
         """
         with self._tx("status", read_only=True) as s:
             jobs = dict.fromkeys(JOB_STATES, 0)
@@ -458,9 +460,10 @@ class Store:
                 .group_by(OutboxItem.destination, OutboxItem.state)
             ):
                 outbox.setdefault(dest, dict.fromkeys(OUTBOX_STATES, 0))[state] = n
-            failures = self._job_failures(s, recent) + self._send_failures(s, recent)
-        failures.sort(key=lambda f: f["at"], reverse=True)
-        return {"jobs": jobs, "outbox": outbox, "failures": failures[:recent]}
+            job_failures, send_failures = self._job_failures(s, recent), self._send_failures(s, recent)
+        failures = sorted(job_failures + send_failures, key=lambda f: f["at"], reverse=True)[:recent]
+        return {"jobs": jobs, "outbox": outbox, "job_failures": job_failures, "send_failures": send_failures,
+                "failures": failures}
 
     @staticmethod
     def _job_failures(s: Session, recent: int) -> list[dict[str, Any]]:

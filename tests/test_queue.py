@@ -258,6 +258,7 @@ def test_outbox_transitions(store: Store, clock: Clock) -> None:
         "archive": {"pending": 0, "sent": 0, "failed": 0, "rejected": 2},
     }
     assert [f["destination"] for f in status["failures"]] == ["archive", "archive"]
+    assert status["send_failures"] == status["failures"] and status["job_failures"] == []
     clock.advance(3600)
     assert store.due_outbox(clock.now) == [], "rejected entries are never retried"
 
