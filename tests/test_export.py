@@ -153,3 +153,25 @@ def test_failed_parity_leaves_no_package(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(ExportError):
         _export(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_float16_weights_halve_the_member_and_keep_float32_compute(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    lite = build_model("efficientnet_lite0", 1, weights="imagenet")
+    common = {"labels": ["Tuberculosis"], "spec": PreprocessSpec(size=64)}
+    common["thresholds"] = {"Tuberculosis": (0.5, "fixed")}
+    fp32 = _export(tmp_path / "a", members=[(lite, MemberInfo(fold=0))], **common)
+    fp16 = _export(tmp_path / "b", members=[(lite, MemberInfo(fold=0))], weights_dtype="float16", **common)
+    name = "efficientnet_lite0_fold0.onnx"
+    assert (fp16 / name).stat().st_size < 0.55 * (fp32 / name).stat().st_size
+    graph = onnx.load(str(fp16 / name)).graph
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)).numpy()
+    want, got = (_session(p / name).run(None, {"image": x}) for p in (fp32, fp16))
+    assert all(g.dtype == np.float32 for g in got)
+    assert max(float(np.max(np.abs(w - g))) for w, g in zip(want, got, strict=True)) < export.FP16_PARITY_TOLERANCE
+    record = load_manifest(fp16).evaluation_summary["onnx_export"]
+    assert record["weights_dtype"] == "float16" and record["parity_tolerance"] == export.FP16_PARITY_TOLERANCE
+    with pytest.raises(ValueError, match="weights_dtype"):
+        _export(tmp_path / "c", weights_dtype="bfloat16")

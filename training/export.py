@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "cam")
 PARITY_TOLERANCE = 1e-4
+WEIGHTS_DTYPES = ("float32", "float16")
+# fp16-stored weights: torch (fp32 weights) vs onnxruntime (weights rounded to fp16, computed in fp32).
+# Measured on the bundled EfficientNet-Lite0 members at 256 px (docs/model/README.md); a bound, not a target.
+FP16_PARITY_TOLERANCE = 5e-2
+FP16_MIN_ELEMENTS = 256  # smaller initializers (normalisation constants, tiny biases) stay float32
 
 
 class ExportError(RuntimeError):
@@ -49,11 +54,13 @@ class _WithCam(nn.Module):
         return self.model.forward_with_cam(image)
 
 
-def export_member(model: CxrNet, path: str | Path, size: int, opset: int = 17) -> Path:
+def export_member(model: CxrNet, path: str | Path, size: int, opset: int = 17, weights_dtype: str = "float32") -> Path:
     """Write `model` as one ONNX member graph at input size `size` and check it with `onnx.checker`.
 
     The model is exported in eval mode (dropout off, BatchNorm running statistics) and left in
-    eval mode. The batch dimension is dynamic; the image size is fixed at `size`.
+    eval mode. The batch dimension is dynamic; the image size is fixed at `size`. With
+    `weights_dtype="float16"` the weights are stored as float16 and cast to float32 inside the graph
+    (:func:`store_weights_float16`): half the disk, the same float32 compute.
 
     Returns:
         The path written.
@@ -81,10 +88,43 @@ def export_member(model: CxrNet, path: str | Path, size: int, opset: int = 17) -
                 do_constant_folding=True,
                 dynamo=False,
             )
+        if weights_dtype == "float16":
+            store_weights_float16(path)
         onnx.checker.check_model(str(path))
     except Exception as exc:  # the exporter raises many types; report which member failed
         raise ExportError(f"ONNX export of {model.arch} to {path} failed: {exc}") from exc
     return path
+
+
+def store_weights_float16(path: str | Path, min_elements: int = FP16_MIN_ELEMENTS) -> int:
+    """Rewrite an ONNX graph in place so that its large float32 weights are stored as float16.
+
+    Each float32 initializer with at least `min_elements` values becomes a float16 initializer
+    `<name>_fp16` plus a `Cast` to float32 named as the original at the head of the graph, so every
+    consumer still sees float32 (onnxruntime folds the casts when the session loads; compute stays
+    float32). The only change to the results is the rounding of those weights to float16.
+
+    Returns:
+        The number of initializers converted.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    casts, converted = [], 0
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims, dtype=np.int64)) < min_elements:
+            continue
+        values = numpy_helper.to_array(init)
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(values.astype(np.float16), f"{name}_fp16"))
+        casts.append(helper.make_node("Cast", [f"{name}_fp16"], [name], name=f"{name}_cast", to=TensorProto.FLOAT))
+        converted += 1
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    onnx.save(proto, str(path))
+    return converted
 
 
 def check_parity(
@@ -175,6 +215,8 @@ def export_package(
     parity_inputs: torch.Tensor | np.ndarray | None = None,
     opset: int = 17,
     overwrite: bool = False,
+    weights_dtype: str = "float32",
+    parity_tolerance: float | None = None,
 ) -> Path:
     """Write a model package: one checked ONNX graph per member + `manifest.json` (docs/contracts.md).
 
@@ -197,6 +239,10 @@ def export_package(
         parity_inputs: float images [N, 3, S, S] in [0, 1] for the parity check.
         opset: ONNX opset.
         overwrite: replace an existing package at `out_dir`.
+        weights_dtype: "float32", or "float16" to store the weights at half the size (compute stays
+            float32; see :func:`store_weights_float16`).
+        parity_tolerance: the largest torch-vs-onnxruntime difference accepted; None:
+            `PARITY_TOLERANCE` for float32 weights, `FP16_PARITY_TOLERANCE` for float16.
 
     Returns:
         `out_dir`.
@@ -207,6 +253,10 @@ def export_package(
         ExportError: an export or parity check failed.
     """
     labels = tuple(labels)
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
+    if parity_tolerance is None:
+        parity_tolerance = PARITY_TOLERANCE if weights_dtype == "float32" else FP16_PARITY_TOLERANCE
     resolved = _resolve_members(members, labels, spec)
     threshold_map = _thresholds(thresholds, labels)
     out_dir = Path(out_dir)
@@ -219,11 +269,17 @@ def export_package(
     try:
         entries, parity = [], {}
         for model, entry in resolved:
-            path = export_member(model, staging / entry.file, spec.size, opset)
-            parity[entry.file] = check_parity(model, path, parity_inputs)
+            path = export_member(model, staging / entry.file, spec.size, opset, weights_dtype)
+            parity[entry.file] = check_parity(model, path, parity_inputs, parity_tolerance)
             entries.append(replace(entry, sha256=sha256_file(path)))
             log.info("exported %s (%s), parity %.2g", entry.file, entry.architecture, parity[entry.file])
-        export_record = {"opset": opset, "torch": torch.__version__, "parity_max_abs_diff": parity}
+        export_record = {
+            "opset": opset,
+            "torch": torch.__version__,
+            "weights_dtype": weights_dtype,
+            "parity_tolerance": parity_tolerance,
+            "parity_max_abs_diff": parity,
+        }
         manifest = ModelManifest(
             name=name,
             version=version,
