@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="operating point written into the manifest (default youden)")  # fmt: skip
     p.add_argument("--target-sensitivity", type=float, default=0.90)
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    p.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32",
+                   help="store member weights as float16: half the disk, float32 compute")  # fmt: skip
 
     p = add("baseline", "thumbnail + intensity floor on the same folds (shortcut audit) -> RUN_DIR/audits.json")
     p.add_argument("--run-dir", type=Path, required=True)
@@ -151,7 +153,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     package = export_run(args.run_dir, args.out, args.members, args.version, args.threshold,
-                         args.target_sensitivity, args.overwrite)  # fmt: skip
+                         args.target_sensitivity, args.overwrite, args.weights_dtype)  # fmt: skip
     print(f'package: {package}\nnext: set [model] package = "{package}" in node.toml and restart cxr-node')
     return 0
 
@@ -187,12 +189,14 @@ def _ensemble_of(table: Any, label: str, members: Sequence[str]) -> np.ndarray:
 def export_run(
     run_dir: str | Path, out: str | Path, members: Sequence[str] | None = None, version: str = "",
     threshold: str = "youden", target_sensitivity: float = 0.90, overwrite: bool = False,
+    weights_dtype: str = "float32",
 ) -> Path:  # fmt: skip
     """Export the finished units of ``members`` (architectures) as a model package.
 
     Every fold model of each selected architecture becomes a member (the node averages them all, which
     equals the mean over architectures of their fold means). Thresholds are chosen on the OOF ensemble
     of the selected architectures (Youden J, or the highest threshold reaching ``target_sensitivity``).
+    ``weights_dtype="float16"`` stores the members' weights at half the size (float32 compute).
 
     Raises:
         ValueError: an unknown or unfinished architecture.
@@ -221,6 +225,7 @@ def export_run(
         models, out, name=config.name, version=version or f"{config.name}-{_today()}", labels=config.labels,
         spec=config.preprocess_spec(), thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation,
         data_summary=json.loads(summary_path.read_text()) if summary_path.exists() else {},
+        weights_dtype=weights_dtype,
     )  # fmt: skip
 
 
