@@ -9,6 +9,7 @@ repairs or drops values that are invalid in the source, so that the objects pass
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -660,3 +661,35 @@ def build_overlay(
     if device_ae:
         sc.StationName = check_short_string(device_ae, "device_ae")
     return sc
+
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+def as_comprehensive_sr(ds: Dataset) -> Dataset:
+    """The same report as Comprehensive SR (88.33), for a PACS that refuses Comprehensive 3D SR (88.34).
+
+    Our TID 1500 content has no SCOORD3D items, so the content tree is valid in both IODs; the copy
+    gets its own deterministic SOP Instance UID (one UID never names two SOP classes).
+
+    Raises:
+        ResultBuildError: the dataset is not a Comprehensive 3D SR or holds 3D coordinates.
+    """
+    if ds.SOPClassUID != COMPREHENSIVE_3D_SR:
+        raise ResultBuildError(f"SOPClassUID must be {COMPREHENSIVE_3D_SR} to fall back, got {ds.SOPClassUID}")
+    if _has_scoord3d(ds.get("ContentSequence", [])):
+        raise ResultBuildError(f"SR {ds.SOPInstanceUID} holds SCOORD3D items: no Comprehensive SR fallback")
+    out = copy.deepcopy(ds)  # pydicom elements are mutable and shared by a shallow copy
+    out.SOPClassUID = COMPREHENSIVE_SR
+    out.SOPInstanceUID = result_uid(str(ds.SOPInstanceUID), "", "sr-comprehensive-fallback")
+    if getattr(out, "file_meta", None) is not None:
+        out.file_meta.MediaStorageSOPClassUID = out.SOPClassUID
+        out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+    return out
+
+
+def _has_scoord3d(items: Sequence[Dataset]) -> bool:
+    return any(
+        item.get("ValueType") == "SCOORD3D" or _has_scoord3d(item.get("ContentSequence", [])) for item in items
+    )

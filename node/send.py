@@ -38,9 +38,12 @@ from pynetdicom.status import (
 
 from node.config import Destination, SendSettings
 from storage.db import utcnow
+from storage.files import write_atomic
 from storage.queue import OutboxEntry, Store
 
 log = logging.getLogger(__name__)
+
+SR_KINDS = ("sr", "failure_sr")  # outbox kinds that hold an SR (Comprehensive SR fallback applies)
 
 # A-ASSOCIATE-RJ Result (PS3.8 9.3.4): 1 rejected-permanent, 2 rejected-transient
 ASSOCIATION_REJECTED_TRANSIENT = 0x02
@@ -346,12 +349,35 @@ class Outbox:
             outcomes = [SendOutcome(Verdict.RETRYABLE, f"{type(exc).__name__}: {exc}")] * len(entries)
         association_counted = False
         for entry, outcome in zip(entries, outcomes, strict=True):
+            if outcome.context_refused and entry.kind in SR_KINDS:
+                outcome = self._send_comprehensive_fallback(dest, entry, calling_ae, outcome)
             self._record(dest, entry, outcome, now)
             if outcome.sent:
                 self.consecutive_failures[name] = 0
             elif outcome.associated or not association_counted:  # a failed association counts once
                 association_counted = association_counted or not outcome.associated
                 self._count_failure(dest, outcome)
+
+    def _send_comprehensive_fallback(
+        self, dest: Destination, entry: OutboxEntry, calling_ae: str, refused: SendOutcome
+    ) -> SendOutcome:
+        """The peer refused Comprehensive 3D SR: send the same report as Comprehensive SR (88.33)."""
+        from node.results import COMPREHENSIVE_3D_SR, as_comprehensive_sr
+
+        try:
+            ds = pydicom.dcmread(entry.path)
+            if ds.SOPClassUID != COMPREHENSIVE_3D_SR:
+                return refused
+            fallback = as_comprehensive_sr(ds)
+            path = entry.path.with_name(f"{fallback.SOPInstanceUID}.dcm")
+            write_atomic(path, lambda f: fallback.save_as(f, enforce_file_format=True))
+        except (OSError, ValueError, InvalidDicomError) as exc:
+            return replace(refused, error=f"{refused.error}; Comprehensive SR fallback failed: {exc}")
+        log.warning("%s (%s) refused Comprehensive 3D SR; sending %s as Comprehensive SR %s",
+                    dest.name, dest.ae_title, entry.sop_instance_uid, fallback.SOPInstanceUID)
+        outcome = self.sender(dest, [path], calling_ae, self.settings.timeout_s)[0]
+        return replace(outcome, error=f"sent as Comprehensive SR {fallback.SOPInstanceUID}"
+                       if outcome.sent else outcome.error)
 
     def _record(self, dest: Destination, entry: OutboxEntry, outcome: SendOutcome, now: dt.datetime) -> None:
         what = f"{entry.kind} {entry.sop_instance_uid} to {dest.name} ({dest.ae_title})"
