@@ -21,7 +21,7 @@ from node.filter import FilterRules
 from node.receive import Intake, start_scp
 from node.scheduler import NodeScheduler
 from node.send import Outbox
-from node.worker import Worker
+from node.worker import Worker, owner_is_dead
 from storage.db import make_engine
 from storage.queue import Store
 
@@ -69,9 +69,9 @@ class Node:
         log.info("cxr-node starting, role %s, configuration %s", self.role, s.summary())
         if self.role in ("all", "worker"):
             assert self.ensemble is not None  # loaded in __post_init__
-            reaped = self.store.reap_expired_leases()
+            reaped = self.store.reap_expired_leases(owner_is_dead)
             if reaped:
-                log.warning("start-up: %d job(s) with expired leases returned to the queue", reaped)
+                log.warning("start-up: %d job(s) of dead workers returned to the queue", reaped)
             outbox = Outbox(self.store, list(s.destinations), s.send, s.scp.ae_title)
             self._scheduler = NodeScheduler(self.store, s, outbox.run_due)
             worker = Worker(self.store, self.ensemble, s, on_done=self._scheduler.kick_send)

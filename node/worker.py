@@ -179,6 +179,24 @@ def read_source(job: LeasedJob) -> pydicom.Dataset:
         raise PermanentError(f"received file of {job.sop_instance_uid} is not readable DICOM: {exc}") from exc
 
 
+def owner_is_dead(owner: str) -> bool:
+    """True when a lease owner (``host:pid:thread``) is a process of this host that no longer exists."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False  # another machine's worker: only its lease expiry can tell
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # exists, owned by another user
+    return False
+
+
 def analysable_paths(paths: Sequence[Path]) -> list[Path]:
     """Expand folders into the files they contain (sorted), for offline prediction."""
     out: list[Path] = []

@@ -325,22 +325,28 @@ class Store:
                 job.last_error = _clip(error + suffix)
             return job.state
 
-    def reap_expired_leases(self) -> int:
+    def reap_expired_leases(self, owner_is_dead: Callable[[str], bool] | None = None) -> int:
         """Return running jobs whose lease has expired to the queue (or fail them after max attempts).
+
+        Args:
+            owner_is_dead: optional judge of lease owners; a running job whose owner it declares dead
+                (e.g. a process of this host that no longer exists) is reaped before its lease expires.
 
         Returns:
             The number of jobs reaped.
         """
         now = self.clock()
         with self._tx("reap_expired_leases") as s:
-            jobs = s.scalars(
-                select(Job)
-                .where(Job.state == JOB_RUNNING, Job.lease_expires_at < now)
-                .with_for_update(skip_locked=True)
-            ).all()
+            running = s.scalars(select(Job).where(Job.state == JOB_RUNNING).with_for_update(skip_locked=True)).all()
+            jobs = [
+                job for job in running
+                if (job.lease_expires_at is not None and job.lease_expires_at < now)
+                or (owner_is_dead is not None and job.lease_owner is not None and owner_is_dead(job.lease_owner))
+            ]
             for job in jobs:
                 expired = job.lease_expires_at.isoformat() if job.lease_expires_at else "?"
-                error = f"lease of {job.lease_owner} expired at {expired} (attempt {job.attempts})"
+                why = "expired at" if job.lease_expires_at and job.lease_expires_at < now else "owner is gone, due"
+                error = f"lease of {job.lease_owner} {why} {expired} (attempt {job.attempts})"
                 if job.attempts >= self.max_attempts:
                     job.state, job.finished_at = JOB_FAILED, now
                     error += f"; gave up after {job.attempts} attempts"
