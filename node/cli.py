@@ -100,6 +100,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from storage.queue import Store
 
     settings = _settings(args)
+    settings.data_path.mkdir(parents=True, exist_ok=True)  # a node that never ran: empty counts
     store = Store(make_engine(settings.database_url))
     status = store.status(recent=args.recent)
     if args.format == "json":
