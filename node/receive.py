@@ -7,9 +7,17 @@ half-written file. The dataset is never decoded: the bytes as sent are written w
 information, and only the header (``stop_before_pixels``) is parsed for the UIDs and the filter.
 
 pynetdicom's receive is chunked (``pynetdicom._config.STORE_RECV_CHUNKED_DATASET``, set by
-:func:`make_ae`, process-wide): each dataset is streamed into a temporary file instead of memory,
-so concurrent large images do not pile up in RAM. :class:`Intake` also works with the setting off
-(it then takes ``event.encoded_dataset()``).
+:func:`make_ae`, process-wide): each dataset is streamed into a file instead of memory, so concurrent
+large images do not pile up in RAM. :func:`make_ae` also has pynetdicom create that file in
+``<data_dir>/incoming/`` (:class:`ReceiveFile`, process-wide), on the file system of the instances, so
+the intake moves the received file into place (fsync, rename, fsync of the folder) instead of writing
+its bytes a second time (that copy was ~40 % of the node's CPU per image). The folder's fsync runs in a
+helper thread beside the commit of the rows (each fsync is a device cache flush, ~4 ms here); both have
+finished before the status is returned, and the row is committed only after the rename. A write
+that fails there (disk full) is kept and answered by the handler (Out of Resources) rather than
+raised in pynetdicom's reactor, which would abort the association. :class:`Intake` also works with a
+received file on another file system (it is then copied) and with chunked receive off
+(``event.encoded_dataset()``, written by ``write_atomic``).
 
 Associations: every storage SOP class with every transfer syntax pynetdicom knows (JPEG baseline,
 lossless, JPEG-LS, JPEG 2000, RLE, deflate ...), Verification; the called AE title is checked when
@@ -20,11 +28,14 @@ the peer's delayed ACK, ~40 ms).
 
 from __future__ import annotations
 
+import errno
 import logging
-import shutil
 import socket
 import struct
 import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor, wait
 from enum import IntEnum
 from io import BytesIO
 from pathlib import Path
@@ -33,15 +44,16 @@ from typing import Any, BinaryIO, cast
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, dimse_messages, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from node.config import Settings
 from node.filter import Decision, FilterRules, decide
-from storage.files import DiskFull, free_bytes, instance_path, write_atomic
+from storage.files import DiskFull, free_bytes, fsync_dirs, instance_path, move_into_place, write_atomic
 from storage.queue import ReceivedInstance, Store
 
 log = logging.getLogger(__name__)
@@ -50,7 +62,9 @@ REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesIns
 # What pydicom raises on a dataset it cannot parse (it is lenient: a missing UID is the usual sign).
 _MALFORMED = (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
               NotImplementedError, OverflowError, struct.error)
-_COPY_CHUNK = 1 << 20
+INCOMING_DIR = "incoming"  # in data_dir: datasets being received (see ReceiveFile)
+STALE_INCOMING_S = 3600.0  # files left in incoming/ by aborted associations are removed at start after this
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class Status(IntEnum):
@@ -122,17 +136,88 @@ def _size(payload: Payload) -> int:
     return len(payload) if isinstance(payload, bytes) else payload.stat().st_size
 
 
-def _write(path: Path, payload: Payload) -> None:
-    """``write_atomic`` the payload to ``path`` (copying pynetdicom's temp file in chunked mode)."""
+def _place(path: Path, payload: Payload) -> list[Path]:
+    """Put the payload at ``path``: bytes by ``write_atomic`` (durable), pynetdicom's file by ``move_into_place``.
+
+    Returns:
+        The folders still to fsync for the file to be durable (``storage.files.fsync_dirs``).
+    """
     if isinstance(payload, bytes):
         write_atomic(path, payload)
-        return
+        return []
+    return move_into_place(payload, path)  # pynetdicom's later unlink of its name finds nothing (and ignores that)
 
-    def copy(dst: BinaryIO) -> None:
-        with payload.open("rb") as src:
-            shutil.copyfileobj(src, dst, _COPY_CHUNK)
 
-    write_atomic(path, copy)
+_receive_errors: dict[str, OSError] = {}  # ReceiveFile.name -> the write error, taken by the handler
+
+
+class ReceiveFile:
+    """The file pynetdicom's chunked receive streams a dataset into, in ``folder``.
+
+    Stands in for the ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")`` that pynetdicom
+    makes (it uses ``name``, ``write``, ``file.flush`` and ``close``). The first failing write (e.g.
+    ENOSPC) is recorded for the C-STORE handler (:func:`receive_error`) and later writes are dropped:
+    raised in pynetdicom's DUL thread it would abort the association instead of being answered.
+    pynetdicom unlinks ``name`` after the handler has run (the intake will have moved it by then).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.name = str(folder / f"{uuid.uuid4().hex}.part")
+        self.file = self  # pynetdicom flushes through ``.file``
+        self.error: OSError | None = None
+        self._raw: BinaryIO | None = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._raw = open(self.name, "xb", buffering=0)  # noqa: SIM115 - closed by pynetdicom via close()
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        _receive_errors[self.name] = exc
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view and self._raw is not None and self.error is None:
+            try:
+                view = view[self._raw.write(view):]
+            except OSError as exc:
+                self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing to do: writes are unbuffered."""
+
+    def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+
+
+def receive_into(folder: Path) -> None:
+    """Have pynetdicom's chunked receive (process-wide) create its files in ``folder`` (see ReceiveFile)."""
+    def named_temporary_file(*args: Any, **kwargs: Any) -> ReceiveFile:
+        return ReceiveFile(folder)
+
+    dimse_messages.NamedTemporaryFile = named_temporary_file  # type: ignore[assignment]
+
+
+def receive_error(payload: Payload) -> OSError | None:
+    """The error a :class:`ReceiveFile` met while the dataset was being received, if any."""
+    return None if isinstance(payload, bytes) else _receive_errors.pop(str(payload), None)
+
+
+def remove_stale_incoming(folder: Path, older_than_s: float = STALE_INCOMING_S) -> int:
+    """Remove what aborted associations left in ``folder`` (older than ``older_than_s``); how many."""
+    removed = 0
+    cutoff = time.time() - older_than_s
+    for path in folder.glob("*.part") if folder.is_dir() else ():
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 class Intake:
@@ -153,6 +238,8 @@ class Intake:
         self.settings = settings
         self.rules = rules
         self.min_free_bytes = settings.storage.min_free_mb * 1024 * 1024
+        self._dir_syncs = ThreadPoolExecutor(max_workers=max(1, settings.scp.max_associations),
+                                             thread_name_prefix="intake-fsync")
 
     def accept(self, event: Event) -> int:
         """Handle one C-STORE request: Success only once the file and its rows are committed."""
@@ -182,6 +269,10 @@ class Intake:
 
     def _accept(self, event: Event, sop_uid: str, calling_ae: str) -> Decision:
         payload = _payload(event)
+        failed = receive_error(payload)
+        if failed is not None:
+            status = Status.OUT_OF_RESOURCES if failed.errno in _DISK_FULL_ERRNOS else Status.PROCESSING_FAILURE
+            raise RefusalError(status, f"receiving {sop_uid} into {self.data_dir / INCOMING_DIR} failed: {failed}")
         size = _size(payload)
         self._check_space(size, sop_uid)
         ds = read_header(payload, sop_uid)
@@ -189,9 +280,12 @@ class Intake:
         path = instance_path(self.data_dir, str(ds.StudyInstanceUID), sop_uid)
         existed = path.exists()
         try:
-            _write(path, payload)
+            folders = _place(path, payload)
         except DiskFull as exc:
             raise RefusalError(Status.OUT_OF_RESOURCES, f"disk full writing {sop_uid}: {exc}") from exc
+        # The file is complete at ``path`` (a worker may read it once the row is committed); its folder's
+        # fsync runs beside the commit, and both have finished before the status is returned.
+        syncing = self._dir_syncs.submit(fsync_dirs, folders, path) if folders else None
         meta = ReceivedInstance(
             sop_instance_uid=sop_uid,
             study_instance_uid=str(ds.StudyInstanceUID).strip(),
@@ -204,10 +298,21 @@ class Intake:
         try:
             self.store.record_instance(meta, decision.accepted, decision.reason)
         except BaseException:
+            if syncing is not None:
+                wait([syncing])
             if not existed:  # a first receive leaves no orphan file; a repeat keeps the earlier row's file
                 path.unlink(missing_ok=True)
             raise
+        if syncing is not None:
+            try:
+                syncing.result()  # failed: the row and the file stay, the caller's retry is idempotent
+            except DiskFull as exc:
+                raise RefusalError(Status.OUT_OF_RESOURCES, f"disk full writing {sop_uid}: {exc}") from exc
         return decision
+
+    def close(self) -> None:
+        """Let the folder-fsync threads go (they are idle between C-STOREs)."""
+        self._dir_syncs.shutdown(wait=True)
 
 
 def handle_store(event: Event, intake: Intake) -> int:
@@ -229,10 +334,12 @@ def evt_handlers(intake: Intake) -> list[EventHandlerType]:
 def make_ae(settings: Settings) -> AE:
     """The node's AE: titles, callers, limits, timeouts and every storage context with every syntax.
 
-    Also switches pynetdicom's receive to chunked files (process-wide; see the module docstring).
+    Also switches pynetdicom's receive to chunked files in ``<data_dir>/incoming`` (process-wide; see
+    the module docstring).
     """
     scp = settings.scp
     _config.STORE_RECV_CHUNKED_DATASET = True
+    receive_into(settings.data_path / INCOMING_DIR)
     ae = AE(ae_title=scp.ae_title)
     ae.require_called_aet = scp.require_called_ae
     ae.require_calling_aet = list(scp.allowed_callers)  # empty: any caller
@@ -246,8 +353,45 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
+class BulkRecvSocket(AssociationSocket):
+    """pynetdicom's association socket, reading each PDU with ``recv_into`` instead of 4 KiB ``recv`` calls.
+
+    pynetdicom reads a PDU 4096 bytes at a time, each chunk a new ``bytes`` appended to a bytearray:
+    ~2,000 calls and two copies per 8 MB image. Here the PDU is read into one buffer in as few calls as
+    the socket allows (one copy): ~4 ms (~15 %) less CPU per 2048x2048 16-bit image on this project's machine.
+    """
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read ``nr_bytes`` (fewer only when the peer closed the connection), as pynetdicom's ``recv``."""
+        sock = cast(socket.socket, self.socket)
+        buffer = bytearray(nr_bytes)
+        got = 0
+        with memoryview(buffer) as view:
+            while got < nr_bytes:
+                n = sock.recv_into(view[got:], nr_bytes - got)
+                if not n:
+                    break
+                got += n
+        if got < nr_bytes:
+            del buffer[got:]
+        return buffer
+
+
+class BulkRecvRequestHandler(RequestHandler):
+    """pynetdicom's request handler whose associations read with :class:`BulkRecvSocket`."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        assoc.dul.socket.__class__ = BulkRecvSocket  # the same object (and state): only ``recv`` differs
+        return assoc
+
+
 class NoDelayAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with TCP_NODELAY on each accepted socket."""
+    """pynetdicom's threaded server with TCP_NODELAY on each accepted socket and bulk reads (BulkRecvSocket)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("request_handler", BulkRecvRequestHandler)
+        super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         client, address = super().get_request()
@@ -267,6 +411,10 @@ def start_scp(settings: Settings, intake: Intake, ae: AE | None = None) -> NoDel
         The running server; ``server.server_address`` holds the bound port (useful with port 0).
     """
     ae = ae or make_ae(settings)
+    stale = remove_stale_incoming(settings.data_path / INCOMING_DIR)
+    if stale:
+        log.warning("start-up: removed %d partly received file(s) older than %.0f s from %s",
+                    stale, STALE_INCOMING_S, settings.data_path / INCOMING_DIR)
     address = (settings.scp.bind_address, settings.scp.port)
     server = cast(NoDelayAssociationServer, ae.make_server(
         address, evt_handlers=evt_handlers(intake), server_class=NoDelayAssociationServer))
