@@ -25,6 +25,7 @@ from pydicom.uid import generate_uid
 
 from tests.conftest import REPO, free_port, require_tool
 from tests.peers import Orthanc, dcmsend, orthanc, wait_for
+from tests.pg_fixture import postgres_url  # noqa: F401 - the session fixture, used via getfixturevalue
 
 pytestmark = [pytest.mark.integration, pytest.mark.shared_data]
 
@@ -70,8 +71,11 @@ def corpus(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         from pydicom.data import get_testdata_file
 
         rg1 = get_testdata_file("RG1_UNCR.dcm")
-        if rg1:
+        rg1_j2k = get_testdata_file("RG1_J2KR.dcm")
+        if rg1 and rg1_j2k:
             frontal.append(Path(rg1))
+            # the JPEG 2000 copy carries the same SOP Instance UID as the uncompressed one
+            frontal.append(relabel(Path(rg1_j2k), out / "rg1_j2k.dcm"))
     except ImportError:
         pass
     lateral = relabel(src / "rsna_cr_pa_jpeg_baseline.dcm", out / "lateral.dcm", ViewPosition="LL")
@@ -86,6 +90,7 @@ ae_title = "CXR-AI"
 port = {port}
 [storage]
 data_dir = "var"
+database_url = "{extra.get("database_url", "")}"
 [worker]
 lease_s = {extra.get("lease_s", "30")}
 poll_s = 0.1
@@ -117,12 +122,18 @@ def scp_port(cfg: Path) -> int:
 class NodeProcess:
     """`cxr-node serve` as a real process (what an administrator runs)."""
 
-    def __init__(self, cfg: Path) -> None:
+    def __init__(self, cfg: Path, role: str = "all", name: str = "node") -> None:
         self.cfg = cfg
-        self.log = (cfg.parent / "node.log").open("ab")
+        self.log_path = cfg.parent / f"{name}.log"
+        self.log = self.log_path.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "serve", "--config", str(cfg), "--role", role],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        if role == "worker":
+            wait_for(lambda: self.alive() and "worker" in self.log_text() and "started" in self.log_text(),
+                     timeout=60, what=f"{name} to start")
+            return
         echoscu = require_tool("echoscu")
         port = scp_port(cfg)
         wait_for(lambda: self.alive() and subprocess.run(
@@ -135,7 +146,7 @@ class NodeProcess:
         return True
 
     def log_text(self) -> str:
-        return (self.cfg.parent / "node.log").read_text(errors="replace")
+        return self.log_path.read_text(errors="replace")
 
     def status(self) -> dict[str, Any]:
         out = subprocess.run([sys.executable, "-m", "node.cli", "--log-level", "ERROR", "status", "--config",
@@ -254,3 +265,35 @@ def test_node_refuses_to_start_on_a_corrupt_model(tmp_path: Path, model_package:
                          capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
     assert out.returncode == 2
     assert member.name in out.stderr and "sha256" in out.stderr.lower(), out.stderr
+
+
+@pytest.mark.postgres
+def test_scale_out_one_scp_and_two_workers_share_a_postgresql_queue(
+    tmp_path: Path, corpus: dict[str, list[Path]], model_package: Path, node_proc: list[NodeProcess],
+    request: pytest.FixtureRequest,
+) -> None:
+    from sqlalchemy import create_engine, text
+
+    url: str = request.getfixturevalue("postgres_url")
+    name = f"scaleout_{os.getpid()}_{free_port()}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    db_url = url.replace("/postgres?", f"/{name}?")
+    files = corpus["frontal"]
+    with orthanc(tmp_path / "pacs") as pacs:
+        cfg = node_config(tmp_path, pacs.dicom_port, model_package, database_url=db_url)
+        node_proc.append(NodeProcess(cfg, role="scp", name="scp"))
+        workers = [NodeProcess(cfg, role="worker", name=f"worker{i}") for i in range(2)]
+        node_proc.extend(workers)
+        assert dcmsend(files, scp_port(cfg)).returncode == 0
+        wait_for(lambda: len(pacs.instances()) >= 2 * len(files), timeout=240,
+                 what=f"{2 * len(files)} results at the PACS from two workers")
+        objects = pacs_objects(pacs)
+        srs = [o for o in objects if o["SOPClassUID"] in SR_CLASSES]
+        per_source = Counter(next(uid for uid in _source_uids(files) if uid in json.dumps(sr)) for sr in srs)
+        assert len(per_source) == len(files) and set(per_source.values()) == {1}, per_source
+    done_by = [w.log_text().count(" done in ") for w in workers]
+    assert sum(done_by) == len(files), done_by  # every job analysed exactly once
+    assert all(n >= 1 for n in done_by), f"both workers should have taken jobs from the queue: {done_by}"
