@@ -38,7 +38,7 @@ def test_help_shows_the_whole_workflow(capsys: pytest.CaptureFixture[str]) -> No
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for step in ("manifest", "init-config", "fit --config", "evaluate --run-dir", "export --run-dir",
-                 "baseline", "compare", "package"):  # fmt: skip
+                 "baseline", "audit-blackout", "compare", "package"):  # fmt: skip
         assert step in text, step
     assert text.index("fit --config") < text.index("evaluate --run-dir") < text.index("export --run-dir")
 
@@ -96,6 +96,7 @@ def test_fit_baseline_evaluate_compare_export_end_to_end(tmp_path: Path) -> None
     assert main(["fit", "--run-dir", str(run)]) == 0  # a rerun finds every unit done
     assert main(["baseline", "--run-dir", str(run), "--n-boot", "50"]) == 0
     assert (run / "audits.json").is_file()
+    assert main(["audit-blackout", "--run-dir", str(run), "--n-boot", "50"]) == 2  # no lung_mask column
     assert main(["evaluate", "--run-dir", str(run), "--n-boot", "50"]) == 0
     assert (run / "report" / "report.md").is_file()
 

@@ -3,8 +3,9 @@
 The subcommands parse arguments and call the library: :func:`training.loop.fit`,
 :func:`training.evaluate.evaluate_dir`, :func:`training.compare.compare`,
 :func:`training.export.export_package` (through :func:`export_run`) and
-:func:`training.audits.thumbnail_baseline` (through :func:`baseline_run`). The two ``*_run``
-functions below compose those steps over a run directory.
+:func:`training.audits.thumbnail_baseline` (through :func:`baseline_run`) and
+:func:`training.audits.blackout_report` (through :func:`blackout_run`). The ``*_run`` functions below
+compose those steps over a run directory.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ workflow:
   3. fit        cxr-train fit --config run.toml --run-dir runs/tb
                 (k-fold x architectures; interrupted? run `cxr-train fit --run-dir runs/tb` again)
   4. evaluate   cxr-train baseline --run-dir runs/tb    thumbnail floor (shortcut audit), optional
+                cxr-train audit-blackout --run-dir runs/tb   lungs blacked out (shortcut audit,
+                                                        needs lung_mask), optional
+                (both merge into runs/tb/audits.json, which evaluate puts in the report)
                 cxr-train evaluate --run-dir runs/tb    -> runs/tb/report/report.md
                 cxr-train compare A.csv B.csv --label Tuberculosis   DeLong between two models
   5. export     cxr-train export --run-dir runs/tb --out packages/tb-v1
@@ -91,7 +95,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("baseline", "thumbnail + intensity floor on the same folds (shortcut audit) -> RUN_DIR/audits.json")
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--n-boot", type=int, default=2000)
+
+    p = sub.add_parser(
+        "audit-blackout",
+        help="lung-blackout test of the ensemble (shortcut audit; needs lung_mask) -> RUN_DIR/audits.json",
+        description=BLACKOUT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run-dir", type=Path, required=True, help="a finished run (after `cxr-train fit`)")
+    p.add_argument("--fill", choices=("zero", "background"), default="zero",
+                   help="lung pixels become black (zero, default) or the median grey outside the lungs")  # fmt: skip
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per CI (default 2000)")
     return parser
+
+
+BLACKOUT_HELP = """\
+Lung-blackout test of the run's ensemble (shortcut audit).
+
+For every image whose manifest row has a lung_mask, the lungs are blacked out in the source image
+(mask resized to it, nearest neighbour), the image goes through the run's preprocessing and is scored
+again: training-cohort images by the fold model that held them out (as in predictions_oof.csv),
+external images by the mean of the fold models (as in predictions_<cohort>.csv); the score is the mean
+over the run's architectures (the ensemble). Per cohort and label, AUROC with the lungs (the ensemble
+column of the prediction CSV) vs with the lungs blacked out, bootstrap 95% CIs by patient, paired
+DeLong test, and a verdict: a model that reads the lungs falls towards AUROC 0.5; one that does not
+fall reads something else (shortcut risk). Images without a mask are left out (counted in the report).
+
+Writes the reports to RUN_DIR/audits.json, replacing earlier lung-blackout entries and keeping the
+others (the thumbnail floor of `cxr-train baseline`); `cxr-train evaluate` puts them in report.md.
+Cost: one inference per image and architecture (x folds for external cohorts), on the configured device.
+"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "compare": _compare,
         "export": _export,
         "baseline": _baseline,
+        "audit-blackout": _audit_blackout,
     }
     try:
         return handlers[args.command](args)
@@ -161,6 +195,14 @@ def _export(args: argparse.Namespace) -> int:
 def _baseline(args: argparse.Namespace) -> int:
     for report in baseline_run(args.run_dir, args.n_boot):
         print(f"{report.get('cohort', '')} {report.get('label', '')}: {report['verdict']}")
+    print(f"written to {args.run_dir / 'audits.json'}; `cxr-train evaluate` includes it in the report")
+    return 0
+
+
+def _audit_blackout(args: argparse.Namespace) -> int:
+    fill = 0 if args.fill == "zero" else "background"
+    for report in blackout_run(args.run_dir, fill, args.n_boot):
+        print(f"{report['cohort']} {report['label']} ({report['n']} images with a lung mask): {report['verdict']}")
     print(f"written to {args.run_dir / 'audits.json'}; `cxr-train evaluate` includes it in the report")
     return 0
 
@@ -260,7 +302,8 @@ def _today() -> str:
 def baseline_run(run_dir: str | Path, n_boot: int = 2000) -> list[dict[str, Any]]:
     """Thumbnail floor per label on the run's folds vs the OOF ensemble (and on every external cohort).
 
-    Writes the reports to ``RUN_DIR/audits.json`` (read by ``cxr-train evaluate``) and returns them.
+    Merges the reports into ``RUN_DIR/audits.json`` (read by ``cxr-train evaluate``; earlier floor
+    entries are replaced, other audits kept) and returns them.
     """
     from training.audits import floor_report, thumbnail_baseline
     from training.evaluate import load_prediction_dir
@@ -282,7 +325,7 @@ def baseline_run(run_dir: str | Path, n_boot: int = 2000) -> list[dict[str, Any]
             if cohort.name in externals:
                 table = externals[cohort.name]
                 reports.append(_floor_vs_model(floor_report, cohort, table, label, floor.score(images), n_boot))
-    (run_dir / "audits.json").write_text(json.dumps(reports, indent=1, default=_plain))
+    merge_audits(run_dir, "thumbnail_floor", reports)
     return reports
 
 
@@ -296,6 +339,145 @@ def _floor_vs_model(
     model = table.scores[label]["ensemble"]
     groups = np.asarray(cohort.patient_ids)[rows]
     return floor_report(y, model, floor_scores[rows], groups, cohort=table.name, label=label, n_boot=n_boot)
+
+
+AUDIT_ORDER = ("thumbnail_floor", "lung_blackout")
+
+
+def merge_audits(run_dir: str | Path, kind: str, reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Replace the ``kind`` entries of ``RUN_DIR/audits.json`` by ``reports``, keep the others.
+
+    The file is written atomically; entries are ordered by kind (thumbnail floor, lung blackout, others).
+    Returns what was written.
+    """
+    path = Path(run_dir) / "audits.json"
+    old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+    if not isinstance(old, list):
+        raise ValueError(f"{path}: expected a JSON list of audit reports")
+    merged = [a for a in old if a.get("kind") != kind] + list(reports)
+
+    def rank(a: dict[str, Any]) -> int:
+        return AUDIT_ORDER.index(a["kind"]) if a.get("kind") in AUDIT_ORDER else len(AUDIT_ORDER)
+
+    merged.sort(key=rank)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(merged, indent=1, default=_plain), encoding="utf-8")
+    tmp.replace(path)
+    return merged
+
+
+def blackout_run(run_dir: str | Path, fill: int | str = 0, n_boot: int = 2000) -> list[dict[str, Any]]:
+    """Lung-blackout audit of the run's ensemble per cohort and label (``cxr-train audit-blackout``).
+
+    Only images with a ``lung_mask`` take part. The scores with the lungs are the ``ensemble`` column of
+    the run's prediction CSVs; the scores without them come from :func:`blackout_scores` (same models,
+    same member/fold assignment). Cohorts without any mask and labels with one class among the masked
+    images are skipped (logged). Merges the reports into ``RUN_DIR/audits.json`` and returns them.
+
+    Raises:
+        ValueError: No image of any cohort has a lung mask, or the run is not finished.
+        FileNotFoundError: Not a run directory, or no prediction CSVs.
+    """
+    from training.audits import blackout_report
+    from training.evaluate import load_prediction_dir
+    from training.loop import prepare_run
+
+    run_dir = Path(run_dir)
+    config = _run_config(run_dir)
+    oof, externals = load_prediction_dir(run_dir)
+    data = prepare_run(config, run_dir)
+    tables = [(data.cohort, oof)] + [(c, externals[c.name]) for c, _ in data.externals if c.name in externals]
+    rows = {}
+    for cohort, table in tables:
+        position = {image: i for i, image in enumerate(cohort.images)}
+        positions = np.array([position[str(image)] for image in table.images], dtype=int)
+        with_mask = np.array([cohort.masks[i] is not None for i in positions], dtype=bool)
+        if not with_mask.any():
+            log.warning("audit-blackout: no image of %s has a lung mask, skipped", cohort.name)
+            continue
+        rows[cohort.name] = (positions, with_mask)
+    if not rows:
+        raise ValueError("no image of any cohort has a lung mask (manifest column lung_mask): "
+                         "the blackout audit cannot run")  # fmt: skip
+    blacked = blackout_scores(run_dir, data, {name: pos[keep] for name, (pos, keep) in rows.items()}, fill)
+    reports = []
+    for cohort, table in tables:
+        if cohort.name not in rows:
+            continue
+        positions, keep = rows[cohort.name]
+        groups = np.asarray(cohort.patient_ids)[positions[keep]]
+        for label in config.labels:
+            y = table.labels[label][keep]
+            if np.unique(y[~np.isnan(y)]).size < 2:
+                log.warning("audit-blackout: %s has one class only among the masked images of %s, skipped",
+                            label, cohort.name)  # fmt: skip
+                continue
+            report = blackout_report(y, table.scores[label]["ensemble"][keep],
+                                     blacked[cohort.name][:, config.labels.index(label)], groups,
+                                     cohort=table.name, label=label, n_boot=n_boot)  # fmt: skip
+            report.update(n_without_mask=int(np.sum(~keep)), fill=fill)
+            reports.append(report)
+    merge_audits(run_dir, "lung_blackout", reports)
+    return reports
+
+
+def blackout_scores(run_dir: Path, data: Any, rows: dict[str, np.ndarray], fill: int | str = 0) -> dict[str, Any]:
+    """Ensemble probabilities ``[n, L]`` of images with their lungs blacked out, per cohort name.
+
+    ``rows[name]`` are positions in that cohort (the training cohort: ``data.cohort``; external ones:
+    ``data.externals``), each with a lung mask. Each image is read from its source file, blacked out
+    there (:func:`training.audits.lung_blackout`, mask read alike) and preprocessed with the run's spec
+    (``ai.preprocess.preprocess_gray``). Training-cohort images are scored by the model of their
+    held-out fold, external ones by the mean of the fold models; then the mean over architectures.
+    """
+    from training.loop import UnitKey, iter_units, load_unit_model
+
+    config = data.config
+    cohorts = {c.name: c for c in [data.cohort, *(c for c, _ in data.externals)]}
+    done = {key for key, _ in iter_units(run_dir)}
+    units = [UnitKey(arch, fold) for arch in config.architectures for fold in config.fold_indices()]
+    missing = [key.name for key in units if key not in done]
+    if missing:
+        raise ValueError(f"{run_dir}: unit(s) {missing} not finished; run `cxr-train fit` first")
+    pixels = {name: _blacked_pixels(cohorts[name], index, data.spec, fill, config.progress)
+              for name, index in rows.items()}  # fmt: skip
+    train = data.cohort.name
+    train_folds = data.folds[rows[train]] if train in rows else np.array([], dtype=int)
+    sums = {name: np.zeros((len(index), len(config.labels))) for name, index in rows.items()}
+    n_folds = len(config.fold_indices())
+    for key in units:
+        model = load_unit_model(run_dir, config, key, data.device)
+        for name, images in pixels.items():
+            if name != train:
+                sums[name] += _probabilities(model, data, images, desc=f"{key.name} {name}") / n_folds
+            elif np.any(held_out := train_folds == key.fold):
+                sums[name][held_out] += _probabilities(model, data, images, np.flatnonzero(held_out), key.name)
+    return {name: total / len(config.architectures) for name, total in sums.items()}
+
+
+def _probabilities(model: Any, data: Any, images: np.ndarray, index: Any = None, desc: str = "") -> np.ndarray:
+    """Sigmoid probabilities ``[n, L]`` of ``model`` on uint8 images (rows ``index``), as the run scores."""
+    from training.loop import _sigmoid, predict_array
+
+    amp = data.device.type == "cuda" and data.config.amp
+    logits = predict_array(model, images, data.spec, data.config.batch_size, data.device, amp,
+                           desc=f"{desc} blackout", progress=data.config.progress, index=index)  # fmt: skip
+    return _sigmoid(logits)
+
+
+def _blacked_pixels(cohort: Any, index: np.ndarray, spec: Any, fill: int | str, progress: bool = False) -> np.ndarray:
+    """uint8 ``[n, S, S]``: images ``index`` of ``cohort``, lungs blacked out in the source, then preprocessed."""
+    from tqdm import tqdm
+
+    from ai.pixels import read_image_file
+    from ai.preprocess import preprocess_gray
+    from training.audits import lung_blackout
+
+    out = np.empty((len(index), spec.size, spec.size), dtype=np.uint8)
+    for n, i in enumerate(tqdm(index, desc=f"blackout {cohort.name}", disable=not progress, leave=False)):
+        blacked = lung_blackout(read_image_file(cohort.paths[i]), read_image_file(cohort.masks[i]), fill)
+        out[n] = preprocess_gray(blacked, spec)[0]
+    return out
 
 
 def _plain(value: Any) -> Any:

@@ -548,8 +548,19 @@ def _md_audits(audits: Sequence[Mapping[str, Any]]) -> list[str]:
         return [*lines, "No shortcut audit was run (thumbnail floor, lung blackout).", ""]
     for a in audits:
         lines.append(f"- **{a.get('kind', 'audit')}** ({a.get('cohort', '?')}, {a.get('label', '?')}): "
-                     f"{a.get('verdict', '')}")
+                     f"{a.get('verdict', '')}{_audit_counts(a)}")
     return [*lines, ""]
+
+
+def _audit_counts(audit: Mapping[str, Any]) -> str:
+    """`` [n=40, 20 pos]``; for the lung blackout also the fill and the images without a lung mask."""
+    parts = [f"n={audit['n']}, {audit.get('n_pos', '?')} pos"] if "n" in audit else []
+    if audit.get("kind") == "lung_blackout":
+        fill = audit.get("fill", 0)
+        parts.append("lungs set to " + ("the background grey" if fill == "background" else f"grey {fill}"))
+        if audit.get("n_without_mask"):
+            parts.append(f"{audit['n_without_mask']} image(s) without a lung mask left out")
+    return f" [{'; '.join(parts)}]" if parts else ""
 
 
 def _md_header(results: Mapping[str, Any]) -> list[str]:
