@@ -234,26 +234,13 @@ def test_wrong_called_ae_refused(start_node: Callable[..., Node]) -> None:
 # --- refusals: disk full, malformed -----------------------------------------------------------
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs (needs root); skips with the reason when it cannot be mounted."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for the disk-full test: {done.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
 @pytest.mark.integration
 @pytest.mark.shared_data
 def test_disk_full_answers_out_of_resources(
-    data_dir: Path, tmp_path: Path, small_tmpfs: Path, start_node: Callable[..., Node],
+    data_dir: Path, tmp_path: Path, tiny_fs: Path, start_node: Callable[..., Node],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    node = start_node(data_dir=small_tmpfs / "data")
+    node = start_node(data_dir=tiny_fs / "data")
     big = data_dir / "dicom" / "dx_pa_chest_j2k_lossless.dcm"  # 4 MB into 1 MiB
     assert dcmsend(node, [big], tmp_path) == [f"0x{Status.OUT_OF_RESOURCES:04x}"]  # refused before writing
     monkeypatch.setattr(receive, "free_bytes", lambda path: 2**40)  # the space check passes: ENOSPC mid-write

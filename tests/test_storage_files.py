@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -71,21 +69,6 @@ def test_no_space_or_quota_raises_disk_full(tmp_path: Path, code: int) -> None:
     assert info.value.errno == code
     assert str(tmp_path / "x.dcm") in str(info.value)
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB tmpfs; skips when mounting is not allowed (needs root / CAP_SYS_ADMIN)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a 1 MiB tmpfs to fill (needs root): {proc.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
 
 
 def test_real_full_file_system_raises_disk_full_and_leaves_no_tmp(tiny_fs: Path) -> None:
