@@ -28,6 +28,7 @@ the peer's delayed ACK, ~40 ms).
 
 from __future__ import annotations
 
+import copy
 import errno
 import logging
 import socket
@@ -48,6 +49,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -386,12 +388,31 @@ class BulkRecvRequestHandler(RequestHandler):
         return assoc
 
 
+class SupportedContexts(list[PresentationContext]):
+    """The server's supported contexts, quick to deep-copy.
+
+    pynetdicom deep-copies them for every association: for 171 storage classes x 45 transfer syntaxes
+    that took ~40 ms (a C-ECHO association ~100 ms against storescp's ~20 ms). Their UIDs are immutable
+    strings, so a copy of each context with copies of its lists is a deep copy in all that matters.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        copies = []
+        for cx in self:
+            twin = copy.copy(cx)
+            twin.__dict__.update({k: list(v) for k, v in vars(cx).items() if isinstance(v, list)})
+            copies.append(twin)
+        return copies
+
+
 class NoDelayAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with TCP_NODELAY on each accepted socket and bulk reads (BulkRecvSocket)."""
+    """pynetdicom's threaded server: TCP_NODELAY on each accepted socket, bulk reads (BulkRecvSocket),
+    contexts copied quickly for each association (SupportedContexts)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", BulkRecvRequestHandler)
         super().__init__(*args, **kwargs)
+        self.contexts = SupportedContexts(self.contexts)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         client, address = super().get_request()
