@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -55,6 +56,7 @@ STORESCP_AE = "STORESCP"
 CALLING_AE = "BENCH-MOD"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk leaves Nagle on otherwise (~40 ms per C-STORE)
 NODE_STOP_TIMEOUT_S = 30.0
+GOAL = 0.7  # node images/s >= 0.7 x storescp's, at every association count
 DIMSE_STATUS = re.compile(r"DIMSE Status\s*:\s*(0x[0-9a-fA-F]{4})")  # in dcmsend's report file
 
 
@@ -179,7 +181,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 class Server:
     """One server under test, started fresh in ``folder`` for each measurement."""
 
-    kind: str  # "storescp", "storescp-fork" or "node"
+    kind: str  # "storescp", "storescp-fork", "node" or "node-nofsync" (diagnostic)
     called_ae: str
     port: int = 0
     folder: Path = Path()
@@ -187,7 +189,7 @@ class Server:
 
     def count_arrived(self, expected_uids: set[str]) -> int:
         """How many of the expected instances arrived (files; for the node rows + files)."""
-        if self.kind == "node":
+        if self.kind.startswith("node"):
             db = self.folder / "data" / "cxr-node.sqlite"
             with contextlib.closing(sqlite3.connect(db)) as con:
                 rows = con.execute("SELECT i.sop_instance_uid, i.path FROM instances i "
@@ -206,9 +208,10 @@ def running(kind: str, args: argparse.Namespace) -> Iterator[Server]:
     """Start a server in an empty folder under ``work_dir``; stop it and remove the folder afterwards."""
     folder = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=args.work_dir))
     port = free_port()
-    if kind == "node":
+    if kind.startswith("node"):
         server = Server(kind, NODE_AE, port, folder)
-        cmd = node_command(folder, port, args.max_pdu, args.node_log_level, args.node_launcher)
+        launcher = "no-fsync" if kind == "node-nofsync" else args.node_launcher
+        cmd = node_command(folder, port, args.node_max_pdu or args.max_pdu, args.node_log_level, launcher)
     else:
         server = Server(kind, STORESCP_AE, port, folder)
         (folder / "out").mkdir()
@@ -241,7 +244,8 @@ def node_command(folder: Path, port: int, max_pdu: int, log_level: str, launcher
     if launcher == "cli":
         exe = Path(sys.executable).with_name("cxr-node")
         return [str(exe), "--log-level", log_level, "serve", "--config", str(config), "--role", "scp"]
-    return [sys.executable, str(Path(__file__).resolve()), "--serve-scp", str(config), "--node-log-level", log_level]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-scp", str(config), "--node-log-level", log_level]
+    return [*cmd, "--diagnose-no-fsync"] if launcher == "no-fsync" else cmd
 
 
 def node_launcher(choice: str) -> str:
@@ -256,10 +260,16 @@ def node_launcher(choice: str) -> str:
     return "direct"
 
 
-def serve_scp(config: Path, log_level: str) -> int:
-    """What ``Node(settings, role="scp").serve_forever()`` runs, without the worker's imports."""
+def serve_scp(config: Path, log_level: str, no_fsync: bool = False) -> int:
+    """What ``Node(settings, role="scp").serve_forever()`` runs, without the worker's imports.
+
+    ``no_fsync`` (the diagnostic server ``node-nofsync``, never a configuration of the node): ``os.fsync``
+    does nothing and SQLite runs with ``synchronous=OFF``, to show what durability costs on this disk.
+    """
     import logging
     import threading
+
+    from sqlalchemy import event
 
     from node.cli import _setup_logging
     from node.config import load_settings
@@ -271,7 +281,12 @@ def serve_scp(config: Path, log_level: str) -> int:
     _setup_logging(log_level)
     s = load_settings(config)
     s.data_path.mkdir(parents=True, exist_ok=True)
-    store = Store(make_engine(s.database_url), max_attempts=s.worker.max_attempts)
+    engine = make_engine(s.database_url)
+    if no_fsync:
+        os.fsync = lambda fd: None
+        engine.dispose()  # the connections made from now on get the pragma below (after make_engine's own)
+        event.listen(engine, "connect", lambda con, _record: con.execute("PRAGMA synchronous=OFF"))
+    store = Store(engine, max_attempts=s.worker.max_attempts)
     rules = FilterRules.load(s.resolve(s.filter.rules_file) if s.filter.rules_file else None)
     server = start_scp(s, Intake(s.data_path, store, s, rules))
     stopped = threading.Event()
@@ -301,14 +316,16 @@ class Measurement:
     successes: int
     arrived: int
     server_cpu_s: float
+    client_cpu_s: float
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
     ok: bool = field(default=False)
 
 
-def send(server: Server, shares: list[list[Path]], report_dir: Path) -> tuple[float, int]:
-    """Start one dcmsend per share at once; the wall time until the last exits and the Success count."""
+def send(server: Server, shares: list[list[Path]], report_dir: Path) -> tuple[float, int, float]:
+    """Start one dcmsend per share at once: the wall time until the last exits, Successes, client CPU s."""
     procs = []
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     for i, files in enumerate(shares):
         report = report_dir / f"dcmsend-{i}.txt"
@@ -317,6 +334,8 @@ def send(server: Server, shares: list[list[Path]], report_dir: Path) -> tuple[fl
         procs.append(subprocess.Popen(cmd, env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     errors = [p.communicate()[1] for p in procs]
     seconds = time.perf_counter() - t0
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the clients are the only children reaped here
+    client_cpu = children1.ru_utime + children1.ru_stime - children0.ru_utime - children0.ru_stime
     for p, err in zip(procs, errors, strict=True):
         if p.returncode != 0:
             log(f"  dcmsend exited with {p.returncode}: {err.decode(errors='replace')[-500:]}")
@@ -324,7 +343,7 @@ def send(server: Server, shares: list[list[Path]], report_dir: Path) -> tuple[fl
     for i in range(len(shares)):
         with contextlib.suppress(FileNotFoundError):
             statuses += DIMSE_STATUS.findall((report_dir / f"dcmsend-{i}.txt").read_text())
-    return seconds, statuses.count("0x0000")
+    return seconds, statuses.count("0x0000"), client_cpu
 
 
 def measure(kind: str, associations: int, run: int, corpus: list[Path], uids: set[str],
@@ -335,16 +354,16 @@ def measure(kind: str, associations: int, run: int, corpus: list[Path], uids: se
         assert server.proc is not None
         load_before = os.getloadavg()
         cpu0 = cpu_seconds(server.proc.pid)
-        seconds, successes = send(server, shares, server.folder)
+        seconds, successes, client_cpu = send(server, shares, server.folder)
         cpu = cpu_seconds(server.proc.pid) - cpu0  # storescp --fork: children are counted once reaped
         load_after = os.getloadavg()
         arrived = server.count_arrived(uids)
     m = Measurement(kind, associations, run, len(corpus), round(megabytes, 1), round(seconds, 3),
                     round(len(corpus) / seconds, 2), round(megabytes / seconds, 1), successes, arrived,
-                    round(cpu, 2), _round3(load_before), _round3(load_after))
+                    round(cpu, 2), round(client_cpu, 2), _round3(load_before), _round3(load_after))
     m.ok = successes == len(corpus) and arrived == len(uids)
     log(f"  run {run} {kind:<13} x{associations}: {m.images_per_s:7.2f} img/s {m.mb_per_s:7.1f} MB/s "
-        f"({seconds:.2f} s, server CPU {cpu:.1f} s, load {load_before[0]:.2f}) "
+        f"({seconds:.2f} s, CPU server {cpu:.1f} s clients {client_cpu:.1f} s, load {load_before[0]:.2f}) "
         f"{'ok' if m.ok else f'INCOMPLETE: {successes} successes, {arrived} arrived of {len(corpus)}'}")
     return m
 
@@ -356,13 +375,16 @@ def _round3(load: Sequence[float]) -> tuple[float, float, float]:
 # --- the run and its report ------------------------------------------------------------------
 
 
-def servers_for(associations: int, storescp_mode: str) -> list[str]:
+def servers_for(associations: int, args: argparse.Namespace) -> list[str]:
     """storescp serves parallel associations in parallel only with --fork (one process each)."""
-    if associations == 1 or storescp_mode == "single":
-        return ["storescp", "node"]
-    if storescp_mode == "fork":
-        return ["storescp-fork", "node"]
-    return ["storescp-fork", "storescp", "node"]
+    if associations == 1 or args.storescp_mode == "single":
+        kinds = ["storescp", "node"]
+    elif args.storescp_mode == "fork":
+        kinds = ["storescp-fork", "node"]
+    else:
+        kinds = ["storescp-fork", "storescp", "node"]
+    kinds += ["node-nofsync"] if args.diagnose_no_fsync else []
+    return [k for k in kinds if k.split("-")[0] in args.servers]
 
 
 def baseline(associations: int, storescp_mode: str) -> str:
@@ -374,7 +396,7 @@ def run_all(corpus: list[Path], uids: set[str], args: argparse.Namespace) -> lis
     results = []
     for run in range(1, args.runs + 1):
         for associations in args.associations:
-            kinds = servers_for(associations, args.storescp_mode)
+            kinds = servers_for(associations, args)
             for kind in kinds if run % 2 else list(reversed(kinds)):
                 results.append(measure(kind, associations, run, corpus, uids, args))
     return results
@@ -384,7 +406,7 @@ def summarize(results: list[Measurement], args: argparse.Namespace) -> list[dict
     rows = []
     for associations in args.associations:
         medians = {}
-        for kind in servers_for(associations, args.storescp_mode):
+        for kind in servers_for(associations, args):
             ms = [m for m in results if m.server == kind and m.associations == associations]
             medians[kind] = {
                 "images_per_s": statistics.median(m.images_per_s for m in ms),
@@ -394,9 +416,14 @@ def summarize(results: list[Measurement], args: argparse.Namespace) -> list[dict
                 "runs": len(ms),
             }
         base = baseline(associations, args.storescp_mode)
-        ratio = medians["node"]["images_per_s"] / medians[base]["images_per_s"]
-        rows.append({"associations": associations, "baseline": base, "median": medians,
-                     "ratio_node_to_baseline": round(ratio, 3), "goal": 0.7, "meets_goal": ratio >= 0.7})
+        row: dict[str, Any] = {"associations": associations, "baseline": base, "median": medians}
+        if "node" in medians and base in medians:
+            ratio = medians["node"]["images_per_s"] / medians[base]["images_per_s"]
+            row |= {"ratio_node_to_baseline": round(ratio, 3), "goal": GOAL, "meets_goal": ratio >= GOAL}
+        if "node-nofsync" in medians and base in medians:
+            ratio = medians["node-nofsync"]["images_per_s"] / medians[base]["images_per_s"]
+            row["ratio_node_nofsync_to_baseline"] = round(ratio, 3)
+        rows.append(row)
     return rows
 
 
@@ -407,8 +434,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         for kind, med in row["median"].items():
             lines.append(f"{row['associations']:>5}  {kind:<14}{med['images_per_s']:>8.2f}{med['mb_per_s']:>8.1f}"
                          f"{med['server_cpu_s']:>8.1f}  {'yes' if med['all_ok'] else 'NO'}")
-        verdict = "meets" if row["meets_goal"] else "BELOW"
-        lines.append(f"{'':>5}  node / {row['baseline']}: {row['ratio_node_to_baseline']:.2f} ({verdict} goal 0.7)")
+        if "meets_goal" in row:
+            verdict = "meets" if row["meets_goal"] else "BELOW"
+            lines.append(f"{'':>5}  node / {row['baseline']}: {row['ratio_node_to_baseline']:.2f} "
+                         f"({verdict} goal {GOAL})")
+        if "ratio_node_nofsync_to_baseline" in row:
+            lines.append(f"{'':>5}  node-nofsync / {row['baseline']}: {row['ratio_node_nofsync_to_baseline']:.2f} "
+                         "(diagnostic: no fsync, SQLite synchronous=OFF)")
     return "\n".join(lines)
 
 
@@ -427,6 +459,27 @@ def machine_info() -> dict[str, Any]:
             "pynetdicom": pynetdicom.__version__, "pydicom": pydicom.__version__, "dcmtk": dcmtk,
             "commit": commit + (" (receive/storage modified)" if dirty else ""),
             "load_at_start": _round3(os.getloadavg())}
+
+
+def fsync_latency_ms(folder: Path, samples: int = 20) -> float:
+    """Median time of one fsync (a small file, then its folder) in ``folder``: the disk's flush latency."""
+    times = []
+    for i in range(samples):
+        path = folder / f"fsync-probe-{i}"
+        with open(path, "wb") as f:
+            f.write(b"x" * 4096)
+            t0 = time.perf_counter()
+            os.fsync(f.fileno())
+            times.append(time.perf_counter() - t0)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            t0 = time.perf_counter()
+            os.fsync(fd)
+            times.append(time.perf_counter() - t0)
+        finally:
+            os.close(fd)
+        path.unlink()
+    return round(1e3 * statistics.median(times), 2)
 
 
 NOTES = [
@@ -458,10 +511,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--storescp-mode", choices=("fork", "single", "both"), default="both",
                    help="storescp for parallel associations: --fork (the baseline), single-process, or both "
                         "(default both; the ratio is always against --fork when it is measured)")
+    p.add_argument("--servers", nargs="+", choices=("storescp", "node"), default=["storescp", "node"],
+                   help="which servers to measure (default both; one alone gives no ratio)")
+    p.add_argument("--diagnose-no-fsync", action="store_true",
+                   help="also measure node-nofsync: the node with fsync off and SQLite synchronous=OFF, to show what "
+                        "durability costs on this disk (a diagnostic, never a configuration; not in the ratio)")
     p.add_argument("--include-real", action="store_true",
                    help="also send the real files of ../shared/data/dicom (compressed, as they are)")
     p.add_argument("--max-pdu", type=int, default=131072,
                    help="maximum receive PDU of both servers (default 131072, the node's default)")
+    p.add_argument("--node-max-pdu", type=int, default=0,
+                   help="the node's scp.max_pdu when it should differ from --max-pdu (storescp takes at most 131072)")
     p.add_argument("--node-log-level", default="INFO", help="the node's --log-level (default INFO, as deployed)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                    help="where the corpus is generated once (default $XDG_CACHE_HOME/cxr-node-bench)")
@@ -478,7 +538,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_scp is not None:
-        return serve_scp(args.serve_scp, args.node_log_level)
+        return serve_scp(args.serve_scp, args.node_log_level, args.diagnose_no_fsync)
     args.node_launcher = node_launcher(args.node_launcher)
     for tool in ("storescp", "dcmsend", "echoscu"):
         if shutil.which(tool) is None:
@@ -497,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.work_dir is None:
             args.work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cxr-bench-ingest-")))
         args.work_dir.mkdir(parents=True, exist_ok=True)
+        info["fsync_ms"] = fsync_latency_ms(args.work_dir)
+        log(f"fsync latency in the servers' folder: median {info['fsync_ms']} ms per call")
         results = run_all(corpus, uids, args)
     rows = summarize(results, args)
     loads = [m.load_before[0] for m in results] + [m.load_after[0] for m in results]
