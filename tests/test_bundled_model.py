@@ -1,0 +1,45 @@
+"""The default model package shipped in ``ai/models/default`` (docs/model/README.md)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ai.ensemble import Ensemble
+from ai.manifest import bundled_package_dir, load_manifest
+from ai.pixels import read_image_file
+from ai.preprocess import preprocess
+from training import metrics
+
+N_PER_CLASS = 20
+
+
+def test_bundled_package_loads_and_verifies() -> None:
+    package = bundled_package_dir()
+    manifest = load_manifest(package, verify=True)  # every member present and matching its sha256
+    assert manifest.labels == ("Tuberculosis",)
+    threshold = manifest.thresholds["Tuberculosis"]
+    assert 0.0 < threshold.value < 1.0 and "OOF" in threshold.method
+    assert len(manifest.members) >= 2 and manifest.aggregation == "mean"
+    size = sum(f.stat().st_size for f in package.iterdir() if f.is_file())
+    assert size <= 60e6, f"the bundled package must stay <= 60 MB on disk, it is {size / 1e6:.1f} MB"
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_bundled_model_separates_montgomery_tb(data_dir: Path) -> None:
+    """A fixed, balanced choice of 40 external images (the first 20 TB and 20 normal by file name)."""
+    with (data_dir / "tb" / "montgomery.csv").open(newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: r["image"])
+    chosen = [r for r in rows if r["label_tb"] == "1"][:N_PER_CLASS]
+    chosen += [r for r in rows if r["label_tb"] == "0"][:N_PER_CLASS]
+    ensemble = Ensemble.load(bundled_package_dir(), providers=["CPUExecutionProvider"], threads=2)
+    spec = ensemble.manifest.preprocess
+    x = np.stack([preprocess(read_image_file(data_dir / r["image"]), spec)[0]
+                  for r in chosen])  # fmt: skip
+    probs = np.concatenate([ensemble.predict(x[i : i + 8]).probabilities[:, 0] for i in range(0, len(x), 8)])
+    y = np.array([float(r["label_tb"]) for r in chosen])
+    assert metrics.auroc(y, probs) > 0.7
