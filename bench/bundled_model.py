@@ -1,0 +1,146 @@
+"""Bundled-model benchmark: size, CPU latency, float16-vs-float32 members, lung-blackout audit.
+
+Measures the default package (``ai/models/default``) on this machine and on the real TB cohorts:
+
+- size on disk of the package (manifest + members);
+- per-image latency of all members together with onnxruntime (``ai.ensemble.Ensemble``, N threads),
+  ensemble only and end to end (read PNG + preprocess + ensemble), median and p95 over Montgomery images;
+- float16-stored vs float32 members (``--fp32-package``, the same run exported with float32 weights):
+  each fold member scores its own out-of-fold Shenzhen images (OOF AUROC of both, largest probability
+  difference), and the ensembles score Montgomery;
+- lung-blackout audit on Montgomery (every image has a lung mask): AUROC with and without the lungs.
+
+Run on demand (not part of the test suite)::
+
+    .venv/bin/python bench/bundled_model.py --run-dir runs/tb-default \\
+        --fp32-package runs/tb-default/package-fp32 --out runs/tb-default/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ai.ensemble import Ensemble, sigmoid
+from ai.manifest import bundled_package_dir, load_manifest, member_path
+from ai.pixels import read_image_file
+from ai.preprocess import preprocess, preprocess_gray, to_model_input
+from training import metrics
+from training.audits import blackout_audit
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _rows(csv_path: Path) -> list[dict[str, str]]:
+    with csv_path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _latency(ens: Ensemble, paths: list[Path]) -> dict[str, float]:
+    spec = ens.manifest.preprocess
+    ens.predict(preprocess(read_image_file(paths[0]), spec)[0][None])  # warm-up
+    total, model_only = [], []
+    for path in paths:
+        t0 = time.perf_counter()
+        x = preprocess(read_image_file(path), spec)[0][None]
+        t1 = time.perf_counter()
+        ens.predict(x)
+        t2 = time.perf_counter()
+        total.append(t2 - t0)
+        model_only.append(t2 - t1)
+
+    def stats(v: list[float]) -> dict[str, float]:
+        return {"median_ms": 1000 * float(np.median(v)), "p95_ms": 1000 * float(np.percentile(v, 95))}
+
+    return {"n_images": len(paths), "end_to_end": stats(total), "ensemble_only": stats(model_only)}
+
+
+def _member_scores(package: Path, x: np.ndarray, member_index: int, threads: int) -> np.ndarray:
+    import onnxruntime as ort
+
+    from ai.ensemble import session_options
+
+    manifest = load_manifest(package)
+    member = manifest.members[member_index]
+    session = ort.InferenceSession(
+        str(member_path(package, member)), session_options(threads), providers=["CPUExecutionProvider"]
+    )
+    out = [session.run(["logits"], {"image": x[i : i + 16]})[0] for i in range(0, len(x), 16)]
+    return sigmoid(np.concatenate(out))[:, 0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--package", type=Path, default=bundled_package_dir())
+    parser.add_argument("--fp32-package", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--latency-images", type=int, default=50)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    result: dict = {"package": str(args.package), "threads": args.threads}
+    du = subprocess.run(["du", "-sb", str(args.package)], capture_output=True, text=True, check=True)
+    result["size_bytes"] = int(du.stdout.split()[0])
+    result["size_mb"] = result["size_bytes"] / 1e6
+    ens = Ensemble.load(args.package, providers=["CPUExecutionProvider"], threads=args.threads)
+    spec = ens.manifest.preprocess
+    label = ens.manifest.labels[0]
+    mont = _rows(DATA / "tb" / "montgomery.csv")
+    mont_paths = [DATA / r["image"] for r in mont]
+    result["latency"] = _latency(ens, mont_paths[: args.latency_images])
+    print(json.dumps(result, indent=1), flush=True)
+
+    # Montgomery: the ensemble, and the lung-blackout audit (masks in the source geometry)
+    y_m = np.array([float(r["label_tb"]) for r in mont])
+    raw = [np.round(read_image_file(p) * 255).astype(np.uint8) for p in mont_paths]
+    masks = [np.round(read_image_file(DATA / r["lung_mask"]) * 255).astype(np.uint8) for r in mont]
+
+    def score(images: list[np.ndarray]) -> np.ndarray:
+        x = np.stack([to_model_input(preprocess_gray(im.astype(np.float32) / 255, spec)[0], spec) for im in images])
+        return np.concatenate([ens.predict(x[i : i + 16]).probabilities[:, 0] for i in range(0, len(x), 16)])
+
+    result["blackout_montgomery"] = blackout_audit(
+        score, raw, masks, y_m, [r["patient_id"] for r in mont], cohort="montgomery", label=label, n_boot=2000
+    )
+    print(result["blackout_montgomery"]["verdict"], flush=True)
+
+    if args.fp32_package:
+        fp32 = Ensemble.load(args.fp32_package, providers=["CPUExecutionProvider"], threads=args.threads)
+        x_m = np.stack([preprocess(read_image_file(p), spec)[0] for p in mont_paths])
+        p16 = np.concatenate([ens.predict(x_m[i : i + 16]).probabilities[:, 0] for i in range(0, len(x_m), 16)])
+        p32 = np.concatenate([fp32.predict(x_m[i : i + 16]).probabilities[:, 0] for i in range(0, len(x_m), 16)])
+        comparison = {
+            "montgomery": {
+                "auroc_fp16": metrics.auroc(y_m, p16),
+                "auroc_fp32": metrics.auroc(y_m, p32),
+                "max_abs_prob_diff": float(np.max(np.abs(p16 - p32))),
+            }
+        }
+        folds = {r["image"]: int(r["fold"]) for r in _rows(args.run_dir / "folds.csv")}
+        shz = _rows(DATA / "tb" / "shenzhen.csv")
+        y_s = np.array([float(r["label_tb"]) for r in shz])
+        fold_of = np.array([folds[r["image"]] for r in shz])
+        x_s = np.stack([preprocess(read_image_file(DATA / r["image"]), spec)[0] for r in shz])
+        o16, o32 = np.zeros(len(shz)), np.zeros(len(shz))
+        for i, member in enumerate(ens.manifest.members):
+            idx = np.flatnonzero(fold_of == member.fold)
+            o16[idx] = _member_scores(args.package, x_s[idx], i, args.threads)
+            o32[idx] = _member_scores(args.fp32_package, x_s[idx], i, args.threads)
+        comparison["shenzhen_oof"] = {
+            "auroc_fp16": metrics.auroc(y_s, o16),
+            "auroc_fp32": metrics.auroc(y_s, o32),
+            "max_abs_prob_diff": float(np.max(np.abs(o16 - o32))),
+        }
+        result["fp16_vs_fp32"] = comparison
+    args.out.write_text(json.dumps(result, indent=1, default=float))
+    print(json.dumps({k: v for k, v in result.items() if k != "blackout_montgomery"}, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
