@@ -26,7 +26,7 @@ def _setup_logging(level: str) -> None:
     )
     # pydicom warnings can quote element values (e.g. an invalid Patient's Age): keep them out of logs.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
-    for noisy in ("pynetdicom", "apscheduler"):
+    for noisy in ("pynetdicom", "apscheduler", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
