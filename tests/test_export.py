@@ -172,6 +172,20 @@ def test_float16_weights_halve_the_member_and_keep_float32_compute(tmp_path: Pat
     assert all(g.dtype == np.float32 for g in got)
     assert max(float(np.max(np.abs(w - g))) for w, g in zip(want, got, strict=True)) < export.FP16_PARITY_TOLERANCE
     record = load_manifest(fp16).evaluation_summary["onnx_export"]
-    assert record["weights_dtype"] == "float16" and record["parity_tolerance"] == export.FP16_PARITY_TOLERANCE
+    assert record["weights_dtype"] == "float16" and record["parity_tolerance"] == export.PARITY_TOLERANCE
+    assert max(record["parity_max_abs_diff"].values()) <= export.PARITY_TOLERANCE  # float32 graph vs torch
+    assert 0 < max(record["float16_storage_max_abs_diff"].values()) <= export.FP16_PARITY_TOLERANCE
     with pytest.raises(ValueError, match="weights_dtype"):
         _export(tmp_path / "c", weights_dtype="bfloat16")
+
+
+def test_export_leaves_the_model_in_eval_mode(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("tiny", 1, drop_rate=0.5).eval()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(x)
+    export.export_member(model, tmp_path / "m.onnx", 64)
+    assert not model.training
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # dropout and BatchNorm still in inference behaviour

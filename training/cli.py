@@ -267,8 +267,21 @@ def export_run(
         models, out, name=config.name, version=version or f"{config.name}-{_today()}", labels=config.labels,
         spec=config.preprocess_spec(), thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation,
         data_summary=json.loads(summary_path.read_text()) if summary_path.exists() else {},
-        weights_dtype=weights_dtype,
+        weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(run_dir, config),
     )  # fmt: skip
+
+
+def real_parity_inputs(run_dir: Path, config: Any, n: int = 4) -> np.ndarray:
+    """The first ``n`` images of the training cohort, preprocessed exactly as the node does: the
+    torch-vs-onnxruntime parity of an export is checked on real chest X-rays, not only on noise."""
+    from ai.preprocess import to_model_input
+    from training.data import PreprocessCache, load_cohort
+
+    spec = config.preprocess_spec()
+    item = config.train
+    cohort = load_cohort(item.csv, name=item.name, root=item.root or None, labels=config.labels)
+    cache = PreprocessCache(Path(config.cache_dir) if config.cache_dir else run_dir / "cache", spec)
+    return np.stack([to_model_input(cache.get(path), spec) for path in cohort.paths[:n]])
 
 
 def oof_thresholds(
