@@ -69,16 +69,18 @@ class NodeScheduler:
             log.warning("returned %d job(s) with expired leases to the queue", n)
         return n
 
-    def purge(self) -> int:
-        """Delete instances and results older than the retention period; returns files removed."""
+    def purge(self, batch: int = 1000) -> int:
+        """Delete instances and results older than the retention period, ``batch`` rows per transaction
+        until none is left; returns the number of files removed."""
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=self.settings.storage.retention_days)
         removed = 0
-        for path in self.store.purge_before(cutoff):
-            try:
-                Path(path).unlink(missing_ok=True)
-                removed += 1
-            except OSError as exc:
-                log.error("retention: could not remove %s: %s", path, exc)
+        while paths := self.store.purge_before(cutoff, limit=batch):
+            for path in paths:
+                try:
+                    Path(path).unlink(missing_ok=True)
+                    removed += 1
+                except OSError as exc:
+                    log.error("retention: could not remove %s: %s", path, exc)
         if removed:
             log.info("retention: removed %d file(s) older than %s", removed, cutoff.date())
         return removed
