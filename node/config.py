@@ -37,7 +37,8 @@ class ScpSettings:
     bind_address: str = "0.0.0.0"
     allowed_callers: tuple[str, ...] = ()  # calling AE titles accepted; empty = any
     require_called_ae: bool = True  # refuse associations addressed to another AE title
-    max_associations: int = 16  # concurrent associations (pynetdicom's default, 10, silently refuses more)
+    max_associations: int = 16  # concurrent associations per SCP process (pynetdicom's default, 10, refuses more)
+    processes: int = 1  # SCP processes sharing the port (SO_REUSEPORT, Linux): > 1 uses more cores
     max_pdu: int = 131072  # receive PDU size; larger PDUs halve pynetdicom's CPU per GB
     network_timeout_s: float = 60.0
 
@@ -136,7 +137,7 @@ class Settings:
         return {
             "scp": {"ae_title": self.scp.ae_title, "port": self.scp.port,
                     "allowed_callers": list(self.scp.allowed_callers),
-                    "max_associations": self.scp.max_associations},
+                    "max_associations": self.scp.max_associations, "processes": self.scp.processes},
             "database": url,
             "data_dir": str(self.data_path),
             "destinations": [f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in self.destinations],
@@ -261,6 +262,8 @@ def _validate(s: Settings, problems: list[str]) -> None:
         problems.append(f"scp.port: expected 0-65535, found {s.scp.port}")
     if s.scp.max_associations < 1:
         problems.append(f"scp.max_associations: expected >= 1, found {s.scp.max_associations}")
+    if s.scp.processes < 1:
+        problems.append(f"scp.processes: expected >= 1, found {s.scp.processes}")
     if s.filter.no_view_policy not in ("analyse", "skip"):
         problems.append(f"filter.no_view_policy: expected 'analyse' or 'skip', found {s.filter.no_view_policy!r}")
     if s.send.retry_initial_s <= 0 or s.send.retry_max_s < s.send.retry_initial_s:

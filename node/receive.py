@@ -23,7 +23,9 @@ Associations: every storage SOP class with every transfer syntax pynetdicom know
 lossless, JPEG-LS, JPEG 2000, RLE, deflate ...), Verification; the called AE title is checked when
 ``scp.require_called_ae``; a non-empty ``scp.allowed_callers`` refuses other callers at association
 ("calling AE not recognised"); TCP_NODELAY on every accepted socket (else each response waits for
-the peer's delayed ACK, ~40 ms).
+the peer's delayed ACK, ~40 ms). With ``scp.processes`` > 1 every SCP process binds the port with
+``SO_REUSEPORT`` (:class:`SharedPortAssociationServer`; started by ``node.app``) and
+``scp.max_associations`` applies to each process.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import copy
 import errno
 import logging
+import os
 import socket
 import struct
 import threading
@@ -407,17 +410,32 @@ class SupportedContexts(list[PresentationContext]):
 
 class NoDelayAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server: TCP_NODELAY on each accepted socket, bulk reads (BulkRecvSocket),
-    contexts copied quickly for each association (SupportedContexts)."""
+    contexts copied quickly for each association (SupportedContexts); ``SO_REUSEPORT`` when ``reuse_port``."""
+
+    reuse_port = False  # True (SharedPortAssociationServer): several processes listen on one port
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", BulkRecvRequestHandler)
         super().__init__(*args, **kwargs)
         self.contexts = SupportedContexts(self.contexts)
 
+    def server_bind(self) -> None:
+        """pynetdicom's bind (SO_REUSEADDR, timeout), with ``SO_REUSEPORT`` set first when ``reuse_port``."""
+        if self.reuse_port:
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
     def get_request(self) -> tuple[socket.socket, Any]:
         client, address = super().get_request()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
+
+
+class SharedPortAssociationServer(NoDelayAssociationServer):
+    """The server of one of ``scp.processes`` > 1 processes: all bind the same port with ``SO_REUSEPORT``
+    and the Linux kernel spreads new connections over their listening sockets."""
+
+    reuse_port = True
 
 
 def start_scp(settings: Settings, intake: Intake, ae: AE | None = None) -> NoDelayAssociationServer:
@@ -437,13 +455,14 @@ def start_scp(settings: Settings, intake: Intake, ae: AE | None = None) -> NoDel
         log.warning("start-up: removed %d partly received file(s) older than %.0f s from %s",
                     stale, STALE_INCOMING_S, settings.data_path / INCOMING_DIR)
     address = (settings.scp.bind_address, settings.scp.port)
+    server_class = SharedPortAssociationServer if settings.scp.processes > 1 else NoDelayAssociationServer
     server = cast(NoDelayAssociationServer, ae.make_server(
-        address, evt_handlers=evt_handlers(intake), server_class=NoDelayAssociationServer))
+        address, evt_handlers=evt_handlers(intake), server_class=server_class))
     thread = threading.Thread(target=server.serve_forever, name=f"scp-{settings.scp.ae_title}", daemon=True)
     thread.start()
     ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it from this list
-    log.info("SCP %s listening on %s:%d (callers: %s, max associations %d, max PDU %d)",
-             settings.scp.ae_title, *server.server_address[:2],
+    log.info("SCP %s listening on %s:%d in process %d (callers: %s, max associations %d, max PDU %d)",
+             settings.scp.ae_title, *server.server_address[:2], os.getpid(),
              ", ".join(settings.scp.allowed_callers) or "any", ae.maximum_associations,
              ae.maximum_pdu_size)
     return server
