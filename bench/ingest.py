@@ -271,14 +271,14 @@ def serve_scp(config: Path, log_level: str, no_fsync: bool = False) -> int:
 
     from sqlalchemy import event
 
-    from node.cli import _setup_logging
+    from node.cli import setup_logging
     from node.config import load_settings
     from node.filter import FilterRules
     from node.receive import Intake, start_scp
     from storage.db import make_engine
     from storage.queue import Store
 
-    _setup_logging(log_level)
+    setup_logging(log_level)
     s = load_settings(config)
     s.data_path.mkdir(parents=True, exist_ok=True)
     engine = make_engine(s.database_url)

@@ -4,15 +4,32 @@ Roles (``cxr-node serve --role``):
 - ``all``: the SCP, one worker and the scheduler (sending, lease reaping, retention) in one process.
 - ``scp``: receive only (store + queue); workers elsewhere share the database.
 - ``worker``: process the shared queue and send results (worker + scheduler), no SCP.
+
+``scp.processes`` = N > 1 (roles ``all`` and ``scp``): the node's own process binds the SCP port with
+``SO_REUSEPORT`` and then starts N-1 SCP-only child processes (multiprocessing, ``spawn``) that bind the
+same port; the Linux kernel spreads new associations over them. Each child builds its own engine,
+``Store`` and ``Intake`` from the pickled settings (an engine is never shared across processes); SQLite
+(WAL, ``BEGIN IMMEDIATE``, ``busy_timeout``) and PostgreSQL both take several writer processes.
+``scp.max_associations`` applies per process. The parent stops its children on SIGTERM/SIGINT (SIGTERM,
+then SIGKILL after ``CHILD_STOP_S``); a child stops by itself when its parent is gone. A child that
+dies while the node runs is logged and **stops the whole node with a non-zero exit status** (no
+restart here: the service manager, e.g. systemd ``Restart=on-failure``, restarts the node as a whole,
+so a crash loop is visible instead of hidden).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import signal
 import threading
-from dataclasses import dataclass, field
-from typing import Any
+import time
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import wait as wait_sentinels
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as ProcessEvent
+from typing import Any, cast
 
 from ai.ensemble import Ensemble
 from ai.manifest import bundled_package_dir
@@ -28,6 +45,12 @@ from storage.queue import Store
 log = logging.getLogger(__name__)
 
 ROLES = ("all", "scp", "worker")
+CHILD_START_S = 120.0  # an SCP child that is not listening after this fails the start
+CHILD_STOP_S = 30.0  # SIGTERM, then SIGKILL after this
+
+
+class ScpProcessError(RuntimeError):
+    """An additional SCP process failed to start or died while the node was running."""
 
 
 def load_ensemble(settings: Settings) -> Ensemble:
@@ -53,6 +76,9 @@ class Node:
     _server: Any = None
     _scheduler: NodeScheduler | None = None
     _threads: list[threading.Thread] = field(default_factory=list)
+    scp_child: bool = False  # one of the N-1 additional SCP processes (started by the parent node)
+    failed: str = ""  # why the node stopped on its own (a dead SCP child); serve exits non-zero
+    _children: list[BaseProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -86,6 +112,39 @@ class Node:
             intake = Intake(s.data_path, self.store, s, rules)
             self._server = start_scp(s, intake)
             log.info("SCP %s listening on %s:%d", s.scp.ae_title, s.scp.bind_address, self.port)
+            if s.scp.processes > 1 and not self.scp_child:
+                self._start_children()
+
+    def _start_children(self) -> None:
+        """Start ``scp.processes`` - 1 SCP-only processes on the bound port; return once all listen."""
+        s = self.settings
+        settings = replace(s, scp=replace(s.scp, port=self.port))  # port 0: the one bound here
+        ctx = multiprocessing.get_context("spawn")
+        level = logging.getLogger().getEffectiveLevel()
+        for _ in range(s.scp.processes - 1):
+            ready = ctx.Event()
+            child = ctx.Process(target=run_scp_child, args=(settings, level, ready), name="cxr-node-scp",
+                                daemon=True)
+            child.start()
+            self._children.append(child)
+            wait_child_ready(child, ready, CHILD_START_S)
+        pids = [os.getpid(), *(c.pid for c in self._children)]
+        log.info("%d SCP processes listening on port %d: pids %s", len(pids), self.port,
+                 ", ".join(map(str, pids)))
+        t = threading.Thread(target=self._watch_children, name="scp-children", daemon=True)
+        t.start()
+
+    def _watch_children(self) -> None:
+        """Stop the node (``failed``) when an SCP child exits while the node runs."""
+        by_sentinel = {c.sentinel: c for c in self._children}
+        while not self.stop_event.is_set():
+            ended = wait_sentinels(list(by_sentinel), timeout=0.5)
+            if ended and not self.stop_event.is_set():
+                child = by_sentinel[cast(int, ended[0])]
+                child.join(timeout=1)
+                self.failed = f"SCP process {child.pid} exited with status {child.exitcode}"
+                log.error("%s: stopping the node", self.failed)
+                self.stop_event.set()
 
     @property
     def port(self) -> int:
@@ -98,6 +157,7 @@ class Node:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        stop_children(self._children, CHILD_STOP_S)
         for t in self._threads:
             t.join(timeout=30)
         if self._scheduler is not None:
@@ -105,11 +165,73 @@ class Node:
         log.info("cxr-node stopped")
 
     def serve_forever(self) -> None:
-        """Start, then block until SIGINT/SIGTERM, then stop cleanly."""
+        """Start, then block until SIGINT/SIGTERM (or a dead SCP child), then stop cleanly.
+
+        Raises:
+            ScpProcessError: an SCP child failed to start or died (``failed``): the caller exits non-zero.
+        """
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop_event.set())
-        self.start()
         try:
+            self.start()
             self.stop_event.wait()
         finally:
             self.stop()
+        if self.failed:
+            raise ScpProcessError(self.failed)
+
+
+def wait_child_ready(child: BaseProcess, ready: ProcessEvent, timeout_s: float) -> None:
+    """Wait until an SCP child listens (``ready``).
+
+    Raises:
+        ScpProcessError: the child exited first or did not listen within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not ready.wait(0.1):
+        if not child.is_alive():
+            raise ScpProcessError(f"SCP process {child.pid} exited with status {child.exitcode} while starting")
+        if time.monotonic() > deadline:
+            raise ScpProcessError(f"SCP process {child.pid}: expected to listen within {timeout_s:.0f} s, "
+                                  "found it still starting")
+
+
+def stop_children(children: list[BaseProcess], timeout_s: float) -> None:
+    """SIGTERM every child, wait up to ``timeout_s`` for all, SIGKILL those still running."""
+    for child in children:
+        if child.is_alive():
+            child.terminate()
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        child.join(timeout=max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            log.error("SCP process %d did not stop within %.0f s: killed", child.pid, timeout_s)
+            child.kill()
+            child.join(timeout=5)
+    children.clear()
+
+
+def stop_with_parent(parent: BaseProcess, stop_event: threading.Event) -> None:
+    """Set ``stop_event`` once the parent process is gone, however it ended (even SIGKILL)."""
+    wait_sentinels([parent.sentinel])
+    stop_event.set()
+
+
+def run_scp_child(settings: Settings, log_level: int, ready: ProcessEvent) -> None:
+    """Entry point of an additional SCP process (spawned): receive until SIGTERM/SIGINT or the parent is gone."""
+    from node.cli import setup_logging
+
+    setup_logging(logging.getLevelName(log_level))
+    node = Node(settings, role="scp", scp_child=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: node.stop_event.set())
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=stop_with_parent, args=(parent, node.stop_event), name="parent-watch",
+                         daemon=True).start()
+    try:
+        node.start()
+        ready.set()
+        node.stop_event.wait()
+    finally:
+        node.stop()

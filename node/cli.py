@@ -19,10 +19,11 @@ log = logging.getLogger("node")
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
+    """Log to stderr at ``level``; each line names its process (``scp.processes`` > 1 runs several)."""
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
     # pydicom warnings can quote element values (e.g. an invalid Patient's Age): keep them out of logs.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -46,10 +47,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from node.app import Node
+    from node.app import Node, ScpProcessError
 
     settings = _settings(args)
-    Node(settings, role=args.role).serve_forever()
+    try:
+        Node(settings, role=args.role).serve_forever()
+    except ScpProcessError as exc:
+        log.error("cxr-node stopped: %s", exc)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -179,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
     try:
         return int(args.func(args))
     except ConfigError as exc:
