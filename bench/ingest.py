@@ -144,13 +144,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and of its children that were waited for (/proc/PID/stat)."""
+def cpu_seconds(pid: int, running_children: bool = False) -> float:
+    """User + system CPU of a process and of its children that were waited for (/proc/PID/stat).
+
+    ``running_children``: also the CPU of its running children (the SCP children of ``node-Nproc``).
+    """
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split() if running_children else []
     except OSError:
         return float("nan")
-    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(int(c)) for c in children)
+
+
+def node_processes(kind: str) -> int:
+    """SCP processes of a node server kind: ``node-2proc`` -> 2, any other node -> 1."""
+    found = re.fullmatch(r"node-(\d+)proc", kind)
+    return int(found.group(1)) if found else 1
+
+
+def wait_all_listening(log_path: Path, proc: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
+    """Wait until a node with several SCP processes logs that all of them listen."""
+    deadline = time.monotonic() + timeout_s
+    while "SCP processes listening on port" not in log_path.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the node's SCP processes did not all listen (exit status {proc.poll()})")
+        time.sleep(0.1)
 
 
 def wait_ready(port: int, called_ae: str, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
@@ -181,7 +200,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 class Server:
     """One server under test, started fresh in ``folder`` for each measurement."""
 
-    kind: str  # "storescp", "storescp-fork", "node" or "node-nofsync" (diagnostic)
+    kind: str  # "storescp", "storescp-fork", "node", "node-<N>proc" or "node-nofsync" (diagnostic)
     called_ae: str
     port: int = 0
     folder: Path = Path()
@@ -211,7 +230,10 @@ def running(kind: str, args: argparse.Namespace) -> Iterator[Server]:
     if kind.startswith("node"):
         server = Server(kind, NODE_AE, port, folder)
         launcher = "no-fsync" if kind == "node-nofsync" else args.node_launcher
-        cmd = node_command(folder, port, args.node_max_pdu or args.max_pdu, args.node_log_level, launcher)
+        if node_processes(kind) > 1:
+            launcher = "cli"  # the children are started by `cxr-node serve` (node.app)
+        cmd = node_command(folder, port, args.node_max_pdu or args.max_pdu, args.node_log_level, launcher,
+                           node_processes(kind))
     else:
         server = Server(kind, STORESCP_AE, port, folder)
         (folder / "out").mkdir()
@@ -224,6 +246,8 @@ def running(kind: str, args: argparse.Namespace) -> Iterator[Server]:
         try:
             try:
                 wait_ready(port, server.called_ae, server.proc)
+                if node_processes(kind) > 1:
+                    wait_all_listening(folder / "server.log", server.proc)
             except RuntimeError:
                 log((folder / "server.log").read_text(errors="replace")[-3000:])
                 raise
@@ -233,12 +257,13 @@ def running(kind: str, args: argparse.Namespace) -> Iterator[Server]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def node_command(folder: Path, port: int, max_pdu: int, log_level: str, launcher: str) -> list[str]:
+def node_command(folder: Path, port: int, max_pdu: int, log_level: str, launcher: str,
+                 processes: int = 1) -> list[str]:
     """``cxr-node serve --role scp`` on a fresh config (SQLite in the folder), or the same parts built here."""
     config = folder / "node.toml"
     config.write_text(
         f'[scp]\nae_title = "{NODE_AE}"\nport = {port}\nbind_address = "127.0.0.1"\n'
-        f"max_pdu = {max_pdu}\nmax_associations = 16\n\n"
+        f"max_pdu = {max_pdu}\nmax_associations = 16\nprocesses = {processes}\n\n"
         f'[storage]\ndata_dir = "{folder / "data"}"\n'
     )
     if launcher == "cli":
@@ -353,9 +378,10 @@ def measure(kind: str, associations: int, run: int, corpus: list[Path], uids: se
     with running(kind, args) as server:
         assert server.proc is not None
         load_before = os.getloadavg()
-        cpu0 = cpu_seconds(server.proc.pid)
+        with_children = node_processes(kind) > 1
+        cpu0 = cpu_seconds(server.proc.pid, with_children)
         seconds, successes, client_cpu = send(server, shares, server.folder)
-        cpu = cpu_seconds(server.proc.pid) - cpu0  # storescp --fork: children are counted once reaped
+        cpu = cpu_seconds(server.proc.pid, with_children) - cpu0  # storescp --fork: children are counted once reaped
         load_after = os.getloadavg()
         arrived = server.count_arrived(uids)
     m = Measurement(kind, associations, run, len(corpus), round(megabytes, 1), round(seconds, 3),
@@ -383,6 +409,7 @@ def servers_for(associations: int, args: argparse.Namespace) -> list[str]:
         kinds = ["storescp-fork", "node"]
     else:
         kinds = ["storescp-fork", "storescp", "node"]
+    kinds += [f"node-{args.node_processes}proc"] if args.node_processes > 1 else []
     kinds += ["node-nofsync"] if args.diagnose_no_fsync else []
     return [k for k in kinds if k.split("-")[0] in args.servers]
 
@@ -425,6 +452,11 @@ def summarize(results: list[Measurement], args: argparse.Namespace) -> list[dict
         if "node-nofsync" in medians and base is not None:
             ratio = medians["node-nofsync"]["images_per_s"] / medians[base]["images_per_s"]
             row["ratio_node_nofsync_to_baseline"] = round(ratio, 3)
+        nproc = f"node-{args.node_processes}proc"
+        if nproc in medians and base is not None:
+            ratio = medians[nproc]["images_per_s"] / medians[base]["images_per_s"]
+            row |= {"node_processes": args.node_processes, "ratio_node_nproc_to_baseline": round(ratio, 3),
+                    "nproc_meets_goal": ratio >= GOAL}
         rows.append(row)
     return rows
 
@@ -440,6 +472,10 @@ def table(rows: list[dict[str, Any]]) -> str:
             verdict = "meets" if row["meets_goal"] else "BELOW"
             lines.append(f"{'':>5}  node / {row['baseline']}: {row['ratio_node_to_baseline']:.2f} "
                          f"({verdict} goal {GOAL})")
+        if "ratio_node_nproc_to_baseline" in row:
+            verdict = "meets" if row["nproc_meets_goal"] else "BELOW"
+            lines.append(f"{'':>5}  node-{row['node_processes']}proc / {row['baseline']}: "
+                         f"{row['ratio_node_nproc_to_baseline']:.2f} ({verdict} goal {GOAL}; scp.processes)")
         if "ratio_node_nofsync_to_baseline" in row:
             lines.append(f"{'':>5}  node-nofsync / {row['baseline']}: {row['ratio_node_nofsync_to_baseline']:.2f} "
                          "(diagnostic: no fsync, SQLite synchronous=OFF)")
@@ -519,6 +555,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--diagnose-no-fsync", action="store_true",
                    help="also measure node-nofsync: the node with fsync off and SQLite synchronous=OFF, to show what "
                         "durability costs on this disk (a diagnostic, never a configuration; not in the ratio)")
+    p.add_argument("--node-processes", type=int, default=0,
+                   help="also measure node-<N>proc: the node with scp.processes = N (N > 1; CPU s include its "
+                        "SCP children)")
     p.add_argument("--include-real", action="store_true",
                    help="also send the real files of ../shared/data/dicom (compressed, as they are)")
     p.add_argument("--max-pdu", type=int, default=131072,
