@@ -98,6 +98,9 @@ class Node:
             reaped = self.store.reap_expired_leases(owner_is_dead)
             if reaped:
                 log.warning("start-up: %d job(s) of dead workers returned to the queue", reaped)
+            released = self.store.release_claims(owner_is_dead)
+            if released:
+                log.warning("start-up: %d result(s) claimed by a dead sender are due again", released)
             outbox = Outbox(self.store, list(s.destinations), s.send, s.scp.ae_title)
             self._scheduler = NodeScheduler(self.store, s, outbox.run_due)
             worker = Worker(self.store, self.ensemble, s, on_done=self._scheduler.kick_send)

@@ -29,6 +29,8 @@ def setup_logging(level: str) -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     for noisy in ("pynetdicom", "apscheduler", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "skipped: maximum number of running instances reached" is the send job being woken while it runs
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 
 def _settings(args: argparse.Namespace) -> Settings:

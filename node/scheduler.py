@@ -17,6 +17,7 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Settings
+from node.worker import owner_is_dead
 from storage.queue import Store
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,11 @@ class NodeScheduler:
             job.modify(next_run_time=dt.datetime.now(dt.UTC))
 
     def reap(self) -> int:
-        """Return expired leases to the queue."""
-        n = self.store.reap_expired_leases()
+        """Return jobs with expired leases or dead local workers to the queue; release dead senders' claims."""
+        n = self.store.reap_expired_leases(owner_is_dead)
         if n:
             log.warning("returned %d job(s) with expired leases to the queue", n)
+        self.store.release_claims(owner_is_dead)
         return n
 
     def purge(self, batch: int = 1000) -> int:

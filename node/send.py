@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
+import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -309,6 +310,8 @@ class Outbox:
         self.batch = batch
         # a claim outlasts the slowest batch, so other processes sharing the queue skip these entries
         self.claim_s = max(60.0, settings.timeout_s * (batch + 2))
+        # who holds a claim: a restarted node releases the claims of its dead predecessor at once
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:outbox"
         self.consecutive_failures: dict[str, int] = {}
 
     def retry_delay(self, attempts: int) -> float:
@@ -324,7 +327,7 @@ class Outbox:
         """
         now = now or utcnow()
         tried = 0
-        while entries := self.store.due_outbox(now, limit=self.batch * 4, claim_s=self.claim_s):
+        while entries := self.store.due_outbox(now, limit=self.batch * 4, claim_s=self.claim_s, owner=self.owner):
             by_dest: dict[str, list[OutboxEntry]] = {}
             for entry in entries:
                 by_dest.setdefault(entry.destination, []).append(entry)

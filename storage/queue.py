@@ -360,7 +360,7 @@ class Store:
     # ---------------------------------------------------------------- outbox
 
     def due_outbox(
-        self, now: dt.datetime | None = None, limit: int = 100, claim_s: float = 0.0
+        self, now: dt.datetime | None = None, limit: int = 100, claim_s: float = 0.0, owner: str | None = None
     ) -> list[OutboxEntry]:
         """Outbox entries (pending or failed-retryable) whose ``next_attempt_at`` has come.
 
@@ -393,6 +393,7 @@ class Store:
             if claim_s > 0:
                 for item, _res in rows:
                     item.next_attempt_at = now + dt.timedelta(seconds=claim_s)
+                    item.claimed_by = owner
             return entries
 
     def _outbox_item(self, s: Session, outbox_id: int, what: str) -> OutboxItem:
@@ -406,7 +407,7 @@ class Store:
         now = self.clock()
         with self._tx("mark_sent") as s:
             item = self._outbox_item(s, outbox_id, "mark_sent")
-            item.state, item.sent_at, item.updated_at = OUTBOX_SENT, now, now
+            item.state, item.sent_at, item.updated_at, item.claimed_by = OUTBOX_SENT, now, now, None
             item.attempts += 1
             item.last_error = None
 
@@ -422,7 +423,7 @@ class Store:
             item = self._outbox_item(s, outbox_id, "mark_send_failed")
             if item.state == OUTBOX_SENT:
                 return item.attempts
-            item.state, item.next_attempt_at = OUTBOX_FAILED, retry_at
+            item.state, item.next_attempt_at, item.claimed_by = OUTBOX_FAILED, retry_at, None
             item.attempts += 1
             item.last_error, item.updated_at = _clip(error), self.clock()
             return item.attempts
@@ -433,9 +434,31 @@ class Store:
             item = self._outbox_item(s, outbox_id, "mark_rejected")
             if item.state == OUTBOX_SENT:
                 return
-            item.state = OUTBOX_REJECTED
+            item.state, item.claimed_by = OUTBOX_REJECTED, None
             item.attempts += 1
             item.last_error, item.updated_at = _clip(error), self.clock()
+
+    def release_claims(self, owner_is_dead: Callable[[str], bool]) -> int:
+        """Make outbox entries claimed by senders that no longer exist due now (not after the claim runs out).
+
+        Args:
+            owner_is_dead: judge of claim owners (e.g. a process of this host that no longer exists).
+
+        Returns:
+            The number of entries released.
+        """
+        now = self.clock()
+        with self._tx("release_claims") as s:
+            items = s.scalars(
+                select(OutboxItem)
+                .where(OutboxItem.claimed_by.is_not(None), OutboxItem.state.in_((OUTBOX_PENDING, OUTBOX_FAILED)))
+                .with_for_update(skip_locked=True)
+            ).all()
+            released = [item for item in items if owner_is_dead(str(item.claimed_by))]
+            for item in released:
+                log.warning("outbox %d: claim of %s released (sender gone)", item.id, item.claimed_by)
+                item.next_attempt_at, item.claimed_by, item.updated_at = now, None, now
+            return len(released)
 
     def resend(self, outbox_id: int) -> None:
         """Make a failed or rejected entry due now (an operator's manual retry)."""

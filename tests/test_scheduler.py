@@ -89,3 +89,21 @@ def test_reap_returns_expired_leases(store: Store, tmp_path: Path) -> None:
     sched = NodeScheduler(store, Settings(storage=StorageSettings(data_dir=str(tmp_path))), None)
     assert sched.reap() == 1
     assert store.status()["jobs"]["queued"] == 1
+
+
+def test_claims_of_a_dead_sender_fall_due_at_once(store: Store, tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from node.worker import owner_is_dead
+
+    received(store, tmp_path, 1, None, "pending")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = f"{socket.gethostname()}:{gone.stdout.strip()}:outbox"
+    alive = f"{socket.gethostname()}:{__import__('os').getpid()}:outbox"
+    assert len(store.due_outbox(claim_s=300, owner=dead)) == 1  # claimed, then the sender was killed
+    assert store.due_outbox() == []  # not due for 300 s
+    assert store.release_claims(owner_is_dead) == 1
+    assert len(store.due_outbox(claim_s=300, owner=alive)) == 1  # due again at once
+    assert store.release_claims(owner_is_dead) == 0  # a live sender's claim is kept
