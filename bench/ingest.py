@@ -48,6 +48,17 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import system_tool  # noqa: E402 - dcmtk's programs, not pynetdicom's same-named apps
+
+
+def dcmtk(name: str) -> str:
+    """dcmtk's program ``name`` (pynetdicom's console scripts of the same name are skipped)."""
+    path = system_tool(name)
+    if path is None:
+        sys.exit(f"{name} not found: install Debian's dcmtk")
+    return path
 RESULTS = REPO / "bench" / "results" / "ingest.json"
 CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 CORPUS_VERSION = 1  # bump when the synthetic images change
@@ -178,7 +189,7 @@ def wait_ready(port: int, called_ae: str, proc: subprocess.Popen[bytes], timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before it answered C-ECHO")
-        done = subprocess.run(["echoscu", "-to", "2", "-aet", CALLING_AE, "-aec", called_ae, "127.0.0.1",
+        done = subprocess.run([dcmtk("echoscu"), "-to", "2", "-aet", CALLING_AE, "-aec", called_ae, "127.0.0.1",
                                str(port)], env=DCMTK_ENV, capture_output=True, check=False)
         if done.returncode == 0:
             return
@@ -238,7 +249,7 @@ def running(kind: str, args: argparse.Namespace) -> Iterator[Server]:
         server = Server(kind, STORESCP_AE, port, folder)
         (folder / "out").mkdir()
         # A real archive's layout: one folder per study, files named by SOP Instance UID.
-        cmd = ["storescp", "--fork" if kind == "storescp-fork" else "--single-process", "-aet", STORESCP_AE,
+        cmd = [dcmtk("storescp"), "--fork" if kind == "storescp-fork" else "--single-process", "-aet", STORESCP_AE,
                "-od", str(folder / "out"), "-su", "study", "-uf", "-pdu", str(args.max_pdu), "+xa", str(port)]
     with open(folder / "server.log", "wb") as server_log:
         server.proc = subprocess.Popen(cmd, env=DCMTK_ENV, stdout=server_log, stderr=subprocess.STDOUT,
@@ -354,7 +365,7 @@ def send(server: Server, shares: list[list[Path]], report_dir: Path) -> tuple[fl
     t0 = time.perf_counter()
     for i, files in enumerate(shares):
         report = report_dir / f"dcmsend-{i}.txt"
-        cmd = ["dcmsend", "-aet", CALLING_AE, "-aec", server.called_ae, "--decompress-never", "--no-halt",
+        cmd = [dcmtk("dcmsend"), "-aet", CALLING_AE, "-aec", server.called_ae, "--decompress-never", "--no-halt",
                "--create-report-file", str(report), "127.0.0.1", str(server.port), *map(str, files)]
         procs.append(subprocess.Popen(cmd, env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     errors = [p.communicate()[1] for p in procs]
@@ -375,6 +386,9 @@ def measure(kind: str, associations: int, run: int, corpus: list[Path], uids: se
             args: argparse.Namespace) -> Measurement:
     shares = [corpus[i::associations] for i in range(associations)]
     megabytes = sum(p.stat().st_size for p in corpus) / 1e6
+    # Start every measurement with no dirty pages left by the previous server: storescp never flushes,
+    # so without this the kernel's writeback of its files throttles whichever server runs next.
+    os.sync()
     with running(kind, args) as server:
         assert server.proc is not None
         load_before = os.getloadavg()
@@ -486,7 +500,8 @@ def machine_info() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1])  # type: ignore[index]
-    dcmtk = subprocess.run(["storescp", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    dcmtk_version = subprocess.run([dcmtk("storescp"), "--version"], capture_output=True,
+                                   text=True).stdout.splitlines()[0]
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "node/receive.py",
@@ -494,7 +509,7 @@ def machine_info() -> dict[str, Any]:
     import pynetdicom
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_kb / 1e6, 1),
             "platform": platform.platform(), "python": platform.python_version(),
-            "pynetdicom": pynetdicom.__version__, "pydicom": pydicom.__version__, "dcmtk": dcmtk,
+            "pynetdicom": pynetdicom.__version__, "pydicom": pydicom.__version__, "dcmtk": dcmtk_version,
             "commit": commit + (" (receive/storage modified)" if dirty else ""),
             "load_at_start": _round3(os.getloadavg())}
 
@@ -583,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_scp(args.serve_scp, args.node_log_level, args.diagnose_no_fsync)
     args.node_launcher = node_launcher(args.node_launcher)
     for tool in ("storescp", "dcmsend", "echoscu"):
-        if shutil.which(tool) is None:
+        if system_tool(tool) is None:
             sys.exit(f"{tool} not found: install the Debian package dcmtk")
     corpus = build_corpus(args.cache_dir, args.images, args.size)
     if args.include_real:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from ai.manifest import bundled_package_dir, load_manifest  # noqa: E402
 from node.results import result_uid  # noqa: E402
-from tests.conftest import free_port, shared_data_dir  # noqa: E402
+from tests.conftest import free_port, require_tool, shared_data_dir  # noqa: E402
 from tests.peers import DCMTK_ENV, dcmsend, orthanc, wait_for  # noqa: E402
 
 FRONTAL = ["rsna_cr_pa_jpeg_baseline.dcm", "dx_pa_chest_j2k_lossless.dcm", "cr_pa_chest_jpegls_near_lossless.dcm",
@@ -101,7 +101,7 @@ def run(n_images: int, package: Path) -> dict[str, Any]:
             node = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)],
                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
             try:
-                wait_for(lambda: subprocess.run(["echoscu", "-aec", "CXR-AI", "127.0.0.1", str(port)],
+                wait_for(lambda: subprocess.run([require_tool("echoscu"), "-aec", "CXR-AI", "127.0.0.1", str(port)],
                                                 env=DCMTK_ENV, capture_output=True).returncode == 0,
                          timeout=60, what="the node")
                 latencies = [one(tmp, files[i % len(files)], i, port, pacs.http_port, manifest)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -30,9 +29,28 @@ def data_dir() -> Path:
     return path
 
 
+def system_tool(name: str) -> str | None:
+    """Path of an external program on PATH, skipping Python console scripts of the same name.
+
+    pynetdicom installs its own ``storescp``, ``storescu``, ``echoscu`` ... into the virtual environment's
+    bin folder; with that folder first on PATH they would shadow dcmtk's programs of the same names,
+    which take other options. The tests and benchmarks talk to dcmtk.
+    """
+    for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = Path(folder or ".") / name
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        with candidate.open("rb") as f:
+            head = f.readline(200)
+        if head.startswith(b"#!") and b"python" in head:
+            continue
+        return str(candidate)
+    return None
+
+
 def require_tool(name: str) -> str:
     """Path of an external program, or skip the test naming the Debian package that provides it."""
-    path = shutil.which(name)
+    path = system_tool(name)
     if path is None:
         pkg = {"dciodvfy": "dicom3tools", "Orthanc": "orthanc"}.get(name, "dcmtk")
         pytest.skip(f"{name} not installed (Debian package {pkg}; .ci/run installs it)")
