@@ -29,6 +29,7 @@ RUN useradd --system --home /var/lib/cxr-node cxr && chown cxr /var/lib/cxr-node
 USER cxr
 VOLUME /var/lib/cxr-node
 EXPOSE 11112
-HEALTHCHECK CMD cxr-node check-config --config /etc/cxr-node/node.toml >/dev/null || exit 1
+# healthy = the SCP accepts connections (the port of /etc/cxr-node/node.toml)
+HEALTHCHECK CMD python3 -c "import socket; socket.create_connection(('127.0.0.1', 11112), 3).close()" || exit 1
 ENTRYPOINT ["cxr-node"]
 CMD ["serve", "--config", "/etc/cxr-node/node.toml"]
