@@ -264,9 +264,7 @@ class Store:
         """
         now = self.clock()
         with self._tx("complete_job") as s:
-            job = s.get(Job, job_id, with_for_update=True)
-            if job is None:
-                raise ValueError(f"complete_job: job {job_id} not found")
+            job = self._job(s, job_id, "complete_job")
             if job.state != JOB_RUNNING:
                 log.warning("complete_job: job %d was %s, not running; marking it done", job_id, job.state)
             for record in results:
@@ -308,9 +306,7 @@ class Store:
         """
         now = self.clock()
         with self._tx("fail_job") as s:
-            job = s.get(Job, job_id, with_for_update=True)
-            if job is None:
-                raise ValueError(f"fail_job: job {job_id} not found")
+            job = self._job(s, job_id, "fail_job")
             if job.state != JOB_RUNNING:
                 log.warning("fail_job: job %d is %s, not running; left unchanged", job_id, job.state)
                 return job.state
@@ -395,6 +391,13 @@ class Store:
                     item.next_attempt_at = now + dt.timedelta(seconds=claim_s)
                     item.claimed_by = owner
             return entries
+
+    @staticmethod
+    def _job(s: Session, job_id: int, what: str) -> Job:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise ValueError(f"{what}: job {job_id} not found")
+        return job
 
     def _outbox_item(self, s: Session, outbox_id: int, what: str) -> OutboxItem:
         item = s.get(OutboxItem, outbox_id, with_for_update=True)

@@ -42,6 +42,7 @@ from node.results import (
     result_uid,
 )
 from tests.conftest import require_tool
+from training.labels import NIH_FINDINGS
 
 # The files listed in shared/data/dicom/files.csv; test_every_shared_file_is_covered keeps this honest.
 SHARED_FILES = (
@@ -54,22 +55,7 @@ SHARED_FILES = (
     "rsna_cr_ap_jpeg_baseline.dcm",
 )
 SOURCES = (*SHARED_FILES, "RG1_UNCR.dcm")
-NIH14 = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
+NIH14 = NIH_FINDINGS
 ALGORITHM = AlgorithmInfo(name="cxr-nih14", version="1.2.0")
 METHOD = "Youden J on OOF"
 

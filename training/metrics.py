@@ -103,13 +103,8 @@ def auprc(y: Any, p: Any) -> float:
     Raises:
         ValueError: No positive among the known labels.
     """
-    y, p = clean(y, p)
-    if y.sum() == 0:
-        raise ValueError(f"AUPRC needs at least one positive image, got 0 of {y.size}")
-    tps, fps, _ = _ranked_counts(y, p)
-    precision = tps / (tps + fps)
-    recall = tps / tps[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    curve = pr_points(y, p)
+    return float(np.sum(np.diff(np.r_[0.0, curve["recall"]]) * curve["precision"]))
 
 
 def balanced_accuracy(y: Any, p: Any, threshold: float) -> float:
