@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -137,6 +137,9 @@ class Store:
         self.clock = clock
         self._write = sessionmaker(engine, expire_on_commit=False)
         self._read = sessionmaker(engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False)
+        # Built once so that SQLAlchemy compiles them once (the intake's first-receive path).
+        self._insert_instance = insert(Instance)
+        self._insert_job = insert(Job)
 
     @contextmanager
     def _tx(self, what: str, read_only: bool = False) -> Iterator[Session]:
@@ -159,12 +162,57 @@ class Store:
             The job id (the same id for every repeat of one SOP Instance UID).
         """
         try:
+            return self._record_first(meta, accepted, reason)
+        except IntegrityError:
+            pass  # the UID has a row already (a repeat, or a concurrent first receive): the locked path
+        try:
             with self._tx("record_instance") as s:
                 return self._record(s, meta, accepted, reason)
         except IntegrityError:
             # PostgreSQL: a concurrent first receive of the same UID won; take the repeat path.
             with self._tx("record_instance") as s:
                 return self._record(s, meta, accepted, reason)
+
+    def _record_first(self, meta: ReceivedInstance, accepted: bool, reason: str) -> int:
+        """The common case, a first receive: two plain INSERTs in one transaction (no ORM unit of work).
+
+        The ORM path below costs ~3 ms of CPU (under the GIL) per C-STORE; this one a fraction of it.
+        A UID that already has a row fails the unique constraint: ``IntegrityError``, nothing written.
+        """
+        now = self.clock()
+        received_at = meta.received_at or now
+        try:
+            with self.engine.begin() as conn:
+                instance_key = conn.execute(self._insert_instance, {
+                    "sop_instance_uid": meta.sop_instance_uid,
+                    "study_instance_uid": meta.study_instance_uid,
+                    "series_instance_uid": meta.series_instance_uid,
+                    "sop_class_uid": meta.sop_class_uid,
+                    "calling_ae": meta.calling_ae,
+                    "path": str(meta.path),
+                    "size": meta.size,
+                    "received_at": received_at,
+                    "accepted": accepted,
+                    "reason": reason,
+                }).inserted_primary_key
+                assert instance_key is not None  # a single-row INSERT
+                job_key = conn.execute(self._insert_job, {
+                    "instance_id": instance_key[0],
+                    "state": JOB_QUEUED if accepted else JOB_SKIPPED,
+                    "reason": "" if accepted else reason,
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "last_error": None,
+                    "created_at": now,
+                    "updated_at": now,
+                    "finished_at": None if accepted else now,
+                }).inserted_primary_key
+                assert job_key is not None
+        except OperationalError as exc:
+            raise RetryableError(f"database unavailable in record_instance: {exc.orig}") from exc
+        return int(job_key[0])
 
     def _record(self, s: Session, meta: ReceivedInstance, accepted: bool, reason: str) -> int:
         now = self.clock()
