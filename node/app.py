@@ -5,9 +5,10 @@ Roles (``cxr-node serve --role``):
 - ``scp``: receive only (store + queue); workers elsewhere share the database.
 - ``worker``: process the shared queue and send results (worker + scheduler), no SCP.
 
-``scp.processes`` = N > 1 (roles ``all`` and ``scp``): the node's own process binds the SCP port with
-``SO_REUSEPORT`` and then starts N-1 SCP-only child processes (multiprocessing, ``spawn``) that bind the
-same port; the Linux kernel spreads new associations over them. Each child builds its own engine,
+``scp.processes`` = N > 1 (roles ``all`` and ``scp``): the node's own process binds and listens on the
+SCP port, then starts N-1 SCP-only child processes (multiprocessing, ``spawn``) that are handed that
+listening socket and accept on it too; an idle process takes a new association before a busy one
+(``node.receive.SharedSocketAssociationServer``). Each child builds its own engine,
 ``Store`` and ``Intake`` from the pickled settings (an engine is never shared across processes); SQLite
 (WAL, ``BEGIN IMMEDIATE``, ``busy_timeout``) and PostgreSQL both take several writer processes.
 ``scp.max_associations`` applies per process. The parent stops its children on SIGTERM/SIGINT (SIGTERM,
@@ -23,6 +24,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -77,6 +79,7 @@ class Node:
     _scheduler: NodeScheduler | None = None
     _threads: list[threading.Thread] = field(default_factory=list)
     scp_child: bool = False  # one of the N-1 additional SCP processes (started by the parent node)
+    listen_socket: socket.socket | None = None  # a child's: the parent's listening socket
     failed: str = ""  # why the node stopped on its own (a dead SCP child); serve exits non-zero
     _children: list[BaseProcess] = field(default_factory=list)
 
@@ -113,7 +116,7 @@ class Node:
         if self.role in ("all", "scp"):
             rules = FilterRules.load(s.resolve(s.filter.rules_file) if s.filter.rules_file else None)
             intake = Intake(s.data_path, self.store, s, rules)
-            self._server = start_scp(s, intake)
+            self._server = start_scp(s, intake, listen_socket=self.listen_socket)
             log.info("SCP %s listening on %s:%d", s.scp.ae_title, s.scp.bind_address, self.port)
             if s.scp.processes > 1 and not self.scp_child:
                 self._start_children()
@@ -126,8 +129,8 @@ class Node:
         level = logging.getLogger().getEffectiveLevel()
         for _ in range(s.scp.processes - 1):
             ready = ctx.Event()
-            child = ctx.Process(target=run_scp_child, args=(settings, level, ready), name="cxr-node-scp",
-                                daemon=True)
+            child = ctx.Process(target=run_scp_child, args=(settings, level, ready, self._server.socket),
+                                name="cxr-node-scp", daemon=True)
             child.start()
             self._children.append(child)
             wait_child_ready(child, ready, CHILD_START_S)
@@ -220,12 +223,15 @@ def stop_with_parent(parent: BaseProcess, stop_event: threading.Event) -> None:
     stop_event.set()
 
 
-def run_scp_child(settings: Settings, log_level: int, ready: ProcessEvent) -> None:
-    """Entry point of an additional SCP process (spawned): receive until SIGTERM/SIGINT or the parent is gone."""
+def run_scp_child(
+    settings: Settings, log_level: int, ready: ProcessEvent, listen_socket: socket.socket
+) -> None:
+    """Entry point of an additional SCP process (spawned): accept on the parent's ``listen_socket`` and
+    receive until SIGTERM/SIGINT or the parent is gone."""
     from node.cli import setup_logging
 
     setup_logging(logging.getLevelName(log_level))
-    node = Node(settings, role="scp", scp_child=True)
+    node = Node(settings, role="scp", scp_child=True, listen_socket=listen_socket)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: node.stop_event.set())
     parent = multiprocessing.parent_process()

@@ -38,7 +38,7 @@ class ScpSettings:
     allowed_callers: tuple[str, ...] = ()  # calling AE titles accepted; empty = any
     require_called_ae: bool = True  # refuse associations addressed to another AE title
     max_associations: int = 16  # concurrent associations per SCP process (pynetdicom's default, 10, refuses more)
-    processes: int = 1  # SCP processes sharing the port (SO_REUSEPORT, Linux): > 1 uses more cores
+    processes: int = 1  # SCP processes accepting on one listening socket: > 1 uses more cores
     max_pdu: int = 131072  # receive PDU size; larger PDUs halve pynetdicom's CPU per GB
     network_timeout_s: float = 60.0
 

@@ -23,8 +23,10 @@ Associations: every storage SOP class with every transfer syntax pynetdicom know
 lossless, JPEG-LS, JPEG 2000, RLE, deflate ...), Verification; the called AE title is checked when
 ``scp.require_called_ae``; a non-empty ``scp.allowed_callers`` refuses other callers at association
 ("calling AE not recognised"); TCP_NODELAY on every accepted socket (else each response waits for
-the peer's delayed ACK, ~40 ms). With ``scp.processes`` > 1 every SCP process binds the port with
-``SO_REUSEPORT`` (:class:`SharedPortAssociationServer`; started by ``node.app``) and
+the peer's delayed ACK, ~40 ms). With ``scp.processes`` > 1 the node's process binds and listens, and
+its SCP children accept on that same listening socket (:class:`SharedSocketAssociationServer`;
+started by ``node.app``): an idle process takes the next association before a busy one does, where
+``SO_REUSEPORT`` would hash connections onto processes regardless of their load.
 ``scp.max_associations`` applies to each process.
 """
 
@@ -51,7 +53,10 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -382,12 +387,99 @@ class BulkRecvSocket(AssociationSocket):
         return buffer
 
 
+_PDU_TYPES_KNOWN = frozenset(range(0x01, 0x08))
+
+
+def decode_p_data_tf(body: bytearray) -> P_DATA_TF:
+    """A P-DATA-TF PDU from its body (the bytes after the 6-byte header), its PDVs views of ``body``.
+
+    pynetdicom copies each PDU's data four times on its way to the DIMSE layer (``bytestream +=``,
+    ``bytes()``, the slice of the items, the slice of each PDV): ~3 ms of CPU per 8 MB image, under
+    the GIL. Here each presentation data value is a ``memoryview`` into the one received buffer;
+    the DIMSE layer only indexes, slices and writes them.
+
+    Raises:
+        ValueError: an item's length runs past the PDU or is 0 (no message control header).
+    """
+    view = memoryview(body)
+    items = []
+    offset, end = 0, len(body)
+    while offset < end:
+        if end - offset < 6:
+            raise ValueError(f"P-DATA-TF: a PDV item at offset {offset} needs 6 bytes, {end - offset} left")
+        (length,) = struct.unpack_from(">L", body, offset)
+        if length < 2 or offset + 4 + length > end:
+            raise ValueError(f"P-DATA-TF: PDV item length {length} at offset {offset} does not fit in {end}")
+        item = PresentationDataValueItem()
+        item.presentation_context_id = body[offset + 4]
+        item.presentation_data_value = cast(bytes, view[offset + 5 : offset + 4 + length])
+        items.append(item)
+        offset += 4 + length
+    pdu = P_DATA_TF()
+    pdu.presentation_data_value_items = items
+    return pdu
+
+
+class BulkDULServiceProvider(DULServiceProvider):
+    """pynetdicom's DUL reactor, reading P-DATA-TF PDUs without copying their data (see decode_p_data_tf).
+
+    ``_read_pdu_data`` is pynetdicom's (3.0) with the same events for every outcome; only a P-DATA-TF
+    PDU takes the zero-copy decode, and only while no handler is bound to ``EVT_DATA_RECV`` (which is
+    given the raw bytes). Other PDUs go through pynetdicom's own ``_decode_pdu``.
+    """
+
+    def _read_pdu_data(self) -> None:
+        sock = cast(AssociationSocket, self.socket)
+        try:
+            header = sock.recv(6)
+        except (OSError, TimeoutError):
+            log.warning("association from %s: connection closed before a whole PDU arrived",
+                        self.assoc.requestor.address)
+            self.event_queue.put("Evt17")
+            return
+        if len(header) != 6:
+            self.event_queue.put("Evt17")  # closed
+            return
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        if pdu_type not in _PDU_TYPES_KNOWN:
+            log.warning("association from %s: unknown PDU type 0x%02X", self.assoc.requestor.address, pdu_type)
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = sock.recv(length)
+        except (OSError, TimeoutError):
+            log.warning("association from %s: connection closed before a whole PDU arrived",
+                        self.assoc.requestor.address)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != length:
+            log.warning("association from %s: PDU shorter than announced (%d of %d bytes)",
+                        self.assoc.requestor.address, len(body), length)
+            self.event_queue.put("Evt17")
+            return
+        try:
+            if pdu_type == 0x04 and not self.assoc.get_handlers(evt.EVT_DATA_RECV):
+                pdu: Any = decode_p_data_tf(body)
+                evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+                event = "Evt10"
+            else:
+                pdu, event = self._decode_pdu(bytearray(header) + body)
+        except Exception:
+            log.exception("association from %s: undecodable PDU", self.assoc.requestor.address)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+
 class BulkRecvRequestHandler(RequestHandler):
-    """pynetdicom's request handler whose associations read with :class:`BulkRecvSocket`."""
+    """pynetdicom's request handler whose associations read with :class:`BulkRecvSocket` and
+    :class:`BulkDULServiceProvider`."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         assoc.dul.socket.__class__ = BulkRecvSocket  # the same object (and state): only ``recv`` differs
+        assoc.dul.__class__ = BulkDULServiceProvider  # likewise: only ``_read_pdu_data`` differs
         return assoc
 
 
@@ -410,20 +502,12 @@ class SupportedContexts(list[PresentationContext]):
 
 class NoDelayAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server: TCP_NODELAY on each accepted socket, bulk reads (BulkRecvSocket),
-    contexts copied quickly for each association (SupportedContexts); ``SO_REUSEPORT`` when ``reuse_port``."""
-
-    reuse_port = False  # True (SharedPortAssociationServer): several processes listen on one port
+    contexts copied quickly for each association (SupportedContexts)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", BulkRecvRequestHandler)
         super().__init__(*args, **kwargs)
         self.contexts = SupportedContexts(self.contexts)
-
-    def server_bind(self) -> None:
-        """pynetdicom's bind (SO_REUSEADDR, timeout), with ``SO_REUSEPORT`` set first when ``reuse_port``."""
-        if self.reuse_port:
-            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         client, address = super().get_request()
@@ -431,20 +515,66 @@ class NoDelayAssociationServer(ThreadedAssociationServer):
         return client, address
 
 
-class SharedPortAssociationServer(NoDelayAssociationServer):
-    """The server of one of ``scp.processes`` > 1 processes: all bind the same port with ``SO_REUSEPORT``
-    and the Linux kernel spreads new connections over their listening sockets."""
+class SharedSocketAssociationServer(NoDelayAssociationServer):
+    """The server of one of ``scp.processes`` > 1 processes, all accepting on one listening socket.
 
-    reuse_port = True
+    The first process binds and listens (``listen_socket`` None); the others are given that socket
+    (``listen_socket``, passed to them by ``node.app``) instead of binding. The socket is non-blocking
+    in every process, so a process that loses the race for a new connection goes back to waiting
+    (``accept`` raises ``BlockingIOError``, which socketserver ignores) instead of blocking in
+    ``accept``. A process already serving associations waits ``ACCEPT_BACKOFF_S`` per association
+    (at most ``ACCEPT_BACKOFF_MAX_S``) before it tries to accept, so that an idle process wins: with
+    four modalities sending at once, each of four processes takes one. (``SO_REUSEPORT`` instead
+    hashes each connection onto a process whatever its load: two of four connections land on the
+    same process more often than not.)
+    """
+
+    listen_socket: socket.socket | None = None  # set on a subclass by shared_socket_server()
+    ACCEPT_BACKOFF_S = 0.005
+    ACCEPT_BACKOFF_MAX_S = 0.05
+
+    def server_bind(self) -> None:
+        """Bind as pynetdicom does, or take the given listening socket; non-blocking either way."""
+        if self.listen_socket is None:
+            super().server_bind()
+        else:
+            cast(socket.socket, self.socket).close()  # the unbound socket socketserver made
+            self.socket = self.listen_socket
+            self.server_address = self.socket.getsockname()
+        cast(socket.socket, self.socket).setblocking(False)
+
+    def server_activate(self) -> None:
+        if self.listen_socket is None:  # the given socket listens already
+            super().server_activate()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        busy = len(self.active_associations)
+        if busy:
+            time.sleep(min(self.ACCEPT_BACKOFF_S * busy, self.ACCEPT_BACKOFF_MAX_S))
+        client, address = super().get_request()  # BlockingIOError: another process was first
+        client.setblocking(True)  # not inherited from the listening socket's mode; pynetdicom sets timeouts
+        return client, address
 
 
-def start_scp(settings: Settings, intake: Intake, ae: AE | None = None) -> NoDelayAssociationServer:
+def shared_socket_server(listen_socket: socket.socket | None) -> type[SharedSocketAssociationServer]:
+    """The server class of an SCP process that accepts on ``listen_socket`` (None: bind it here)."""
+    if listen_socket is None:
+        return SharedSocketAssociationServer
+    return type("InheritedSocketAssociationServer", (SharedSocketAssociationServer,),
+                {"listen_socket": listen_socket})
+
+
+def start_scp(
+    settings: Settings, intake: Intake, ae: AE | None = None, listen_socket: socket.socket | None = None
+) -> NoDelayAssociationServer:
     """Start the SCP in a background thread; stop it with ``server.shutdown()``.
 
     Args:
         settings: the node settings (``scp``: address, port, AE title, callers, limits).
         intake: the intake bound to C-STORE.
         ae: an AE from :func:`make_ae` (built here when None).
+        listen_socket: with ``scp.processes`` > 1, the listening socket of the node's first SCP process
+            (None in that process itself, which binds it).
 
     Returns:
         The running server; ``server.server_address`` holds the bound port (useful with port 0).
@@ -455,7 +585,8 @@ def start_scp(settings: Settings, intake: Intake, ae: AE | None = None) -> NoDel
         log.warning("start-up: removed %d partly received file(s) older than %.0f s from %s",
                     stale, STALE_INCOMING_S, settings.data_path / INCOMING_DIR)
     address = (settings.scp.bind_address, settings.scp.port)
-    server_class = SharedPortAssociationServer if settings.scp.processes > 1 else NoDelayAssociationServer
+    server_class = (shared_socket_server(listen_socket) if settings.scp.processes > 1
+                    else NoDelayAssociationServer)
     server = cast(NoDelayAssociationServer, ae.make_server(
         address, evt_handlers=evt_handlers(intake), server_class=server_class))
     thread = threading.Thread(target=server.serve_forever, name=f"scp-{settings.scp.ae_title}", daemon=True)

@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from io import BytesIO
@@ -410,3 +411,58 @@ def test_make_ae_settings(tmp_path: Path) -> None:
     assert {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
             "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1.99"} <= syntaxes
     assert "1.2.840.10008.5.1.4.1.1.1" in {cx.abstract_syntax for cx in ae.supported_contexts}
+
+
+def _p_data_tf_bytes(items: list[tuple[int, bytes]]) -> bytes:
+    """A P-DATA-TF PDU encoded by pynetdicom itself."""
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [list(item) for item in items]
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def test_p_data_tf_decoded_in_place_as_pynetdicom_decodes_it() -> None:
+    from pynetdicom.pdu import P_DATA_TF
+
+    items = [(1, b"\x03" + b"command"), (3, b"\x00" + bytes(range(256)) * 512), (3, b"\x02\x01")]
+    encoded = _p_data_tf_bytes(items)
+    reference = P_DATA_TF()
+    reference.decode(encoded)
+    body = bytearray(encoded[6:])
+    ours = receive.decode_p_data_tf(body)
+    assert [(pdv.presentation_context_id, bytes(pdv.presentation_data_value or b""))
+            for pdv in ours.presentation_data_value_items] == items
+    assert ours.to_primitive().presentation_data_value_list == reference.to_primitive().presentation_data_value_list
+    first = ours.presentation_data_value_items[1].presentation_data_value
+    assert isinstance(first, memoryview) and first.obj is body  # no copy: a view of the received buffer
+
+
+@pytest.mark.parametrize("body", [
+    b"\x00\x00\x00\x05\x01\x00\x00",          # item says 5 bytes, 3 follow
+    b"\x00\x00\x00\x01\x01",                  # item of 1 byte: no message control header
+    b"\x00\x00\x00\x02\x01\x03\x00\x00",      # a trailing fragment too short to be an item
+])
+def test_p_data_tf_with_bad_item_lengths_is_refused(body: bytes) -> None:
+    with pytest.raises(ValueError, match="P-DATA-TF"):
+        receive.decode_p_data_tf(bytearray(body))
+
+
+@pytest.mark.integration
+def test_truncated_pdv_item_aborts_the_association(start_node: Callable[..., Node]) -> None:
+    """A P-DATA-TF whose PDV item runs past the PDU: the node aborts that association and keeps serving."""
+    node = start_node()
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE)
+    assert assoc.is_established
+    bad_item = b"\x00\x00\x10\x00\x01\x03" + b"x" * 16  # says 4096 bytes, 17 follow
+    assoc.dul.socket.send(b"\x04\x00" + len(bad_item).to_bytes(4, "big") + bad_item)
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+    assert echoscu(node).returncode == 0

@@ -99,12 +99,6 @@ def test_two_processes_share_the_port_and_stop_together(
     with ThreadPoolExecutor(max_workers=4) as pool:  # 4 dcmsend processes, one association each, at once
         done = list(pool.map(lambda share: dcmsend(share, port), shares))
     assert [d.returncode for d in done] == [0, 0, 0, 0], [d.stderr[-500:] for d in done]
-    # The kernel hashes each connection to a process: 4 associations all land on one with p = 1/8.
-    for i in range(12, 40):
-        if len({pid for pid, _ in STORED.findall(log_path.read_text())}) > 1:
-            break
-        files.append(write_cr(tmp_path, i, generate_uid()))
-        assert dcmsend([files[-1][0]], port).returncode == 0
     handled_by = {int(pid) for pid, _ in STORED.findall(log_path.read_text())}
     assert handled_by == pids
 
@@ -117,6 +111,32 @@ def test_two_processes_share_the_port_and_stop_together(
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=40) == 0, log_path.read_text()[-3000:]
     wait_for(lambda: not any(alive(pid) for pid in pids), 10, interval=0.1, what="every SCP process gone")
+
+
+def test_an_idle_process_takes_the_next_association(
+        node: tuple[subprocess.Popen[str], int, Path, Path], tmp_path: Path) -> None:
+    """Two associations held open at once are served by the two processes, one each, three times over."""
+    from pynetdicom import AE
+
+    _, port, _, log_path = node
+    listening = LISTENING.search(log_path.read_text())
+    assert listening is not None
+    pids = {int(p) for p in listening.group(2).split(",")}
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CR_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    for round_ in range(3):
+        held, sent = [], []
+        for k in range(2):
+            assoc = ae.associate("127.0.0.1", port, ae_title="CXR-AI")
+            assert assoc.is_established
+            held.append(assoc)
+            path, uid = write_cr(tmp_path, 10 * round_ + k, generate_uid())
+            assert assoc.send_c_store(path).Status == 0x0000
+            sent.append(uid)
+        by_uid = {uid: int(pid) for pid, uid in STORED.findall(log_path.read_text())}
+        for assoc in held:
+            assoc.release()
+        assert {by_uid[uid] for uid in sent} == pids, f"round {round_}: {by_uid}"
 
 
 def test_a_dead_child_stops_the_node_non_zero(node: tuple[subprocess.Popen[str], int, Path, Path]) -> None:
