@@ -1,0 +1,162 @@
+"""Acquisition-shift probe: how far do acquisition-like image changes move the bundled model's scores?
+
+The bundled TB model ranks Montgomery images well (AUROC 0.86) but scores its TB cases far lower than
+Shenzhen's (median 0.48 against 0.95), so the threshold chosen on Shenzhen misses many of them. This
+script asks how much of that a change of *acquisition* could explain, using Shenzhen data only: each
+Shenzhen image is scored by the member of its own out-of-fold fold (a model that never saw it), as it
+is and after one of these changes to the preprocessed image the model sees:
+
+- ``zoom_out_0.8``: the field shrunk to 80 % and centred (black border all round: a wider field);
+- ``squeeze_v_0.8``: the height shrunk to 80 % (black bands top and bottom: a landscape detector);
+- ``gamma_0.7`` / ``gamma_1.4``: a different tone curve;
+- ``contrast_0.7``: contrast lowered about the mean;
+- ``blur_1.0``: Gaussian blur, sigma 1 pixel (a softer detector or a lower resolution);
+- ``sharpen``: unsharp masking (a harder detector processing).
+
+Per change: AUROC, median score of TB and of non-TB images, sensitivity and specificity at the
+package's threshold. The Montgomery row (the package's ensemble mean on the external cohort) is the
+shift to be explained. Montgomery's labels are only read to print that reference row.
+
+Run on demand (not part of the test suite)::
+
+    .venv/bin/python bench/acquisition_shift.py --run-dir runs/tb-default --out bench/results/acquisition_shift.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+from ai.ensemble import Ensemble, sigmoid
+from ai.manifest import bundled_package_dir, load_manifest, member_path
+from ai.pixels import read_image_file
+from ai.preprocess import preprocess_gray, to_model_input
+from training import metrics
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _zoom_out(img: np.ndarray, factor: float) -> np.ndarray:
+    size = img.shape[0]
+    n = round(size * factor)
+    out = np.zeros_like(img)
+    top = (size - n) // 2
+    out[top : top + n, top : top + n] = cv2.resize(img, (n, n), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def _squeeze_vertical(img: np.ndarray, factor: float) -> np.ndarray:
+    size = img.shape[0]
+    n = round(size * factor)
+    out = np.zeros_like(img)
+    top = (size - n) // 2
+    out[top : top + n, :] = cv2.resize(img, (size, n), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def _gamma(img: np.ndarray, exponent: float) -> np.ndarray:
+    return np.clip(np.rint(255.0 * (img / 255.0) ** exponent), 0, 255).astype(np.uint8)
+
+
+def _contrast(img: np.ndarray, factor: float) -> np.ndarray:
+    mean = float(img.mean())
+    return np.clip(np.rint((img.astype(np.float32) - mean) * factor + mean), 0, 255).astype(np.uint8)
+
+
+def _sharpen(img: np.ndarray) -> np.ndarray:
+    return cv2.addWeighted(img, 1.8, cv2.GaussianBlur(img, (0, 0), 1.5), -0.8, 0)
+
+
+CHANGES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "as_is": lambda img: img,
+    "zoom_out_0.8": lambda img: _zoom_out(img, 0.8),
+    "squeeze_v_0.8": lambda img: _squeeze_vertical(img, 0.8),
+    "gamma_0.7": lambda img: _gamma(img, 0.7),
+    "gamma_1.4": lambda img: _gamma(img, 1.4),
+    "contrast_0.7": lambda img: _contrast(img, 0.7),
+    "blur_1.0": lambda img: cv2.GaussianBlur(img, (0, 0), 1.0),
+    "sharpen": _sharpen,
+}
+
+
+def _summary(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, float]:
+    pos, neg = s[y == 1], s[y == 0]
+    return {
+        "auroc": float(metrics.auroc(y, s)),
+        "median_score_tb": float(np.median(pos)),
+        "median_score_non_tb": float(np.median(neg)),
+        "sensitivity": float(np.mean(pos >= threshold)),
+        "specificity": float(np.mean(neg < threshold)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", type=Path, required=True, help="the training run (folds.csv)")
+    parser.add_argument("--package", type=Path, default=bundled_package_dir())
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    manifest = load_manifest(args.package)
+    label = manifest.labels[0]
+    threshold = float(manifest.thresholds[label].value)
+    spec = manifest.preprocess
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    by_fold = {
+        int(m.fold): ort.InferenceSession(str(member_path(args.package, m)), options,
+                                          providers=["CPUExecutionProvider"])
+        for m in manifest.members if m.fold is not None
+    }
+    with (args.run_dir / "folds.csv").open(newline="") as f:
+        fold_of = {row["image"]: int(row["fold"]) for row in csv.DictReader(f)}
+    with (args.data / "tb" / "shenzhen.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    labels: list[int] = []
+    scores: dict[str, list[float]] = {name: [] for name in CHANGES}
+    for row in rows:
+        gray, _ = preprocess_gray(read_image_file(args.data / row["image"]), spec)
+        session = by_fold[fold_of[row["image"]]]
+        labels.append(int(row["label_tb"]))
+        for name, change in CHANGES.items():
+            x = to_model_input(change(gray), spec)[None]
+            logits = session.run([manifest.outputs["logits"]], {manifest.input_name: x})[0]
+            scores[name].append(float(sigmoid(logits.reshape(-1)[0])))
+    y = np.asarray(labels)
+    results = {name: _summary(y, np.asarray(s), threshold) for name, s in scores.items()}
+
+    ens = Ensemble.load(args.package, threads=args.threads)
+    with (args.data / "tb" / "montgomery.csv").open(newline="") as f:
+        mont = list(csv.DictReader(f))
+    m_scores = []
+    for row in mont:
+        gray, _ = preprocess_gray(read_image_file(args.data / row["image"]), spec)
+        m_scores.append(float(ens.predict(to_model_input(gray, spec)[None]).probabilities[0, 0]))
+    results["montgomery (external, for reference)"] = _summary(
+        np.asarray([int(r["label_tb"]) for r in mont]), np.asarray(m_scores), threshold)
+
+    print(f"package {manifest.version}, label {label}, threshold {threshold:.4f}; Shenzhen OOF images "
+          f"(n={len(rows)}) scored by their own fold's member")
+    print(f"{'change':38s} {'AUROC':>6s} {'med TB':>7s} {'med non':>7s} {'sens':>6s} {'spec':>6s}")
+    for name, r in results.items():
+        print(f"{name:38s} {r['auroc']:6.3f} {r['median_score_tb']:7.3f} {r['median_score_non_tb']:7.3f} "
+              f"{r['sensitivity']:6.3f} {r['specificity']:6.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"package": manifest.version, "threshold": threshold,
+                                    "n_shenzhen": len(rows), "n_montgomery": len(mont),
+                                    "results": results}, indent=2) + "\n")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
