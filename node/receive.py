@@ -504,6 +504,8 @@ class NoDelayAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server: TCP_NODELAY on each accepted socket, bulk reads (BulkRecvSocket),
     contexts copied quickly for each association (SupportedContexts)."""
 
+    request_queue_size = socket.SOMAXCONN  # socketserver's 5 drops SYNs when many modalities connect at once
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", BulkRecvRequestHandler)
         super().__init__(*args, **kwargs)
@@ -532,6 +534,7 @@ class SharedSocketAssociationServer(NoDelayAssociationServer):
     listen_socket: socket.socket | None = None  # set on a subclass by shared_socket_server()
     ACCEPT_BACKOFF_S = 0.005
     ACCEPT_BACKOFF_MAX_S = 0.05
+    ACCEPT_BACKOFF_FULL_S = 0.25  # at max_associations: leave the connection to a process with room
 
     def server_bind(self) -> None:
         """Bind as pynetdicom does, or take the given listening socket; non-blocking either way."""
@@ -549,11 +552,27 @@ class SharedSocketAssociationServer(NoDelayAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, Any]:
         busy = len(self.active_associations)
-        if busy:
+        if busy >= self.ae.maximum_associations:
+            time.sleep(self.ACCEPT_BACKOFF_FULL_S)
+        elif busy:
             time.sleep(min(self.ACCEPT_BACKOFF_S * busy, self.ACCEPT_BACKOFF_MAX_S))
         client, address = super().get_request()  # BlockingIOError: another process was first
-        client.setblocking(True)  # not inherited from the listening socket's mode; pynetdicom sets timeouts
+        # Python leaves an accepted socket in its default mode (blocking, no timeout) only when the
+        # listening socket has a timeout; this one is non-blocking, so say it: the same as one process.
+        client.setblocking(True)
         return client, address
+
+    def server_close(self) -> None:
+        """Close this process's copy of the listening socket, then wait for its association threads.
+
+        Never ``shutdown(2)`` as pynetdicom's ``server_close`` does: that acts on the socket every SCP
+        process shares, and the others would refuse connections (``accept`` fails with EINVAL).
+        (Non-blocking mode is shared as well; every process sets the same, before any child exists.)
+        """
+        cast(socket.socket, self.socket).close()
+        threads = getattr(self, "_threads", None)  # socketserver.ThreadingMixIn's, as its server_close
+        if threads is not None:
+            threads.join()
 
 
 def shared_socket_server(listen_socket: socket.socket | None) -> type[SharedSocketAssociationServer]:

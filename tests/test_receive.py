@@ -466,3 +466,23 @@ def test_truncated_pdv_item_aborts_the_association(start_node: Callable[..., Nod
         time.sleep(0.05)
     assert assoc.is_aborted
     assert echoscu(node).returncode == 0
+
+
+@pytest.mark.integration
+def test_closing_one_shared_socket_server_leaves_the_others_serving(tmp_path: Path, rules: FilterRules) -> None:
+    """scp.processes > 1: a process that stops closes only its copy of the shared listening socket."""
+    settings = make_settings(tmp_path / "data", processes=2)
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.sqlite'}")
+    intake = Intake(settings.data_path, Store(engine), settings, rules)
+    first = start_scp(settings, intake)
+    second = start_scp(settings, intake, listen_socket=first.socket.dup())  # as a child process holds it
+    try:
+        assert isinstance(second, receive.SharedSocketAssociationServer)
+        assert second.server_address == first.server_address
+        second.shutdown()  # the child stops: pynetdicom's server_close would shutdown(2) the shared socket
+        node = Node(settings, engine, settings.data_path, first)
+        for _ in range(3):
+            assert echoscu(node).returncode == 0
+    finally:
+        first.shutdown()
+        engine.dispose()
