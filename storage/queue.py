@@ -118,6 +118,30 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
+def _insert_unless_present(dialect: str) -> Any:
+    """INSERT of an instance row that returns its id, or nothing when the SOP Instance UID has a row."""
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(Instance).on_conflict_do_nothing(
+            index_elements=[Instance.sop_instance_uid]).returning(Instance.id)
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert(Instance).on_conflict_do_nothing(
+            index_elements=[Instance.sop_instance_uid]).returning(Instance.id)
+    return insert(Instance)  # a duplicate raises IntegrityError
+
+
+def _inserted_id(result: Any) -> int | None:
+    """The new row's id from ``_insert_unless_present``'s result; None when nothing was inserted."""
+    if result.returns_rows:
+        row = result.first()
+        return None if row is None else int(row[0])
+    key = result.inserted_primary_key
+    return None if key is None else int(key[0])
+
+
 class Store:
     """The queue and outbox on one engine (built once in the composition root and shared).
 
@@ -137,8 +161,9 @@ class Store:
         self.clock = clock
         self._write = sessionmaker(engine, expire_on_commit=False)
         self._read = sessionmaker(engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False)
-        # Built once so that SQLAlchemy compiles them once (the intake's first-receive path).
-        self._insert_instance = insert(Instance)
+        # Built once so that SQLAlchemy compiles them once (the intake's first-receive path). SQLite and
+        # PostgreSQL skip a UID that has a row (ON CONFLICT DO NOTHING, no error in the server's log).
+        self._insert_instance = _insert_unless_present(engine.dialect.name)
         self._insert_job = insert(Job)
 
     @contextmanager
@@ -162,10 +187,12 @@ class Store:
             The job id (the same id for every repeat of one SOP Instance UID).
         """
         try:
-            return self._record_first(meta, accepted, reason)
+            job_id = self._record_first(meta, accepted, reason)
         except IntegrityError:
-            pass  # the UID has a row already (a repeat, or a concurrent first receive): the locked path
-        try:
+            job_id = None  # the UID has a row (another dialect than SQLite/PostgreSQL)
+        if job_id is not None:
+            return job_id
+        try:  # a repeat, or a concurrent first receive: the locked path
             with self._tx("record_instance") as s:
                 return self._record(s, meta, accepted, reason)
         except IntegrityError:
@@ -173,17 +200,18 @@ class Store:
             with self._tx("record_instance") as s:
                 return self._record(s, meta, accepted, reason)
 
-    def _record_first(self, meta: ReceivedInstance, accepted: bool, reason: str) -> int:
+    def _record_first(self, meta: ReceivedInstance, accepted: bool, reason: str) -> int | None:
         """The common case, a first receive: two plain INSERTs in one transaction (no ORM unit of work).
 
         The ORM path below costs ~3 ms of CPU (under the GIL) per C-STORE; this one a fraction of it.
-        A UID that already has a row fails the unique constraint: ``IntegrityError``, nothing written.
+        A UID that already has a row: None and nothing written (SQLite, PostgreSQL), or
+        ``IntegrityError`` from the unique constraint (other databases).
         """
         now = self.clock()
         received_at = meta.received_at or now
         try:
             with self.engine.begin() as conn:
-                instance_key = conn.execute(self._insert_instance, {
+                inserted = conn.execute(self._insert_instance, {
                     "sop_instance_uid": meta.sop_instance_uid,
                     "study_instance_uid": meta.study_instance_uid,
                     "series_instance_uid": meta.series_instance_uid,
@@ -194,10 +222,12 @@ class Store:
                     "received_at": received_at,
                     "accepted": accepted,
                     "reason": reason,
-                }).inserted_primary_key
-                assert instance_key is not None  # a single-row INSERT
+                })
+                instance_id = _inserted_id(inserted)
+                if instance_id is None:
+                    return None  # the UID has a row; the empty transaction ends here
                 job_key = conn.execute(self._insert_job, {
-                    "instance_id": instance_key[0],
+                    "instance_id": instance_id,
                     "state": JOB_QUEUED if accepted else JOB_SKIPPED,
                     "reason": "" if accepted else reason,
                     "attempts": 0,

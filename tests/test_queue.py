@@ -202,6 +202,14 @@ def test_re_receive_is_idempotent(store: Store, engine: Engine, clock: Clock) ->
     assert store.status()["jobs"] == {"queued": 0, "running": 0, "done": 1, "failed": 0, "skipped": 0}
 
 
+def test_first_receive_path_skips_a_known_uid_without_an_error(store: Store, engine: Engine) -> None:
+    """The fast first-receive INSERT leaves a known UID to the locked path: no row, no IntegrityError."""
+    first = store.record_instance(meta(1), True, "")
+    assert store._record_first(meta(1), False, "lateral") is None
+    assert (count(engine, Instance), count(engine, Job)) == (1, 1)
+    assert store.record_instance(meta(2), True, "") != first  # and a new UID still takes the fast path
+
+
 def test_re_receive_requeues_a_failed_or_skipped_job(store: Store) -> None:
     first = store.record_instance(meta(1), False, "no view")
     assert store.record_instance(meta(1), True, "") == first  # rules changed, resent: analysed now
