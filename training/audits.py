@@ -26,7 +26,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from training import metrics
-from training.delong import delong_test
+from training.delong import DeLongResult, delong_test
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 THUMBNAIL_SIZE = 16
@@ -164,14 +164,20 @@ def _p_text(p: float) -> str:
     return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
-def _common(y: Any, a: Any, b: Any, groups: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Images with a known label and both scores present."""
+def _paired_aurocs(
+    y: Any, a: Any, b: Any, groups: Any, n_boot: int, seed: int
+) -> tuple[np.ndarray, metrics.Interval, metrics.Interval, DeLongResult]:
+    """Two scores on the same images (known label, both scores present): the labels kept, each
+    score's AUROC with its patient-bootstrap CI, and the paired DeLong test of ``a`` against ``b``."""
     y, a, b = (np.asarray(v, dtype=float).ravel() for v in (y, a, b))
     if not y.size == a.size == b.size:
         raise ValueError(f"labels and the two scores differ in length: {y.size}, {a.size}, {b.size}")
     g = np.arange(y.size) if groups is None else np.asarray(groups).ravel()
     keep = ~(np.isnan(y) | np.isnan(a) | np.isnan(b))
-    return y[keep], a[keep], b[keep], g[keep]
+    y, a, b, g = y[keep], a[keep], b[keep], g[keep]
+    ci_a = metrics.bootstrap_ci(metrics.auroc, y, a, g, n=n_boot, seed=seed)
+    ci_b = metrics.bootstrap_ci(metrics.auroc, y, b, g, n=n_boot, seed=seed)
+    return y, ci_a, ci_b, delong_test(y, a, b)
 
 
 def floor_report(
@@ -191,10 +197,7 @@ def floor_report(
         seed: Bootstrap seed.
         alpha: Significance level of the verdict.
     """
-    y, a, b, g = _common(y, model_scores, floor_scores, groups)
-    model_ci = metrics.bootstrap_ci(metrics.auroc, y, a, g, n=n_boot, seed=seed)
-    floor_ci = metrics.bootstrap_ci(metrics.auroc, y, b, g, n=n_boot, seed=seed)
-    test = delong_test(y, a, b)
+    y, model_ci, floor_ci, test = _paired_aurocs(y, model_scores, floor_scores, groups, n_boot, seed)
     if test.p_value < alpha and test.difference > 0:
         outcome = "above the floor"
     elif test.p_value < alpha:
@@ -266,10 +269,7 @@ def blackout_report(
         seed: Bootstrap seed.
         alpha: Significance level of the verdict.
     """
-    y, a, b, g = _common(y, scores_orig, scores_blackout, groups)
-    orig = metrics.bootstrap_ci(metrics.auroc, y, a, g, n=n_boot, seed=seed)
-    black = metrics.bootstrap_ci(metrics.auroc, y, b, g, n=n_boot, seed=seed)
-    test = delong_test(y, a, b)
+    y, orig, black, test = _paired_aurocs(y, scores_orig, scores_blackout, groups, n_boot, seed)
     if orig.low <= 0.5 <= orig.high:
         outcome = "the model does not separate the classes even with the lungs: the test says nothing"
     elif black.low <= 0.5 <= black.high:
