@@ -14,16 +14,14 @@ Not alike, and said so in the results: the node fsyncs every file and its folder
 row (SQLite WAL, synchronous=FULL) before it answers Success; storescp writes without fsync.
 
 Memory state (``--memory-state``). On a VM whose balloon device reports free pages to the hypervisor
-(virtio-balloon free page reporting: Linux hands memory that has been free for about 2 s back to the
-host), the first write into each such page faults on the host: on the development VM that costs ~13 ms
-of kernel CPU per 8.4 MB image, whichever server writes it. A server that starts writing within ~2 s of
-the previous measurement's folder being deleted reuses those still-backed pages and runs up to 2.5x
-faster. storescp is ready in milliseconds, the node's Python start-up takes longer than that window, so
-without care the comparison depends on which server ran before. ``settled`` (the default) waits
-``SETTLE_S`` after the server is ready so that every server starts from the same state: the steady state
-of an archive whose page cache grows into free memory. ``warm`` writes and deletes a file of 1.5x the
-corpus right before sending, so that every server starts with freshly freed, still-backed pages.
-``as-is`` does neither (the behaviour before; it reproduces the bimodal dcmtk figures).
+(virtio-balloon free page reporting: Linux hands memory that has stayed free back to the host, in
+passes every 2 s), the first write into each such page faults on the host: on the development VM that
+costs ~13 ms of kernel CPU per 8.4 MB image, whichever server writes it. Sending right after another
+server's folder was deleted can instead reuse still-backed pages and run up to 2.5x faster. Without care
+the comparison then depends on which server ran before (bench/README.md). ``settled`` (the default)
+waits ``SETTLE_S`` after the server is ready, so that every server writes into the same kind of memory,
+as on a VM with plenty of free memory. ``warm`` writes and deletes a file of 1.5x the corpus right before
+sending (racy: a reporting pass may come at any time). ``as-is`` does neither (the behaviour before).
 
 Run on demand (not part of the test suite)::
 
@@ -79,7 +77,7 @@ STORESCP_AE = "STORESCP"
 CALLING_AE = "BENCH-MOD"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk leaves Nagle on otherwise (~40 ms per C-STORE)
 NODE_STOP_TIMEOUT_S = 30.0
-SETTLE_S = 8.0  # > Linux's free page reporting delay (2 s) plus one reporting pass
+SETTLE_S = 8.0  # several 2 s reporting passes; enough here with ~16 GB free (checked: storescp slow in 5 of 5)
 GOAL = 0.7  # node images/s >= 0.7 x storescp's, at every association count
 DIMSE_STATUS = re.compile(r"DIMSE Status\s*:\s*(0x[0-9a-fA-F]{4})")  # in dcmsend's report file
 
@@ -677,6 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"memory state before each send: {args.memory_state} (free page reporting: {info['free_page_reporting']})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     params = {k: v for k, v in vars(args).items() if k not in ("cache_dir", "work_dir", "out", "serve_scp")}
+    params["settle_s"] = SETTLE_S if args.memory_state == "settled" else 0.0
     args.out.write_text(json.dumps({"benchmark": "ingest", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                     "command": " ".join(["python", "bench/ingest.py", *sys.argv[1:]]),
                                     "params": params, "machine": info, "summary": rows, "notes": NOTES,
