@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.ingest import DCMTK_ENV, dcmtk, default_cache_dir, free_page_reporting, wait_ready  # noqa: E402
+from bench.ingest import DCMTK_ENV, dcmtk, default_cache_dir, free_page_reporting, running, settle_memory  # noqa: E402
 
 
 def proc_stat(pid: int) -> tuple[int, float, float]:
@@ -39,36 +37,19 @@ def proc_stat(pid: int) -> tuple[int, float, float]:
 
 def one_send(files: list[Path], state: str, pause_s: float, work: Path) -> dict[str, object]:
     os.sync()
-    folder = Path(tempfile.mkdtemp(dir=work))
-    (folder / "out").mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([dcmtk("storescp"), "--single-process", "-aet", "STORESCP", "-od", str(folder / "out"),
-                               "-su", "study", "-uf", "-pdu", "131072", "+xa", str(port)],
-                              env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(port, "STORESCP", server)
+    with running("storescp", argparse.Namespace(work_dir=work, max_pdu=131072)) as server:
+        assert server.proc is not None
         if state == "cold":
             time.sleep(pause_s)
         else:
-            block = b"\xa5" * (1 << 20)
-            warm = work / "warm-up.bin"
-            with open(warm, "wb") as f:
-                for _ in range(-(-sum(p.stat().st_size for p in files) * 3 // 2 // len(block))):
-                    f.write(block)
-            warm.unlink()
-        faults0, user0, sys0 = proc_stat(server.pid)
+            settle_memory("warm", work, sum(p.stat().st_size for p in files))
+        faults0, user0, sys0 = proc_stat(server.proc.pid)
         t0 = time.perf_counter()
-        subprocess.run([dcmtk("dcmsend"), "-aet", "BENCH-MOD", "-aec", "STORESCP", "--decompress-never",
-                        "127.0.0.1", str(port), *map(str, files)], env=DCMTK_ENV, check=True,
+        subprocess.run([dcmtk("dcmsend"), "-aet", "BENCH-MOD", "-aec", server.called_ae, "--decompress-never",
+                        "127.0.0.1", str(server.port), *map(str, files)], env=DCMTK_ENV, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - t0
-        faults1, user1, sys1 = proc_stat(server.pid)
-    finally:
-        server.terminate()
-        server.wait()
-        shutil.rmtree(folder, ignore_errors=True)
+        faults1, user1, sys1 = proc_stat(server.proc.pid)
     return {"state": state, "images_per_s": round(len(files) / seconds, 1), "user_s": round(user1 - user0, 2),
             "kernel_s": round(sys1 - sys0, 2), "minor_faults": faults1 - faults0}
 
