@@ -24,6 +24,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ComputedRadiographyImageStorage,
     Verification,
@@ -128,6 +129,13 @@ def echoscu(node: Node, calling: str = MODALITY, called: str = AE_TITLE) -> subp
     return subprocess.run(cmd, env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
 
 
+def associate_verification(node: Node) -> Association:
+    """A pynetdicom association from the modality to the node offering only Verification."""
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE)
+
+
 def rewrite(src: Path, dst: Path, **attrs: Any) -> Path:
     """A copy of a real file with a new SOP Instance UID and changed attributes (pixel data as is)."""
     ds = pydicom.dcmread(src)
@@ -203,9 +211,7 @@ def test_echo(start_node: Callable[..., Node]) -> None:
 @pytest.mark.integration
 def test_accepted_sockets_have_tcp_nodelay(start_node: Callable[..., Node]) -> None:
     node = start_node()
-    ae = AE(ae_title=MODALITY)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE)
+    assoc = associate_verification(node)
     try:
         assert assoc.is_established
         (scp_assoc,) = node.server.active_associations
@@ -455,9 +461,7 @@ def test_p_data_tf_with_bad_item_lengths_is_refused(body: bytes) -> None:
 def test_truncated_pdv_item_aborts_the_association(start_node: Callable[..., Node]) -> None:
     """A P-DATA-TF whose PDV item runs past the PDU: the node aborts that association and keeps serving."""
     node = start_node()
-    ae = AE(ae_title=MODALITY)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE)
+    assoc = associate_verification(node)
     assert assoc.is_established
     bad_item = b"\x00\x00\x10\x00\x01\x03" + b"x" * 16  # says 4096 bytes, 17 follow
     assoc.dul.socket.send(b"\x04\x00" + len(bad_item).to_bytes(4, "big") + bad_item)
