@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ai.errors import CxrError
 from training.config import CONFIG_NAME, ConfigError, example_config_text, load_config
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--n-boot", type=int, default=2000)
 
+    p = add("site-threshold", "a site's own operating threshold from its labelled sample, scored by the package "
+                              "as the node scores it, with a held-out estimate -> node.toml [thresholds]")
+    p.add_argument("--package", type=Path, required=True, help="the model package the node runs")
+    p.add_argument("--cohort", type=Path, required=True, help="the site's labelled sample (cohort manifest CSV)")
+    p.add_argument("--out", type=Path, required=True, help="folder for scores, site_threshold.json and .md")
+    p.add_argument("--target-sensitivity", type=float, default=0.90)
+    p.add_argument("--folds", type=int, default=5, help="k of the held-out estimate (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="fold and bootstrap seed (default 0)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the AUROC CI")
+    p.add_argument("--threads", type=int, help="onnxruntime threads per member (default: the node's)")
+
     p = sub.add_parser(
         "audit-blackout",
         help="lung-blackout test of the ensemble (shortcut audit; needs lung_mask) -> RUN_DIR/audits.json",
@@ -139,10 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "export": _export,
         "baseline": _baseline,
         "audit-blackout": _audit_blackout,
+        "site-threshold": _site_threshold,
     }
     try:
         return handlers[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError, CxrError) as exc:
         print(f"cxr-train {args.command}: {exc}", file=sys.stderr)
         return 2
 
@@ -204,6 +217,20 @@ def _audit_blackout(args: argparse.Namespace) -> int:
     for report in blackout_run(args.run_dir, fill, args.n_boot):
         print(f"{report['cohort']} {report['label']} ({report['n']} images with a lung mask): {report['verdict']}")
     print(f"written to {args.run_dir / 'audits.json'}; `cxr-train evaluate` includes it in the report")
+    return 0
+
+
+def _site_threshold(args: argparse.Namespace) -> int:
+    result = site_threshold_run(args.package, args.cohort, args.out, args.target_sensitivity, args.folds,
+                                args.seed, args.n_boot, args.threads)  # fmt: skip
+    for entry in result["labels"]:
+        pkg, held = entry["package_threshold"], entry["held_out"]["pooled"]
+        print(f"{entry['label']}: package threshold {pkg['threshold']:.4f} reaches sensitivity "
+              f"{pkg['sensitivity']['value']:.3f} here; site threshold {entry['site_threshold']['value']:.4f} "
+              f"(held out: sensitivity {held['sensitivity']['value']:.3f}, "
+              f"specificity {held['specificity']['value']:.3f})")  # fmt: skip
+    print(f"report: {args.out / 'site_threshold.md'}\nto apply it, put into node.toml and restart cxr-node:\n")
+    print(result["snippet"], end="")
     return 0
 
 
@@ -303,6 +330,42 @@ def oof_thresholds(
             thresholds[label] = (value, f"sensitivity >= {target_sensitivity:.2f} on OOF ensemble")
         evaluation["oof"][label] = {"auroc": float(metrics.auroc(y, p)), "n": int(np.sum(~np.isnan(y)))}
     return thresholds, evaluation
+
+
+def site_threshold_run(
+    package: str | Path, cohort_csv: str | Path, out: str | Path, target: float = 0.90, k: int = 5,
+    seed: int = 0, n_boot: int = 2000, threads: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Score a site's labelled sample with a package and calibrate each label (``cxr-train site-threshold``).
+
+    Writes ``scores_<cohort>.csv`` (the prediction-CSV format: `evaluate` and `compare` read it),
+    ``site_threshold.json`` and ``site_threshold.md`` into ``out``, and returns the JSON's content.
+
+    Raises:
+        CohortError: an invalid manifest; ValueError: too few positives or negatives for a label.
+    """
+    from ai.manifest import load_manifest
+    from training.data import load_cohort
+    from training.evaluate import jsonable, write_predictions
+    from training.site import calibrate_label, report_markdown, score_cohort, thresholds_snippet
+
+    out = Path(out)
+    manifest = load_manifest(package)
+    cohort = load_cohort(cohort_csv)
+    table = score_cohort(package, cohort, threads)
+    out.mkdir(parents=True, exist_ok=True)
+    write_predictions(table, out / f"scores_{cohort.name}.csv")
+    results = [
+        calibrate_label(table, label, manifest.thresholds[label].value, target, k, seed, n_boot)
+        for label in table.labels
+    ]
+    info = {"name": manifest.name, "version": manifest.version, "path": str(Path(package).resolve())}
+    snippet = thresholds_snippet(results, cohort.name)
+    result = {"package": info, "cohort": cohort.summary(), "labels": results, "snippet": snippet}
+    (out / "site_threshold.json").write_text(json.dumps(jsonable(result), indent=1), encoding="utf-8")
+    (out / "site_threshold.md").write_text(report_markdown(results, info, cohort.name) + "\n```toml\n"
+                                           + snippet + "```\n", encoding="utf-8")  # fmt: skip
+    return result
 
 
 def _today() -> str:
