@@ -36,7 +36,8 @@ def _row(path: Path, status: str, reason: str, findings: Sequence[Any] = ()) -> 
     }
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM file by its preamble, or by its `.dcm` suffix (the node reads both as DICOM)."""
     with path.open("rb") as f:
         head = f.read(132)
     return head[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
@@ -45,7 +46,7 @@ def _is_dicom(path: Path) -> bool:
 def predict_one(path: Path, ensemble: Ensemble, settings: Settings, rules: FilterRules) -> dict[str, Any]:
     """Score one file; never raises for a bad input (status ``failed`` with the reason instead)."""
     try:
-        if _is_dicom(path):
+        if is_dicom_file(path):
             ds = pydicom.dcmread(path)
             decision = decide(ds, settings.filter, rules)
             if not decision.accepted:

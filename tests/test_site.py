@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from ai.ensemble import Ensemble
-from ai.pixels import read_image_file
-from ai.preprocess import preprocess
 from node.config import load_settings
+from node.filter import FilterRules
+from node.predict import predict_one
 from training import metrics
 from training.cli import main
 from training.evaluate import ENSEMBLE, PredictionTable, read_predictions
@@ -59,15 +59,29 @@ def test_pooled_held_out_counts_add_up_over_folds() -> None:
     assert pooled["sensitivity"]["low"] <= pooled["sensitivity"]["value"] <= pooled["sensitivity"]["high"]
 
 
-def test_a_patients_images_share_one_fold() -> None:
+def test_a_patients_images_share_one_fold_and_widen_the_ci() -> None:
     y, p, _ = _shifted_site()
     groups = np.array([f"P{i // 2:03d}" for i in range(y.size)])  # two images per patient
     y = np.repeat(y[::2], 2)
-    folds = grouped_stratified_kfold(list(groups), y, k=5, seed=0, tolerance=1.0)
+    result = crossval_threshold(y, p, groups, target=0.90, k=5, n_boot=300)
+    folds = result["image_folds"]
     for patient in np.unique(groups):
-        assert np.unique(folds[groups == patient]).size == 1
+        assert np.unique(folds[groups == patient]).size == 1, patient
+    pooled = result["pooled"]
+    assert pooled["ci"] == "patient bootstrap"
+    alone = crossval_threshold(y, p, np.arange(y.size).astype(str), target=0.90, k=5)["pooled"]
+    assert alone["ci"] == "wilson"
+    sens = pooled["sensitivity"]
+    assert sens["low"] <= sens["value"] <= sens["high"] and sens["k"] == pooled["tp"]
+
+
+def test_per_fold_rates_match_the_pooled_counts() -> None:
+    y, p, groups = _shifted_site(seed=2)
     result = crossval_threshold(y, p, groups, target=0.90, k=5)
-    assert sum(f["n"] for f in result["folds"]) == y.size
+    assert sum(f["true_negatives"] for f in result["folds"]) == result["pooled"]["tn"]
+    for f in result["folds"]:
+        assert f["sensitivity"] == pytest.approx(f["true_positives"] / f["positives"])
+        assert f["specificity"] == pytest.approx(f["true_negatives"] / f["negatives"])
 
 
 def test_site_threshold_recovers_sensitivity_the_package_threshold_loses() -> None:
@@ -82,17 +96,20 @@ def test_site_threshold_recovers_sensitivity_the_package_threshold_loses() -> No
     assert result["auroc"]["low"] <= result["auroc"]["value"] <= result["auroc"]["high"]
 
 
-def test_written_threshold_is_rounded_down_so_the_same_images_stay_positive() -> None:
+def test_written_threshold_is_rounded_down_so_every_positive_call_stays_positive() -> None:
     y, p, _ = _shifted_site(seed=4)
     chosen = metrics.threshold_for_sensitivity(y, p, 0.90)
     written = floor_threshold(chosen)
-    assert written <= chosen and chosen - written < 1e-6
-    assert np.array_equal(p >= written, p >= chosen)
+    p = np.r_[p, (written + chosen) / 2]  # a score between the written and the chosen value
+    assert written < chosen and chosen - written < 1e-6
+    assert np.all((p >= written)[p >= chosen])  # a superset of the images called positive
+    assert (p >= written).sum() == (p >= chosen).sum() + 1
 
 
 def test_too_small_a_sample_is_refused_with_the_counts() -> None:
     y, p, groups = _shifted_site(n_pos=6, n_neg=30)
-    with pytest.raises(ValueError, match="at least 10 positive and 10 negative patients, found 6 and 30"):
+    with pytest.raises(ValueError, match=r"site, Tuberculosis: .*at least 10 positive and 10 negative patients, "
+                                         r"found 6 and 30"):
         calibrate_label(_table(y, p, groups), "Tuberculosis", package_threshold=0.5)
 
 
@@ -111,11 +128,12 @@ def test_cli_scores_as_the_node_does_and_writes_a_threshold_the_node_accepts(
     table = read_predictions(out / "scores_site.csv")
     assert len(table) == 48
     ensemble = Ensemble.load(package, threads=1)
-    first = ensemble.predict(preprocess(read_image_file(tmp_path / "site" / table.images[0]),
-                                        ensemble.manifest.preprocess)[0][None])  # fmt: skip
-    assert table.scores["Tuberculosis"][ENSEMBLE][0] == pytest.approx(float(first.probabilities[0, 0]), abs=1e-6)
-    assert table.scores["Tuberculosis"]["member1"][0] == pytest.approx(
-        float(first.member_probabilities[1, 0, 0]), abs=1e-6)
+    settings = load_settings(None, environ={})
+    for i in (0, 17):  # the node's own offline scoring path gives the same ensemble score
+        row = predict_one(tmp_path / "site" / table.images[i], ensemble, settings, FilterRules.load(None))
+        assert table.scores["Tuberculosis"][ENSEMBLE][i] == pytest.approx(row["scores"]["Tuberculosis"], abs=1e-6)
+        members = [table.scores["Tuberculosis"][f"member{m}"][i] for m in range(2)]
+        assert np.mean(members) == pytest.approx(table.scores["Tuberculosis"][ENSEMBLE][i], abs=1e-6)
 
     result = json.loads((out / "site_threshold.json").read_text())
     value = result["labels"][0]["site_threshold"]["value"]
@@ -146,3 +164,65 @@ def test_cli_refuses_an_altered_package(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 2
     assert "sha256" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def _cli(tmp_path: Path, package: Path, cohort: Path, *extra: str) -> int:
+    out = tmp_path / "o"
+    return main(["site-threshold", "--package", str(package), "--cohort", str(cohort), "--out", str(out),
+                 "--n-boot", "50", "--threads", "1", *extra])  # fmt: skip
+
+
+def test_cli_refuses_a_too_small_sample_before_scoring_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    package = build_tiny_package(tmp_path / "pkg", members=1, size=64)
+    cohort = make_cohort(tmp_path / "site", "site", 12, seed=8)  # 6 positive patients
+    assert _cli(tmp_path, package, cohort) == 2
+    assert "at least 10 positive and 10 negative patients, found 6 and 6" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("--target-sensitivity", "1.5"), ("--folds", "1")])
+def test_cli_refuses_a_bad_target_or_k(tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str,
+                                       value: str) -> None:  # fmt: skip
+    package = build_tiny_package(tmp_path / "pkg", members=1, size=64)
+    cohort = make_cohort(tmp_path / "site", "site", 24, seed=9)
+    assert _cli(tmp_path, package, cohort, option, value) == 2
+    assert "--target-sensitivity must be in (0, 1] and --folds at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_names_the_manifest_line_of_an_unreadable_image_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    package = build_tiny_package(tmp_path / "pkg", members=1, size=64)
+    cohort = make_cohort(tmp_path / "site", "site", 24, seed=10)
+    lines = cohort.read_text().splitlines()
+    (tmp_path / "site" / lines[4].split(",")[0]).write_bytes(b"not a png")  # lines[4] is the CSV's line 5
+    assert _cli(tmp_path, package, cohort) == 2
+    err = capsys.readouterr().err
+    assert "site.csv line 5: cannot be analysed as the node would" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_dicom_images_pass_the_nodes_filter_first(tmp_path: Path) -> None:
+    """A lateral DICOM in the sample is left out (and listed), as the node would never score it."""
+    from .test_worker import chest
+
+    package = build_tiny_package(tmp_path / "pkg", members=1, size=64)
+    cohort = make_cohort(tmp_path / "site", "site", 24, seed=11)
+    lines = cohort.read_text().splitlines()
+    for line_no, view in ((2, "PA"), (3, "LL")):
+        ds = chest()
+        ds.ViewPosition = view
+        name = f"dicom_{view}.dcm"
+        ds.save_as(tmp_path / "site" / name, enforce_file_format=True)
+        lines[line_no - 1] = name + "," + lines[line_no - 1].split(",", 1)[1]
+    cohort.write_text("\n".join(lines) + "\n")
+    assert _cli(tmp_path, package, cohort) == 0
+    result = json.loads((tmp_path / "o" / "site_threshold.json").read_text())
+    assert [e["line"] for e in result["excluded_by_filter"]] == [3]
+    assert "lateral" in result["excluded_by_filter"][0]["reason"]
+    table = read_predictions(tmp_path / "o" / "scores_site.csv")
+    assert len(table) == 47 and "dicom_PA.dcm" in set(table.images) and "dicom_LL.dcm" not in set(table.images)
+    assert "1 image(s) left out because the node's filter" in (tmp_path / "o" / "site_threshold.md").read_text()

@@ -38,7 +38,7 @@ def test_help_shows_the_whole_workflow(capsys: pytest.CaptureFixture[str]) -> No
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for step in ("manifest", "init-config", "fit --config", "evaluate --run-dir", "export --run-dir",
-                 "baseline", "audit-blackout", "compare", "package"):  # fmt: skip
+                 "baseline", "audit-blackout", "compare", "package", "site-threshold --package"):  # fmt: skip
         assert step in text, step
     assert text.index("fit --config") < text.index("evaluate --run-dir") < text.index("export --run-dir")
 

@@ -42,6 +42,9 @@ workflow:
   5. export     cxr-train export --run-dir runs/tb --out packages/tb-v1
   6. deploy     point the node at the package: [model] package = "packages/tb-v1" in node.toml
                 (or CXR_MODEL_PACKAGE=packages/tb-v1), then restart cxr-node
+  7. site       at another hospital, a labelled local sample (a cohort CSV) sets the site's threshold:
+                cxr-train site-threshold --package packages/tb-v1 --cohort site.csv --out calib
+                -> held-out sensitivity/specificity of the site rule + the [thresholds] lines for node.toml
 """
 
 
@@ -107,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="fold and bootstrap seed (default 0)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the AUROC CI")
     p.add_argument("--threads", type=int, help="onnxruntime threads per member (default: the node's)")
+    p.add_argument("--node-config", type=Path,
+                   help="the node's node.toml: its [filter] decides which DICOM images count (default: the node's "
+                        "defaults)")  # fmt: skip
 
     p = sub.add_parser(
         "audit-blackout",
@@ -221,8 +227,9 @@ def _audit_blackout(args: argparse.Namespace) -> int:
 
 
 def _site_threshold(args: argparse.Namespace) -> int:
+    """``cxr-train site-threshold``: print each label's result and the node.toml lines."""
     result = site_threshold_run(args.package, args.cohort, args.out, args.target_sensitivity, args.folds,
-                                args.seed, args.n_boot, args.threads)  # fmt: skip
+                                args.seed, args.n_boot, args.threads, args.node_config)  # fmt: skip
     for entry in result["labels"]:
         pkg, held = entry["package_threshold"], entry["held_out"]["pooled"]
         print(f"{entry['label']}: package threshold {pkg['threshold']:.4f} reaches sensitivity "
@@ -334,38 +341,64 @@ def oof_thresholds(
 
 def site_threshold_run(
     package: str | Path, cohort_csv: str | Path, out: str | Path, target: float = 0.90, k: int = 5,
-    seed: int = 0, n_boot: int = 2000, threads: int | None = None,
+    seed: int = 0, n_boot: int = 2000, threads: int | None = None, node_config: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Score a site's labelled sample with a package and calibrate each label (``cxr-train site-threshold``).
 
-    Writes ``scores_<cohort>.csv`` (the prediction-CSV format: `evaluate` and `compare` read it),
-    ``site_threshold.json`` and ``site_threshold.md`` into ``out``, and returns the JSON's content.
+    Everything is checked before scoring, and the three outputs are written only when all labels are
+    calibrated: ``scores_<cohort>.csv`` (the prediction-CSV format: `evaluate` and `compare` read it),
+    ``site_threshold.json`` and ``site_threshold.md`` in ``out``. Returns the JSON's content.
 
     Raises:
-        CohortError: an invalid manifest; ValueError: too few positives or negatives for a label.
+        ValueError: an invalid target or k, an invalid manifest (CohortError) or node config, too few
+            positive or negative patients. UnsupportedImage: an image the node could not read.
     """
     from ai.manifest import load_manifest
+    from node.config import load_settings
+    from node.filter import FilterRules
     from training.data import load_cohort
     from training.evaluate import jsonable, write_predictions
-    from training.site import calibrate_label, report_markdown, score_cohort, thresholds_snippet
+    from training.site import (
+        calibrate_label,
+        calibrated_labels,
+        check_sample,
+        report_markdown,
+        score_cohort,
+        thresholds_snippet,
+    )
 
-    out = Path(out)
+    if not 0.0 < target <= 1.0 or k < 2:
+        raise ValueError(f"--target-sensitivity must be in (0, 1] and --folds at least 2, found {target} and {k}")
     manifest = load_manifest(package)
     cohort = load_cohort(cohort_csv)
-    table = score_cohort(package, cohort, threads)
-    out.mkdir(parents=True, exist_ok=True)
-    write_predictions(table, out / f"scores_{cohort.name}.csv")
+    labels = calibrated_labels(manifest.labels, cohort)
+    for label in labels:
+        check_sample(cohort, label, k)
+    settings = load_settings(node_config)  # None: the node's defaults; CXR_* variables apply as in the node
+    rules = FilterRules.load(settings.resolve(settings.filter.rules_file) if settings.filter.rules_file else None)
+    scored = score_cohort(package, cohort, labels, settings.filter, rules, threads)
     results = [
-        calibrate_label(table, label, manifest.thresholds[label].value, target, k, seed, n_boot)
-        for label in table.labels
+        calibrate_label(scored.table, label, manifest.thresholds[label].value, target, k, seed, n_boot)
+        for label in labels
     ]
-    info = {"name": manifest.name, "version": manifest.version, "path": str(Path(package).resolve())}
+    info = {"name": manifest.name, "version": manifest.version, "path": str(package)}
     snippet = thresholds_snippet(results, cohort.name)
-    result = {"package": info, "cohort": cohort.summary(), "labels": results, "snippet": snippet}
-    (out / "site_threshold.json").write_text(json.dumps(jsonable(result), indent=1), encoding="utf-8")
-    (out / "site_threshold.md").write_text(report_markdown(results, info, cohort.name) + "\n```toml\n"
-                                           + snippet + "```\n", encoding="utf-8")  # fmt: skip
+    result = {"package": info, "cohort": cohort.summary(), "excluded_by_filter": scored.excluded,
+              "labels": results, "snippet": snippet}  # fmt: skip
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = report_markdown(results, info, cohort.name, scored.excluded) + f"\n```toml\n{snippet}```\n"
+    _write_atomic(out / "site_threshold.json", json.dumps(jsonable(result), indent=1))
+    _write_atomic(out / "site_threshold.md", markdown)
+    write_predictions(scored.table, out / f"scores_{cohort.name}.csv")
     return result
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def _today() -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,71 +39,174 @@ MIN_PER_CLASS = 10
 """Fewest positive and fewest negative patients a calibration sample must have, per label."""
 
 
-def score_cohort(package_dir: str | Path, cohort: Cohort, threads: int | None = None) -> PredictionTable:
-    """Score every image of ``cohort`` with the package as the node does; one column per member.
+@dataclass
+class ScoredSample:
+    """A calibration sample scored by a package.
 
-    Args:
-        package_dir: the model package (``manifest.json`` + members), verified on load.
-        cohort: the calibration sample; its labels are matched to the package's labels.
-        threads: onnxruntime threads per member (default: the node's default).
+    Attributes:
+        table: the images the node would analyse: members ``member<i>`` and the node's own ensemble
+            probability (float32 mean of the members, the value it compares with the threshold).
+        excluded: images the node's filter would not analyse (DICOM only), as
+            ``{"line": CSV line, "reason": the filter's reason}``.
+    """
 
-    Returns:
-        The prediction table (members ``member<i>`` and their mean ``ensemble``), labels of the
-        package's labels that the cohort has.
+    table: PredictionTable
+    excluded: list[dict[str, Any]] = field(default_factory=list)
+
+
+def calibrated_labels(package_labels: Sequence[str], cohort: Cohort) -> list[str]:
+    """The package's labels that the cohort has (in package order); logs the ones left out.
+
+    Raises:
+        ValueError: no label in common.
+    """
+    labels = [label for label in package_labels if label in cohort.labels]
+    if not labels:
+        raise ValueError(f"cohort {cohort.name!r} ({cohort.csv_path.name}) has none of the package's labels "
+                         f"{list(package_labels)} (columns label_<Label>), found {list(cohort.labels)}")  # fmt: skip
+    ignored = [label for label in (*package_labels, *cohort.labels) if label not in labels]
+    log.info("site calibration of %s; not calibrated (absent from the package or the cohort): %s",
+             labels, ignored or "none")  # fmt: skip
+    return labels
+
+
+def check_sample(cohort: Cohort, label: str, k: int, rows: np.ndarray | None = None) -> None:
+    """Enough positive and negative patients of ``label`` (among ``rows``) for a threshold and a k-fold.
+
+    Raises:
+        ValueError: naming the cohort, the label, the counts needed and found.
+    """
+    y = cohort.y[:, cohort.labels.index(label)]
+    groups = np.asarray(cohort.patient_ids)
+    if rows is not None:
+        y, groups = y[rows], groups[rows]
+    _check_counts(y, groups, f"{cohort.name} ({cohort.csv_path.name}), {label}", k)
+
+
+def score_cohort(
+    package_dir: str | Path, cohort: Cohort, labels: Sequence[str], filter_settings: Any = None,
+    filter_rules: Any = None, threads: int | None = None,
+) -> ScoredSample:  # fmt: skip
+    """Score every image of ``cohort`` with the package as the node does.
+
+    DICOM files first pass the node's chest filter (``filter_settings``/``filter_rules``: the node's
+    ``[filter]`` and rules file; None: its defaults); those it would skip are excluded and listed. Then
+    the pixels go through the node's reader, preprocessing and ensemble.
 
     Raises:
         ModelPackageError: an invalid package.
-        UnsupportedImage: an image that cannot be read (named; nothing is skipped silently).
+        UnsupportedImage: an image that cannot be read, named with its manifest line (nothing is
+            skipped silently).
     """
     from ai.ensemble import Ensemble
-    from ai.pixels import read_image_file
-    from ai.preprocess import preprocess
+    from node.config import FilterSettings
+    from node.filter import FilterRules
 
     ensemble = Ensemble.load(package_dir, providers=["CPUExecutionProvider"], threads=threads)
     manifest = ensemble.manifest
-    labels = [label for label in manifest.labels if label in cohort.labels]
-    if not labels:
-        raise ValueError(f"cohort {cohort.name!r} has none of the package's labels {list(manifest.labels)} "
-                         f"(columns label_<Label>), found {list(cohort.labels)}")  # fmt: skip
-    n_members, n_labels = len(manifest.members), len(manifest.labels)
-    member_scores = np.empty((n_members, len(cohort), n_labels), dtype=np.float64)
+    settings = filter_settings or FilterSettings()
+    rules = filter_rules or FilterRules.load(None)
+    n_members = len(manifest.members)
+    members = np.full((n_members, len(cohort), len(manifest.labels)), np.nan)
+    mean = np.full((len(cohort), len(manifest.labels)), np.nan)
+    excluded = []
     for i, path in enumerate(cohort.paths):
-        x, _ = preprocess(read_image_file(path), manifest.preprocess)
-        member_scores[:, i, :] = ensemble.predict(x[np.newaxis]).member_probabilities[:, 0, :]
+        where = f"{cohort.csv_path.name} line {i + 2}"
+        prediction, reason = _score_image(Path(path), ensemble, settings, rules, where)
+        if prediction is None:
+            excluded.append({"line": i + 2, "reason": reason})
+        else:
+            members[:, i, :] = prediction.member_probabilities[:, 0, :]
+            mean[i] = prediction.probabilities[0]
         if (i + 1) % 50 == 0 or i + 1 == len(cohort):
-            log.info("site calibration: scored %d/%d images of %s", i + 1, len(cohort), cohort.name)
-    return PredictionTable(
-        images=np.asarray(cohort.images),
-        patient_ids=np.asarray(cohort.patient_ids),
-        labels={label: cohort.y[:, cohort.labels.index(label)] for label in labels},
+            log.info("site calibration: %d/%d images of %s done", i + 1, len(cohort), cohort.name)
+    keep = np.flatnonzero(~np.isnan(mean[:, 0]))
+    index = {label: manifest.labels.index(label) for label in labels}
+    table = PredictionTable(
+        images=np.asarray(cohort.images)[keep],
+        patient_ids=np.asarray(cohort.patient_ids)[keep],
+        labels={label: cohort.y[keep, cohort.labels.index(label)] for label in labels},
         scores={
-            label: {f"member{m}": member_scores[m, :, manifest.labels.index(label)] for m in range(n_members)}
-            for label in labels
+            label: {**{f"member{m}": members[m, keep, j] for m in range(n_members)}, ENSEMBLE: mean[keep, j]}
+            for label, j in index.items()
         },
-        sites=np.asarray(cohort.sites),
-        sexes=np.asarray(cohort.sexes),
-        ages=cohort.ages,
+        sites=np.asarray(cohort.sites)[keep],
+        sexes=np.asarray(cohort.sexes)[keep],
+        ages=cohort.ages[keep],
         name=cohort.name,
     )
+    return ScoredSample(table=table, excluded=excluded)
 
 
-def _check_sample(y: np.ndarray, groups: np.ndarray, label: str, k: int) -> None:
+def _score_image(path: Path, ensemble: Any, settings: Any, rules: Any, where: str) -> tuple[Any, str]:
+    """(the ensemble's prediction, "") or (None, the filter's reason) for one file, as the node does."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from ai.errors import UnsupportedImage
+    from ai.pixels import dicom_to_float, read_image_file
+    from ai.preprocess import preprocess
+    from node.filter import decide
+    from node.predict import is_dicom_file
+
+    try:
+        if is_dicom_file(path):
+            ds = pydicom.dcmread(path)
+            decision = decide(ds, settings, rules)
+            if not decision.accepted:
+                return None, decision.reason
+            image = dicom_to_float(ds)
+        else:
+            image = read_image_file(path)
+        x, _ = preprocess(image, ensemble.manifest.preprocess)
+    except (InvalidDicomError, OSError, ValueError, EOFError, UnsupportedImage) as exc:
+        raise UnsupportedImage(f"{where}: cannot be analysed as the node would: {exc}") from exc
+    return ensemble.predict(x[np.newaxis]), ""
+
+
+def _check_counts(y: np.ndarray, groups: np.ndarray, what: str, k: int) -> None:
     """Enough positive and negative patients for a threshold and a k-fold estimate of it."""
     pos_patients = np.unique(groups[y == 1]).size
     neg_patients = np.unique(groups[y == 0]).size
     need = max(MIN_PER_CLASS, k)
     if pos_patients < need or neg_patients < need:
-        raise ValueError(f"{label}: the calibration sample needs at least {need} positive and {need} negative "
+        raise ValueError(f"{what}: the calibration sample needs at least {need} positive and {need} negative "
                          f"patients, found {pos_patients} and {neg_patients}")  # fmt: skip
 
 
-def crossval_threshold(
-    y: np.ndarray, p: np.ndarray, groups: np.ndarray, target: float = 0.90, k: int = 5, seed: int = 0
+def rates_at(
+    y: np.ndarray, called: np.ndarray, groups: np.ndarray, n_boot: int = 2000, seed: int = 0
 ) -> dict[str, Any]:
+    """Counts and rates of the calls ``called`` (bool per image), with 95% CIs that respect patients.
+
+    One image per patient: Wilson intervals (:func:`training.metrics.confusion_at`). Otherwise the
+    sensitivity and specificity intervals come from a patient-level stratified bootstrap, since Wilson
+    over images would treat a patient's images as independent. ``ci`` says which.
+    """
+    rates = metrics.confusion_at(y, called.astype(float), 0.5)
+    rates["threshold"] = math.nan
+    rates["ci"] = "wilson"
+    if np.unique(groups).size < groups.size:
+        rates["ci"] = "patient bootstrap"
+        boot = metrics.bootstrap_many(
+            {"sensitivity": lambda yy, pp: float(pp[yy == 1].mean()),
+             "specificity": lambda yy, pp: float(1.0 - pp[yy == 0].mean())},
+            y, called.astype(float), groups, n_boot, seed,
+        )  # fmt: skip
+        for name in ("sensitivity", "specificity"):
+            rates[name].update(low=boot[name].low, high=boot[name].high)
+    return rates
+
+
+def crossval_threshold(
+    y: np.ndarray, p: np.ndarray, groups: np.ndarray, target: float = 0.90, k: int = 5, seed: int = 0,
+    n_boot: int = 2000,
+) -> dict[str, Any]:  # fmt: skip
     """Held-out performance of the rule "highest threshold reaching ``target`` sensitivity".
 
     Patients are split into ``k`` label-stratified folds; for each fold the threshold is chosen on the
-    other folds only and applied to it. The held-out calls of all folds are pooled.
+    other folds only and applied to it. The held-out calls of all folds are pooled; their CIs treat
+    them as independent, although the folds' training parts overlap (the usual approximation).
 
     Args:
         y: known labels (1/0) per image.
@@ -110,12 +214,13 @@ def crossval_threshold(
         groups: patient id per image (a patient's images stay in one fold).
         target: the sensitivity the rule aims at.
         k: number of folds.
-        seed: fold assignment seed.
+        seed: fold assignment and bootstrap seed.
+        n_boot: bootstrap resamples (used only when a patient has several images).
 
     Returns:
-        ``folds`` (per fold: threshold, held-out images, positives, true positives), ``thresholds``
-        (min/median/max) and ``pooled`` (:func:`training.metrics.confusion_at` counts and Wilson rates of
-        the held-out calls; its ``threshold`` is NaN: each fold had its own).
+        ``folds`` (per fold: threshold, images, positives, negatives, true positives and negatives,
+        sensitivity, specificity), ``thresholds`` (min/median/max), ``pooled`` (:func:`rates_at` of the
+        held-out calls) and ``image_folds`` (the fold of each image).
 
     Raises:
         ValueError: a training part without both classes.
@@ -123,30 +228,35 @@ def crossval_threshold(
     """
     y = np.asarray(y, dtype=float)
     p = np.asarray(p, dtype=float)
+    groups = np.asarray(groups).astype(str)
     # the greedy split balances prevalence; tolerance 1 only skips the guard that small samples could trip
-    folds = grouped_stratified_kfold([str(g) for g in groups], y, k=k, seed=seed, tolerance=1.0)
+    folds = grouped_stratified_kfold(list(groups), y, k=k, seed=seed, tolerance=1.0)
     called = np.zeros(y.size, dtype=bool)
     per_fold = []
     for f in range(k):
         test = folds == f
         t = metrics.threshold_for_sensitivity(y[~test], p[~test], target)
         called[test] = p[test] >= t
-        per_fold.append({"fold": f, "threshold": t, "n": int(test.sum()), "positives": int(y[test].sum()),
-                         "true_positives": int((called & test & (y == 1)).sum())})  # fmt: skip
-    pooled = metrics.confusion_at(y, called.astype(float), 0.5)
-    pooled["threshold"] = math.nan
+        pos, neg = test & (y == 1), test & (y == 0)
+        n_pos, n_neg = int(pos.sum()), int(neg.sum())
+        tp, tn = int((called & pos).sum()), int((~called & neg).sum())
+        per_fold.append({"fold": f, "threshold": t, "n": int(test.sum()), "positives": n_pos, "negatives": n_neg,
+                         "true_positives": tp, "true_negatives": tn, "sensitivity": tp / max(n_pos, 1),
+                         "specificity": tn / max(n_neg, 1)})  # fmt: skip
     values = [entry["threshold"] for entry in per_fold]
     return {
         "k": k,
         "seed": seed,
         "folds": per_fold,
         "thresholds": {"min": min(values), "median": float(np.median(values)), "max": max(values)},
-        "pooled": pooled,
+        "pooled": rates_at(y, called, groups, n_boot, seed),
+        "image_folds": folds,
     }
 
 
 def floor_threshold(value: float, decimals: int = 6) -> float:
-    """``value`` rounded down to ``decimals``: written into node.toml, it still calls the same images positive."""
+    """``value`` rounded down to ``decimals`` for node.toml: every image called positive at ``value`` still is
+    (images scoring between the two would be called positive too; the rates are measured at the written value)."""
     scale = 10**decimals
     return math.floor(value * scale) / scale
 
@@ -164,9 +274,14 @@ def calibrate_label(
     known = ~np.isnan(y_all)
     y, p = y_all[known], table.scores[label][ENSEMBLE][known]
     groups = table.patient_ids[known]
-    _check_sample(y, groups, label, k)
-    site_value = metrics.threshold_for_sensitivity(y, p, target)
-    written = floor_threshold(site_value)
+    _check_counts(y, groups, f"{table.name}, {label}", k)
+    written = floor_threshold(metrics.threshold_for_sensitivity(y, p, target))
+    held_out = crossval_threshold(y, p, groups, target, k, seed, n_boot)
+    del held_out["image_folds"]
+    package = rates_at(y, p >= package_threshold, groups, n_boot, seed)
+    package["threshold"] = package_threshold
+    in_sample = rates_at(y, p >= written, groups, n_boot, seed)
+    in_sample["threshold"] = written
     return {
         "label": label,
         "n": int(y.size),
@@ -174,13 +289,13 @@ def calibrate_label(
         "patients": int(np.unique(groups).size),
         "target_sensitivity": target,
         "auroc": metrics.bootstrap_ci(metrics.auroc, y, p, groups, n=n_boot, seed=seed).to_dict(),
-        "package_threshold": metrics.confusion_at(y, p, package_threshold),
+        "package_threshold": package,
         "site_threshold": {
             "value": written,
             "method": f"sensitivity >= {target:.2f} on site sample {table.name} ({y.size} images)",
-            "in_sample": metrics.confusion_at(y, p, written),
+            "in_sample": in_sample,
         },
-        "held_out": crossval_threshold(y, p, groups, target, k, seed),
+        "held_out": held_out,
         "median_score": {"positives": float(np.median(p[y == 1])), "negatives": float(np.median(p[y == 0]))},
     }
 
@@ -198,15 +313,22 @@ def thresholds_snippet(results: Sequence[dict[str, Any]], cohort: str) -> str:
 
 
 def _rate(entry: dict[str, Any]) -> str:
+    """``value [low, high] (k/n)`` of one rate."""
     return f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}] ({entry['k']}/{entry['n']})"
 
 
-def report_markdown(results: Sequence[dict[str, Any]], package: dict[str, str], cohort: str) -> str:
+def report_markdown(
+    results: Sequence[dict[str, Any]], package: dict[str, str], cohort: str, excluded: Sequence[dict[str, Any]] = ()
+) -> str:
     """A short Markdown report of :func:`calibrate_label` results."""
     out = [f"# Site calibration: {package['name']} {package['version']} on {cohort}", ""]
+    if excluded:
+        out += [f"{len(excluded)} image(s) left out because the node's filter would not analyse them "
+                "(`site_threshold.json` lists their manifest lines and reasons).", ""]  # fmt: skip
     for e in results:
         held, pkg, ins = e["held_out"], e["package_threshold"], e["site_threshold"]["in_sample"]
         auc = e["auroc"]
+        folds = ", ".join(f"{f['sensitivity']:.2f}" for f in held["folds"])
         out += [
             f"## {e['label']}", "",
             f"{e['n']} images, {e['positives']} positive, {e['patients']} patients; AUROC "
@@ -221,6 +343,10 @@ def report_markdown(results: Sequence[dict[str, Any]], package: dict[str, str], 
             f"| site rule, held out | {held['thresholds']['min']:.4f}-{held['thresholds']['max']:.4f} "
             f"| {_rate(held['pooled']['sensitivity'])} | {_rate(held['pooled']['specificity'])} "
             f"| {held['k']}-fold by patient: chosen on {held['k'] - 1} folds, counted on the held-out one |",
+            "",
+            f"Held-out sensitivity per fold: {folds}. 95% CIs: {held['pooled']['ci']}; the held-out calls of the "
+            "folds are pooled as if independent. The held-out row is what new patients of this site can expect; "
+            "a CI reaching below the target means the sample cannot show that the target is met.",
             "",
         ]  # fmt: skip
     return "\n".join(out)
