@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -208,3 +210,35 @@ def test_epoch_metrics_hand_case() -> None:
     m = epoch_metrics(y, p)
     assert m["auroc"] == pytest.approx(0.75)
     assert m["sensitivity"] == 0.5 and m["specificity"] == 0.5 and m["f1"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("monitor", ["training", "validation"])
+def test_monitor_training_lets_the_held_out_fold_decide_nothing(
+    cohorts: tuple[Path, Path], tmp_path: Path, monitor: str
+) -> None:
+    """With monitor = "training" the held-out images cannot change the kept weights (unbiased OOF scores);
+    with "validation" (the control) they do, through early stopping, the LR schedule and the kept epoch."""
+    train_csv, external_csv = cohorts
+    copies = {}
+    for name in ("as_is", "changed"):
+        folder = tmp_path / name
+        shutil.copytree(train_csv.parent, folder)
+        copies[name] = folder / train_csv.name
+    changes = dict(run_folds=(0,), patience=1, lr_patience=0, epochs_head=3, epochs_finetune=3, monitor=monitor)
+    config = with_overrides(tiny_config((copies["as_is"], external_csv)), **changes)
+    fit(config, tmp_path / "run_as_is")
+    held_out = [r["image"] for r in read_csv(tmp_path / "run_as_is" / "folds.csv") if r["fold"] == "0"]
+    rng = np.random.default_rng(1)
+    for image in held_out:  # fold 0's own images, replaced by noise: only its validation loss sees them
+        cv2.imwrite(str(copies["changed"].parent / image), rng.integers(0, 256, (64, 64), dtype=np.uint8))
+    fit(with_overrides(config, train=CohortConfig("dev", str(copies["changed"]))), tmp_path / "run_changed")
+    unit = Path("units") / "tiny" / "fold0"
+    a = torch.load(tmp_path / "run_as_is" / unit / "model.pt")
+    b = torch.load(tmp_path / "run_changed" / unit / "model.pt")
+    same = all(torch.equal(a[k], b[k]) for k in a)
+    assert same == (monitor == "training")
+    done = json.loads((tmp_path / "run_as_is" / unit / "done.json").read_text())
+    assert done["monitor"] == monitor
+    if monitor == "training":
+        log = read_log(tmp_path / "run_as_is" / unit / "log.csv")
+        assert done["best_epoch"] == int(min(log, key=lambda r: float(r["train_loss"]))["epoch"])

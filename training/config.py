@@ -25,6 +25,7 @@ from training.losses import LOSSES
 CONFIG_NAME = "config.toml"
 UNFREEZE_MODES = ("last_stage", "all", "none")
 DEVICES = ("auto", "cpu", "cuda")
+MONITORS = ("validation", "training")
 # Keys that change how fast a run goes, not what it produces: they may differ on resume.
 RUNTIME_KEYS = frozenset({"num_workers", "threads", "progress", "device", "cache_dir"})
 
@@ -78,6 +79,7 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
     patience: int = 3
+    monitor: str = "validation"
     lr_patience: int = 1
     lr_factor: float = 0.5
     cache_features: bool = False
@@ -144,6 +146,7 @@ def _validate(c: RunConfig) -> list[str]:
         need(getattr(c, key) >= 0, key, "an integer >= 0", getattr(c, key))
     need(c.epochs_head + c.epochs_finetune >= 1, "epochs_head", "at least one epoch in total", c.epochs_head)
     need(c.patience >= 1, "patience", "an integer >= 1", c.patience)
+    need(c.monitor in MONITORS, "monitor", f"one of {list(MONITORS)}", c.monitor)
     need(c.batch_size >= 1, "batch_size", "an integer >= 1", c.batch_size)
     for key in ("lr_head", "lr_finetune"):
         need(math.isfinite(getattr(c, key)) and getattr(c, key) > 0, key, "a number > 0", getattr(c, key))
@@ -397,8 +400,11 @@ focal_gamma = 2.0
 focal_alpha = 0.25              # focal weight of positives (0.5 = both classes alike)
 balance_sampling = false        # sample images inversely to their label frequency
 seed = 0
-patience = 3                    # early stopping: epochs without a better validation loss, per phase
-lr_patience = 1                 # ReduceLROnPlateau on validation loss: patience
+patience = 3                    # early stopping: epochs without a better monitored loss, per phase
+monitor = "validation"          # the loss that drives early stopping, ReduceLROnPlateau and the kept epoch:
+                                # "validation" (the held-out fold: its OOF predictions carry a small selection
+                                # bias) or "training" (the held-out fold decides nothing: unbiased OOF)
+lr_patience = 1                 # ReduceLROnPlateau on the monitored loss: patience
 lr_factor = 0.5                 # ... and factor
 cache_features = false          # phase 1 trains the head on backbone features computed once (no augmentation)
 cache_dir = ""                  # preprocessing cache; "" = RUN_DIR/cache (share one across runs to save time)

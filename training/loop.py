@@ -252,8 +252,8 @@ class UnitState:
     epoch: int = 0  # epochs completed in the unit
     phase_index: int = 0
     phase_epoch: int = 0  # epochs completed in the current phase
-    bad_epochs: int = 0  # epochs without a better validation loss in the current phase
-    best_val_loss: float = math.inf
+    bad_epochs: int = 0  # epochs without a better monitored loss in the current phase
+    best_val_loss: float = math.inf  # the best monitored loss (validation or training, config.monitor)
     best_epoch: int = 0
 
 
@@ -292,7 +292,7 @@ def train_unit(data: RunData, key: UnitKey, on_epoch_end: EpochCallback | None =
             checkpoint = None
         ctx.run_phase(phase, state, checkpoint)
         checkpoint = None
-    _finish_unit(unit_dir, key, state, time.monotonic() - started)
+    _finish_unit(unit_dir, key, state, time.monotonic() - started, config.monitor)
 
 
 def _build(config: RunConfig, architecture: str, weights: bool = True) -> CxrNet:
@@ -339,14 +339,15 @@ def _resume(unit_dir: Path, model: CxrNet, device: torch.device) -> tuple[UnitSt
     return state, checkpoint
 
 
-def _finish_unit(unit_dir: Path, key: UnitKey, state: UnitState, seconds: float) -> None:
+def _finish_unit(unit_dir: Path, key: UnitKey, state: UnitState, seconds: float, monitor: str) -> None:
     """Write ``done.json``; the checkpoint is kept (it is small next to the log's value)."""
     done = {
         "architecture": key.architecture,
         "fold": key.fold,
         "epochs": state.epoch,
         "best_epoch": state.best_epoch,
-        "best_val_loss": state.best_val_loss,
+        "best_val_loss": state.best_val_loss,  # the monitored loss: see "monitor"
+        "monitor": monitor,
         "seconds_last_session": round(seconds, 2),
     }
     _atomic_write_text(unit_dir / "done.json", json.dumps(done, indent=2))
@@ -398,7 +399,7 @@ class _UnitContext:
         while state.phase_epoch < phase.epochs and state.bad_epochs < self.config.patience:
             started = time.monotonic()
             row = self._epoch(phase, state, optimizer, scaler, features)
-            scheduler.step(row["val_loss"])
+            scheduler.step(self._monitored(row))
             row["seconds"] = round(time.monotonic() - started, 3)
             self._record(row, state, optimizer, scheduler, scaler)
 
@@ -433,11 +434,6 @@ class _UnitContext:
         if not math.isfinite(val_loss):
             raise FloatingPointError(f"{self.key.name} epoch {epoch}: validation loss is {val_loss}")
         state.epoch, state.phase_epoch = epoch, state.phase_epoch + 1
-        if val_loss < state.best_val_loss:
-            state.best_val_loss, state.best_epoch, state.bad_epochs = val_loss, epoch, 0
-            _atomic_save(self.model.state_dict(), self.unit_dir / "model.pt")
-        else:
-            state.bad_epochs += 1
         row = {
             "epoch": epoch,
             "phase": phase.name,
@@ -445,8 +441,18 @@ class _UnitContext:
             "train_loss": train_loss,
             "val_loss": val_loss,
         }
+        monitored = self._monitored(row)
+        if monitored < state.best_val_loss:
+            state.best_val_loss, state.best_epoch, state.bad_epochs = monitored, epoch, 0
+            _atomic_save(self.model.state_dict(), self.unit_dir / "model.pt")
+        else:
+            state.bad_epochs += 1
         row.update(epoch_metrics(self.data.cohort.y[self.val_idx], _sigmoid(logits)))
         return row
+
+    def _monitored(self, row: dict[str, Any]) -> float:
+        """The loss that drives early stopping, the LR schedule and the kept epoch (``config.monitor``)."""
+        return float(row["val_loss"] if self.config.monitor == "validation" else row["train_loss"])
 
     def _record(
         self,
