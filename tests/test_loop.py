@@ -212,9 +212,10 @@ def test_epoch_metrics_hand_case() -> None:
     assert m["sensitivity"] == 0.5 and m["specificity"] == 0.5 and m["f1"] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("monitor", ["training", "validation"])
+@pytest.mark.parametrize(("monitor", "cache_features"), [("training", False), ("training", True),
+                                                         ("validation", False)])  # fmt: skip
 def test_monitor_training_lets_the_held_out_fold_decide_nothing(
-    cohorts: tuple[Path, Path], tmp_path: Path, monitor: str
+    cohorts: tuple[Path, Path], tmp_path: Path, monitor: str, cache_features: bool
 ) -> None:
     """With monitor = "training" the held-out images cannot change the kept weights (unbiased OOF scores);
     with "validation" (the control) they do, through early stopping, the LR schedule and the kept epoch."""
@@ -224,7 +225,8 @@ def test_monitor_training_lets_the_held_out_fold_decide_nothing(
         folder = tmp_path / name
         shutil.copytree(train_csv.parent, folder)
         copies[name] = folder / train_csv.name
-    changes = dict(run_folds=(0,), patience=1, lr_patience=0, epochs_head=3, epochs_finetune=3, monitor=monitor)
+    changes = dict(run_folds=(0,), patience=1, lr_patience=0, epochs_head=3, epochs_finetune=3, monitor=monitor,
+                   cache_features=cache_features)  # fmt: skip
     config = with_overrides(tiny_config((copies["as_is"], external_csv)), **changes)
     fit(config, tmp_path / "run_as_is")
     held_out = [r["image"] for r in read_csv(tmp_path / "run_as_is" / "folds.csv") if r["fold"] == "0"]
@@ -242,3 +244,19 @@ def test_monitor_training_lets_the_held_out_fold_decide_nothing(
     if monitor == "training":
         log = read_log(tmp_path / "run_as_is" / unit / "log.csv")
         assert done["best_epoch"] == int(min(log, key=lambda r: float(r["train_loss"]))["epoch"])
+
+
+def test_monitor_training_compares_losses_within_a_phase(cohorts: tuple[Path, Path], tmp_path: Path) -> None:
+    """The fine-tune phase's augmented training loss never beats the head phase's here; the kept weights must
+    still come from the fine-tune phase, not from phase 1 (its loss is not comparable)."""
+    config = tiny_config(cohorts, run_folds=(0,), epochs_head=3, epochs_finetune=2, lr_head=0.05,
+                         lr_finetune=1e-6, drop_rate=0.9, patience=5, monitor="training")  # fmt: skip
+    fit(config, tmp_path / "run")
+    unit = tmp_path / "run" / "units" / "tiny" / "fold0"
+    log = read_log(unit / "log.csv")
+    head = [float(r["train_loss"]) for r in log if r["phase"] == "head"]
+    finetune = [float(r["train_loss"]) for r in log if r["phase"] == "finetune"]
+    assert min(head) < min(finetune), "the setting no longer makes phase 1's loss the lower one"
+    done = json.loads((unit / "done.json").read_text())
+    assert done["best_epoch"] == 3 + 1 + int(np.argmin(finetune))
+    assert done["best_monitored_loss"] == pytest.approx(min(finetune), rel=1e-5)

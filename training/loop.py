@@ -8,12 +8,12 @@ Run directory layout (``fit(config, run_dir)``)::
     units/<arch>/fold<k>/        one unit per (architecture, fold):
         checkpoint.pt            last completed epoch: model, optimizer, scheduler, AMP scaler, phase
                                  and early-stopping state (written atomically after every epoch)
-        model.pt                 weights of the best validation loss so far (the unit's final model
+        model.pt                 weights of the best monitored loss so far (the unit's final model
                                  once done.json exists)
         log.csv                  one row per epoch: epoch, phase, lr, train_loss, val_loss, auroc,
                                  auprc, sensitivity, specificity, f1 (macro over labels, threshold 0.5),
                                  seconds
-        done.json                the unit finished: best epoch and validation loss, epochs run
+        done.json                the unit finished: best epoch and monitored loss, epochs run
         pred_<cohort>.npy        probabilities [N, L] of this unit's model (cache for the CSVs)
     predictions_oof.csv          every training image, scored by the model of the fold that held it out
     predictions_<cohort>.csv     every external image, scored by every fold model
@@ -21,9 +21,13 @@ Run directory layout (``fit(config, run_dir)``)::
 A unit: phase ``head`` (backbone frozen, its BatchNorm statistics too; ``epochs_head`` epochs at
 ``lr_head``), then phase ``finetune`` (``unfreeze``: the last backbone stage or all of it;
 ``epochs_finetune`` epochs at ``lr_finetune``), which starts from the best weights so far. Each phase
-has its own AdamW and ReduceLROnPlateau on the validation loss, and stops early after ``patience``
-epochs without a better validation loss. With ``cache_features`` the head phase trains the head on
-backbone features computed once per image without augmentation (exact, since the backbone is frozen).
+has its own AdamW and ReduceLROnPlateau on the monitored loss, and stops early after ``patience``
+epochs without a better monitored loss. ``monitor = "validation"`` (default) monitors the held-out
+fold's loss, compared across phases; ``"training"`` monitors the epoch's mean training loss, compared
+within a phase only (the phases' training losses are not like for like: cached features without
+augmentation, then augmented images), so the held-out fold decides nothing. With ``cache_features``
+the head phase trains the head on backbone features computed once per image without augmentation
+(exact, since the backbone is frozen).
 
 Reproducibility and resume: torch is reseeded at the start of every epoch from (seed, architecture,
 fold, epoch), the shuffling/sampling generator likewise, and each sample's augmentation draws from
@@ -346,8 +350,9 @@ def _finish_unit(unit_dir: Path, key: UnitKey, state: UnitState, seconds: float,
         "fold": key.fold,
         "epochs": state.epoch,
         "best_epoch": state.best_epoch,
-        "best_val_loss": state.best_val_loss,  # the monitored loss: see "monitor"
         "monitor": monitor,
+        "best_monitored_loss": state.best_val_loss,
+        **({"best_val_loss": state.best_val_loss} if monitor == "validation" else {}),
         "seconds_last_session": round(seconds, 2),
     }
     _atomic_write_text(unit_dir / "done.json", json.dumps(done, indent=2))
@@ -384,6 +389,8 @@ class _UnitContext:
         """Epochs of one phase from ``state`` until its epochs are done or it stops early."""
         if state.phase_epoch >= phase.epochs or state.bad_epochs >= self.config.patience:
             return
+        if state.phase_epoch == 0 and self.config.monitor == "training":
+            state.best_val_loss = math.inf  # training losses are compared within a phase only
         phase.prepare(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=self.config.weight_decay)
@@ -431,8 +438,12 @@ class _UnitContext:
         logits = self._val_logits(features)
         y_val = torch.from_numpy(self.data.cohort.y[self.val_idx])
         val_loss = float(self.loss_fn(torch.from_numpy(logits), y_val))
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"{self.key.name} epoch {epoch}: training loss is {train_loss}")
         if not math.isfinite(val_loss):
-            raise FloatingPointError(f"{self.key.name} epoch {epoch}: validation loss is {val_loss}")
+            if self.config.monitor == "validation":
+                raise FloatingPointError(f"{self.key.name} epoch {epoch}: validation loss is {val_loss}")
+            log.warning("%s epoch %d: validation loss is %s (not monitored)", self.key.name, epoch, val_loss)
         state.epoch, state.phase_epoch = epoch, state.phase_epoch + 1
         row = {
             "epoch": epoch,
