@@ -334,7 +334,7 @@ def serve_scp(config: Path, log_level: str, no_fsync: bool = False) -> int:
         engine.dispose()  # the connections made from now on get the pragma below (after make_engine's own)
         event.listen(engine, "connect", lambda con, _record: con.execute("PRAGMA synchronous=OFF"))
     store = Store(engine, max_attempts=s.worker.max_attempts)
-    rules = FilterRules.load(s.resolve(s.filter.rules_file) if s.filter.rules_file else None)
+    rules = FilterRules.for_settings(s)
     server = start_scp(s, Intake(s.data_path, store, s, rules))
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -114,7 +114,7 @@ class Node:
             log.info("model %s %s on %s", self.ensemble.manifest.name, self.ensemble.manifest.version,
                      ", ".join(self.ensemble.providers))
         if self.role in ("all", "scp"):
-            rules = FilterRules.load(s.resolve(s.filter.rules_file) if s.filter.rules_file else None)
+            rules = FilterRules.for_settings(s)
             intake = Intake(s.data_path, self.store, s, rules)
             self._server = start_scp(s, intake, listen_socket=self.listen_socket)
             log.info("SCP %s listening on %s:%d", s.scp.ae_title, s.scp.bind_address, self.port)

@@ -68,7 +68,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     problems: list[str] = []
     try:
-        FilterRules.load(settings.resolve(settings.filter.rules_file) if settings.filter.rules_file else None)
+        FilterRules.for_settings(settings)
     except ValueError as exc:
         problems.append(f"filter.rules_file: {exc}")
     package = settings.resolve(settings.model.package) if settings.model.package else bundled_package_dir()

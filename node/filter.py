@@ -24,7 +24,7 @@ from typing import Any
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
-from node.config import ConfigError, FilterSettings
+from node.config import ConfigError, FilterSettings, Settings
 
 RULES_FILE = Path(__file__).with_name("filter_rules.toml")
 FRONTAL = "frontal"
@@ -95,6 +95,12 @@ class FilterRules:
         except tomllib.TOMLDecodeError as exc:
             raise FilterRulesError([f"TOML syntax: {exc}"], f"filter rules {p}") from exc
         return _parse_rules(raw, str(p))
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> FilterRules:
+        """The rules ``[filter] rules_file`` names (relative to the configuration's folder), or the bundled ones."""
+        rules_file = settings.filter.rules_file
+        return cls.load(settings.resolve(rules_file) if rules_file else None)
 
 
 # --- loading and validation -------------------------------------------------------------------

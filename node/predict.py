@@ -70,7 +70,7 @@ def predict_paths(settings: Settings, paths: Sequence[Path], model: Path | None 
                                  threshold_overrides=settings.thresholds)
     else:
         ensemble = load_ensemble(settings)
-    rules = FilterRules.load(settings.resolve(settings.filter.rules_file) if settings.filter.rules_file else None)
+    rules = FilterRules.for_settings(settings)
     for path in analysable_paths(paths):
         if not path.exists():
             yield _row(path, "failed", "file not found")

@@ -375,7 +375,7 @@ def site_threshold_run(
     for label in labels:
         check_sample(cohort, label, k)
     settings = load_settings(node_config)  # None: the node's defaults; CXR_* variables apply as in the node
-    rules = FilterRules.load(settings.resolve(settings.filter.rules_file) if settings.filter.rules_file else None)
+    rules = FilterRules.for_settings(settings)
     scored = score_cohort(package, cohort, labels, settings.filter, rules, threads)
     results = [
         calibrate_label(scored.table, label, manifest.thresholds[label].value, target, k, seed, n_boot)
@@ -469,9 +469,7 @@ def merge_audits(run_dir: str | Path, kind: str, reports: Sequence[dict[str, Any
         return AUDIT_ORDER.index(a["kind"]) if a.get("kind") in AUDIT_ORDER else len(AUDIT_ORDER)
 
     merged.sort(key=rank)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(merged, indent=1, default=_plain), encoding="utf-8")
-    tmp.replace(path)
+    _write_atomic(path, json.dumps(merged, indent=1, default=_plain))
     return merged
 
 
