@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
+from training.config import load_config
 from training.export import check_parity, export_member
 from training.models import (
     ARCHITECTURES,
@@ -337,3 +338,23 @@ def test_in_order_mapping_reports_leftovers_and_shape_mismatches() -> None:
         map_state_dict_in_order(a, OrderedDict(p=torch.zeros(2)))
     with pytest.raises(WeightsError, match=r"y \(3,\) onto q \(4,\)"):
         map_state_dict_in_order(a, OrderedDict(p=torch.zeros(2), q=torch.zeros(4)))
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_run_configuration_validates(path: Path) -> None:
+    config = load_config(path)
+    for name in config.architectures:
+        assert name in ARCHITECTURES
+        assert config.image_size % ARCHITECTURES[name].size_multiple == 0
+
+
+def test_the_seed_configuration_is_13_architectures_by_5_folds() -> None:
+    config = load_config(CONFIGS / "seed_13x5.toml")
+    assert len(config.architectures) == 13 and config.folds == 5 and not config.run_folds
+    assert set(config.architectures) == SEED_ARCHITECTURES | {"efficientnet_lite0"}
+    assert config.weights_for("efficientnet_lite0") == "imagenet"
+    assert all(config.weights_for(name) is None for name in SEED_ARCHITECTURES)
+    assert config.device == "auto" and config.amp
