@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ai.errors import CxrError
+from storage.files import write_atomic
 from training.config import CONFIG_NAME, ConfigError, example_config_text, load_config
 
 log = logging.getLogger(__name__)
@@ -395,10 +396,8 @@ def site_threshold_run(
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    """Write ``text`` (UTF-8) so that ``path`` is either the old file or the whole new one."""
+    write_atomic(path, text.encode("utf-8"))
 
 
 def _today() -> str:

@@ -18,6 +18,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from storage.files import write_atomic
 from training.augment import AugmentConfig
 from training.labels import LabelError, canonical_labels
 from training.losses import LOSSES
@@ -294,10 +295,7 @@ def load_config(path: str | Path) -> RunConfig:
 
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write ``config`` as TOML (absolute paths), atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(to_toml(config.to_dict()), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, to_toml(config.to_dict()).encode("utf-8"))
 
 
 def config_differences(a: RunConfig, b: RunConfig) -> list[str]:

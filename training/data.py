@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from storage.files import write_atomic
 from training.labels import LabelError, canonical_label, label_columns
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ class PreprocessCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         spec_file = self.folder / "spec.json"
         if not spec_file.exists():
-            _write_atomic_bytes(spec_file, spec_json.encode())
+            write_atomic(spec_file, spec_json.encode())
 
     def key(self, path: str | Path) -> str:
         """Cache key of one file: sha256 of (resolved path, size, mtime_ns)."""
@@ -317,10 +317,7 @@ class PreprocessCache:
 
         gray, _ = preprocess_gray(read_image_file(path), self.spec)
         gray = np.ascontiguousarray(gray, dtype=np.uint8)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as handle:
-            np.save(handle, gray)
-        os.replace(tmp, target)
+        write_atomic(target, lambda handle: np.save(handle, gray))
         return gray
 
     def load_many(self, paths: Sequence[str | Path], progress: bool = False, desc: str = "preprocess") -> np.ndarray:
@@ -332,13 +329,6 @@ class PreprocessCache:
         for i, path in enumerate(tqdm(paths, desc=desc, disable=not progress, leave=False)):
             out[i] = self.get(path)
         return out
-
-
-def _write_atomic_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------

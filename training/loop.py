@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
@@ -60,6 +61,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
 
+from storage.files import write_atomic
 from training.augment import Augmenter
 from training.config import CONFIG_NAME, ConfigError, RunConfig, config_differences, load_config, save_config
 from training.data import Cohort, CxrDataset, PreprocessCache, load_cohort
@@ -355,7 +357,7 @@ def _finish_unit(unit_dir: Path, key: UnitKey, state: UnitState, seconds: float,
         **({"best_val_loss": state.best_val_loss} if monitor == "validation" else {}),
         "seconds_last_session": round(seconds, 2),
     }
-    _atomic_write_text(unit_dir / "done.json", json.dumps(done, indent=2))
+    write_atomic(unit_dir / "done.json", json.dumps(done, indent=2).encode("utf-8"))
 
 
 class _UnitContext:
@@ -701,17 +703,8 @@ def epoch_metrics(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> di
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temporary file and a rename (an interruption never leaves half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write text through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    """``torch.save`` through ``write_atomic`` (an interruption never leaves half a file)."""
+    write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
 def _format(value: Any) -> str:
@@ -794,9 +787,7 @@ def unit_probabilities(
         index=index,
     )
     prob = _sigmoid(logits).astype(np.float32)
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, prob)
-    tmp.replace(path)
+    write_atomic(path, lambda handle: np.save(handle, prob))
     return prob
 
 
@@ -846,13 +837,12 @@ def write_prediction_csv(
     extra = extra or {}
     header = ["image", "patient_id", "site", "sex", "age", *extra, *(label_column(lb) for lb in labels)]
     header += [score_column(lb, m) for lb in labels for m in [*members, ENSEMBLE]]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for i in range(len(cohort)):
-            writer.writerow(_prediction_row(cohort, i, extra, scores, ensemble, members))
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    for i in range(len(cohort)):
+        writer.writerow(_prediction_row(cohort, i, extra, scores, ensemble, members))
+    write_atomic(path, text.getvalue().encode("utf-8"))
     return path
 
 

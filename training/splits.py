@@ -17,11 +17,14 @@ raises when one is violated:
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from storage.files import write_atomic
 
 
 class SplitError(ValueError):
@@ -180,14 +183,12 @@ def fold_summary(folds: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> lis
 
 def save_folds(path: str | Path, images: Sequence[str], patient_ids: Sequence[str], folds: np.ndarray) -> None:
     """Write ``image,patient_id,fold`` rows (the run directory's ``folds.csv``)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "patient_id", "fold"])
-        for image, pid, fold in zip(images, patient_ids, folds, strict=True):
-            writer.writerow([image, pid, int(fold)])
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["image", "patient_id", "fold"])
+    for image, pid, fold in zip(images, patient_ids, folds, strict=True):
+        writer.writerow([image, pid, int(fold)])
+    write_atomic(path, text.getvalue().encode("utf-8"))
 
 
 def load_folds(path: str | Path, images: Sequence[str]) -> np.ndarray:
