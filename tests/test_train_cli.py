@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,3 +122,34 @@ def test_fit_baseline_evaluate_compare_export_end_to_end(tmp_path: Path) -> None
     assert manifest.preprocess.size == 64 and manifest.preprocess.field_detection is False
     assert manifest.thresholds["Tuberculosis"].method == "Youden J on OOF ensemble"
     assert main(["export", "--run-dir", str(run), "--out", str(package), "--members", "resnet18"]) == 2
+
+
+def test_fit_on_a_full_disk_says_so_loses_nothing_and_resumes_to_the_same_result(
+    tmp_path: Path, tiny_fs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cohorts = (make_cohort(tmp_path / "dev", "dev", 20, 0), make_cohort(tmp_path / "ext", "ext", 6, 1))
+    config_path = tmp_path / "run.toml"
+    # The preprocessing cache lives elsewhere, so the full disk strikes the units' checkpoints.
+    config = tiny_config(cohorts, epochs_head=1, epochs_finetune=1, cache_dir=str(tmp_path / "cache"))
+    save_config(config, config_path)
+    reference = tmp_path / "reference"
+    assert main(["fit", "--config", str(config_path), "--run-dir", str(reference)]) == 0
+
+    # Leave room for about two of the three units (each ~110 kB: model.pt, checkpoint.pt, scores).
+    ballast = tiny_fs / "ballast"
+    stat = os.statvfs(tiny_fs)
+    ballast.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 200_000))
+    run = tiny_fs / "run"
+    capsys.readouterr()
+    assert main(["fit", "--config", str(config_path), "--run-dir", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "cxr-train fit: disk full" in err and "run the same command again" in err
+    assert "Traceback" not in err
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")], "a temporary file was left behind"
+    assert not (run / "predictions_oof.csv").exists()
+    assert (run / "units" / "tiny" / "fold0" / "done.json").is_file(), "the first unit should have finished"
+
+    ballast.unlink()
+    assert main(["fit", "--run-dir", str(run)]) == 0
+    for name in ("folds.csv", "predictions_oof.csv", "predictions_ext.csv"):
+        assert (run / name).read_bytes() == (reference / name).read_bytes(), name

@@ -11,6 +11,7 @@ compose those steps over a run directory.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -21,10 +22,12 @@ from typing import Any
 import numpy as np
 
 from ai.errors import CxrError
-from storage.files import write_atomic
+from storage.files import DiskFull, write_atomic
 from training.config import CONFIG_NAME, ConfigError, example_config_text, load_config
 
 log = logging.getLogger(__name__)
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 WORKFLOW = """\
 workflow:
@@ -165,6 +168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError, CxrError) as exc:
         print(f"cxr-train {args.command}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        what = exc.strerror if isinstance(exc, DiskFull) else f"disk full while writing {exc.filename}: {exc.strerror}"
+        again = "; a fit resumes where it stopped" if args.command == "fit" else ""
+        print(
+            f"cxr-train {args.command}: {what}. Every file already written is complete (each is written "
+            f"whole or not at all): free space and run the same command again{again}.",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _init_config(args: argparse.Namespace) -> int:
