@@ -260,3 +260,28 @@ def test_monitor_training_compares_losses_within_a_phase(cohorts: tuple[Path, Pa
     done = json.loads((unit / "done.json").read_text())
     assert done["best_epoch"] == 3 + 1 + int(np.argmin(finetune))
     assert done["best_monitored_loss"] == pytest.approx(min(finetune), rel=1e-5)
+
+
+def test_trim_log_keeps_complete_rows_up_to_the_checkpoint(tmp_path: Path) -> None:
+    from training.loop import LOG_COLUMNS, _append_log, _trim_log
+
+    log = tmp_path / "log.csv"
+    for epoch in (1, 2, 3):
+        _append_log(log, {"epoch": epoch, "phase": "head", "lr": 0.001, "train_loss": 0.5})
+    whole = log.read_bytes()
+    _trim_log(log, 3)
+    assert log.read_bytes() == whole  # nothing to drop: untouched
+    _trim_log(log, 2)  # epoch 3 logged, but the checkpoint holds epoch 2
+    assert [r["epoch"] for r in read_csv(log)] == ["1", "2"]
+
+    with log.open("ab") as handle:  # a crash or a full disk cut the next append short
+        handle.write(b"3,hea")
+    _trim_log(log, 5)
+    assert [r["epoch"] for r in read_csv(log)] == ["1", "2"]
+    _append_log(log, {"epoch": 3, "phase": "head"})
+    assert [r["epoch"] for r in read_csv(log)] == ["1", "2", "3"]
+    assert list(read_csv(log)[0]) == list(LOG_COLUMNS)
+
+    log.write_text("epoch,pha")  # even the header was cut: the log starts again
+    _trim_log(log, 5)
+    assert not log.exists()

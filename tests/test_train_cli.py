@@ -153,3 +153,24 @@ def test_fit_on_a_full_disk_says_so_loses_nothing_and_resumes_to_the_same_result
     assert main(["fit", "--run-dir", str(run)]) == 0
     for name in ("folds.csv", "predictions_oof.csv", "predictions_ext.csv"):
         assert (run / name).read_bytes() == (reference / name).read_bytes(), name
+
+    # The report (JSON, Markdown, PNG plots of ~20-40 kB each) on the same full disk, then with room.
+    report = tiny_fs / "report"
+    ballast.write_bytes(b"\0" * (os.statvfs(tiny_fs).f_bavail * stat.f_frsize - 40_000))
+    capsys.readouterr()
+    assert main(["evaluate", "--run-dir", str(run), "--n-boot", "20", "--out", str(report)]) == 1
+    err = capsys.readouterr().err
+    assert "cxr-train evaluate: disk full while writing" in err and "None" not in err
+    assert not [p for p in report.rglob("*") if p.name.endswith(".tmp")]
+    ballast.unlink()
+    assert main(["evaluate", "--run-dir", str(run), "--n-boot", "20", "--out", str(report)]) == 0
+    assert (report / "report.md").is_file()
+
+    # init-config leaves no empty file that would make the rerun refuse ("exists; pass --force").
+    ballast.write_bytes(b"\0" * (os.statvfs(tiny_fs).f_bavail * stat.f_frsize))
+    example = tiny_fs / "example.toml"
+    assert main(["init-config", str(example)]) == 1
+    assert not example.exists()
+    ballast.unlink()
+    assert main(["init-config", str(example)]) == 0
+    load_config(example)

@@ -165,27 +165,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError, CxrError) as exc:
-        print(f"cxr-train {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        if exc.errno not in DISK_FULL_ERRNOS:
-            raise
-        what = exc.strerror if isinstance(exc, DiskFull) else f"disk full while writing {exc.filename}: {exc.strerror}"
-        again = "; a fit resumes where it stopped" if args.command == "fit" else ""
-        print(
-            f"cxr-train {args.command}: {what}. Every file already written is complete (each is written "
-            f"whole or not at all): free space and run the same command again{again}.",
-            file=sys.stderr,
-        )
-        return 1
+    except Exception as exc:
+        full = _disk_full(exc)
+        if full is not None:
+            print(f"cxr-train {args.command}: {_disk_full_text(full)}. Files already written are whole (each is "
+                  "written whole or not at all): free space and run the same command again"
+                  f"{'; the run resumes where it stopped' if args.command == 'fit' else ''}.", file=sys.stderr)
+            return 1
+        if isinstance(exc, (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError, CxrError)):
+            print(f"cxr-train {args.command}: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT ``OSError`` behind ``exc`` (itself, or its cause or context chain), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _disk_full_text(exc: OSError) -> str:
+    """``disk full while writing PATH: reason`` (``DiskFull`` already says it; PATH only where known)."""
+    if isinstance(exc, DiskFull):
+        return str(exc.strerror)
+    where = f" while writing {exc.filename}" if exc.filename else ""
+    return f"disk full{where}: {exc.strerror or 'No space left on device'}"
 
 
 def _init_config(args: argparse.Namespace) -> int:
     if args.path.exists() and not args.force:
         raise FileExistsError(f"{args.path} exists; pass --force to overwrite it")
-    args.path.parent.mkdir(parents=True, exist_ok=True)
-    args.path.write_text(example_config_text(), encoding="utf-8")
+    write_atomic(args.path, example_config_text().encode("utf-8"))
     print(f"wrote {args.path}; edit it, then: cxr-train fit --config {args.path} --run-dir runs/NAME")
     return 0
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
@@ -317,7 +318,7 @@ class PreprocessCache:
 
         gray, _ = preprocess_gray(read_image_file(path), self.spec)
         gray = np.ascontiguousarray(gray, dtype=np.uint8)
-        write_atomic(target, lambda handle: np.save(handle, gray))
+        write_atomic(target, npy_bytes(gray))
         return gray
 
     def load_many(self, paths: Sequence[str | Path], progress: bool = False, desc: str = "preprocess") -> np.ndarray:
@@ -329,6 +330,17 @@ class PreprocessCache:
         for i, path in enumerate(tqdm(paths, desc=desc, disable=not progress, leave=False)):
             out[i] = self.get(path)
         return out
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as the bytes of a ``.npy`` file, for ``write_atomic``.
+
+    Built in memory on purpose: ``np.save`` into a real file writes through a duplicated C stream whose
+    close errors it ignores, so a full disk could leave a short file behind a normal return.
+    """
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ every cohort. Every member and the ensemble are reported side by side.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from storage.files import write_atomic
 from training import metrics
 
 log = logging.getLogger(__name__)
@@ -212,10 +214,11 @@ def write_predictions(table: PredictionTable, path: str | Path) -> Path:
     for label in table.scores:
         for member in table.members(label):
             columns[f"score_{label}__{member}"] = [_fmt_cell(v) for v in table.scores[label][member]]
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(list(columns))
-        writer.writerows(zip(*columns.values(), strict=True))
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(list(columns))
+    writer.writerows(zip(*columns.values(), strict=True))
+    write_atomic(path, text.getvalue().encode("utf-8"))
     return path
 
 
@@ -585,6 +588,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
 
 
+def _save_figure(fig: Any, path: Path) -> None:
+    """Render ``fig`` as PNG in memory, then write it whole (a full disk leaves no half image)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
+    write_atomic(path, buffer.getvalue())
+
+
 def _new_axes(title: str) -> tuple[Any, Any]:
     from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas on save
 
@@ -611,7 +621,7 @@ def _plot_roc(entry: Mapping[str, Any], title: str, path: Path) -> None:
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(fontsize=7, loc="lower right")
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
 
 
 def _plot_pr(entry: Mapping[str, Any], title: str, path: Path) -> None:
@@ -627,7 +637,7 @@ def _plot_pr(entry: Mapping[str, Any], title: str, path: Path) -> None:
     ax.axhline(prevalence, ls="--", color="grey", lw=0.8, label=f"no skill (prevalence) {prevalence:.3f}")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(fontsize=7, loc="lower left")
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
 
 
 def _plot_calibration(entry: Mapping[str, Any], title: str, path: Path) -> None:
@@ -644,7 +654,7 @@ def _plot_calibration(entry: Mapping[str, Any], title: str, path: Path) -> None:
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     ax.set(xlabel="mean predicted probability", ylabel="observed fraction positive", xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=7, loc="upper left")
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
 
 
 def _plot_histogram(entry: Mapping[str, Any], thresholds: Mapping[str, Any], title: str, path: Path) -> None:
@@ -657,7 +667,7 @@ def _plot_histogram(entry: Mapping[str, Any], thresholds: Mapping[str, Any], tit
         ax.axvline(thresholds[kind]["value"], color="k", ls=style, lw=1, label=f"{kind} threshold")
     ax.set(xlabel="ensemble score", ylabel="images")
     ax.legend(fontsize=7)
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
 
 
 def write_plots(results: Mapping[str, Any], plot_dir: Path) -> dict[str, dict[str, list[Path]]]:
@@ -695,7 +705,8 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(jsonable(results), indent=1, allow_nan=False) + "\n")
+    results_json = json.dumps(jsonable(results), indent=1, allow_nan=False) + "\n"
+    write_atomic(out / "results.json", results_json.encode("utf-8"))
     plots = write_plots(results, out / "plots")
     lines = [*_md_header(results), *_md_audits(results.get("audits", []))]
     for label in results["labels"]:
@@ -708,7 +719,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> Path:
             lines += [f"### Plots: {cohort}", ""]
             lines += [f"![{p.stem}](plots/{p.name})" for p in paths] + [""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    write_atomic(path, "\n".join(lines).encode("utf-8"))
     log.info("evaluation report written to %s", path)
     return path
 

@@ -64,7 +64,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedR
 from storage.files import write_atomic
 from training.augment import Augmenter
 from training.config import CONFIG_NAME, ConfigError, RunConfig, config_differences, load_config, save_config
-from training.data import Cohort, CxrDataset, PreprocessCache, load_cohort
+from training.data import Cohort, CxrDataset, PreprocessCache, load_cohort, npy_bytes
 from training.labels import label_column, score_column
 from training.losses import LossFn, make_loss
 from training.splits import check_folds, fold_summary, grouped_stratified_kfold, load_folds, save_folds
@@ -202,7 +202,7 @@ def prepare_run(config: RunConfig, run_dir: Path) -> RunData:
         "external": [c.summary() for c, _ in externals],
         "folds": fold_summary(folds, cohort.y, cohort.labels),
     }
-    (run_dir / "cohorts.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    write_atomic(run_dir / "cohorts.json", json.dumps(summary, indent=2, default=_json_default).encode("utf-8"))
     device = _device(config)
     return RunData(config, run_dir, spec, cohort, folds, images, externals, device)
 
@@ -281,6 +281,8 @@ def train_unit(data: RunData, key: UnitKey, on_epoch_end: EpochCallback | None =
     unit_dir.mkdir(parents=True, exist_ok=True)
     for stale in unit_dir.glob("pred_*.npy"):  # predictions of weights this training replaces
         stale.unlink()
+    for orphan in unit_dir.glob(".*.tmp"):  # left by a killed process (a unit is trained by one process)
+        orphan.unlink()
     config = data.config
     torch.manual_seed(derive_seed(config.seed, key.architecture, key.fold, "init"))
     model = _build(config, key.architecture).to(data.device)
@@ -725,15 +727,28 @@ def _append_log(path: Path, row: dict[str, Any]) -> None:
 
 
 def _trim_log(path: Path, epochs: int) -> None:
-    """Drop log rows after the checkpointed epoch (an interruption between log and checkpoint)."""
+    """Keep the log's header and complete rows up to the checkpointed epoch, rewritten whole.
+
+    Rows after the checkpoint come from an interruption between log and checkpoint; a cut last line
+    (a crash or a full disk mid-append) is dropped, and a cut header drops the file.
+    """
     if not path.exists():
         return
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.reader(handle))
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= epochs] if rows else []
-    if len(kept) != len(rows):
-        with path.open("w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerows(kept)
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    rows = [row for row in csv.reader(line for line in lines if line.endswith("\n")) if row]
+    kept: list[list[str]] = []
+    if rows and rows[0] == list(LOG_COLUMNS):
+        kept = [rows[0]] + [
+            r for r in rows[1:] if len(r) == len(LOG_COLUMNS) and r[0].isdigit() and int(r[0]) <= epochs
+        ]
+    if len(kept) == len(lines):
+        return
+    if not kept:
+        path.unlink()
+        return
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(kept)
+    write_atomic(path, text.getvalue().encode("utf-8"))
 
 
 def read_log(path: str | Path) -> list[dict[str, str]]:
@@ -787,7 +802,7 @@ def unit_probabilities(
         index=index,
     )
     prob = _sigmoid(logits).astype(np.float32)
-    write_atomic(path, lambda handle: np.save(handle, prob))
+    write_atomic(path, npy_bytes(prob))
     return prob
 
 
