@@ -33,7 +33,6 @@ started by ``node.app``): an idle process takes the next association before a bu
 from __future__ import annotations
 
 import copy
-import errno
 import logging
 import os
 import socket
@@ -63,7 +62,15 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from node.config import Settings
 from node.filter import Decision, FilterRules, decide
-from storage.files import DiskFull, free_bytes, fsync_dirs, instance_path, move_into_place, write_atomic
+from storage.files import (
+    DISK_FULL_ERRNOS,
+    DiskFull,
+    free_bytes,
+    fsync_dirs,
+    instance_path,
+    move_into_place,
+    write_atomic,
+)
 from storage.queue import ReceivedInstance, Store
 
 log = logging.getLogger(__name__)
@@ -74,7 +81,6 @@ _MALFORMED = (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, Inde
               NotImplementedError, OverflowError, struct.error)
 INCOMING_DIR = "incoming"  # in data_dir: datasets being received (see ReceiveFile)
 STALE_INCOMING_S = 3600.0  # files left in incoming/ by aborted associations are removed at start after this
-_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class Status(IntEnum):
@@ -281,7 +287,7 @@ class Intake:
         payload = _payload(event)
         failed = receive_error(payload)
         if failed is not None:
-            status = Status.OUT_OF_RESOURCES if failed.errno in _DISK_FULL_ERRNOS else Status.PROCESSING_FAILURE
+            status = Status.OUT_OF_RESOURCES if failed.errno in DISK_FULL_ERRNOS else Status.PROCESSING_FAILURE
             raise RefusalError(status, f"receiving {sop_uid} into {self.data_dir / INCOMING_DIR} failed: {failed}")
         size = _size(payload)
         self._check_space(size, sop_uid)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _NOT_UID_CHARS = re.compile(r"[^0-9.]")
 _COPY_CHUNK = 1 << 20
 
@@ -109,7 +109,7 @@ def write_atomic(path: str | Path, data: bytes | Writer) -> Path:
 
 def _raise_disk_full(exc: BaseException, final: Path) -> None:
     """Raise ``DiskFull`` (from ``exc``) when ``exc`` is an ENOSPC/EDQUOT ``OSError``; else return."""
-    if isinstance(exc, OSError) and not isinstance(exc, DiskFull) and exc.errno in _DISK_FULL_ERRNOS:
+    if isinstance(exc, OSError) and not isinstance(exc, DiskFull) and exc.errno in DISK_FULL_ERRNOS:
         raise DiskFull(exc.errno, f"disk full while writing {final}: {exc.strerror}", str(final)) from exc
 
 

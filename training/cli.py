@@ -11,7 +11,6 @@ compose those steps over a run directory.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import sys
@@ -22,12 +21,10 @@ from typing import Any
 import numpy as np
 
 from ai.errors import CxrError
-from storage.files import DiskFull, write_atomic
+from storage.files import DISK_FULL_ERRNOS, DiskFull, write_atomic
 from training.config import CONFIG_NAME, ConfigError, example_config_text, load_config
 
 log = logging.getLogger(__name__)
-
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 WORKFLOW = """\
 workflow:
