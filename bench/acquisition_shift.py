@@ -1,7 +1,7 @@
 """Acquisition-shift probe: how far do acquisition-like image changes move the bundled model's scores?
 
-The bundled TB model ranks Montgomery images well (1.1.0: AUROC 0.89) but scores its TB cases far lower
-than Shenzhen's (median 0.62 against 0.95), so the threshold chosen on Shenzhen misses many of them. This
+The bundled TB model ranks Montgomery images well (1.2.0: AUROC 0.89) but scores its TB cases far lower
+than Shenzhen's (median 0.61 against 0.93), so the threshold chosen on Shenzhen misses many of them. This
 script asks how much of that a change of *acquisition* could explain, using Shenzhen data only: each
 Shenzhen image is scored by the member of its own out-of-fold fold (a model that never saw it), as it
 is and after one of these changes to the preprocessed image the model sees:
@@ -19,7 +19,8 @@ shift to be explained. Montgomery's labels are only read to print that reference
 
 Run on demand (not part of the test suite)::
 
-    .venv/bin/python bench/acquisition_shift.py --run-dir runs/tb-320 --out bench/results/acquisition_shift_1.1.0.json
+    .venv/bin/python bench/acquisition_shift.py --run-dir runs/tb-320-strong-aug \
+        --out bench/results/acquisition_shift_1.2.0.json
 """
 
 from __future__ import annotations
