@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,15 @@ FRONTAL = ["rsna_cr_pa_jpeg_baseline.dcm", "rsna_cr_pa_monochrome1_variant.dcm",
            "cr_pa_chest_jpegls_near_lossless.dcm", "rsna_cr_ap_jpeg_baseline.dcm"]
 NO_VIEW = "cr_chest_monochrome1_jpeg_no_view_tags.dcm"
 CANINE = "dx_thorax_canine_not_human.dcm"
+
+
+def appears_as_value(value: str, text: str) -> bool:
+    """Whether ``value`` occurs in ``text`` as a value of its own, not inside a longer run such as a UID.
+
+    Two sample files have all-digit patient IDs (123456, 12345678); a random UID the node logs can
+    contain those digits by chance, which says nothing about a leak.
+    """
+    return re.search(rf"(?<![\w.]){re.escape(value)}(?!\w|\.\d)", text) is not None
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +229,7 @@ def test_frontal_images_come_back_to_the_pacs_as_sr_and_overlay(
             ds = pydicom.dcmread(f, stop_before_pixels=True)
             for value in (str(ds.get("PatientName", "")), str(ds.get("PatientID", ""))):
                 if len(value) >= 4:
-                    assert value not in log_text, "a patient-identifying value reached the log"
+                    assert not appears_as_value(value, log_text), "a patient-identifying value reached the log"
 
 
 def test_crash_with_pacs_down_loses_nothing_and_never_duplicates(
