@@ -25,7 +25,7 @@ import io
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -330,6 +330,13 @@ class PreprocessCache:
         for i, path in enumerate(tqdm(paths, desc=desc, disable=not progress, leave=False)):
             out[i] = self.get(path)
         return out
+
+
+def csv_bytes(rows: Iterable[Sequence[object]]) -> bytes:
+    """``rows`` as the UTF-8 bytes of a CSV file (``csv`` module defaults), for ``write_atomic``."""
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(rows)
+    return text.getvalue().encode("utf-8")
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

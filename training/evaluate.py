@@ -44,6 +44,7 @@ import numpy as np
 
 from storage.files import write_atomic
 from training import metrics
+from training.data import csv_bytes
 
 log = logging.getLogger(__name__)
 
@@ -214,11 +215,7 @@ def write_predictions(table: PredictionTable, path: str | Path) -> Path:
     for label in table.scores:
         for member in table.members(label):
             columns[f"score_{label}__{member}"] = [_fmt_cell(v) for v in table.scores[label][member]]
-    text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow(list(columns))
-    writer.writerows(zip(*columns.values(), strict=True))
-    write_atomic(path, text.getvalue().encode("utf-8"))
+    write_atomic(path, csv_bytes([list(columns), *zip(*columns.values(), strict=True)]))
     return path
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import math
@@ -64,7 +63,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedR
 from storage.files import write_atomic
 from training.augment import Augmenter
 from training.config import CONFIG_NAME, ConfigError, RunConfig, config_differences, load_config, save_config
-from training.data import Cohort, CxrDataset, PreprocessCache, load_cohort, npy_bytes
+from training.data import Cohort, CxrDataset, PreprocessCache, csv_bytes, load_cohort, npy_bytes
 from training.labels import label_column, score_column
 from training.losses import LossFn, make_loss
 from training.splits import check_folds, fold_summary, grouped_stratified_kfold, load_folds, save_folds
@@ -746,9 +745,7 @@ def _trim_log(path: Path, epochs: int) -> None:
     if not kept:
         path.unlink()
         return
-    text = io.StringIO(newline="")
-    csv.writer(text).writerows(kept)
-    write_atomic(path, text.getvalue().encode("utf-8"))
+    write_atomic(path, csv_bytes(kept))
 
 
 def read_log(path: str | Path) -> list[dict[str, str]]:
@@ -852,12 +849,8 @@ def write_prediction_csv(
     extra = extra or {}
     header = ["image", "patient_id", "site", "sex", "age", *extra, *(label_column(lb) for lb in labels)]
     header += [score_column(lb, m) for lb in labels for m in [*members, ENSEMBLE]]
-    text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow(header)
-    for i in range(len(cohort)):
-        writer.writerow(_prediction_row(cohort, i, extra, scores, ensemble, members))
-    write_atomic(path, text.getvalue().encode("utf-8"))
+    rows = (_prediction_row(cohort, i, extra, scores, ensemble, members) for i in range(len(cohort)))
+    write_atomic(path, csv_bytes([header, *rows]))
     return path
 
 

@@ -17,7 +17,6 @@ raises when one is violated:
 from __future__ import annotations
 
 import csv
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from storage.files import write_atomic
+from training.data import csv_bytes
 
 
 class SplitError(ValueError):
@@ -183,12 +183,8 @@ def fold_summary(folds: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> lis
 
 def save_folds(path: str | Path, images: Sequence[str], patient_ids: Sequence[str], folds: np.ndarray) -> None:
     """Write ``image,patient_id,fold`` rows (the run directory's ``folds.csv``)."""
-    text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow(["image", "patient_id", "fold"])
-    for image, pid, fold in zip(images, patient_ids, folds, strict=True):
-        writer.writerow([image, pid, int(fold)])
-    write_atomic(path, text.getvalue().encode("utf-8"))
+    rows = ([image, pid, int(fold)] for image, pid, fold in zip(images, patient_ids, folds, strict=True))
+    write_atomic(path, csv_bytes([["image", "patient_id", "fold"], *rows]))
 
 
 def load_folds(path: str | Path, images: Sequence[str]) -> np.ndarray:
