@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 
 from ai.errors import ModelPackageError
 from node.config import ConfigError, Settings, load_settings
+from node.privileges import PrivilegeError
 
 log = logging.getLogger("node")
 
@@ -53,11 +56,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     try:
-        Node(settings, role=args.role).serve_forever()
+        listen_socket = _drop_privileges(settings, args.role)
+    except (PrivilegeError, OSError) as exc:
+        print(f"cxr-node serve: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        Node(settings, role=args.role, listen_socket=listen_socket).serve_forever()
     except ScpProcessError as exc:
         log.error("cxr-node stopped: %s", exc)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _drop_privileges(settings: Settings, role: str) -> socket.socket | None:
+    """Bind the SCP port while privileged (roles all/scp), then run as ``service.user``.
+
+    Returns:
+        The bound listening socket the SCP takes over, or None when the SCP binds it itself.
+    """
+    from node.privileges import bind_listening_socket, check_runtime_readable, drop_privileges, warn_if_root
+
+    if not settings.service.user:
+        warn_if_root(settings.service.user)
+        return None
+    listen_socket = None
+    if role in ("all", "scp") and os.geteuid() == 0:
+        listen_socket = bind_listening_socket(settings.scp.bind_address, settings.scp.port)
+    try:
+        drop_privileges(settings.service.user, settings.service.group)
+        check_runtime_readable()
+    except BaseException:
+        if listen_socket is not None:
+            listen_socket.close()
+        raise
+    return listen_socket
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -103,6 +103,14 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
+class ServiceSettings:
+    """The process: who the node runs as once its port is bound (see node/privileges.py)."""
+
+    user: str = ""  # started as root: switch to this user after binding the SCP port; empty: stay as started
+    group: str = ""  # with user: this group instead of the user's primary group
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole node configuration."""
 
@@ -113,6 +121,7 @@ class Settings:
     send: SendSettings = field(default_factory=SendSettings)
     destinations: tuple[Destination, ...] = ()
     model: ModelSettings = field(default_factory=ModelSettings)
+    service: ServiceSettings = field(default_factory=ServiceSettings)
     thresholds: Mapping[str, float] = field(default_factory=dict)  # per-label overrides
     base_dir: str = "."  # relative paths are resolved against this (the config file's folder)
 
@@ -144,6 +153,7 @@ class Settings:
             "model": self.model.package or "(bundled)",
             "thresholds": dict(self.thresholds),
             "no_view_policy": self.filter.no_view_policy,
+            "service_user": self.service.user or "(as started)",
         }
 
 
@@ -154,6 +164,7 @@ _SECTIONS: dict[str, type] = {
     "worker": WorkerSettings,
     "send": SendSettings,
     "model": ModelSettings,
+    "service": ServiceSettings,
 }
 
 
@@ -340,7 +351,7 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
     for key in raw:
         if key not in (*_SECTIONS, "destinations", "thresholds"):
             problems.append(f"{key}: unknown section (expected scp, storage, filter, worker, send, "
-                            "destinations, model, thresholds)")
+                            "destinations, model, service, thresholds)")
     sections = {name: _section(name, raw.get(name), problems) for name in _SECTIONS}
     settings = Settings(
         destinations=_destinations(raw.get("destinations"), problems),

@@ -311,8 +311,9 @@ def start_scp(
         settings: the node settings (``scp``: address, port, AE title, callers, limits).
         intake: the intake bound to C-STORE.
         ae: an AE from :func:`make_ae` (built here when None).
-        listen_socket: with ``scp.processes`` > 1, the listening socket of the node's first SCP process
-            (None in that process itself, which binds it).
+        listen_socket: a listening socket bound already: the node's first SCP process's (with
+            ``scp.processes`` > 1), or the one bound before dropping root (``node.privileges``);
+            None: bind here.
 
     Returns:
         The running server; ``server.server_address`` holds the bound port (useful with port 0).
@@ -323,8 +324,8 @@ def start_scp(
         log.warning("start-up: removed %d partly received file(s) older than %.0f s from %s",
                     stale, STALE_INCOMING_S, settings.data_path / INCOMING_DIR)
     address = (settings.scp.bind_address, settings.scp.port)
-    server_class = (shared_socket_server(listen_socket) if settings.scp.processes > 1
-                    else NoDelayAssociationServer)
+    server_class = (shared_socket_server(listen_socket)
+                    if settings.scp.processes > 1 or listen_socket is not None else NoDelayAssociationServer)
     server = cast(NoDelayAssociationServer, ae.make_server(
         address, evt_handlers=evt_handlers(intake), server_class=server_class))
     thread = threading.Thread(target=server.serve_forever, name=f"scp-{settings.scp.ae_title}", daemon=True)
