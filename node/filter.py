@@ -2,8 +2,11 @@
 
 Every instance is stored; only those that pass are analysed. The rules are data
 (``node/filter_rules.toml``, or ``settings.filter.rules_file``), validated when loaded. Each
-:class:`Decision` carries a short reason that is stored and shown; it quotes coded values
-(Modality, BodyPartExamined, ViewPosition, code meanings) and rule terms, never patient data.
+:class:`Decision` carries a short reason that is stored, logged and shown by ``status``. A reason names
+attributes by keyword and quotes only words from our own vocabularies: a literal term of a rule that
+matched (``LL``, ``CHEST``), a rule's name, a code listed in the rules, a configured modality or a
+DICOM defined term for Modality. A value as the sender wrote it is never quoted (a sender can put
+anything, a patient's name or ID included, into BodyPartExamined or a code meaning).
 
 Checks, in order: Modality -> species (Patient Species / Breed, animal words in descriptions) ->
 body part (BodyPartExamined, Anatomic Region Sequence, then descriptions) -> view (ViewPosition and
@@ -18,6 +21,7 @@ import tomllib
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +36,19 @@ AMBIGUOUS = "ambiguous"
 VIEW_KINDS = (FRONTAL, "lateral", "oblique", "decubitus", "other", AMBIGUOUS)
 _NON_WORD = re.compile(r"[\W_]+")
 _CODE_RE = re.compile(r"^[A-Za-z0-9_.-]+ [^ ]+$")
-_MAX_QUOTED = 24  # coded values quoted in reasons are cut to this length
+_LITERAL_TERM = re.compile(r"[^\W_]+( [^\W_]+)*")  # words and single spaces: no regex syntax
+_TERM_GROUP = "(?P<term>"
+# Modality defined terms (PS3.3 C.7.3.1.1.1, current and retired) and the common "DR": a Modality
+# value outside the configured ones is quoted in a reason only when it is one of these.
+MODALITY_TERMS = frozenset({
+    "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CR", "CT", "CTPROTOCOL", "DG", "DOC", "DX", "ECG", "EPS",
+    "ES", "FID", "GM", "HC", "HD", "IO", "IOL", "IVOCT", "IVUS", "KER", "KO", "LEN", "LS", "MG", "MR",
+    "M3D", "NM", "OAM", "OCT", "OP", "OPM", "OPT", "OPTBSV", "OPTENF", "OPV", "OSS", "OT", "PLAN", "PR",
+    "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE", "RTIMAGE", "RTINTENT", "RTPLAN", "RTRAD",
+    "RTRECORD", "RTSEGANN", "RTSTRUCT", "RWV", "SEG", "SM", "SMR", "SR", "SRF", "STAIN", "TEXTUREMAP",
+    "TG", "US", "VA", "XA", "XAPROTOCOL", "XC", "CD", "CF", "CP", "CS", "DD", "DF", "DM", "DS", "EC",
+    "FA", "FS", "LP", "MA", "MS", "OPR", "ST", "VF", "DR"
+})
 
 
 class FilterRulesError(ConfigError):
@@ -56,13 +72,51 @@ class Rule:
     patterns: tuple[re.Pattern[str], ...] = ()
     codes: frozenset[str] = frozenset()
 
+    @cached_property
+    def terms(self) -> frozenset[str]:
+        """The literal alternatives of the patterns' ``term`` groups: the words a reason may quote."""
+        return frozenset(t for p in self.patterns for t in literal_terms(p.pattern))
+
     def match(self, text: str) -> str | None:
-        """The matched term (group ``term``, else the rule name) when a pattern matches ``text``."""
+        """What a reason says when a pattern matches ``text``, None when none does.
+
+        The matched ``term`` when it is one of the rule's literal terms (a word of our rules file),
+        else the rule's name: text matched by a wildcard is the sender's, never quoted.
+        """
         for pattern in self.patterns:
             m = pattern.match(text)
             if m:
-                return m.groupdict().get("term") or self.name
+                term = m.groupdict().get("term")
+                return term if term and term in self.terms else self.name
         return None
+
+
+def literal_terms(pattern: str) -> list[str]:
+    """The literal alternatives of the ``(?P<term>...)`` group of a pattern's source ("LL", "CHEST").
+
+    Alternatives holding any regex syntax are left out: only words written in the rules file count.
+    """
+    start = pattern.find(_TERM_GROUP)
+    if start < 0:
+        return []
+    depth, i, begin = 0, start + len(_TERM_GROUP), start + len(_TERM_GROUP)
+    alternatives: list[str] = []
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+        elif c == ")" or (c == "|" and not depth):
+            alternatives.append(pattern[begin:i])
+            begin = i + 1
+            if c == ")":
+                break
+        i += 1
+    return [a for a in alternatives if _LITERAL_TERM.fullmatch(a)]
 
 
 @dataclass(frozen=True)
@@ -248,10 +302,6 @@ def _codes_of(ds: Dataset, keyword: str) -> list[tuple[str, str]]:
     return out
 
 
-def _quote(text: str) -> str:
-    return text if len(text) <= _MAX_QUOTED else text[: _MAX_QUOTED - 3] + "..."
-
-
 # --- the decision -----------------------------------------------------------------------------
 
 
@@ -267,7 +317,7 @@ def _non_human(ds: Dataset, rules: FilterRules) -> str | None:
     """Why the patient is not human, or None when nothing says so."""
     for code, _meaning in _codes_of(ds, "PatientSpeciesCodeSequence"):
         if code not in rules.human.codes:
-            return f"patient species code {_quote(code)} is not human"
+            return "patient species code is not a human code (PatientSpeciesCodeSequence)"
     species = _text(ds, "PatientSpeciesDescription")
     if species and rules.human.match(species) is None:
         return "patient species is not human (PatientSpeciesDescription)"
@@ -284,15 +334,19 @@ def _body_part(ds: Dataset, rules: FilterRules) -> _Evidence | None:
     """The body part from BodyPartExamined, Anatomic Region Sequence or descriptions; None if unstated."""
     value = _text(ds, "BodyPartExamined")
     if value:
-        if rules.not_chest.match(value) or not rules.chest.match(value):
-            return _Evidence("not chest", f"body part {_quote(value)} is not chest")
-        return _Evidence("chest", f"body part {_quote(value)}")
+        term = rules.not_chest.match(value)
+        if term:
+            return _Evidence("not chest", f"BodyPartExamined names {term}, not chest")
+        term = rules.chest.match(value)
+        if term is None:
+            return _Evidence("not chest", "BodyPartExamined is not a chest body part")
+        return _Evidence("chest", f"body part {term}")
     codes = _codes_of(ds, "AnatomicRegionSequence")
-    for code, meaning in codes:
-        if code in rules.chest.codes:
-            return _Evidence("chest", f"body part {_quote(meaning or code)} ({code})")
+    for code, _meaning in codes:
+        if code in rules.chest.codes:  # a code of our rules: safe to quote
+            return _Evidence("chest", f"body part {rules.chest.name} ({code})")
     if codes:
-        return _Evidence("not chest", f"anatomic region {_quote(codes[0][1] or codes[0][0])} is not chest")
+        return _Evidence("not chest", "AnatomicRegionSequence has no chest code, not chest")
     for keyword in rules.body_part_text:
         text = _text(ds, keyword)
         term = rules.not_chest.match(text)
@@ -319,14 +373,16 @@ def _structured_views(ds: Dataset, rules: FilterRules) -> list[_Evidence]:
     position = _text(ds, "ViewPosition")
     hit = _match_view(position, rules) if position else None
     if hit and hit[0].kind != AMBIGUOUS:
-        found.append(_Evidence(hit[0].kind, f"view {_quote(position)}"))
+        found.append(_Evidence(hit[0].kind, f"view {hit[1]}"))
     for code, meaning in _codes_of(ds, "ViewCodeSequence"):
         rule = next((r for r in rules.views if code in r.codes), None)
-        if rule is None and meaning:
-            hit = _match_view(normalise(meaning), rules)
-            rule = hit[0] if hit else None
+        if rule is not None:  # a code of our rules: safe to quote
+            label = f"view {rule.name} ({code})"
+        else:
+            hit = _match_view(normalise(meaning), rules) if meaning else None
+            rule, label = (hit[0], f"view {hit[1]} (ViewCodeSequence CodeMeaning)") if hit else (None, "")
         if rule is not None and rule.kind != AMBIGUOUS:
-            found.append(_Evidence(rule.kind, f"view {_quote(meaning or rule.name)} ({code})"))
+            found.append(_Evidence(rule.kind, label))
     return found
 
 
@@ -347,8 +403,16 @@ def _view(ds: Dataset, rules: FilterRules) -> _Evidence | None:
 
 
 def _not_stated(ds: Dataset) -> str:
-    position = _text(ds, "ViewPosition")
-    return f"view {_quote(position)} not recognised" if position else "view not stated"
+    return "ViewPosition not recognised" if _text(ds, "ViewPosition") else "view not stated"
+
+
+def _modality_said(modality: str) -> str:
+    """How a reason names a Modality outside the configured ones: a defined term, else not the value."""
+    if not modality:
+        return "modality missing, not"
+    if modality in MODALITY_TERMS:
+        return f"modality {modality} is not"
+    return "modality is not a DICOM defined term, nor"
 
 
 def decide(ds: Dataset, settings: FilterSettings, rules: FilterRules) -> Decision:
@@ -365,8 +429,7 @@ def decide(ds: Dataset, settings: FilterSettings, rules: FilterRules) -> Decisio
     """
     modality = _text(ds, "Modality")
     if modality not in {m.upper() for m in settings.modalities}:
-        found = _quote(modality) if modality else "missing"
-        return Decision(False, f"skipped: modality {found} is not one of {', '.join(settings.modalities)}")
+        return Decision(False, f"skipped: {_modality_said(modality)} one of {', '.join(settings.modalities)}")
     why = _non_human(ds, rules)
     if why:
         return Decision(False, f"skipped: {why}")

@@ -97,7 +97,16 @@ def test_modalities_accepted(rules: FilterRules, modality: str) -> None:
 @pytest.mark.parametrize("modality", ["CT", "MG", "US", "OT", ""])
 def test_other_modalities_skipped(rules: FilterRules, modality: str) -> None:
     decision = decide(make_ds(modality, BodyPartExamined="CHEST", ViewPosition="PA"), ANALYSE, rules)
-    check(decision, False, "modality", "is not one of CR, DX, DR, RG")
+    check(decision, False, "modality", "one of CR, DX, DR, RG")
+
+
+def test_modality_quoted_only_when_a_defined_term(rules: FilterRules) -> None:
+    """A defined term (CT) helps the administrator; any other value is the sender's and is not echoed."""
+    ct = decide(make_ds("CT", BodyPartExamined="CHEST", ViewPosition="PA"), ANALYSE, rules)
+    assert ct == Decision(False, "skipped: modality CT is not one of CR, DX, DR, RG")
+    made_up = decide(make_ds("ZQXMOD", BodyPartExamined="CHEST", ViewPosition="PA"), ANALYSE, rules)
+    check(made_up, False, "modality is not a DICOM defined term")
+    assert "ZQXMOD" not in made_up.reason
 
 
 @pytest.mark.parametrize(
@@ -105,7 +114,7 @@ def test_other_modalities_skipped(rules: FilterRules, modality: str) -> None:
     [
         ({"PatientSpeciesDescription": "Canis lupus familiaris"}, ("species is not human",)),
         ({"PatientSpeciesCodeSequence": [code_item("SCT", "448771007", "Canis lupus familiaris")]},
-         ("SCT 448771007", "not human")),
+         ("not a human code (PatientSpeciesCodeSequence)",)),
         ({"PatientBreedDescription": "Beagle"}, ("breed",)),
         ({"PatientBreedCodeSequence": [code_item("SCT", "132592004", "Beagle dog breed")]}, ("breed",)),
         ({"AcquisitionDeviceProcessingDescription": "FELINE THORAX VD"}, ("FELINE",)),
@@ -141,7 +150,19 @@ def test_chest_spellings(rules: FilterRules, body_part: str) -> None:
                                        "ABDOMEN", "BREAST", "KNEE"])
 def test_other_body_parts_skipped(rules: FilterRules, body_part: str) -> None:
     check(decide(make_ds(BodyPartExamined=body_part, ViewPosition="PA"), ANALYSE, rules), False,
-          "is not chest")
+          "BodyPartExamined")
+
+
+@pytest.mark.parametrize(
+    ("body_part", "reason"),
+    [("HAND", "skipped: BodyPartExamined is not a chest body part"),
+     ("KNEE ZQXBODY", "skipped: BodyPartExamined is not a chest body part"),
+     ("THORACIC SPINE", "skipped: BodyPartExamined names SPINE, not chest"),
+     ("CHEST ZQXBODY", "accepted: CR, body part CHEST, view PA")],
+)
+def test_body_part_reason_quotes_rule_terms_only(rules: FilterRules, body_part: str, reason: str) -> None:
+    """Only a literal term of our rules is quoted; the rest of the sender's value never is."""
+    assert decide(make_ds(BodyPartExamined=body_part, ViewPosition="PA"), ANALYSE, rules).reason == reason
 
 
 @pytest.mark.parametrize(
@@ -161,9 +182,10 @@ def test_description_names_other_body_part(rules: FilterRules) -> None:
 
 def test_anatomic_region_codes(rules: FilterRules) -> None:
     chest = make_ds(ViewPosition="PA", AnatomicRegionSequence=[code_item("SCT", "51185008", "Chest")])
-    check(decide(chest, ANALYSE, rules), True, "body part Chest (SCT 51185008)")
+    check(decide(chest, ANALYSE, rules), True, "body part chest (SCT 51185008)")
     hand = make_ds(ViewPosition="PA", AnatomicRegionSequence=[code_item("SCT", "85562004", "Hand")])
-    check(decide(hand, ANALYSE, rules), False, "anatomic region Hand is not chest")
+    check(decide(hand, ANALYSE, rules), False, "AnatomicRegionSequence has no chest code")
+    assert "Hand" not in decide(hand, ANALYSE, rules).reason and "85562004" not in decide(hand, ANALYSE, rules).reason
 
 
 # --- view -------------------------------------------------------------------------------------
@@ -200,18 +222,20 @@ def test_body_part_names_lateral(rules: FilterRules) -> None:
 
 @pytest.mark.parametrize(
     ("code", "accepted", "words"),
-    [(code_item("SCT", "272479007", "postero-anterior"), True, "view postero-anterior (SCT 272479007)"),
+    [(code_item("SCT", "272479007", "postero-anterior"), True, "view PA (SCT 272479007)"),
      (code_item("SCT", "399348003", "antero-posterior"), True, "(SCT 399348003)"),
      (code_item("SRT", "R-10214", "postero-anterior"), True, "(SRT R-10214)"),
-     (code_item("SCT", "399173006", "left lateral"), False, "left lateral (SCT 399173006) is lateral"),
+     (code_item("SCT", "399173006", "left lateral"), False, "view lateral (SCT 399173006) is lateral"),
      (code_item("SCT", "399198007", "right lateral"), False, "is lateral"),
      (code_item("SRT", "R-10236", "left lateral"), False, "is lateral"),
      (code_item("SCT", "399135007", "left anterior oblique"), False, "is oblique"),
-     (code_item("99LOCAL", "X1", "Postero-anterior"), True, "(99LOCAL X1)")],
+     (code_item("99LOCAL", "X1", "Postero-anterior ZQXVIEW"), True,
+      "view POSTERO ANTERIOR (ViewCodeSequence CodeMeaning)")],
 )
 def test_view_code_sequence(rules: FilterRules, code: Dataset, accepted: bool, words: str) -> None:
     ds = make_ds(BodyPartExamined="CHEST", ViewCodeSequence=[code])
     check(decide(ds, SKIP, rules), accepted, words)
+    assert "ZQXVIEW" not in decide(ds, SKIP, rules).reason and "99LOCAL" not in decide(ds, SKIP, rules).reason
 
 
 def test_view_attributes_disagree(rules: FilterRules) -> None:
@@ -256,8 +280,29 @@ def test_no_view_policy_both_ways(rules: FilterRules) -> None:
 
 def test_unrecognised_view_position_follows_policy(rules: FilterRules) -> None:
     ds = make_ds(BodyPartExamined="CHEST", ViewPosition="XYZ")
-    check(decide(ds, ANALYSE, rules), True, "view XYZ not recognised")
-    check(decide(ds, SKIP, rules), False, "view XYZ not recognised")
+    check(decide(ds, ANALYSE, rules), True, "ViewPosition not recognised")
+    check(decide(ds, SKIP, rules), False, "ViewPosition not recognised")
+    assert "XYZ" not in decide(ds, SKIP, rules).reason
+
+
+def test_view_reason_quotes_rule_terms_only(rules: FilterRules) -> None:
+    """ViewPosition "LL ZQXVIEW" is lateral by the rule term LL; the rest of the value is not quoted."""
+    ds = make_ds(BodyPartExamined="CHEST", ViewPosition="LL ZQXVIEW")
+    assert decide(ds, ANALYSE, rules) == Decision(False, "skipped: view LL is lateral")
+    ds = make_ds(BodyPartExamined="CHEST", ViewPosition="PA", SeriesDescription="ZQXVIEW LAT")
+    assert decide(ds, ANALYSE, rules) == Decision(True, "accepted: CR, body part CHEST, view PA")
+
+
+def test_rule_terms_are_the_literal_alternatives(tmp_path: Path) -> None:
+    """A term matched by regex syntax (a wildcard) is the sender's text: the rule's name is shown instead."""
+    text = RULES_FILE.read_text(encoding="utf-8").replace(
+        "patterns = ['^(.* )?(?P<term>LAT|LATERAL|", "patterns = ['^(.* )?(?P<term>L.T|LATERAL|", 1)
+    custom = tmp_path / "rules.toml"
+    custom.write_text(text)
+    rules = FilterRules.load(custom)
+    lateral = next(r for r in rules.views if r.name == "lateral")
+    assert "LATERAL" in lateral.terms and "LL" in lateral.terms and "L.T" not in lateral.terms
+    assert lateral.match("CHEST LZT") == "lateral" and lateral.match("CHEST LL") == "LL"
 
 
 # --- the real files ---------------------------------------------------------------------------
