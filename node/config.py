@@ -39,8 +39,10 @@ class ScpSettings:
     require_called_ae: bool = True  # refuse associations addressed to another AE title
     max_associations: int = 16  # concurrent associations per SCP process (pynetdicom's default, 10, refuses more)
     processes: int = 1  # SCP processes accepting on one listening socket: > 1 uses more cores
-    max_pdu: int = 131072  # receive PDU size; larger PDUs halve pynetdicom's CPU per GB
-    network_timeout_s: float = 60.0
+    max_pdu: int = 131072  # receive PDU size; larger PDUs halve pynetdicom's CPU per GB (MAX_PDU_RANGE)
+    network_timeout_s: float = 60.0  # idle limit of an association; also the time one PDU may take to arrive
+    artim_timeout_s: float = 10.0  # PS3.8 ARTIM: accept -> whole A-ASSOCIATE-RQ, and abort -> peer's close
+    max_associations_per_address: int = 8  # concurrent connections per peer IP address (per SCP process)
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ class StorageSettings:
     data_dir: str = "var"  # received files, results, the SQLite database
     database_url: str = ""  # empty: SQLite in data_dir; or a SQLAlchemy URL (PostgreSQL)
     retention_days: int = 30  # received instances older than this are purged; 0 = keep forever
-    min_free_mb: int = 200  # refuse new instances (Out of Resources) below this free space
+    min_free_mb: int = 200  # refuse new instances (Out of Resources) below this free space; results that
+    # waited for a full disk are written once this much is free again
 
 
 @dataclass(frozen=True)
@@ -66,10 +69,13 @@ class FilterSettings:
 class WorkerSettings:
     """The analysis worker that leases jobs from the shared queue."""
 
-    lease_s: float = 120.0  # a job leased longer than this returns to the queue
+    lease_s: float = 120.0  # a job whose lease was not renewed for this long returns to the queue
     poll_s: float = 0.2  # idle poll interval
     max_attempts: int = 5  # retryable failures before a job is failed for good
-    retry_initial_s: float = 10.0
+    retry_initial_s: float = 10.0  # first delay of a retryable failure; doubles per attempt
+    job_timeout_s: float = 120.0  # the worker process is killed when one job runs longer (a stall)
+    max_memory_mb: int = 3072  # the worker process is killed when its resident memory passes this (690 MB
+    # peak with the bundled model on a 3000 x 3000 16-bit image, about 16 bytes a pixel more beyond)
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,9 @@ class Settings:
         return {
             "scp": {"ae_title": self.scp.ae_title, "port": self.scp.port,
                     "allowed_callers": list(self.scp.allowed_callers),
-                    "max_associations": self.scp.max_associations, "processes": self.scp.processes},
+                    "max_associations": self.scp.max_associations, "processes": self.scp.processes,
+                    "max_associations_per_address": self.scp.max_associations_per_address,
+                    "max_pdu": self.scp.max_pdu, "artim_timeout_s": self.scp.artim_timeout_s},
             "database": url,
             "data_dir": str(self.data_path),
             "destinations": [f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in self.destinations],
@@ -262,6 +270,40 @@ def _thresholds(raw: Any, problems: list[str]) -> dict[str, float]:
     return out
 
 
+MAX_PDU_RANGE = (4096, 4 * 1024 * 1024)  # scp.max_pdu: dcmtk's minimum; each association may hold one such buffer
+
+
+def _validate_scp_transport(scp: ScpSettings, problems: list[str]) -> None:
+    """Range checks of the keys that bound what a peer can make the SCP allocate or hold."""
+    low, high = MAX_PDU_RANGE
+    if not low <= scp.max_pdu <= high:
+        problems.append(f"scp.max_pdu: expected {low}-{high} bytes (0, unlimited, is not allowed), "
+                        f"found {scp.max_pdu}")
+    if not 1.0 <= scp.network_timeout_s <= 3600.0:
+        problems.append(f"scp.network_timeout_s: expected 1-3600 seconds, found {scp.network_timeout_s}")
+    if not 0.1 <= scp.artim_timeout_s <= 300.0:
+        problems.append(f"scp.artim_timeout_s: expected 0.1-300 seconds, found {scp.artim_timeout_s}")
+    if scp.max_associations_per_address < 1:  # above max_associations it has no effect
+        problems.append(f"scp.max_associations_per_address: expected >= 1, found {scp.max_associations_per_address}")
+
+
+def _validate_worker(w: WorkerSettings, problems: list[str]) -> None:
+    """Range checks of the worker's keys (its supervisor kills and restarts it on these limits)."""
+    if w.lease_s < 1.0:
+        problems.append(f"worker.lease_s: expected >= 1 second, found {w.lease_s}")
+    if not 0.01 <= w.poll_s <= 60.0:
+        problems.append(f"worker.poll_s: expected 0.01-60 seconds, found {w.poll_s}")
+    if w.max_attempts < 1:
+        problems.append(f"worker.max_attempts: expected >= 1, found {w.max_attempts}")
+    if w.retry_initial_s <= 0:
+        problems.append(f"worker.retry_initial_s: expected > 0 seconds, found {w.retry_initial_s}")
+    if not 1.0 <= w.job_timeout_s <= 86400.0:
+        problems.append(f"worker.job_timeout_s: expected 1-86400 seconds, found {w.job_timeout_s}")
+    if w.max_memory_mb < 256:
+        problems.append(f"worker.max_memory_mb: expected >= 256 (the model runtime alone needs about 200), "
+                        f"found {w.max_memory_mb}")
+
+
 def _validate(s: Settings, problems: list[str]) -> None:
     """Cross-field and range checks."""
     if not AE_TITLE_RE.match(s.scp.ae_title) or not s.scp.ae_title.strip():
@@ -275,6 +317,8 @@ def _validate(s: Settings, problems: list[str]) -> None:
         problems.append(f"scp.max_associations: expected >= 1, found {s.scp.max_associations}")
     if s.scp.processes < 1:
         problems.append(f"scp.processes: expected >= 1, found {s.scp.processes}")
+    _validate_scp_transport(s.scp, problems)
+    _validate_worker(s.worker, problems)
     if s.filter.no_view_policy not in ("analyse", "skip"):
         problems.append(f"filter.no_view_policy: expected 'analyse' or 'skip', found {s.filter.no_view_policy!r}")
     if s.send.retry_initial_s <= 0 or s.send.retry_max_s < s.send.retry_initial_s:
