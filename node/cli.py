@@ -149,6 +149,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings.data_path.mkdir(parents=True, exist_ok=True)  # a node that never ran: empty counts
     store = Store(make_engine(settings.database_url))
     status = store.status(recent=args.recent)
+    status["conflicts"] = store.conflicts(recent=args.recent)
     if args.format == "json":
         print(json.dumps(status, indent=2, default=str))
     else:
@@ -156,11 +157,41 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    from node.health import check_node
+    from storage.db import make_engine
+    from storage.queue import Store
+
+    settings = _settings(args)
+    store = Store(make_engine(settings.database_url, create=False)) if args.role != "scp" else None
+    try:
+        checks = check_node(settings, store, args.role, max_beat_age_s=args.max_beat_age,
+                            stall_s=args.stall, timeout_s=args.timeout)
+    except Exception as exc:  # the database unreachable or without tables: not healthy, say why
+        print(f"unhealthy: {type(exc).__name__} while checking {settings.summary()['database']}", file=sys.stderr)
+        return EXIT_FAILED
+    healthy = all(c.ok for c in checks)
+    if args.format == "json":
+        print(json.dumps({"healthy": healthy, "checks": [dataclasses.asdict(c) for c in checks]}, indent=2))
+    else:
+        for c in checks:
+            print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    return EXIT_OK if healthy else EXIT_FAILED
+
+
 def format_status(status: dict[str, Any]) -> str:
     """Human-readable status: queue counts, outbox per destination, recent failures."""
     lines = ["jobs:    " + ", ".join(f"{k} {v}" for k, v in sorted(status.get("jobs", {}).items()))]
+    if status.get("waiting_for_disk"):
+        lines.append(f"ALERT:   {status['waiting_for_disk']} job(s) wait for disk space to write their results")
     for dest, counts in sorted(status.get("outbox", {}).items()):
         lines.append(f"outbox {dest}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    conflicts = status.get("conflicts") or {}
+    if conflicts.get("total"):
+        lines.append(f"conflicts: {conflicts['total']} changed re-send(s) of known SOP Instance UIDs kept apart "
+                     f"(received {conflicts['received']} times, answered Duplicate SOP Instance):")
+        lines.extend(f"  {c['sop_instance_uid']} from {c['calling_ae']} (job {c['job_id']} {c['job_state']}, "
+                     f"{c['times']}x, last {c['last_received_at']}): {c['path']}" for c in conflicts.get("recent", []))
     for key in ("job_failures", "send_failures"):
         failures = status.get(key) or []
         if failures:
@@ -218,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--recent", type=int, default=10, help="how many recent failures to list")
     p.set_defaults(func=cmd_status)
+    p = add("health", "does the running node work: SCP answers C-ECHO, a worker is alive, the queue moves")
+    p.add_argument("--role", choices=("all", "scp", "worker"), default="all", help="the role the node runs")
+    p.add_argument("--max-beat-age", type=float, default=30.0, help="seconds a worker heartbeat may be old")
+    p.add_argument("--stall", type=float, default=300.0,
+                   help="seconds due jobs may wait with none finishing before the queue counts as stuck")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the C-ECHO")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_health)
     p = add("check-config", "validate a configuration file (every bad key is named)")
     p.set_defaults(func=cmd_check_config)
     return parser

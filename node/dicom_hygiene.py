@@ -101,7 +101,8 @@ def repair_person_name(text: str) -> str:
     """At most 3 component groups of at most 64 bytes; a single-component name gets its trailing caret.
 
     ``Name`` and ``Name^`` are the same PN value (trailing carets may be omitted); the explicit caret keeps
-    validators from reading it as the retired single-component form.
+    validators from reading it as the retired single-component form. ``dciodvfy`` also holds the whole
+    value to 64 bytes: ideographic and phonetic groups that would exceed it are dropped.
     """
     groups = [g.strip() for g in text.split("=")[:3]]
     fixed = []
@@ -111,6 +112,8 @@ def repair_person_name(text: str) -> str:
         fixed.append(value)
     if fixed and fixed[0] and "^" not in fixed[0]:
         fixed[0] = truncate_bytes(fixed[0], 63) + "^"
+    while len(fixed) > 1 and len("=".join(fixed).rstrip("=").encode("utf-8")) > 64:
+        fixed.pop()
     return "=".join(fixed).rstrip("=")
 
 
@@ -129,6 +132,33 @@ def repair_decimal(text: str) -> str | None:
 def is_valid_uid(text: str) -> bool:
     """Digits and dots, at most 64 characters, no empty component."""
     return len(text) <= 64 and _UID_RE.fullmatch(text) is not None
+
+
+def uid_problem(raw: bytes | str) -> str | None:
+    """What makes an encoded UI value unusable as a UID, or None when it is usable (PS3.5 9.1).
+
+    Usable: at most 64 characters of digits and dots with no empty component and no component with a
+    leading zero (``1.02.003``), followed by at most one padding character (NUL as PS3.5 6.2 requires,
+    or the space some senders write; both are removed on reading). Leading zeros are refused like the
+    rest of PS3.5 9.1: results reference the source UIDs verbatim (the SR's evidence, its Study
+    Instance UID), so a result about such an image would itself be invalid (``dciodvfy`` errors), and
+    a repaired UID would file the result in another study than the image's. The returned text never
+    contains the value.
+    """
+    text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+    if text[-1:] in ("\x00", " "):
+        text = text[:-1]
+    if not text:
+        return "empty"
+    if len(text) > 64:
+        return f"{len(text)} characters, expected at most 64"
+    if text.strip("0123456789."):
+        return "characters other than digits and dots (or padding other than one trailing NUL)"
+    if not is_valid_uid(text):
+        return "an empty component (a leading, trailing or doubled dot)"
+    if any(len(part) > 1 and part.startswith("0") for part in text.split(".")):
+        return "a component with a leading zero"
+    return None
 
 
 def _identifier(limit: int) -> Callable[[str], str | None]:
@@ -179,11 +209,16 @@ def _read(source_ds: Dataset, keyword: str) -> str:
     """The raw text of an attribute, or "" when absent or unreadable."""
     try:
         element = source_ds.data_element(keyword)
-    except (KeyError, ValueError, TypeError):
+        if element is None:
+            return ""
+        return _clean(_as_text(element.value))
+    except Exception:  # a hostile value may fail conversion in any way (struct.error ...)
         return ""
-    if element is None:
-        return ""
-    return _clean(_as_text(element.value))
+
+
+def attribute_text(source_ds: Dataset, keyword: str) -> str:
+    """The cleaned text of a source attribute (first value), or "" when absent or unreadable."""
+    return _read(source_ds, keyword)
 
 
 def source_uid(source_ds: Dataset, keyword: str) -> str:
@@ -197,18 +232,24 @@ def source_uid(source_ds: Dataset, keyword: str) -> str:
     return value
 
 
-def sanitize_patient_study(source_ds: Dataset) -> Dataset:
+def sanitize_patient_study(source_ds: Dataset, study_uid: str | None = None) -> Dataset:
     """Copy the patient and study attributes of ``source_ds`` into a new dataset, repaired or dropped.
 
     The element VR always comes from the data dictionary. Type 2 attributes (name, ID, birth date, sex,
     study date/time, referring physician, study ID, accession number) are always present, empty when
     missing or invalid. ``SpecificCharacterSet`` is ``ISO_IR 192`` when a copied value is not ASCII.
 
+    Args:
+        source_ds: the received image.
+        study_uid: the Study Instance UID to use instead of the source's (a repaired one); None: the
+            source's, which must be valid.
+
     Raises:
-        SourceAttributeError: StudyInstanceUID is missing or not a UID (a result cannot join the study).
+        SourceAttributeError: ``study_uid`` is None and the source's StudyInstanceUID is missing or not a
+            UID (a result cannot join the study).
     """
     out = Dataset()
-    out.StudyInstanceUID = source_uid(source_ds, "StudyInstanceUID")
+    out.StudyInstanceUID = study_uid if study_uid is not None else source_uid(source_ds, "StudyInstanceUID")
     for keyword, (repair, type2) in _RULES.items():
         raw = _read(source_ds, keyword)
         value = repair(raw) if raw else None

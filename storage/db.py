@@ -161,6 +161,65 @@ class OutboxItem(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
+class InstanceConflict(Base):
+    """A re-sent SOP Instance UID with other content than the stored instance, kept apart (not analysed).
+
+    One row per (SOP Instance UID, content digest): the same conflicting content sent again counts up
+    ``times``. A table of its own (``create_all`` adds it to an existing database; it never adds columns).
+    """
+
+    __tablename__ = "instance_conflicts"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "digest", name="uq_conflict_uid_digest"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))  # of the conflicting data set
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(64))  # sha256 of the data set after the file meta
+    path: Mapped[str] = mapped_column(Text)  # where the conflicting file is kept (conflicts/)
+    size: Mapped[int] = mapped_column(BigInteger)
+    calling_ae: Mapped[str] = mapped_column(String(16))  # of the latest sender
+    job_id: Mapped[int] = mapped_column(Integer)  # the stored instance's job, left as it was
+    job_state: Mapped[str] = mapped_column(String(16))  # that job's state when the conflict was received
+    first_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    times: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class Heartbeat(Base):
+    """The latest sign of life of one node process part (a worker): what ``cxr-node health`` reads."""
+
+    __tablename__ = "heartbeats"
+
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid (the lease owner format)
+    role: Mapped[str] = mapped_column(String(16))  # "worker"
+    beat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the job it is running, if any
+
+
+# Kinds of job incidents: how the analysis process ended while running a job
+INCIDENT_CRASH = "crash"  # the process died (a signal, a native crash, the kernel's OOM killer)
+INCIDENT_STALL = "stall"  # killed by its supervisor: the job ran longer than worker.job_timeout_s
+INCIDENT_MEMORY = "memory"  # killed by its supervisor: its memory passed worker.max_memory_mb
+INCIDENT_KINDS = (INCIDENT_CRASH, INCIDENT_STALL, INCIDENT_MEMORY)
+
+
+class JobIncident(Base):
+    """The analysis process died or was killed while running a job; a job with 2 is quarantined.
+
+    A table of its own (``create_all`` adds it to an existing database; it never adds columns).
+    """
+
+    __tablename__ = "job_incidents"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # one of INCIDENT_KINDS
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    detail: Mapped[str] = mapped_column(Text, default="")  # exit status, signal, memory or time found
+
+
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     """Per-connection SQLite settings.
 

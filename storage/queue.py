@@ -9,11 +9,18 @@ Attempts: ``Job.attempts`` counts *starts*: ``lease_job`` adds one. A worker tha
 forever; ``fail_job(retryable=True)`` re-queues until ``attempts`` reaches ``max_attempts``.
 
 Re-receiving a SOP Instance UID (``record_instance``) never creates a second instance or job:
-- the instance row takes the new file's path, size, calling AE and receive time;
-- a job that is ``running`` or ``done`` is left as it is (not re-queued; its results stand);
-- a job that is ``queued``, ``failed`` or ``skipped`` is reset to the new filter decision
-  (``queued`` or ``skipped``), with attempts 0, no error, due now, and the instance row takes the new
-  decision and reason. Re-sending an image is how a site retries a failed or skipped one.
+- the same content (the caller compares it with the stored file): the instance row takes the calling
+  AE and receive time; a job that is ``running`` or ``done`` is left as it is (its results stand); a job
+  that is ``queued``, ``failed`` or ``skipped`` is reset to the new filter decision (``queued`` or
+  ``skipped``), with attempts 0, no error, due now. Re-sending an image is how a site retries a failed
+  or skipped one.
+- other content, while the node has not reported on the instance (job ``queued``, ``failed`` or
+  ``skipped``, no results): the new file replaces the stored one (the caller's ``replace``, run while
+  the rows are locked) and the job is reset as above: nothing about the old content has left the node.
+- other content once the node has reported or is reporting on it (job ``running`` or ``done``, or any
+  result recorded): nothing changes and ``ConflictingInstance`` is raised; the caller keeps the new
+  file apart and records it with ``record_conflict`` (listed by ``conflicts``), so that the results
+  already sent keep describing the instance that was analysed.
 
 Clocks: due times and leases use this process's clock (UTC); machines sharing a PostgreSQL queue
 must keep their clocks synchronised (NTP) to within a small fraction of the lease time.
@@ -35,6 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ai.errors import RetryableError
 from storage.db import (
+    INCIDENT_KINDS,
     JOB_DONE,
     JOB_FAILED,
     JOB_QUEUED,
@@ -47,8 +55,11 @@ from storage.db import (
     OUTBOX_SENT,
     OUTBOX_STATES,
     RESULT_KINDS,
+    Heartbeat,
     Instance,
+    InstanceConflict,
     Job,
+    JobIncident,
     OutboxItem,
     Result,
     utcnow,
@@ -73,6 +84,15 @@ class ReceivedInstance:
     received_at: dt.datetime | None = None  # None: now
 
 
+class ConflictingInstance(Exception):  # noqa: N818 - a state the caller handles, not a fault
+    """A re-sent SOP Instance UID with other content whose instance the node has reported or is reporting on."""
+
+    def __init__(self, sop_instance_uid: str, job_id: int, job_state: str) -> None:
+        self.sop_instance_uid, self.job_id, self.job_state = sop_instance_uid, job_id, job_state
+        super().__init__(f"{sop_instance_uid}: other content than the stored instance, whose job {job_id} "
+                         f"is {job_state} or has results; the stored instance is kept")
+
+
 @dataclass(frozen=True)
 class LeasedJob:
     """A job leased to one worker until ``lease_expires_at``."""
@@ -87,6 +107,15 @@ class LeasedJob:
     attempts: int  # including this one
     lease_owner: str
     lease_expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Incident:
+    """The analysis process died or was killed while it ran a job (``storage.db.JobIncident``)."""
+
+    kind: str  # crash, stall or memory
+    at: dt.datetime
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -131,6 +160,29 @@ def _insert_unless_present(dialect: str) -> Any:
         return postgresql_insert(Instance).on_conflict_do_nothing(
             index_elements=[Instance.sop_instance_uid]).returning(Instance.id)
     return insert(Instance)  # a duplicate raises IntegrityError
+
+
+def _iso(value: dt.datetime | str | None) -> str | None:
+    """A timestamp from an aggregate query as ISO 8601 UTC (SQLite returns naive text, PostgreSQL aware)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)).astimezone(dt.UTC).isoformat()
+
+
+#: ``last_error`` of a job whose results wait for disk space (see ``Store.wait_for_disk``).
+DISK_WAIT_ERROR = "waiting for disk space"
+
+
+def _waited_for_disk(job: Job) -> bool:
+    return job.last_error is not None and job.last_error.startswith(DISK_WAIT_ERROR)
+
+
+def _count_waiting_for_disk() -> Any:
+    """SELECT count of the queued jobs whose results wait for disk space."""
+    return select(func.count()).select_from(Job).where(
+        Job.state == JOB_QUEUED, Job.last_error.startswith(DISK_WAIT_ERROR, autoescape=True))
 
 
 def _inserted_id(result: Any) -> int | None:
@@ -178,27 +230,44 @@ class Store:
 
     # ------------------------------------------------------------------ jobs
 
-    def record_instance(self, meta: ReceivedInstance, accepted: bool, reason: str) -> int:
+    def record_instance(
+        self, meta: ReceivedInstance, accepted: bool, reason: str, replace: Callable[[], object] | None = None
+    ) -> int:
         """Record a received instance and its job (``queued`` if accepted, else ``skipped``).
 
         Idempotent on SOPInstanceUID (see the module docstring for what a repeat changes).
 
+        Args:
+            meta: the instance; ``meta.path`` is where its file is (or will be, see ``replace``).
+            accepted: the filter's decision; ``reason`` its reason.
+            replace: given when the caller's new content differs from the file at ``meta.path``: puts the
+                new file there. Called (idempotently: it may run again if the transaction is retried)
+                while the instance and job rows are locked, before the commit, and only when the
+                stored instance may be replaced. A known UID whose stored path differs from ``meta.path``
+                also counts as other content (its study differs); that new file is already in place.
+
         Returns:
             The job id (the same id for every repeat of one SOP Instance UID).
+
+        Raises:
+            ConflictingInstance: other content for an instance the node has reported or is reporting on;
+                nothing was changed and ``replace`` was not called.
         """
-        try:
-            job_id = self._record_first(meta, accepted, reason)
-        except IntegrityError:
-            job_id = None  # the UID has a row (another dialect than SQLite/PostgreSQL)
+        job_id = None
+        if replace is None:
+            try:
+                job_id = self._record_first(meta, accepted, reason)
+            except IntegrityError:
+                job_id = None  # the UID has a row (another dialect than SQLite/PostgreSQL)
         if job_id is not None:
             return job_id
         try:  # a repeat, or a concurrent first receive: the locked path
             with self._tx("record_instance") as s:
-                return self._record(s, meta, accepted, reason)
+                return self._record(s, meta, accepted, reason, replace)
         except IntegrityError:
             # PostgreSQL: a concurrent first receive of the same UID won; take the repeat path.
             with self._tx("record_instance") as s:
-                return self._record(s, meta, accepted, reason)
+                return self._record(s, meta, accepted, reason, replace)
 
     def _record_first(self, meta: ReceivedInstance, accepted: bool, reason: str) -> int | None:
         """The common case, a first receive: two plain INSERTs in one transaction (no ORM unit of work).
@@ -244,13 +313,16 @@ class Store:
             raise RetryableError(f"database unavailable in record_instance: {exc.orig}") from exc
         return int(job_key[0])
 
-    def _record(self, s: Session, meta: ReceivedInstance, accepted: bool, reason: str) -> int:
+    def _record(self, s: Session, meta: ReceivedInstance, accepted: bool, reason: str,
+                replace: Callable[[], object] | None = None) -> int:
         now = self.clock()
         received_at = meta.received_at or now
         inst = s.scalars(
             select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid).with_for_update()
         ).one_or_none()
         if inst is None:
+            if replace is not None:  # a file without a row (an earlier receive that failed): no one used it
+                replace()
             inst = Instance(sop_instance_uid=meta.sop_instance_uid, accepted=accepted, reason=reason)
             self._set_file(inst, meta, received_at)
             s.add(inst)
@@ -260,16 +332,86 @@ class Store:
             s.add(job)
             s.flush()
             return job.id
-        self._set_file(inst, meta, received_at)
         job = s.scalars(select(Job).where(Job.instance_id == inst.id).with_for_update()).one()
+        changed = replace is not None or inst.path != str(meta.path)
+        if changed and self._reported(s, job):
+            raise ConflictingInstance(meta.sop_instance_uid, job.id, job.state)
+        if replace is not None:
+            replace()
+        self._set_file(inst, meta, received_at)
         if job.state in (JOB_RUNNING, JOB_DONE):
             log.info("re-received %s: job %d is %s, left as it is", meta.sop_instance_uid, job.id, job.state)
             return job.id
         inst.accepted, inst.reason = accepted, reason
         self._set_decision(job, accepted, reason, now)
         job.attempts, job.last_error = 0, None
-        log.info("re-received %s: job %d reset to %s", meta.sop_instance_uid, job.id, job.state)
+        log.info("re-received %s%s: job %d reset to %s", meta.sop_instance_uid,
+                 " with other content" if changed else "", job.id, job.state)
         return job.id
+
+    @staticmethod
+    def _reported(s: Session, job: Job) -> bool:
+        """Has the node reported, or is it reporting, on this job's instance (running, done, results)?"""
+        if job.state in (JOB_RUNNING, JOB_DONE):
+            return True
+        return s.scalars(select(Result.id).where(Result.job_id == job.id).limit(1)).first() is not None
+
+    def record_conflict(self, meta: ReceivedInstance, digest: str, conflict: ConflictingInstance) -> int:
+        """Record a conflicting re-send (``ConflictingInstance``) kept apart at ``meta.path``.
+
+        The same content again (same SOP Instance UID and ``digest``) updates its row: ``times`` + 1, the
+        latest sender and receive time, the path.
+
+        Returns:
+            The conflict's id.
+        """
+        now = meta.received_at or self.clock()
+        key = (InstanceConflict.sop_instance_uid == meta.sop_instance_uid, InstanceConflict.digest == digest)
+        for attempt in (1, 2):
+            try:
+                with self._tx("record_conflict") as s:
+                    row = s.scalars(select(InstanceConflict).where(*key).with_for_update()).one_or_none()
+                    if row is None:
+                        row = InstanceConflict(
+                            sop_instance_uid=meta.sop_instance_uid, study_instance_uid=meta.study_instance_uid,
+                            series_instance_uid=meta.series_instance_uid, sop_class_uid=meta.sop_class_uid,
+                            digest=digest, first_received_at=now, times=0)
+                        s.add(row)
+                    row.path, row.size, row.calling_ae = str(meta.path), meta.size, meta.calling_ae
+                    row.job_id, row.job_state = conflict.job_id, conflict.job_state
+                    row.last_received_at, row.times = now, row.times + 1
+                    s.flush()
+                    return row.id
+            except IntegrityError:
+                if attempt == 2:  # a concurrent first record of the same content won: count this one
+                    raise
+        raise AssertionError("unreachable")
+
+    def conflicts(self, recent: int = 10) -> dict[str, Any]:
+        """Conflicting re-sends kept apart, for the status command (UIDs only, no patient data).
+
+        Returns:
+            ``{"total": distinct conflicting contents, "received": how many times they were received,
+            "recent": [...]}``: the ``recent`` latest, newest first, each ``{"id", "sop_instance_uid",
+            "study_instance_uid", "job_id", "job_state", "times", "calling_ae", "path",
+            "first_received_at", "last_received_at"}``.
+        """
+        with self._tx("conflicts", read_only=True) as s:
+            total, received = s.execute(
+                select(func.count(), func.coalesce(func.sum(InstanceConflict.times), 0))
+            ).one()
+            rows = s.scalars(
+                select(InstanceConflict).order_by(InstanceConflict.last_received_at.desc(), InstanceConflict.id.desc())
+                .limit(recent)
+            ).all()
+            latest = [
+                {"id": r.id, "sop_instance_uid": r.sop_instance_uid, "study_instance_uid": r.study_instance_uid,
+                 "job_id": r.job_id, "job_state": r.job_state, "times": r.times, "calling_ae": r.calling_ae,
+                 "path": r.path, "first_received_at": r.first_received_at.isoformat(),
+                 "last_received_at": r.last_received_at.isoformat()}
+                for r in rows
+            ]
+        return {"total": int(total), "received": int(received), "recent": latest}
 
     @staticmethod
     def _set_file(inst: Instance, meta: ReceivedInstance, received_at: dt.datetime) -> None:
@@ -345,15 +487,32 @@ class Store:
             job = self._job(s, job_id, "complete_job")
             if job.state != JOB_RUNNING:
                 log.warning("complete_job: job %d was %s, not running; marking it done", job_id, job.state)
-            for record in results:
-                result_id = self._upsert_result(s, job_id, record, now)
-                have = set(s.scalars(select(OutboxItem.destination).where(OutboxItem.result_id == result_id)))
-                for name in destinations:
-                    if name not in have:
-                        s.add(OutboxItem(result_id=result_id, destination=name, state=OUTBOX_PENDING,
-                                         attempts=0, next_attempt_at=now, created_at=now, updated_at=now))
+            self._record_results(s, job_id, results, destinations, now)
+            waited = _waited_for_disk(job)
             job.state, job.finished_at, job.updated_at = JOB_DONE, now, now
             job.lease_owner = job.lease_expires_at = job.last_error = None
+            if waited:
+                self._log_disk_episode_end(s)
+
+    def _record_results(
+        self, s: Session, job_id: int, results: Sequence[ResultRecord], destinations: Sequence[str],
+        now: dt.datetime,
+    ) -> None:
+        """Upsert the results of a job with one pending outbox row per destination that has none."""
+        for record in results:
+            result_id = self._upsert_result(s, job_id, record, now)
+            have = set(s.scalars(select(OutboxItem.destination).where(OutboxItem.result_id == result_id)))
+            for name in destinations:
+                if name not in have:
+                    s.add(OutboxItem(result_id=result_id, destination=name, state=OUTBOX_PENDING,
+                                     attempts=0, next_attempt_at=now, created_at=now, updated_at=now))
+
+    @staticmethod
+    def _log_disk_episode_end(s: Session) -> None:
+        """Say once that the last result waiting for disk space is written (the alert's counterpart)."""
+        s.flush()
+        if s.scalar(_count_waiting_for_disk()) == 0:
+            log.warning("disk space available again: every result that waited for it is written")
 
     @staticmethod
     def _upsert_result(s: Session, job_id: int, record: ResultRecord, now: dt.datetime) -> int:
@@ -372,12 +531,23 @@ class Store:
             res.kind, res.path = record.kind, str(record.path)
         return res.id
 
-    def fail_job(self, job_id: int, error: str, retryable: bool, retry_at: dt.datetime | None = None) -> str:
+    def fail_job(
+        self,
+        job_id: int,
+        error: str,
+        retryable: bool,
+        retry_at: dt.datetime | None = None,
+        *,
+        results: Sequence[ResultRecord] = (),
+        destinations: Sequence[str] = (),
+    ) -> str:
         """Record a failed run of a job.
 
         Retryable and fewer than ``max_attempts`` starts: back to ``queued``, due at ``retry_at``
-        (None: now). Otherwise ``failed`` for good. A job that is not running (its lease expired and
-        it was reaped, or it is already done) is left unchanged.
+        (None: now). Otherwise ``failed`` for good, and ``results`` (the SR saying the image was not
+        analysed) are recorded with a pending outbox row per destination in the same transaction, so
+        the PACS learns of the failure. A job that is not running (its lease expired and it was reaped,
+        or it is already done) is left unchanged and ``results`` are not recorded.
 
         Returns:
             The job's state afterwards.
@@ -388,6 +558,7 @@ class Store:
             if job.state != JOB_RUNNING:
                 log.warning("fail_job: job %d is %s, not running; left unchanged", job_id, job.state)
                 return job.state
+            waited = _waited_for_disk(job)
             job.lease_owner = job.lease_expires_at = None
             job.updated_at = now
             if retryable and job.attempts < self.max_attempts:
@@ -397,7 +568,41 @@ class Store:
                 job.state, job.finished_at = JOB_FAILED, now
                 suffix = f" (gave up after {job.attempts} attempts)" if retryable else ""
                 job.last_error = _clip(error + suffix)
+                self._record_results(s, job_id, results, destinations, now)
+            if waited:
+                self._log_disk_episode_end(s)
             return job.state
+
+    def wait_for_disk(self, job_id: int, error: str, retry_at: dt.datetime) -> int:
+        """Put a running job whose results met a full disk back in the queue, without using an attempt.
+
+        A full disk is not a failure of the job: it is due again at ``retry_at``, its ``attempts`` are
+        what they were before this start, and ``last_error`` says it waits for disk space (counted by
+        :meth:`results_waiting_for_disk` and shown in :meth:`status`). A job that is not running is
+        left unchanged.
+
+        Returns:
+            How many jobs were already waiting for disk space, this one included if it was (0: a new
+            disk-full episode begins).
+        """
+        now = self.clock()
+        with self._tx("wait_for_disk") as s:
+            job = self._job(s, job_id, "wait_for_disk")
+            others = int(s.scalar(_count_waiting_for_disk().where(Job.id != job_id)) or 0)
+            before = others + int(_waited_for_disk(job))
+            if job.state != JOB_RUNNING:
+                log.warning("wait_for_disk: job %d is %s, not running; left unchanged", job_id, job.state)
+                return before
+            job.state, job.next_attempt_at, job.updated_at = JOB_QUEUED, retry_at, now
+            job.attempts = max(job.attempts - 1, 0)
+            job.lease_owner = job.lease_expires_at = None
+            job.last_error = _clip(f"{DISK_WAIT_ERROR}: {error}")
+            return before
+
+    def results_waiting_for_disk(self) -> int:
+        """How many jobs wait for disk space to write their results (see :meth:`wait_for_disk`)."""
+        with self._tx("results_waiting_for_disk", read_only=True) as s:
+            return int(s.scalar(_count_waiting_for_disk()) or 0)
 
     def reap_expired_leases(self, owner_is_dead: Callable[[str], bool] | None = None) -> int:
         """Return running jobs whose lease has expired to the queue (or fail them after max attempts).
@@ -430,6 +635,51 @@ class Store:
                 job.lease_owner = job.lease_expires_at = None
                 log.warning("job %d: %s", job.id, error)
             return len(jobs)
+
+    def record_incident(self, job_id: int, owner: str, kind: str, detail: str, give_up_after: int) -> int:
+        """Record that the analysis process ``owner`` died or was killed while running a job.
+
+        The job returns to the queue, due now (it is quarantined when leased again: see
+        ``node.worker.QUARANTINE_AFTER``), unless it has more than ``give_up_after`` incidents: then even
+        its quarantine killed the process, and it is failed for good. The incident is recorded whatever
+        the job's state; the job itself is changed only while ``owner`` still holds it, or after the
+        lease reaper returned it to the queue.
+
+        Args:
+            job_id: the job the process was running.
+            owner: the process's lease owner name.
+            kind: one of ``storage.db.INCIDENT_KINDS``.
+            detail: what was found (exit status, signal, memory, time); no dataset values.
+            give_up_after: incidents after which the job is failed instead of queued again.
+
+        Returns:
+            The job's number of incidents, this one included.
+        """
+        if kind not in INCIDENT_KINDS:
+            raise ValueError(f"incident kind: expected one of {INCIDENT_KINDS}, found {kind!r}")
+        now = self.clock()
+        with self._tx("record_incident") as s:
+            job = self._job(s, job_id, "record_incident")
+            s.add(JobIncident(job_id=job_id, kind=kind, at=now, detail=_clip(detail)))
+            s.flush()
+            count = int(s.scalar(select(func.count()).select_from(JobIncident)
+                                 .where(JobIncident.job_id == job_id)) or 0)
+            if (job.state == JOB_RUNNING and job.lease_owner == owner) or job.state == JOB_QUEUED:
+                error = f"analysis process {kind} ({detail}), incident {count}"
+                if count > give_up_after:
+                    job.state, job.finished_at = JOB_FAILED, now
+                    error += f"; given up: the process also died quarantining it ({count} incidents)"
+                else:
+                    job.state, job.next_attempt_at = JOB_QUEUED, now
+                job.last_error, job.updated_at = _clip(error), now
+                job.lease_owner = job.lease_expires_at = None
+            return count
+
+    def incidents(self, job_id: int) -> list[Incident]:
+        """A job's incidents, oldest first."""
+        with self._tx("incidents", read_only=True) as s:
+            rows = s.scalars(select(JobIncident).where(JobIncident.job_id == job_id).order_by(JobIncident.id))
+            return [Incident(kind=r.kind, at=r.at, detail=r.detail) for r in rows]
 
     # ---------------------------------------------------------------- outbox
 
@@ -555,9 +805,11 @@ class Store:
         """Counts and the latest failures, for the status command (UIDs only, no patient data).
 
         Returns:
-            ``{"jobs": {state: n}, "outbox": {destination: {state: n}}, "job_failures": [...],
-            "send_failures": [...], "failures": [...]}``: the ``recent`` latest job failures (retrying
-            or final), send failures (retrying or rejected) and both merged, newest first. Each is
+            ``{"jobs": {state: n}, "outbox": {destination: {state: n}}, "waiting_for_disk": n,
+            "job_failures": [...], "send_failures": [...], "failures": [...]}``: ``waiting_for_disk``
+            counts the queued jobs whose results wait for disk space (:meth:`wait_for_disk`); then the
+            ``recent`` latest job failures (retrying or final), send failures (retrying or rejected)
+            and both merged, newest first. Each is
             ``{"what": "job"|"send", "id", "sop_instance_uid", "state", "attempts", "error", "at"}``,
             send failures with their ``"destination"`` and the result's SOP Instance UID.
         """
@@ -570,10 +822,11 @@ class Store:
                 .group_by(OutboxItem.destination, OutboxItem.state)
             ):
                 outbox.setdefault(dest, dict.fromkeys(OUTBOX_STATES, 0))[state] = n
+            waiting_for_disk = int(s.scalar(_count_waiting_for_disk()) or 0)
             job_failures, send_failures = self._job_failures(s, recent), self._send_failures(s, recent)
         failures = sorted(job_failures + send_failures, key=lambda f: f["at"], reverse=True)[:recent]
-        return {"jobs": jobs, "outbox": outbox, "job_failures": job_failures, "send_failures": send_failures,
-                "failures": failures}
+        return {"jobs": jobs, "outbox": outbox, "waiting_for_disk": waiting_for_disk,
+                "job_failures": job_failures, "send_failures": send_failures, "failures": failures}
 
     @staticmethod
     def _job_failures(s: Session, recent: int) -> list[dict[str, Any]]:
@@ -605,6 +858,42 @@ class Store:
              "at": at.isoformat(), "destination": dest}
             for i, uid, st, n, err, at, dest in rows
         ]
+
+    # ------------------------------------------------------------- liveness
+
+    def beat(self, owner: str, role: str, job_id: int | None = None) -> None:
+        """Record that ``owner`` (a worker) is alive now, and the job it runs (None: idle)."""
+        now = self.clock()
+        with self._tx("beat") as s:
+            row = s.get(Heartbeat, owner)
+            if row is None:
+                s.add(Heartbeat(owner=owner, role=role, beat_at=now, job_id=job_id))
+            else:
+                row.role, row.beat_at, row.job_id = role, now, job_id
+
+    def forget_heartbeat(self, owner: str) -> None:
+        """Remove ``owner``'s heartbeat (it stopped cleanly)."""
+        with self._tx("forget_heartbeat") as s:
+            s.execute(delete(Heartbeat).where(Heartbeat.owner == owner))
+
+    def liveness(self) -> dict[str, Any]:
+        """What ``cxr-node health`` judges: heartbeats, and whether the queue moves.
+
+        Returns:
+            ``{"heartbeats": [{"owner", "role", "beat_at", "job_id"}], "due_jobs": n (queued and due),
+            "oldest_due_at": iso or None, "last_finished_at": iso or None (the latest job to end done,
+            failed or skipped), "now": iso}``.
+        """
+        now = self.clock()
+        with self._tx("liveness", read_only=True) as s:
+            beats = [{"owner": h.owner, "role": h.role, "beat_at": h.beat_at.isoformat(), "job_id": h.job_id}
+                     for h in s.scalars(select(Heartbeat).order_by(Heartbeat.beat_at.desc()))]
+            due, oldest = s.execute(
+                select(func.count(), func.min(Job.next_attempt_at))
+                .where(Job.state == JOB_QUEUED, Job.next_attempt_at <= now)).one()
+            last = s.scalar(select(func.max(Job.finished_at)).where(Job.finished_at.is_not(None)))
+        return {"heartbeats": beats, "due_jobs": int(due),
+                "oldest_due_at": _iso(oldest), "last_finished_at": _iso(last), "now": now.isoformat()}
 
     # -------------------------------------------------------------- retention
 

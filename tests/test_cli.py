@@ -113,3 +113,24 @@ def test_status_on_a_fresh_node(tmp_path: Path, package: Path) -> None:
     assert not any(status["jobs"].values())
     text = cli("status", "--config", str(config(tmp_path, package)))
     assert text.stdout.startswith("jobs:")
+
+
+def test_status_text_alerts_when_results_wait_for_disk_space() -> None:
+    from node.cli import format_status
+
+    calm = format_status({"jobs": {"done": 3}, "outbox": {}, "waiting_for_disk": 0})
+    assert "ALERT" not in calm
+    full = format_status({"jobs": {"queued": 2, "done": 3}, "outbox": {}, "waiting_for_disk": 2})
+    assert "ALERT:   2 job(s) wait for disk space to write their results" in full.splitlines()
+
+
+def test_status_text_lists_changed_resends_kept_apart() -> None:
+    from node.cli import format_status
+
+    conflict = {"sop_instance_uid": "1.2.3.4", "calling_ae": "MOD1", "job_id": 7, "job_state": "done", "times": 2,
+                "last_received_at": "2026-01-01T00:00:00+00:00", "path": "/var/conflicts/1.2.3/1.2.3.4.ab.dcm"}
+    text = format_status({"jobs": {"done": 1}, "outbox": {}, "conflicts": {"total": 1, "received": 2,
+                                                                           "recent": [conflict]}})
+    assert "conflicts: 1 changed re-send(s) of known SOP Instance UIDs kept apart (received 2 times" in text
+    assert "1.2.3.4 from MOD1 (job 7 done, 2x, last 2026-01-01T00:00:00+00:00)" in text
+    assert "conflicts" not in format_status({"jobs": {}, "outbox": {}, "conflicts": {"total": 0}})
