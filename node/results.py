@@ -4,7 +4,10 @@ Every object carries the source's Study Instance UID, a new series whose descrip
 ``AI CXR TRIAGE - NOT FOR DIAGNOSTIC USE``, and deterministic UIDs derived from the source SOP Instance
 UID, the model package (name and version) and the kind of object, so that results rebuilt after a crash
 keep their UIDs. Patient and study attributes are copied through :mod:`node.dicom_hygiene`, which
-repairs or drops values that are invalid in the source, so that the objects pass ``dciodvfy``.
+repairs or drops values that are invalid in the source, so that the objects pass ``dciodvfy``; a source
+UID that is missing or invalid is replaced by one derived from it (:func:`usable_source_uid`). The
+"not analysed" SR is made for any header pydicom can read, so that every accepted image ends with a
+result at the PACS. The overlay is at most 1024 pixels on its long side, stored as RLE Lossless.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import highdicom as hd
@@ -42,16 +45,21 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
+from pydicom.pixels import convert_color_space
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, RLELossless, SecondaryCaptureImageStorage
+from pydicom.valuerep import validate_value
 
 from ai.errors import PermanentError
 from ai.findings import Finding
 from node.dicom_hygiene import (
     PATIENT_STUDY_KEYWORDS,
     SourceAttributeError,
+    attribute_text,
     check_short_string,
     sanitize_patient_study,
     source_uid,
@@ -100,7 +108,9 @@ FINDING_CODES: dict[str, Code] = {
     "hernia": Code("HERNIA", PRIVATE_SCHEME, "Hernia (ChestX-ray14 label, mostly hiatal)"),
 }
 
-_MAX_SIDE = 2048
+#: Long side of the overlay: 1024 is what a PACS viewer shows of a review annotation (a 2048 px overlay
+#: is 4x the data for no visible gain); 768 at least so that the burned-in banner stays legible.
+_MAX_SIDE = 1024
 _MIN_SIDE = 768
 _HEAT_ALPHA = 0.45
 _HEAT_FLOOR = 0.15
@@ -176,19 +186,80 @@ def _quiet_names() -> Iterator[None]:
         yield
 
 
+_SOURCE_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+#: Patient/study attributes of Type 2: present in every result, empty when the source's value is unusable.
+_TYPE2_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                   "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def _evidence(source_ds: Dataset) -> Dataset:
-    """Sanitised patient/study attributes plus the source's own UIDs: what the result may inherit."""
-    evidence = sanitize_patient_study(source_ds)
-    for keyword in ("SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-        setattr(evidence, keyword, source_uid(source_ds, keyword))
+    """Sanitised patient/study attributes plus the source's UIDs (repaired if invalid): what a result inherits.
+
+    Every copied value is checked against its VR once more; one that would still be invalid is dropped
+    (Type 2: emptied), so a value a sender controls never makes a result invalid.
+    """
+    uids = {keyword: usable_source_uid(source_ds, keyword) for keyword in _SOURCE_UID_KEYWORDS}
+    evidence = sanitize_patient_study(source_ds, study_uid=uids["StudyInstanceUID"])
+    _drop_invalid(evidence)
+    for keyword in _SOURCE_UID_KEYWORDS[1:]:
+        setattr(evidence, keyword, uids[keyword])
     evidence.InstanceNumber = _instance_number(source_ds)
     return evidence
+
+
+def _minimal_evidence(source_ds: Dataset) -> Dataset:
+    """The source's UIDs (repaired if invalid) with empty Type 2 patient/study attributes: the last resort."""
+    evidence = Dataset()
+    for keyword in _SOURCE_UID_KEYWORDS:
+        setattr(evidence, keyword, usable_source_uid(source_ds, keyword))
+    for keyword in _TYPE2_KEYWORDS:
+        evidence.add_new(keyword, dictionary_VR(keyword), None)
+    evidence.InstanceNumber = 1
+    return evidence
+
+
+def usable_source_uid(source_ds: Dataset, keyword: str) -> str:
+    """The source's UID when it is valid, else a ``2.25.`` UID derived from what the source holds.
+
+    A result must reference the received image and join its study; a missing or malformed source UID
+    would make the result invalid (and a PACS refuse it). The derived UID is deterministic (the same
+    header gives the same UID, so a re-run produces the same objects); being a name-based ``2.25.`` UUID,
+    it collides with no UID a device issued.
+    """
+    try:
+        uid = source_uid(source_ds, keyword)
+        if _STRICT_UID.fullmatch(uid):
+            return uid
+    except SourceAttributeError:
+        pass
+    held = "\x1f".join(attribute_text(source_ds, k) for k in _SOURCE_UID_KEYWORDS)
+    logger.warning("source %s is missing or not a valid UID: results use a UID derived from it", keyword)
+    return _uuid_uid("repaired-source-uid", keyword, held)
+
+
+#: A UID as PS3.5 9.1 has it: numeric components without leading zeros (``0`` itself allowed).
+_STRICT_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def _drop_invalid(evidence: Dataset) -> None:
+    """Empty (Type 2) or remove (Type 3) every element whose value its VR's validator refuses."""
+    for element in list(evidence):
+        if element.value is None or element.value == "":
+            continue
+        try:
+            validate_value(element.VR, element.value, pydicom_config.RAISE)
+        except (ValueError, TypeError):
+            logger.debug("source %s dropped (invalid for VR %s)", element.keyword, element.VR)
+            if element.keyword in _TYPE2_KEYWORDS:
+                element.value = None
+            else:
+                del evidence[element.tag]
 
 
 def _instance_number(source_ds: Dataset) -> int:
     """The source's Instance Number when usable (result N belongs to image N), else 1."""
     try:
-        number = int(source_ds.get("InstanceNumber") or 1)
+        number = int(attribute_text(source_ds, "InstanceNumber") or 1)
     except (TypeError, ValueError):
         return 1
     return number if 1 <= number < 2**31 else 1
@@ -296,8 +367,13 @@ def _make_sr(
     kind: str,
     device_ae: str | None,
     sr_class: SrClass,
+    any_sop_class: bool = False,
 ) -> Dataset:
-    """Wrap TID 1500 content in a Comprehensive 3D SR (88.34) or Comprehensive SR (88.33) document."""
+    """Wrap TID 1500 content in a Comprehensive 3D SR (88.34) or Comprehensive SR (88.33) document.
+
+    ``any_sop_class``: a source whose SOP class highdicom does not know is referenced all the same
+    (see :func:`_construct`); otherwise it is refused.
+    """
     if sr_class not in ("3d", "comprehensive"):
         raise ResultBuildError(f"sr_class must be '3d' or 'comprehensive', got {sr_class!r}")
     report = MeasurementReport(
@@ -307,31 +383,59 @@ def _make_sr(
     )
     cls = Comprehensive3DSR if sr_class == "3d" else ComprehensiveSR
     kind = kind if sr_class == "3d" else f"{kind}-comprehensive"
-    with _quiet_names(), _unknown_sop_class(evidence):
-        sr = cls(
-            evidence=[evidence],
-            content=report,
-            series_instance_uid=series_uid(
-                evidence.StudyInstanceUID, algorithm.version, "sr", algorithm_name=algorithm.name
-            ),
-            series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=result_uid(
-                evidence.SOPInstanceUID, algorithm.version, kind, algorithm_name=algorithm.name
-            ),
-            instance_number=evidence.InstanceNumber,
-            manufacturer=algorithm.manufacturer,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            series_description=SR_SERIES_DESCRIPTION,
-            manufacturer_model_name=algorithm.name,
-            software_versions=algorithm.version,
-            coding_schemes=[_private_scheme(algorithm)],
-        )
+    sr = _construct(
+        cls,
+        evidence,
+        any_sop_class,
+        content=report,
+        series_instance_uid=series_uid(
+            evidence.StudyInstanceUID, algorithm.version, "sr", algorithm_name=algorithm.name
+        ),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=result_uid(
+            evidence.SOPInstanceUID, algorithm.version, kind, algorithm_name=algorithm.name
+        ),
+        instance_number=evidence.InstanceNumber,
+        manufacturer=algorithm.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=SR_SERIES_DESCRIPTION,
+        manufacturer_model_name=algorithm.name,
+        software_versions=algorithm.version,
+        coding_schemes=[_private_scheme(algorithm)],
+    )
     _copy_patient_study(sr, evidence)
     if device_ae:
         sr.StationName = check_short_string(device_ae, "device_ae")
     logger.debug("built %s %s for %s", kind, sr.SOPInstanceUID, evidence.SOPInstanceUID)
+    return sr
+
+
+def _construct(
+    cls: type[Comprehensive3DSR] | type[ComprehensiveSR], evidence: Dataset, any_sop_class: bool, **kwargs: Any
+) -> Dataset:
+    """Build the SR document; with ``any_sop_class``, a source of a class unknown to highdicom is accepted.
+
+    highdicom looks the source's IOD up by SOP Class UID only to copy its patient/study modules, which
+    :func:`_copy_patient_study` replaces anyway: the document is built with a Secondary Capture stand-in
+    and the evidence reference then names the source's real SOP class again.
+    """
+    try:
+        with _quiet_names(), _unknown_sop_class(evidence):
+            return cls(evidence=[evidence], **kwargs)
+    except ResultBuildError:
+        if not any_sop_class:
+            raise
+    stand_in = copy.deepcopy(evidence)
+    stand_in.SOPClassUID = SecondaryCaptureImageStorage
+    with _quiet_names():
+        sr = cls(evidence=[stand_in], **kwargs)
+    for keyword in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for item in sr.get(keyword, []):
+            for element in item.iterall():
+                if element.keyword == "ReferencedSOPClassUID" and element.value == SecondaryCaptureImageStorage:
+                    element.value = evidence.SOPClassUID
     return sr
 
 
@@ -402,21 +506,44 @@ def build_failure_sr(
     """An SR stating that the image passed the chest filter but could not be analysed, and why.
 
     One TID 1501 group with finding type ``99CXR NOT_ANALYSED``, the algorithm, the source image and
-    a TEXT item with the reason. It has no triage flag: nothing was decided.
+    a TEXT item with the reason (passed through :func:`scrub_reason`: it names attributes and limits,
+    never a value of the source). It has no triage flag: nothing was decided.
+
+    It is made for any header pydicom could read, since it is what tells the PACS that an accepted
+    image got no analysis: invalid source UIDs are replaced by derived ones (:func:`usable_source_uid`),
+    invalid patient/study values are dropped, a SOP class highdicom does not know is referenced as it
+    is, and if the document still cannot be built, it is built again with empty patient/study modules.
+
+    Raises:
+        ResultBuildError: an empty reason, or a document that cannot be built even from the source's
+            UIDs alone (a defect of this module, not of the source).
     """
-    if not reason.strip():
+    text = scrub_reason(reason)
+    if not text:
         raise ResultBuildError("build_failure_sr needs a reason, got an empty string")
-    try:
-        evidence = _evidence(source_ds)
-    except SourceAttributeError as exc:
-        raise ResultBuildError(str(exc)) from exc
+    failure: Exception | None = None
+    for step, make_evidence in (("sanitised", _evidence), ("minimal", _minimal_evidence)):
+        try:
+            return _failure_sr(make_evidence(source_ds), text, algorithm, device_ae, sr_class)
+        except Exception as exc:  # a hostile header may break it anywhere: fall back
+            failure = exc
+            logger.warning("failure SR with %s patient/study attributes could not be built (%s); %s",
+                           step, type(exc).__name__, "falling back" if step == "sanitised" else "giving up")
+    raise ResultBuildError(
+        f"failure SR cannot be built even with minimal patient/study modules ({type(failure).__name__})"
+    ) from failure
+
+
+def _failure_sr(
+    evidence: Dataset, reason: str, algorithm: AlgorithmInfo, device_ae: str | None, sr_class: SrClass
+) -> Dataset:
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(evidence, algorithm, "Not analysed"),
         finding_type=NOT_ANALYSED,
         algorithm_id=_algorithm_id(algorithm),
         source_images=[_source_image(evidence)],
     )
-    text = f"Passed the chest filter but could not be analysed: {reason.strip()}"
+    text = f"Passed the chest filter but could not be analysed: {reason}"
     group[0].ContentSequence.append(
         TextContentItem(
             name=NOT_ANALYSED_REASON,
@@ -424,7 +551,36 @@ def build_failure_sr(
             relationship_type=RelationshipTypeValues.CONTAINS,
         )
     )
-    return _make_sr(evidence, [group], algorithm, "failure-sr", device_ae, sr_class)
+    return _make_sr(evidence, [group], algorithm, "failure-sr", device_ae, sr_class, any_sop_class=True)
+
+
+_QUOTED = re.compile(r"b?'[^']*'|b?\"[^\"]*\"|`[^`]*`")
+_AFTER_GOT = re.compile(r"(,\s*(got|found)|\s+got)\b.*$", re.IGNORECASE | re.DOTALL)
+_UID_LIKE = re.compile(r"(\s+(in|of|for))?\s*\b\d+(\.\d+){2,}\b")
+_PATH_LIKE = re.compile(r"(?<!\w)/\S*")
+_BRACKETED = re.compile(r"\[[^\]]*\]|\([^)]*\d[^)]*\)")
+MAX_REASON_CHARS = 300
+
+
+def scrub_reason(reason: str) -> str:
+    """A reason without the values it may quote: what a "not analysed" SR (and a log) may say.
+
+    Error messages here say what was expected and what was found (``... must be MONOCHROME1/2, got
+    'XYZ'``); what was found can be any value a sender controls. Kept: the text up to ``got`` or
+    ``, found``, without quoted strings, bracketed values, UIDs (with the "in"/"of" before them) and
+    paths; ASCII only, at most 300 characters. What is left names attributes and limits.
+    """
+    text = reason.encode("ascii", errors="replace").decode("ascii")
+    text = _CONTROL.sub(" ", text)
+    text = _QUOTED.sub("", text)
+    text = _AFTER_GOT.sub("", text)
+    for pattern in (_BRACKETED, _UID_LIKE, _PATH_LIKE):
+        text = pattern.sub("", text)
+    text = re.sub(r"\s+([:;,.])", r"\1", re.sub(r"\s+", " ", text)).strip(" :;,")
+    return text[:MAX_REASON_CHARS].rstrip()
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _resample(array: np.ndarray, scale: float) -> np.ndarray:
@@ -437,7 +593,7 @@ def _resample(array: np.ndarray, scale: float) -> np.ndarray:
 
 
 def overlay_scale(shape: tuple[int, ...]) -> float:
-    """Resampling factor of the overlay: long side at most 2048 and at least 768 (banner legibility)."""
+    """Resampling factor of the overlay: long side at most 1024 and at least 768 (banner legibility)."""
     long_side = max(shape[:2])
     if long_side > _MAX_SIDE:
         return _MAX_SIDE / long_side
@@ -572,7 +728,7 @@ def _derivation(sc: Dataset, evidence: Dataset, source_ds: Dataset, scale: float
         CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
     ]
     sc.SourceImageSequence = [reference]
-    resampled = f"; resampled by {scale:.4g} (long side 768-2048)" if scale != 1.0 else ""
+    resampled = f"; resampled by {scale:.4g} (long side {_MIN_SIDE}-{_MAX_SIDE})" if scale != 1.0 else ""
     sc.DerivationDescription = (
         "Source image with the AI heatmap blended over flagged findings only and a burned-in "
         f"result banner added on top{resampled}. NOT FOR DIAGNOSTIC USE."
@@ -622,7 +778,11 @@ def build_overlay(
         heatmaps_on_source: label -> source-shaped map in [0, 1]; only positive findings are drawn.
         device_ae: this node's AE title (StationName), optional.
 
-    The image is resampled so that its long side lies in 768-2048 pixels (the description says so).
+    The image is resampled so that its long side lies in 768-1024 pixels (the description says so).
+    The pixels are stored as YBR_FULL in RLE Lossless: the rendering is gray except where heat or
+    highlighted text is drawn, so both colour-difference planes are nearly constant and compress to
+    almost nothing (about 3x smaller than RGB stored uncompressed). RGB -> YBR_FULL rounds coloured
+    pixels by at most 1 per channel; gray pixels are kept exactly.
     """
     for finding in findings:
         _check_finding(finding)
@@ -635,8 +795,8 @@ def build_overlay(
     with _quiet_names():
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=evidence,
-            pixel_array=rgb,
-            photometric_interpretation="RGB",
+            pixel_array=convert_color_space(rgb, "RGB", "YBR_FULL"),
+            photometric_interpretation="YBR_FULL",
             bits_allocated=8,
             coordinate_system="PATIENT",
             series_instance_uid=series_uid(
@@ -649,7 +809,7 @@ def build_overlay(
             instance_number=evidence.InstanceNumber,
             manufacturer=algorithm.manufacturer,
             patient_orientation=orientation or ("L", "F"),
-            transfer_syntax_uid=ExplicitVRLittleEndian,
+            transfer_syntax_uid=RLELossless,
             series_description=OVERLAY_SERIES_DESCRIPTION,
             manufacturer_model_name=algorithm.name,
             software_versions=algorithm.version,

@@ -12,6 +12,7 @@ Logs carry UIDs and AE titles only.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import enum
 import logging
@@ -179,6 +180,25 @@ def _status_text(code: int) -> str:
     return f"0x{code:04X} {meaning}"
 
 
+def _in_accepted_syntax(ds: pydicom.Dataset, accepted: Sequence[PresentationContext]) -> pydicom.Dataset:
+    """``ds``, decompressed when the peer accepted its SOP class only in an uncompressed syntax.
+
+    Our overlays are stored RLE Lossless; a PACS that takes Secondary Capture only uncompressed still
+    gets them (pydicom decodes RLE itself, colour as RGB).
+    """
+    ts = ds.file_meta.TransferSyntaxUID
+    if not ts.is_compressed or any(cx.transfer_syntax[0] == ts for cx in accepted):
+        return ds
+    if not any(not UID(cx.transfer_syntax[0]).is_compressed for cx in accepted):
+        return ds
+    plain = copy.deepcopy(ds)
+    try:
+        plain.decompress(generate_instance_uid=False)  # the same object, only its encoding differs
+    except Exception:  # no decoder for it here: sent as it is, and refused by the peer with a reason
+        return ds
+    return plain
+
+
 def _store_one(assoc: Association, dest: Destination, ds: pydicom.Dataset, path: Path) -> SendOutcome:
     """C-STORE one dataset on an established association."""
     sop_class, sop_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
@@ -188,6 +208,7 @@ def _store_one(assoc: Association, dest: Destination, ds: pydicom.Dataset, path:
         error = (f"{dest.ae_title} refused SOP class {UID(sop_class).name} ({sop_class}) of {sop_uid} "
                  f"with every proposed transfer syntax; expected acceptance at {_where(dest)}")
         return replace(base, error=error, context_refused=True)
+    ds = _in_accepted_syntax(ds, accepted)
     try:
         rsp = assoc.send_c_store(ds)
     except ValueError as exc:  # no usable context (a compressed file, only uncompressed accepted); bad encoding

@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage
+from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, RLELossless
 
 from ai.findings import Finding
 from node.dicom_hygiene import (
@@ -361,11 +361,11 @@ def test_positive_heat_only_inside_its_map_and_banner_on_top() -> None:
     assert np.median(banner) < 40  # on a dark strip
 
 
-def test_large_source_is_downscaled_to_2048() -> None:
+def test_large_source_is_downscaled_to_1024() -> None:
     shape = (3000, 2400)
     rgb, top, scale = render_overlay(np.zeros(shape, np.float32), [finding("Mass", 0.9)], ALGORITHM, {})
-    assert scale == pytest.approx(2048 / 3000)
-    assert max(rgb.shape[0] - top, rgb.shape[1]) == 2048
+    assert scale == pytest.approx(1024 / 3000)
+    assert max(rgb.shape[0] - top, rgb.shape[1]) == 1024
 
 
 def test_overlay_dataset(tmp_path: Path) -> None:
@@ -376,8 +376,12 @@ def test_overlay_dataset(tmp_path: Path) -> None:
     image = gradient(shape)
     sc = pydicom.dcmread(write(build_overlay(source, image, fs, ALGORITHM, heat), tmp_path / "sc.dcm"))
     expected, _, _ = render_overlay(image, fs, ALGORITHM, heat)
-    np.testing.assert_array_equal(sc.pixel_array, expected)
-    assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.BitsAllocated) == ("RGB", 3, 8)
+    shown = sc.pixel_array  # YBR_FULL converted back to RGB: coloured pixels within 1, gray ones exact
+    np.testing.assert_allclose(shown.astype(int), expected.astype(int), atol=1, rtol=0)
+    gray = ~coloured(expected)
+    np.testing.assert_array_equal(shown[gray], expected[gray])
+    assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.BitsAllocated) == ("YBR_FULL", 3, 8)
+    assert sc.file_meta.TransferSyntaxUID == RLELossless
     assert sc.BurnedInAnnotation == "YES"
     assert sc.StudyInstanceUID == source.StudyInstanceUID
     assert sc.SeriesDescription.startswith(SERIES_DESCRIPTION_PREFIX)
@@ -409,11 +413,12 @@ def test_bad_findings_are_refused(findings: list[Finding], message: str) -> None
         build_sr(load_source("RG1_UNCR.dcm"), findings, ALGORITHM, device_ae="CXRNODE")
 
 
-def test_missing_study_uid_is_refused() -> None:
+def test_missing_study_uid_gets_a_derived_one() -> None:
     source = load_source("RG1_UNCR.dcm")
     del source.StudyInstanceUID
-    with pytest.raises(ResultBuildError, match="StudyInstanceUID of the source must be a UID"):
-        build_failure_sr(source, "decode failed", ALGORITHM)
+    sr = build_failure_sr(source, "decode failed", ALGORITHM)
+    again = build_failure_sr(copy.deepcopy(source), "decode failed", ALGORITHM)
+    assert sr.StudyInstanceUID.startswith("2.25.") and sr.StudyInstanceUID == again.StudyInstanceUID
 
 
 def test_algorithm_info_is_validated() -> None:

@@ -317,3 +317,20 @@ def test_classify_status(code: int, verdict: Verdict) -> None:
 def test_free_port_is_free_for_the_down_peer() -> None:
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", free_port())) != 0
+
+
+@pytest.mark.integration
+def test_a_compressed_overlay_is_sent_uncompressed_to_a_pacs_that_takes_only_uncompressed(
+        tmp_path: Path, port: int) -> None:
+    path = make_file(tmp_path, 1)
+    ds = pydicom.dcmread(path)
+    ds.compress(RLELossless)
+    ds.save_as(path, enforce_file_format=True)
+    with storescp(tmp_path, port, "+xe") as out:  # the last transfer syntax option wins: uncompressed only
+        outcome = send_file(pacs(port), path, "CXR-AI", timeout_s=5)
+    assert outcome.verdict is Verdict.SENT, outcome.error
+    assert outcome.transfer_syntax == ExplicitVRLittleEndian
+    got = received(out)[str(ds.SOPInstanceUID)]
+    assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert np.array_equal(got.pixel_array, ds.pixel_array)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == RLELossless  # the stored result is unchanged
