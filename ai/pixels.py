@@ -15,6 +15,14 @@ The display pipeline of PS3.4 N.2 for grayscale images, in order:
 4. inversion, *once*, after VOI: MONOCHROME1 means "minimum is white"; a Presentation LUT Shape of
    INVERSE states the same inversion (DX requires INVERSE with MONOCHROME1), so the image is inverted
    when either says so, never twice.
+
+Pixel data is untrusted input. Before anything is decoded, the header's geometry is checked against
+limits that a radiograph never reaches (``MAX_DIMENSION`` per side, ``MAX_PIXEL_BYTES`` for the decoded
+frame), the bit layout against PS3.3 C.7.6.3 and a native PixelData length against the geometry, so a
+small file that declares an enormous image is refused before a decoder allocates for it. Whatever a
+decoder plug-in raises, including a panic of a Rust extension (``pyo3_runtime.PanicException``, a
+``BaseException``), becomes ``UnsupportedImage``. Messages name attributes, limits and numbers, never a
+text value of the dataset (it is chosen by the sender and may hold anything).
 """
 
 from __future__ import annotations
@@ -26,11 +34,25 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import UID
 
 from ai.errors import UnsupportedImage
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Photometric interpretations of PS3.3 C.7.6.3.1.2 (and retired ones): safe to name in a message.
+KNOWN_PHOTOMETRIC = (*MONOCHROME, "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL", "YBR_FULL_422",
+                     "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB")
+# The largest radiographs (stitched long-leg or full-spine DR, film digitised at 50 um) are about
+# 10 000 pixels a side; 16 384 leaves room and still refuses the 65 535 x 65 535 of a decompression bomb.
+MAX_DIMENSION = 16384
+# The decoded frame in bytes: 16 384 x 16 384 at 16 bits. The decode and the float image that follows
+# need about 3 times as much memory again, which the worker's memory limit must allow.
+MAX_PIXEL_BYTES = 512 * 2**20
+BITS_ALLOCATED = (8, 16, 32)
+# Interpreter-level exits that a decoder must never swallow; every other BaseException a plug-in raises
+# (pyo3's PanicException derives from BaseException) is a decode failure of this image.
+PROCESS_EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 ROBUST_PERCENTILES = (0.5, 99.5)
 LUT_BLOCK_ROWS = 64
 
@@ -87,46 +109,108 @@ def _display_transform(stored: np.ndarray, ds: Dataset, sample: np.ndarray, sop_
 
 
 def _check_supported(ds: Dataset, sop_uid: str) -> None:
-    """Raise UnsupportedImage for anything but one frame of grayscale pixel data."""
+    """Raise UnsupportedImage for anything but one frame of grayscale pixel data of sane geometry."""
     if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
         raise UnsupportedImage(f"no PixelData in {sop_uid}: expected an image, found none")
     if "PixelData" not in ds:
         raise UnsupportedImage(f"float pixel data is not supported in {sop_uid}: expected PixelData")
     pi = str(ds.get("PhotometricInterpretation", "")).strip()
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    samples = _integer(ds, "SamplesPerPixel", sop_uid, default=1)
     if pi not in MONOCHROME or samples != 1:
+        named = pi if pi in KNOWN_PHOTOMETRIC else "a value that is not a defined term" if pi else "none"
         raise UnsupportedImage(
             f"PhotometricInterpretation must be MONOCHROME1/2 with 1 sample per pixel, "
-            f"got {pi!r} with SamplesPerPixel {samples} in {sop_uid}"
+            f"got {named} with SamplesPerPixel {samples} in {sop_uid}"
         )
     frames = _number_of_frames(ds, sop_uid)
     if frames != 1:
         raise UnsupportedImage(f"expected a single frame, got NumberOfFrames {frames} in {sop_uid}")
-    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored"):
-        if not ds.get(keyword):
-            raise UnsupportedImage(f"{keyword} missing or zero in {sop_uid}")
+    _check_geometry(ds, sop_uid)
+
+
+def _integer(ds: Dataset, keyword: str, sop_uid: str, default: int | None = None) -> int:
+    """An integer attribute; missing or empty gives ``default`` (None: required)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        if default is None:
+            raise UnsupportedImage(f"{keyword} missing in {sop_uid}: expected an integer")
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedImage(f"{keyword} must be an integer, found a non-numeric value in {sop_uid}") from exc
+
+
+def _check_geometry(ds: Dataset, sop_uid: str) -> None:
+    """Geometry and bit layout within the limits of a radiograph, checked before any decoding.
+
+    Raises:
+        UnsupportedImage: naming the attribute, the limit and the number found.
+    """
+    rows, cols = _integer(ds, "Rows", sop_uid), _integer(ds, "Columns", sop_uid)
+    for keyword, value in (("Rows", rows), ("Columns", cols)):
+        if not 1 <= value <= MAX_DIMENSION:
+            raise UnsupportedImage(f"{keyword} must be 1-{MAX_DIMENSION}, found {value} in {sop_uid}")
+    allocated, stored = _integer(ds, "BitsAllocated", sop_uid), _integer(ds, "BitsStored", sop_uid)
+    if allocated not in BITS_ALLOCATED:
+        raise UnsupportedImage(f"BitsAllocated must be one of {BITS_ALLOCATED}, found {allocated} in {sop_uid}")
+    if not 1 <= stored <= allocated:
+        raise UnsupportedImage(f"BitsStored must be 1-{allocated} (BitsAllocated), found {stored} in {sop_uid}")
+    high = _integer(ds, "HighBit", sop_uid, default=stored - 1)
+    if high != stored - 1:
+        raise UnsupportedImage(f"HighBit must be {stored - 1} (BitsStored - 1), found {high} in {sop_uid}")
+    representation = _integer(ds, "PixelRepresentation", sop_uid, default=0)
+    if representation not in (0, 1):
+        raise UnsupportedImage(f"PixelRepresentation must be 0 or 1, found {representation} in {sop_uid}")
+    frame_bytes = rows * cols * (allocated // 8)
+    if frame_bytes > MAX_PIXEL_BYTES:
+        raise UnsupportedImage(
+            f"Rows x Columns x BitsAllocated/8 must be at most {MAX_PIXEL_BYTES} bytes, found "
+            f"{rows} x {cols} x {allocated // 8} = {frame_bytes} in {sop_uid}"
+        )
+    _check_native_length(ds, frame_bytes, sop_uid)
+
+
+def _check_native_length(ds: Dataset, frame_bytes: int, sop_uid: str) -> None:
+    """Native (not encapsulated) PixelData holds exactly one frame (plus the pad byte of an odd length,
+    which some writers omit)."""
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is None or not UID(str(tsyntax)).is_transfer_syntax or UID(str(tsyntax)).is_encapsulated:
+        return  # encapsulated (or unknown: the decoder decides): the frame size was bounded above
+    found = len(ds.PixelData)
+    if found not in (frame_bytes, frame_bytes + frame_bytes % 2):
+        raise UnsupportedImage(
+            f"PixelData length must be {frame_bytes} bytes for the Rows, Columns and BitsAllocated given, "
+            f"found {found} in {sop_uid}"
+        )
 
 
 def _number_of_frames(ds: Dataset, sop_uid: str) -> int:
-    value = ds.get("NumberOfFrames", 1)
-    try:
-        return int(value) if value not in (None, "") else 1
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedImage(f"NumberOfFrames must be an integer, got {value!r} in {sop_uid}") from exc
+    return _integer(ds, "NumberOfFrames", sop_uid, default=1)
 
 
 def _decode(ds: Dataset, sop_uid: str) -> np.ndarray:
-    """Stored values as a 2-D array."""
+    """Stored values as a 2-D array; any decoder failure, a plug-in's panic included, is UnsupportedImage."""
     try:
         arr = ds.pixel_array
-    except Exception as exc:  # the decoder plug-ins (pylibjpeg, gdcm, pyjpegls) raise many types
-        tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "<no transfer syntax>")
+    except PROCESS_EXITS:
+        raise
+    except BaseException as exc:  # the plug-ins raise many types, pyo3 panics included
         raise UnsupportedImage(
-            f"cannot decode pixel data of {sop_uid} (transfer syntax {tsyntax}): {exc}"
+            f"cannot decode pixel data of {sop_uid} ({_transfer_syntax_name(ds)}): {type(exc).__name__}"
         ) from exc
     if arr.ndim != 2:
         raise UnsupportedImage(f"expected a 2-D grayscale frame, got array shape {arr.shape} in {sop_uid}")
     return arr
+
+
+def _transfer_syntax_name(ds: Dataset) -> str:
+    """The transfer syntax by its registered name; a UID this pydicom does not know is not quoted."""
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is None:
+        return "no transfer syntax"
+    uid = UID(str(tsyntax))
+    return f"transfer syntax {uid.name}" if uid.is_transfer_syntax else "an unknown transfer syntax"
 
 
 def _stored_range(ds: Dataset) -> np.ndarray:
@@ -155,7 +239,8 @@ def _apply_voi_normalised(values: np.ndarray, ds: Dataset, sample: np.ndarray, s
         out = np.asarray(apply_voi_lut(values, ds, index=0, prefer_lut=False), dtype=np.float64)
         probe = np.asarray(apply_voi_lut(_window_probe(ds), ds, index=0, prefer_lut=False), dtype=np.float64)
     except (ValueError, NotImplementedError, IndexError, AttributeError, TypeError) as exc:
-        raise UnsupportedImage(f"invalid VOI LUT or window in {sop_uid}: {exc}") from exc
+        # the exception text can quote a sender's value (e.g. a non-numeric WindowCenter): not repeated
+        raise UnsupportedImage(f"invalid VOI LUT or window in {sop_uid} ({type(exc).__name__})") from exc
     # Far below the window is black, far above is white. pydicom 3.0 bases its output range on the
     # rescaled range, which flips the window under a negative Rescale Slope: the probe undoes that.
     lo, hi = float(probe[0]), float(probe[-1])

@@ -1,9 +1,16 @@
 """Composition root: build the node's parts once from the settings and run them.
 
 Roles (``cxr-node serve --role``):
-- ``all``: the SCP, one worker and the scheduler (sending, lease reaping, retention) in one process.
+- ``all``: the SCP and the scheduler (sending, lease reaping, retention) in the node's process, the
+  worker in a supervised process of its own.
 - ``scp``: receive only (store + queue); workers elsewhere share the database.
-- ``worker``: process the shared queue and send results (worker + scheduler), no SCP.
+- ``worker``: process the shared queue (the worker process) and send results (scheduler), no SCP.
+
+The worker always runs in its own process (``node.supervisor``): a decoder that crashes, allocates
+gigabytes or holds the GIL for seconds cannot stop the SCP or the sender; the supervisor restarts it,
+kills it on a stalled job or runaway memory, and the worker quarantines a job that killed it twice.
+The node's process checks the model package (manifest, every member's sha256, threshold overrides)
+before it starts anything, and does not start when the worker process cannot load it.
 
 ``scp.processes`` = N > 1 (roles ``all`` and ``scp``): the node's own process binds and listens on the
 SCP port, then starts N-1 SCP-only child processes (multiprocessing, ``spawn``) that are handed that
@@ -31,16 +38,18 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait as wait_sentinels
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as ProcessEvent
+from pathlib import Path
 from typing import Any, cast
 
-from ai.ensemble import Ensemble
-from ai.manifest import bundled_package_dir
+from ai.ensemble import Ensemble, effective_thresholds
+from ai.manifest import ModelManifest, bundled_package_dir, load_manifest
 from node.config import Settings
 from node.filter import FilterRules
 from node.receive import Intake, start_scp
 from node.scheduler import NodeScheduler
 from node.send import Outbox
-from node.worker import Worker, owner_is_dead
+from node.supervisor import WorkerProcessError, WorkerSupervisor
+from node.worker import owner_is_dead
 from storage.db import make_engine
 from storage.queue import Store
 
@@ -52,13 +61,31 @@ CHILD_STOP_S = 30.0  # SIGTERM, then SIGKILL after this
 
 
 class ScpProcessError(RuntimeError):
-    """An additional SCP process failed to start or died while the node was running."""
+    """A child process of the node (an additional SCP process, or the worker process at start-up) failed to
+    start or died while the node was running: ``cxr-node serve`` exits non-zero."""
+
+
+def model_package_dir(settings: Settings) -> Path:
+    """The configured model package folder (the bundled default when ``model.package`` is empty)."""
+    return settings.resolve(settings.model.package) if settings.model.package else bundled_package_dir()
 
 
 def load_ensemble(settings: Settings) -> Ensemble:
-    """Load the configured model package (the bundled default when ``model.package`` is empty)."""
-    package = settings.resolve(settings.model.package) if settings.model.package else bundled_package_dir()
-    return Ensemble.load(package, providers=settings.model.providers, threshold_overrides=settings.thresholds)
+    """Load the configured model package."""
+    return Ensemble.load(model_package_dir(settings), providers=settings.model.providers,
+                         threshold_overrides=settings.thresholds)
+
+
+def check_model_package(settings: Settings) -> ModelManifest:
+    """Check the configured package without loading it: manifest, each member's sha256, threshold overrides.
+
+    Raises:
+        ModelPackageError: naming the file that is missing, altered or invalid.
+        ValueError: a threshold override for a label the package lacks, or outside [0, 1].
+    """
+    manifest = load_manifest(model_package_dir(settings), verify=True)
+    effective_thresholds(manifest, settings.thresholds)
+    return manifest
 
 
 def calling_ae(settings: Settings, destination_calling_ae: str = "") -> str:
@@ -72,12 +99,12 @@ class Node:
 
     settings: Settings
     role: str = "all"
-    ensemble: Ensemble | None = None
+    manifest: ModelManifest | None = None  # the checked model package (roles all and worker)
     store: Store = field(init=False)
     stop_event: threading.Event = field(default_factory=threading.Event)
     _server: Any = None
     _scheduler: NodeScheduler | None = None
-    _threads: list[threading.Thread] = field(default_factory=list)
+    _supervisor: WorkerSupervisor | None = None
     scp_child: bool = False  # one of the N-1 additional SCP processes (started by the parent node)
     listen_socket: socket.socket | None = None  # a child's: the parent's listening socket
     failed: str = ""  # why the node stopped on its own (a dead SCP child); serve exits non-zero
@@ -89,15 +116,14 @@ class Node:
         self.settings.data_path.mkdir(parents=True, exist_ok=True)
         engine = make_engine(self.settings.database_url)
         self.store = Store(engine, max_attempts=self.settings.worker.max_attempts)
-        if self.role in ("all", "worker") and self.ensemble is None:
-            self.ensemble = load_ensemble(self.settings)  # refuses to start on a bad package
+        if self.role in ("all", "worker") and self.manifest is None:
+            self.manifest = check_model_package(self.settings)  # refuses to start on a bad package
 
     def start(self) -> None:
         """Start the role's parts; returns once they are running."""
         s = self.settings
         log.info("cxr-node starting, role %s, configuration %s", self.role, s.summary())
         if self.role in ("all", "worker"):
-            assert self.ensemble is not None  # loaded in __post_init__
             reaped = self.store.reap_expired_leases(owner_is_dead)
             if reaped:
                 log.warning("start-up: %d job(s) of dead workers returned to the queue", reaped)
@@ -106,13 +132,10 @@ class Node:
                 log.warning("start-up: %d result(s) claimed by a dead sender are due again", released)
             outbox = Outbox(self.store, list(s.destinations), s.send, s.scp.ae_title)
             self._scheduler = NodeScheduler(self.store, s, outbox.run_due)
-            worker = Worker(self.store, self.ensemble, s, on_done=self._scheduler.kick_send)
+            self._supervisor = WorkerSupervisor(s, self.store, self._scheduler.kick_send,
+                                                logging.getLogger().getEffectiveLevel())
+            self._supervisor.start()  # returns once the worker process has loaded the model
             self._scheduler.start()
-            t = threading.Thread(target=worker.run_forever, args=(self.stop_event,), name="worker", daemon=True)
-            t.start()
-            self._threads.append(t)
-            log.info("model %s %s on %s", self.ensemble.manifest.name, self.ensemble.manifest.version,
-                     ", ".join(self.ensemble.providers))
         if self.role in ("all", "scp"):
             rules = FilterRules.for_settings(s)
             intake = Intake(s.data_path, self.store, s, rules)
@@ -164,8 +187,9 @@ class Node:
             self._server.shutdown()
             self._server = None
         stop_children(self._children, CHILD_STOP_S)
-        for t in self._threads:
-            t.join(timeout=30)
+        if self._supervisor is not None:
+            self._supervisor.stop()
+            self._supervisor = None
         if self._scheduler is not None:
             self._scheduler.shutdown()
         log.info("cxr-node stopped")
@@ -181,6 +205,8 @@ class Node:
         try:
             self.start()
             self.stop_event.wait()
+        except WorkerProcessError as exc:
+            self.failed = str(exc)
         finally:
             self.stop()
         if self.failed:

@@ -9,13 +9,24 @@ the source instance and the model version, so a job re-run after a crash produce
 Failures are classified by exception type: ``UnsupportedImage`` still yields a result (an SR that says
 why the image could not be analysed); other ``PermanentError``s fail the job for good; anything else
 (``RetryableError``, ``OSError``, unexpected errors) is retried with exponential backoff until the
-attempt limit, then failed. Every failure is visible in ``cxr-node status``.
+attempt limit, then failed. A job failed for good also gets that "not analysed" SR (built from the
+received file's header), so the PACS learns of every accepted image. A full disk while writing results
+(``DiskFull``) is no failure: the job waits for space without using an attempt, with one alert per
+disk-full episode. Every failure and wait is visible in ``cxr-node status``.
+
+Nothing a job raises stops the run loop (``BaseException`` included, such as a Rust decoder's panic;
+only the interrupts meant for the process pass). The node runs this loop in a process of its own
+(``node.supervisor``), which publishes what it is doing in a ``JobHeartbeat`` (shared memory, no IPC per
+image); a job on which that process died or was killed ``QUARANTINE_AFTER`` times is not analysed again:
+it is failed with a "not analysed" SR made from its header alone.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
+import multiprocessing
 import os
 import socket
 import threading
@@ -23,6 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -34,11 +46,20 @@ from ai.findings import Finding
 from ai.pixels import dicom_to_float
 from ai.preprocess import Letterbox, preprocess_gray, to_model_input
 from node.config import Settings
-from node.results import AlgorithmInfo, build_failure_sr, build_overlay, build_sr
-from storage.files import result_path, write_atomic
-from storage.queue import LeasedJob, ResultRecord, Store
+from node.results import AlgorithmInfo, ResultBuildError, build_failure_sr, build_overlay, build_sr, scrub_reason
+from storage.db import INCIDENT_CRASH, INCIDENT_MEMORY, INCIDENT_STALL
+from storage.files import DiskFull, free_bytes, result_path, write_atomic
+from storage.queue import Incident, LeasedJob, ResultRecord, Store
 
 log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+#: Longest wait before a job whose results met a full disk is tried again (``worker.retry_initial_s`` if shorter).
+DISK_WAIT_MAX_S = 30.0
+#: Incidents (the worker process died or was killed while running the job) before a job is quarantined.
+QUARANTINE_AFTER = 2
+#: What a job may raise that is meant for the process, not a failure of the job.
+PROCESS_EXITS = (KeyboardInterrupt, SystemExit)
 
 
 @dataclass(frozen=True)
@@ -77,6 +98,64 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
+def process_owner(pid: int) -> str:
+    """The lease owner name of a worker process (one worker per process): its supervisor knows it too."""
+    return f"{socket.gethostname()}:{pid}:worker"
+
+
+@dataclass(frozen=True)
+class HeartbeatState:
+    """What a worker process last published: its job (None: idle) and times on ``time.monotonic()``."""
+
+    job_id: int | None
+    job_started: float  # when the current job started (0 when idle)
+    beat_at: float  # the latest sign of life
+    jobs_finished: int
+
+
+class JobHeartbeat:
+    """A worker process's current job and latest sign of life, in shared memory its supervisor reads.
+
+    Four doubles in a ``multiprocessing.Array`` (job id, 0 for none; job start; last beat; jobs
+    finished), written under the array's lock: a few hundred nanoseconds per job, no message passing.
+    Times are ``time.monotonic()``, one clock for all processes of a Linux host.
+
+    Args:
+        ctx: the multiprocessing context the worker process is started with (default: spawn).
+    """
+
+    def __init__(self, ctx: Any = None) -> None:
+        self._slots = (ctx or multiprocessing.get_context("spawn")).Array("d", 4)
+
+    def beat(self) -> None:
+        """Record a sign of life."""
+        self._slots[2] = time.monotonic()
+
+    def reset(self) -> None:
+        """A new process: no job, none finished, a sign of life now (it is starting)."""
+        with self._slots.get_lock():
+            self._slots[:] = [0.0, 0.0, time.monotonic(), 0.0]
+
+    def start_job(self, job_id: int) -> None:
+        """Record that the process started running ``job_id`` now."""
+        with self._slots.get_lock():
+            now = time.monotonic()
+            self._slots[0], self._slots[1], self._slots[2] = float(job_id), now, now
+
+    def end_job(self) -> None:
+        """Record that the current job ended (whatever its outcome)."""
+        with self._slots.get_lock():
+            self._slots[0], self._slots[1], self._slots[2] = 0.0, 0.0, time.monotonic()
+            self._slots[3] += 1
+
+    def read(self) -> HeartbeatState:
+        """The latest state, consistent across its fields."""
+        with self._slots.get_lock():
+            job, started, beat, finished = self._slots[:]
+        return HeartbeatState(job_id=int(job) or None, job_started=started, beat_at=beat,
+                              jobs_finished=int(finished))
+
+
 class Worker:
     """Processes jobs from the shared queue until stopped.
 
@@ -85,7 +164,8 @@ class Worker:
         ensemble: the loaded model package.
         settings: the node settings (data_dir, worker, destinations, scp AE title).
         owner: the lease owner name (default: host:pid:thread).
-        on_done: called after a job's results are recorded (wakes the sender).
+        on_done: called after a job ends, done or failed, when it may have recorded results (wakes the sender).
+        heartbeat: where the current job and signs of life are published for a supervisor (None: nowhere).
     """
 
     def __init__(
@@ -95,9 +175,11 @@ class Worker:
         settings: Settings,
         owner: str | None = None,
         on_done: Callable[[], None] | None = None,
+        heartbeat: JobHeartbeat | None = None,
     ) -> None:
         self.store = store
         self.on_done = on_done
+        self.heartbeat = heartbeat
         self.ensemble = ensemble
         self.settings = settings
         self.owner = owner or default_owner()
@@ -108,34 +190,75 @@ class Worker:
         self.device_ae = settings.scp.ae_title
 
     def run_once(self) -> bool:
-        """Lease and process one job; False when no job was due."""
+        """Lease and run one job; False when no job was due (or results wait for disk space).
+
+        Whatever the job raises is recorded as its failure (the type decides retry): a ``BaseException``
+        that is no ``Exception`` (a native extension's panic) counts as a ``PermanentError``. Only
+        ``PROCESS_EXITS`` pass through.
+        """
+        if not self.results_space_ok():  # results wait for disk space: analysing now would be wasted
+            return False
         job = self.store.lease_job(self.owner, self.settings.worker.lease_s)
         if job is None:
             return False
+        if self.heartbeat is not None:
+            self.heartbeat.start_job(job.job_id)
         started = time.perf_counter()
         try:
-            kinds = self.process(job)
-        except Exception as exc:  # the type decides retry; nothing escapes the worker loop
-            self._fail(job, exc)
+            outcome, kinds = self._run_job(job)
+        except PROCESS_EXITS:
+            raise
+        except BaseException as exc:  # nothing a job throws stops the worker loop
+            self._fail(job, exc if isinstance(exc, Exception) else escaped_error(exc))
         else:
-            log.info("job %d: %s done in %.0f ms (%s)", job.job_id, job.sop_instance_uid,
-                     1000 * (time.perf_counter() - started), ", ".join(kinds))
-            if self.on_done is not None:
-                self.on_done()
+            log.info("job %d: %s %s in %.0f ms (%s)", job.job_id, job.sop_instance_uid, outcome,
+                     1000 * (time.perf_counter() - started), ", ".join(kinds) or "no results")
+        finally:
+            if self.heartbeat is not None:
+                self.heartbeat.end_job()
+        if self.on_done is not None:
+            self.on_done()
         return True
 
-    def run_forever(self, stop: threading.Event) -> None:
-        """Process jobs until ``stop`` is set; poll every ``worker.poll_s`` when idle."""
+    def run_forever(self, stop: threading.Event | Any) -> None:
+        """Run jobs until ``stop`` (a threading or multiprocessing Event) is set; poll every ``worker.poll_s``
+        when idle. Only ``PROCESS_EXITS`` end the loop otherwise."""
         log.info("worker %s started", self.owner)
         while not stop.is_set():
+            if self.heartbeat is not None:
+                self.heartbeat.beat()
             try:
                 busy = self.run_once()
-            except Exception:  # database down: log and keep polling, the queue is durable
-                log.exception("worker %s: could not lease a job; retrying", self.owner)
+            except PROCESS_EXITS:
+                raise
+            except BaseException:  # database down: log and keep polling, the queue is durable
+                log.exception("worker %s: could not lease a job or record its outcome; retrying", self.owner)
                 busy = False
             if not busy:
                 stop.wait(self.settings.worker.poll_s)
         log.info("worker %s stopped", self.owner)
+
+    def _run_job(self, job: LeasedJob) -> tuple[str, list[str]]:
+        """Analyse a job, or quarantine it when the worker process died on it ``QUARANTINE_AFTER`` times.
+
+        Returns:
+            The outcome ("done" or "quarantined") and the kinds of the results recorded.
+        """
+        incidents = self.store.incidents(job.job_id)
+        if len(incidents) >= QUARANTINE_AFTER:
+            return "quarantined", self.quarantine(job, incidents)
+        return "done", self.process(job)
+
+    def quarantine(self, job: LeasedJob, incidents: Sequence[Incident]) -> list[str]:
+        """Fail a job for good without touching its pixels, with a "not analysed" SR made from its header."""
+        reason = quarantine_reason(incidents, self.settings)
+        records = self.not_analysed_results(job, reason)
+        self.store.fail_job(job.job_id, f"quarantined: {reason}", retryable=False, results=records,
+                            destinations=self.destinations)
+        log.error("job %d: %s quarantined after %d incidents (%s)%s", job.job_id, job.sop_instance_uid,
+                  len(incidents), ", ".join(i.kind for i in incidents),
+                  ": not-analysed SR queued" if records else ": no header, no SR")
+        return [r.kind for r in records]
 
     def process(self, job: LeasedJob) -> list[str]:
         """Run one job end to end and record its results; returns the result kinds produced."""
@@ -143,8 +266,9 @@ class Worker:
         try:
             analysis = analyse_dataset(ds, self.ensemble)
         except UnsupportedImage as exc:
-            log.warning("job %d: %s not analysable: %s", job.job_id, job.sop_instance_uid, exc)
-            objects = [("failure_sr", build_failure_sr(ds, str(exc), self.algorithm, device_ae=self.device_ae))]
+            reason = scrub_reason(str(exc))
+            log.warning("job %d: %s not analysable: %s", job.job_id, job.sop_instance_uid, reason)
+            objects = [("failure_sr", build_failure_sr(ds, reason, self.algorithm, device_ae=self.device_ae))]
         else:
             objects = self._build_results(ds, analysis)
         records = [self._write(kind, obj) for kind, obj in objects]
@@ -166,21 +290,135 @@ class Worker:
         return objects
 
     def _write(self, kind: str, ds: pydicom.Dataset) -> ResultRecord:
+        """Write one result durably.
+
+        Raises:
+            DiskFull: the disk is full, or results already wait for disk space and less than
+                ``storage.min_free_mb`` is free (:meth:`results_space_ok`).
+        """
         path = result_path(self.data_dir, ds.StudyInstanceUID, ds.SOPInstanceUID)
+        if not self.results_space_ok():
+            raise DiskFull(errno.ENOSPC, f"results wait for disk space: {self._space_text()}", str(path))
         write_atomic(path, lambda f: ds.save_as(f, enforce_file_format=True))
         return ResultRecord(kind=kind, sop_instance_uid=ds.SOPInstanceUID, path=path)
 
+    def results_space_ok(self) -> bool:
+        """False while results wait for disk space and less than ``storage.min_free_mb`` is free.
+
+        Below ``min_free_mb`` the intake refuses new images; the space left is the results' reserve,
+        used until a write meets a full disk. From then on no result is written (and the run loop may
+        skip leasing) until ``min_free_mb`` is free again, so the waiting jobs do not fill it at once.
+        """
+        if free_bytes(self.data_dir) >= self.settings.storage.min_free_mb * MB:
+            return True
+        return self.store.results_waiting_for_disk() == 0
+
+    def _space_text(self) -> str:
+        return (f"{free_bytes(self.data_dir) // MB} MB free in {self.data_dir}, expected "
+                f"storage.min_free_mb ({self.settings.storage.min_free_mb} MB)")
+
     def _fail(self, job: LeasedJob, exc: Exception) -> None:
+        """Record a failed run: retry, or fail for good with a "not analysed" SR; a full disk only waits."""
+        if isinstance(exc, DiskFull):
+            self._wait_for_disk(job, exc)
+            return
         retryable = not isinstance(exc, PermanentError)
         delay = self.settings.worker.retry_initial_s * 2 ** max(job.attempts - 1, 0)
         retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
-        error = f"{type(exc).__name__}: {exc}"
-        state = self.store.fail_job(job.job_id, error, retryable=retryable, retry_at=retry_at)
+        error = f"{type(exc).__name__}: {scrub_reason(str(exc))}"
+        final = not retryable or job.attempts >= self.store.max_attempts
+        try:
+            records = self.not_analysed_results(job, not_analysed_reason(exc, job.attempts)) if final else []
+        except DiskFull as full:
+            self._wait_for_disk(job, full)
+            return
+        state = self.store.fail_job(job.job_id, error, retryable=retryable, retry_at=retry_at,
+                                    results=records, destinations=self.destinations)
+        told = " (not-analysed SR queued)" if records else ""
         if isinstance(exc, PermanentError | OSError):
-            log.error("job %d: %s failed (%s, now %s): %s", job.job_id, job.sop_instance_uid,
-                      "retryable" if retryable else "permanent", state, exc)
+            log.error("job %d: %s failed (%s, now %s%s): %s", job.job_id, job.sop_instance_uid,
+                      "retryable" if retryable else "permanent", state, told, error)
         else:
-            log.exception("job %d: %s failed unexpectedly (now %s)", job.job_id, job.sop_instance_uid, state)
+            log.exception("job %d: %s failed unexpectedly (now %s%s)", job.job_id, job.sop_instance_uid,
+                          state, told)
+
+    def not_analysed_results(self, job: LeasedJob, reason: str) -> list[ResultRecord]:
+        """Write the SR telling the PACS that a job's image was not analysed, and why.
+
+        For a job that fails for good (or is given up by whoever calls this): made from the received
+        file's header alone, since the pixels may be what failed. Empty when not even the header can
+        be read (nothing says which patient and study the SR would belong to).
+
+        Raises:
+            DiskFull: as :meth:`_write`.
+        """
+        header = read_header(job)
+        if header is None:
+            log.error("job %d: %s: received file has no readable header, no not-analysed SR",
+                      job.job_id, job.sop_instance_uid)
+            return []
+        try:
+            sr = build_failure_sr(header, reason, self.algorithm, device_ae=self.device_ae)
+        except ResultBuildError as exc:
+            log.error("job %d: %s: no not-analysed SR (%s)", job.job_id, job.sop_instance_uid, exc)
+            return []
+        return [self._write("failure_sr", sr)]
+
+    def _wait_for_disk(self, job: LeasedJob, exc: DiskFull) -> None:
+        """Queue the job again without using an attempt; alert once when a disk-full episode starts."""
+        retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(
+            seconds=min(self.settings.worker.retry_initial_s, DISK_WAIT_MAX_S))
+        waiting = self.store.wait_for_disk(job.job_id, f"DiskFull: {scrub_reason(str(exc))}", retry_at)
+        if waiting == 0:
+            log.error("ALERT: disk full while writing results (%s): job %d (%s) and any after it wait for "
+                      "space and are written when it returns; free space to resume", self._space_text(),
+                      job.job_id, job.sop_instance_uid)
+        else:
+            log.info("job %d: %s waits for disk space (%d jobs waiting)", job.job_id,
+                     job.sop_instance_uid, waiting)
+
+
+def escaped_error(exc: BaseException) -> PermanentError:
+    """A ``BaseException`` that is no ``Exception`` (pyo3's ``PanicException``) as the job's permanent failure:
+    a native extension that panicked on this input panics again on a retry."""
+    error = PermanentError(f"{type(exc).__name__} raised while analysing the image (a native extension failed)")
+    error.__cause__ = exc
+    return error
+
+
+_INCIDENT_TEXT = {
+    INCIDENT_CRASH: "analysing it crashed the analysis process",
+    INCIDENT_STALL: "its analysis did not finish within worker.job_timeout_s ({timeout:.0f} s)",
+    INCIDENT_MEMORY: "its analysis needed more memory than worker.max_memory_mb ({memory} MB)",
+}
+
+
+def quarantine_reason(incidents: Sequence[Incident], settings: Settings) -> str:
+    """What the "not analysed" SR of a quarantined job says: what happened, never a dataset value."""
+    texts: list[str] = []
+    for incident in incidents:
+        text = _INCIDENT_TEXT.get(incident.kind, "the analysis process ended").format(
+            timeout=settings.worker.job_timeout_s, memory=settings.worker.max_memory_mb)
+        if text not in texts:
+            texts.append(text)
+    return f"image could not be analysed: {'; '.join(texts)} ({len(incidents)} times)"
+
+
+def not_analysed_reason(exc: BaseException, attempts: int) -> str:
+    """What a "not analysed" SR says about a job that failed for good: the error, without its values."""
+    detail = scrub_reason(str(exc))
+    what = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    if isinstance(exc, PermanentError):
+        return what
+    return f"analysis failed {attempts} times, last with {what}"
+
+
+def read_header(job: LeasedJob) -> pydicom.Dataset | None:
+    """The received file's header (no pixel data), or None when it cannot be read at all."""
+    try:
+        return pydicom.dcmread(job.path, stop_before_pixels=True)
+    except Exception:  # a hostile or truncated file fails in many ways; no header, no SR
+        return None
 
 
 def read_source(job: LeasedJob) -> pydicom.Dataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import cv2
@@ -290,3 +291,87 @@ def test_pydicom_data_chest_decodes(name: str) -> None:
     lungs, mediastinum = lungs_and_mediastinum(image)
     assert lungs < mediastinum - 0.1
 
+
+
+# --- geometry limits and decoder failures, before and during decoding --------------------------------------
+
+
+def _rle(stored: np.ndarray) -> Dataset:
+    from pydicom.uid import RLELossless
+
+    ds = make_ds(stored)
+    ds.compress(RLELossless)
+    return ds
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"Rows": 65535, "Columns": 65535}, "Rows must be 1-16384, found 65535"),
+    ({"Columns": 20000}, "Columns must be 1-16384, found 20000"),
+    ({"Rows": 16384, "Columns": 16384, "BitsAllocated": 32, "BitsStored": 32, "HighBit": 31},
+     "Rows x Columns x BitsAllocated/8 must be at most 536870912 bytes, found 16384 x 16384 x 4"),
+    ({"BitsAllocated": 12}, "BitsAllocated must be one of (8, 16, 32), found 12"),
+    ({"BitsStored": 17}, "BitsStored must be 1-16 (BitsAllocated), found 17"),
+    ({"BitsStored": 0}, "BitsStored must be 1-16 (BitsAllocated), found 0"),
+    ({"HighBit": 15}, "HighBit must be 11 (BitsStored - 1), found 15"),
+    ({"PixelRepresentation": 2}, "PixelRepresentation must be 0 or 1, found 2"),
+])
+def test_geometry_outside_the_limits_is_refused_before_decoding(changes: dict[str, int], message: str) -> None:
+    ds = _rle(quantise(ramp(), 12))  # encapsulated: nothing but the header says how large the image is
+    ds.BitsStored, ds.HighBit = 12, 11
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    with pytest.raises(UnsupportedImage, match=re.escape(message)) as info:
+        dicom_to_float(ds)
+    assert ds.SOPInstanceUID in str(info.value)
+
+
+def test_native_pixel_data_length_must_match_the_geometry() -> None:
+    ds = make_ds(quantise(ramp(), 12), bits_stored=12)
+    ds.PixelData = ds.PixelData[:-2]
+    with pytest.raises(UnsupportedImage, match=rf"PixelData length must be {ROWS * COLS * 2} bytes .*, "
+                                               rf"found {ROWS * COLS * 2 - 2}"):
+        dicom_to_float(ds)
+
+
+def test_a_decompression_bomb_header_is_refused_without_allocating() -> None:
+    """65535 x 65535 declared by a tiny RLE image: before, the decoders allocated for it (8.6 GB)."""
+    import tracemalloc
+
+    ds = _rle(quantise(ramp(), 12))
+    ds.Rows = ds.Columns = 65535
+    tracemalloc.start()
+    try:
+        with pytest.raises(UnsupportedImage, match="Rows must be 1-16384"):
+            dicom_to_float(ds)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20, f"{peak} bytes allocated"
+
+
+def test_a_decoder_panic_becomes_unsupported_image() -> None:
+    """pylibjpeg-rle panics (pyo3 PanicException, a BaseException) on some corrupt segments; before, the
+    panic escaped dicom_to_float and ended the worker thread."""
+    for seed in range(200):
+        ds = _rle(quantise(ramp(256, 256), 12))
+        data = bytearray(ds.PixelData)
+        start = 8 + int.from_bytes(data[4:8], "little") + 8 + 64  # segment data after the RLE header
+        rng = np.random.default_rng(seed)
+        for pos in rng.integers(start, len(data) - 8, 32):
+            data[int(pos)] ^= 1 << int(rng.integers(0, 8))
+        ds.PixelData = bytes(data)
+        try:
+            dicom_to_float(ds)
+        except UnsupportedImage as exc:
+            if "PanicException" in str(exc):
+                assert "cannot decode pixel data" in str(exc) and "RLE Lossless" in str(exc)
+                return
+    pytest.fail("no bit-flipped RLE image made the decoder panic in 200 tries")
+
+
+def test_messages_name_no_text_value_of_the_dataset() -> None:
+    ds = make_ds(np.zeros((ROWS, COLS), np.uint8))
+    ds.PhotometricInterpretation = "DOE^JANE"
+    with pytest.raises(UnsupportedImage) as info:
+        dicom_to_float(ds)
+    assert "DOE" not in str(info.value) and "not a defined term" in str(info.value)
