@@ -29,7 +29,9 @@ RUN useradd --system --home /var/lib/cxr-node cxr && chown cxr /var/lib/cxr-node
 USER cxr
 VOLUME /var/lib/cxr-node
 EXPOSE 11112
-# healthy = the SCP accepts connections (the port of /etc/cxr-node/node.toml)
-HEALTHCHECK CMD python3 -c "import socket; socket.create_connection(('127.0.0.1', 11112), 3).close()" || exit 1
+# healthy = the SCP answers a C-ECHO, a worker's heartbeat is recent and due jobs are being worked off
+# (cxr-node health; a TCP connect would stay green with the worker dead and every image queued)
+HEALTHCHECK --interval=30s --timeout=20s --start-period=120s --retries=3 \
+  CMD ["cxr-node", "--log-level", "ERROR", "health", "--config", "/etc/cxr-node/node.toml"]
 ENTRYPOINT ["cxr-node"]
 CMD ["serve", "--config", "/etc/cxr-node/node.toml"]
