@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ from node.health import check_node, check_queue, check_scp, check_worker
 from storage.db import make_engine
 from storage.queue import ReceivedInstance, Store
 from tests.conftest import REPO, free_port
+from tests.peers import wait_for
+from tests.test_worker_isolation import Node as IsolationNode
+from tests.test_worker_isolation import package  # noqa: F401 - the tiny model package fixture
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -112,3 +116,27 @@ def test_health_command_exit_status_says_unhealthy(tmp_path: Path) -> None:
                          check=False)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "FAIL scp:" in out.stdout and "FAIL worker:" in out.stdout and "ok   queue:" in out.stdout
+
+
+def run_health(cfg: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "node.cli", "--log-level", "CRITICAL", "health", "--config",
+                           str(cfg), *extra], capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+
+
+@pytest.mark.integration
+def test_health_of_a_running_node_then_of_a_killed_one(tmp_path: Path, package: Path) -> None:  # noqa: F811
+    """What the Dockerfile's HEALTHCHECK runs: green while the node works, red once it is gone."""
+    node = IsolationNode(tmp_path, package)
+    cfg = tmp_path / "node.toml"
+    try:
+        healthy = wait_for(lambda: (out := run_health(cfg)).returncode == 0 and out, timeout=30, interval=0.5,
+                           what="cxr-node health to pass")
+        assert [line.split(":")[0] for line in healthy.stdout.splitlines()] == ["ok   scp", "ok   worker", "ok   queue"]
+        node.proc.kill()
+        node.proc.wait()
+        time.sleep(2.5)
+        dead = run_health(cfg, "--max-beat-age", "2", "--timeout", "2")
+        assert dead.returncode == 1, dead.stdout
+        assert "FAIL scp:" in dead.stdout and "FAIL worker:" in dead.stdout
+    finally:
+        node.stop()
