@@ -7,8 +7,8 @@ answers Success; a refused association, a dropped connection or an error status 
 a pause, on a new association. Meanwhile:
 
 - the PACS (Orthanc) is down until half of the images have been acknowledged, then started;
-- the node is killed with SIGKILL twice (after 25 % and 60 % of the images were acknowledged) and
-  restarted at once, as a service manager would.
+- the node is killed with SIGKILL twice and restarted at once, as a service manager would: during
+  intake (25 % of the images acknowledged) and during analysis (half of the jobs done).
 
 At the end every acknowledged image must have exactly one SR and one overlay at the PACS:
 ``lost`` counts acknowledged images without their SR, ``duplicates`` counts result objects at the
@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -86,6 +87,7 @@ class Modality(threading.Thread):
         self.images, self.port, self.progress = images, port, progress
         self.acknowledged: list[str] = []
         self.retries = 0
+        self.finished_at = 0.0  # time.monotonic() when its last image was acknowledged
 
     def run(self) -> None:
         ae = AE(ae_title=self.name)
@@ -110,6 +112,7 @@ class Modality(threading.Thread):
                 assoc.release()
             if pending:
                 time.sleep(RETRY_PAUSE_S)
+        self.finished_at = time.monotonic()
 
 
 def node_config(folder: Path, port: int, pacs_port: int, package: Path) -> Path:
@@ -134,6 +137,24 @@ port = {pacs_port}
 package = "{package}"
 """)
     return cfg
+
+
+def kill_and_restart(node: subprocess.Popen[bytes], cfg: Path, log: Any, events: list[tuple[float, str]], t0: float,
+                     when: str) -> subprocess.Popen[bytes]:
+    """SIGKILL the node (its worker process dies with it) and start it again at once."""
+    node.send_signal(signal.SIGKILL)
+    node.wait()
+    events.append((time.monotonic() - t0, f"node killed (SIGKILL) {when}"))
+    return start_node(cfg, log)
+
+
+def jobs_done(folder: Path) -> int:
+    """How many jobs the node's SQLite database says are done (0 while it does not exist yet)."""
+    try:
+        with sqlite3.connect(f"file:{folder / 'var' / 'cxr-node.sqlite'}?mode=ro", uri=True, timeout=5) as db:
+            return int(db.execute("SELECT count(*) FROM jobs WHERE state = 'done'").fetchone()[0])
+    except sqlite3.Error:
+        return 0
 
 
 def start_node(cfg: Path, log: Any) -> subprocess.Popen[bytes]:
@@ -171,21 +192,24 @@ def run(n_modalities: int, n_images: int, package: Path, settle_timeout_s: float
         t0 = time.monotonic()
         for m in modalities:
             m.start()
-        kills = [0.25, 0.60]
+        intake_kill_pending = analysis_kill_pending = True
+        deadline = time.monotonic() + settle_timeout_s
         try:
-            while any(m.is_alive() for m in modalities):
+            while (any(m.is_alive() for m in modalities) or analysis_kill_pending) and time.monotonic() < deadline:
                 done = acked["n"] / total
-                if kills and done >= kills[0]:
-                    kills.pop(0)
-                    node.send_signal(signal.SIGKILL)
-                    node.wait()
-                    events.append((time.monotonic() - t0, f"node killed (SIGKILL) at {acked['n']} acknowledged"))
-                    node = start_node(cfg, log)
+                if intake_kill_pending and done >= 0.25:
+                    node = kill_and_restart(node, cfg, log, events, t0, f"during intake, {acked['n']} acknowledged")
+                    intake_kill_pending = False
                 if pacs.process is None and done >= 0.5:
                     pacs.start()
                     events.append((time.monotonic() - t0, f"PACS started at {acked['n']} acknowledged"))
+                if analysis_kill_pending and (analysed := jobs_done(tmp)) >= total // 2:
+                    node = kill_and_restart(node, cfg, log, events, t0, f"during analysis, {analysed} jobs done")
+                    analysis_kill_pending = False
                 time.sleep(0.05)
-            sent_s = time.monotonic() - t0
+            for m in modalities:
+                m.join(timeout=5)
+            sent_s = max(m.finished_at or time.monotonic() for m in modalities) - t0
             acknowledged = [uid for m in modalities for uid in m.acknowledged]
             expected = {result_uid(uid, manifest.version, kind, algorithm_name=manifest.name)
                         for uid in acknowledged for kind in ("sr", "overlay")}
