@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,16 +70,23 @@ def port() -> int:
     return free_port()
 
 
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB tmpfs to fill up (disk-full tests); skips when mounting is not allowed (needs root)."""
-    mnt = tmp_path / "tiny"
+@contextmanager
+def mounted_tmpfs(mnt: Path, size_mib: int) -> Iterator[Path]:
+    """A real tmpfs of ``size_mib`` MiB at ``mnt`` to fill up (disk-full tests); skips when mounting is
+    not allowed (needs root)."""
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(mnt)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a 1 MiB tmpfs to fill (needs root): {proc.stderr.strip()}")
+        pytest.skip(f"cannot mount a {size_mib} MiB tmpfs to fill (needs root): {proc.stderr.strip()}")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs to fill up (see mounted_tmpfs)."""
+    with mounted_tmpfs(tmp_path / "tiny", 1) as mnt:
+        yield mnt
