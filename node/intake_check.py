@@ -45,6 +45,13 @@ from pydicom.uid import (
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
 MAX_DEPTH = 64  # nested sequences; real images use fewer than 10
+# Bounds on what is not pixel data: the intake parses and converts every header value in the receiving
+# process, so a sender must not make that take seconds or gigabytes. Real radiographs' headers are a few
+# kB to a few MB (vendor private blocks); a text value of a megabyte is already absurd.
+MAX_TEXT_VALUE = 1024 * 1024  # one value of a text VR (backslash-separated values convert one by one)
+MAX_OTHER_VALUE = 16 * 1024 * 1024  # one binary or unknown (private) value outside the pixel data
+MAX_HEADER = 64 * 1024 * 1024  # every value outside the pixel data together
+_TEXT_VRS = frozenset(b"AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
 UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 PIXEL_DATA = 0x7FE00010
@@ -149,6 +156,7 @@ class _Walker:
         self.tag = struct.Struct(order + "HH")
         self.u16, self.u32 = struct.Struct(order + "H"), struct.Struct(order + "L")
         self.pixel_length: int | None = None
+        self.header_bytes = 0  # the values outside the pixel data so far (MAX_HEADER)
         self.has_pixels = False
         self.first_fragment: tuple[int, int] | None = None  # (offset, length) of the top-level PixelData's
 
@@ -225,9 +233,24 @@ class _Walker:
             where = "the data" if limit == self.size else "its item"
             raise DatasetCheckError(Problem.TRUNCATED, f"element {tag_text(tag)}: its length {length} runs "
                                     f"past the end of {where} ({limit - value_pos} bytes left)")
+        if tag not in PIXEL_TAGS:
+            self._count_header_value(tag, vr or _dictionary_vr(tag).encode("ascii", "replace"), length)
         if vr == b"SQ" or (implicit and _dictionary_vr(tag) == "SQ"):
             self.sequence(tag, value_pos, value_pos + length, implicit, depth + 1)
         return value_pos + length
+
+    def _count_header_value(self, tag: int, vr: bytes, length: int) -> None:
+        """Refuse one header value, or all of them together, past the bounds (MAX_TEXT_VALUE ...)."""
+        if vr == b"SQ":
+            return  # its items' values are counted one by one
+        bound = MAX_TEXT_VALUE if vr in _TEXT_VRS else MAX_OTHER_VALUE
+        if length > bound:
+            raise DatasetCheckError(Problem.STRUCTURE, f"element {tag_text(tag)}: a {vr.decode('ascii', 'replace')} "
+                                    f"value of {length} bytes, expected at most {bound}")
+        self.header_bytes += length
+        if self.header_bytes > MAX_HEADER:
+            raise DatasetCheckError(Problem.STRUCTURE, f"the values outside the pixel data exceed {MAX_HEADER} "
+                                    f"bytes (at element {tag_text(tag)})")
 
     def sequence(self, seq_tag: int, pos: int, end: int | None, implicit: bool, depth: int) -> int:
         """Walk the items of a sequence to ``end``, or to its sequence delimiter when None."""

@@ -12,17 +12,21 @@ Statuses (PS3.4 B.2.3 for Storage, PS3.7 Annex C for the general ones); each ref
 line name the check and the tag or keyword, never a value:
 
 - 0xA700 ``OUT_OF_RESOURCES`` (Refused: Out of Resources): disk full, below ``storage.min_free_mb``.
+- No status at all for deflated transfer syntaxes: they are not accepted at association
+  (:data:`ACCEPTED_TRANSFER_SYNTAXES`), since a deflated data set is inflated whole before any check.
 - 0xA900 ``DATASET_MISMATCH`` (Error: Data Set does not match SOP Class): the data set's SOPClassUID
   is not the request's Affected SOP Class UID; native pixel data whose length is not what Rows,
   Columns, SamplesPerPixel, NumberOfFrames and BitsAllocated declare (rounded up to even), or without
   those attributes.
 - 0xC000 ``CANNOT_UNDERSTAND`` (Error: Cannot understand): the header cannot be parsed, a required
   UID is missing, the data set's SOPInstanceUID is not the request's, or the element structure is
-  unsound (a VR that is no VR, elements out of order, stray items or delimiters, nesting too deep).
+  unsound (a VR that is no VR, elements out of order, stray items or delimiters, nesting too deep), or
+  its header values are absurdly large (a text value over 1 MiB, another over 16 MiB, 64 MiB in all:
+  the header is parsed in the receiving process).
 - 0xC001 ``INVALID_UID`` (Cannot understand): SOPClassUID, SOPInstanceUID, StudyInstanceUID,
   SeriesInstanceUID or a file meta UID is not a UID (``dicom_hygiene.uid_problem``: at most 64 digits
-  and dots, no empty component, at most one trailing pad). Leading zeros in a component (``1.02.3``)
-  are accepted: real devices send them and results must reference source UIDs verbatim.
+  and dots, no empty component, no component with a leading zero, at most one trailing pad): results
+  reference source UIDs verbatim, so an invalid one would make them invalid too.
 - 0xC002 ``DATASET_TRUNCATED`` (Cannot understand): an element, item or fragment runs past the end,
   a delimiter is missing, or an image SOP class has no pixel data.
 - 0xC003 ``ENCODING_MISMATCH`` (Cannot understand): the data are not encoded as the negotiated
@@ -32,8 +36,8 @@ line name the check and the tag or keyword, never a value:
 - 0x0111 ``DUPLICATE_SOP_INSTANCE`` (Failure: Duplicate SOP Instance, PS3.7 C.5): a known SOP Instance
   UID re-sent with other content once the node has reported or is reporting on the stored instance.
 
-Re-sent SOP Instance UIDs: the common path (a new UID) costs nothing more than today (a ``stat`` of
-the instance's path, then the first-receive INSERT). Only when a file is already at the path is the new
+Re-sent SOP Instance UIDs: the common path (a new UID) costs a ``stat`` of the instance's path, then
+the first-receive INSERT. Only when a file is already at the path is the new
 data set (after the file meta) compared byte for byte with it. The same content: Success, idempotent
 (``Store.record_instance``). Other content while the job is ``queued``, ``failed`` or ``skipped``
 without results (nothing has left the node): it replaces the stored file and the job is reset,
@@ -70,6 +74,7 @@ started by ``node.app``): an idle process takes the next association before a bu
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -90,7 +95,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import get_expected_length
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
@@ -423,10 +428,9 @@ class Intake:
         if path.exists():  # a re-send: compare before anything replaces the stored file
             self._accept_repeat(payload, meta, decision)
             return decision
-        try:
-            folders = _place(path, payload)
-        except DiskFull as exc:
-            raise RefusalError(Status.OUT_OF_RESOURCES, f"disk full writing {sop_uid}: {exc}") from exc
+        folders = self._place_first(payload, meta, decision)
+        if folders is None:  # the same UID arrived on another association meanwhile: handled as a re-send
+            return decision
         # The file is complete at ``path`` (a worker may read it once the row is committed); its folder's
         # fsync runs beside the commit, and both have finished before the status is returned.
         syncing = self._dir_syncs.submit(fsync_dirs, folders, path) if folders else None
@@ -447,6 +451,35 @@ class Intake:
             except DiskFull as exc:
                 raise RefusalError(Status.OUT_OF_RESOURCES, f"disk full writing {sop_uid}: {exc}") from exc
         return decision
+
+    def _place_first(self, payload: Payload, meta: ReceivedInstance, decision: Decision) -> list[Path] | None:
+        """Put a first receive at ``meta.path`` without ever replacing a file that got there meanwhile.
+
+        The payload goes to a unique name beside the path first, then is hard-linked to the path, which
+        fails if another association's receive of the same SOP Instance UID placed its file first (a
+        rename would silently replace it): this one is then handled as a re-send of that file.
+
+        Returns:
+            The folders to fsync for the file to be durable, or None when it was handled as a re-send.
+        """
+        path = meta.path
+        candidate = path.with_name(f".{path.name}.{uuid.uuid4().hex}.new")
+        try:
+            folders = _place(candidate, payload)
+            try:
+                os.link(candidate, path)
+            except FileExistsError:
+                self._accept_repeat(candidate, meta, decision)
+                return None
+            except OSError as exc:  # no hard links on this file system: an exclusive-create check, then rename
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV) or path.exists():
+                    raise
+                os.replace(candidate, path)
+        except DiskFull as exc:
+            raise RefusalError(Status.OUT_OF_RESOURCES, f"disk full writing {meta.sop_instance_uid}: {exc}") from exc
+        finally:
+            candidate.unlink(missing_ok=True)
+        return [*folders, path.parent]  # the link is a new entry in the folder
 
     def _accept_repeat(self, payload: Payload, meta: ReceivedInstance, decision: Decision) -> None:
         """A SOP Instance UID whose file exists: idempotent when the same, replaced or kept apart when not.
@@ -515,6 +548,14 @@ def evt_handlers(intake: Intake) -> list[EventHandlerType]:
     return [(evt.EVT_C_STORE, handle_store, [intake]), (evt.EVT_C_ECHO, handle_echo)]
 
 
+# Every syntax pynetdicom knows except the deflated ones: a deflated data set is one zlib stream that
+# pydicom inflates whole in memory before anything can be checked (about 1000:1, so a 10 MB upload
+# becomes 10 GB in the receiving process). No radiography device needs them; a sender falls back to
+# another proposed syntax, and one that proposes only these is refused at association.
+DEFLATED_TRANSFER_SYNTAXES = frozenset({DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.4.95"})  # + JPIP
+ACCEPTED_TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in DEFLATED_TRANSFER_SYNTAXES]
+
+
 def make_ae(settings: Settings) -> AE:
     """The node's AE: titles, callers, limits, timeouts and every storage context with every syntax.
 
@@ -533,8 +574,8 @@ def make_ae(settings: Settings) -> AE:
     ae.dimse_timeout = scp.network_timeout_s
     ae.acse_timeout = scp.artim_timeout_s  # pynetdicom's ARTIM timer and its wait for the A-ASSOCIATE-RQ
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cast(str, cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
-    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(cast(str, cx.abstract_syntax), ACCEPTED_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES)
     return ae
 
 

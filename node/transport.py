@@ -21,11 +21,11 @@ changes what it relies on.
 
 Slots. pynetdicom counts an association against ``scp.max_associations`` while its thread lives.
 Its acceptor waits ``acse_timeout`` for the A-ASSOCIATE-RQ and is not told when the connection ends
-before one arrived (the DUL stops, the association thread keeps waiting): garbage or a connection
-closed at once held a slot for ``acse_timeout`` (30 s). :meth:`BulkDULServiceProvider.kill_dul` wakes
-it. A peer that sent part of a PDU and stayed silent blocked the DUL thread in ``recv`` for ever
-(accepted sockets had no timeout, and the ARTIM timer is only checked between reads): every read now
-has a deadline.
+before one arrived (the DUL stops, the association thread keeps waiting), so garbage or a connection
+closed at once would hold a slot for ``acse_timeout``: :meth:`BulkDULServiceProvider.kill_dul` wakes
+it. pynetdicom checks the ARTIM timer only between reads, and an accepted socket has no timeout of its
+own, so a peer that sent part of a PDU and stayed silent would block the DUL thread in ``recv`` for
+ever: every read has a deadline.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -211,6 +212,13 @@ def with_uid(keyword: str, raw: bytes) -> bytes:
     return encode(ds).replace(placeholder.encode(), raw)
 
 
+def huge_value(vr: str, value: bytes) -> bytes:
+    """A data set with one private value of absurd size (a UT of a million values, a vendor block)."""
+    ds = image()
+    ds.add_new(0x00091010, vr, value.decode("ascii") if vr == "UT" else value)
+    return encode(ds)
+
+
 def encode_as_cr(ds: Dataset) -> bytes:
     """File meta (the request) saying CR Image Storage whatever the data set's SOPClassUID says."""
     return meta_bytes(ds, ExplicitVRLittleEndian, sop_class=CR) + dataset_bytes(ds)
@@ -267,6 +275,8 @@ REFUSED: dict[str, tuple[Callable[[], bytes], Status]] = {
     "SeriesInstanceUID with an empty component": (
         lambda: with_uid("SeriesInstanceUID", b"1.2..3\0"), Status.INVALID_UID),
     "StudyInstanceUID with a trailing dot": (lambda: with_uid("StudyInstanceUID", b"1.2.3."), Status.INVALID_UID),
+    "a text value over 1 MiB": (lambda: huge_value("UT", b"A\\" * (512 * 1024 + 1)), Status.CANNOT_UNDERSTAND),
+    "a private value over 16 MiB": (lambda: huge_value("OB", bytes(17 * 1024 * 1024)), Status.CANNOT_UNDERSTAND),
     "StudyInstanceUID with a leading zero in a component": (
         lambda: with_uid("StudyInstanceUID", b"1.2.826.0.1.3680043.02.3\0"), Status.INVALID_UID),
     "StudyInstanceUID longer than 64": (lambda: with_uid("StudyInstanceUID", b"1." * 35 + b"12"), Status.INVALID_UID),
@@ -469,3 +479,67 @@ def test_conflict_table_added_to_an_existing_database(tmp_path: Path) -> None:
     assert Store(upgraded).conflicts() == {"total": 0, "received": 0, "recent": []}
     assert Store(upgraded).status()["jobs"]["queued"] == 1
     upgraded.dispose()
+
+
+@pytest.mark.integration
+def test_deflated_transfer_syntaxes_are_not_accepted(shared_node: Node) -> None:
+    """A deflated data set is inflated whole before it can be checked: the node does not take one."""
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(CR, DeflatedExplicitVRLittleEndian)
+    ae.add_requested_context(CR, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", shared_node.port, ae_title=AE_TITLE)
+    assert assoc.is_established
+    try:
+        accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+        refused = {str(cx.transfer_syntax[0]) for cx in assoc.rejected_contexts}
+    finally:
+        assoc.release()
+    assert accepted == {ExplicitVRLittleEndian} and refused == {DeflatedExplicitVRLittleEndian}
+
+
+def test_a_first_receive_never_replaces_a_file_another_association_placed_meanwhile(tmp_path: Path) -> None:
+    """Two associations send one SOP Instance UID at once: both saw no file, the first placed and
+    reported it; the second's placement must not replace it, and is handled as a changed re-send."""
+    from node.filter import Decision
+    from storage.files import instance_path
+    from storage.queue import ReceivedInstance
+
+    settings = make_settings(tmp_path / "data")
+    queue = Store(make_engine(f"sqlite:///{tmp_path / 'node.sqlite'}"))
+    intake = Intake(settings.data_path, queue, settings, FilterRules.load(None))
+    first, second = image(), image()
+    second.SOPInstanceUID, second.StudyInstanceUID = first.SOPInstanceUID, first.StudyInstanceUID
+    path = instance_path(settings.data_path, first.StudyInstanceUID, first.SOPInstanceUID)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(encode(first))  # the other association's file, its job reported on
+    meta = ReceivedInstance(first.SOPInstanceUID, first.StudyInstanceUID, first.SeriesInstanceUID, CR, MODALITY,
+                            path, path.stat().st_size)
+    job_id = queue.record_instance(meta, True, "frontal chest")
+    assert queue.lease_job("worker", 60) is not None
+    queue.complete_job(job_id, [], [])
+    try:
+        with pytest.raises(Exception) as refused:
+            intake._place_first(encode(second), meta, Decision(True, "frontal chest"))
+        assert getattr(refused.value, "status", None) == Status.DUPLICATE_SOP_INSTANCE
+        assert path.read_bytes() == encode(first)  # the reported instance stands
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left beside it
+    finally:
+        intake.close()
+
+
+def test_retention_removes_changed_resends_kept_apart(tmp_path: Path) -> None:
+    """A kept-apart re-send is patient data like any image: retention removes it with its row."""
+    import datetime as dt
+
+    from storage.queue import ReceivedInstance
+
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    queue = Store(make_engine(f"sqlite:///{tmp_path / 'node.sqlite'}"), clock=lambda: t0)
+    stored = ReceivedInstance("1.2.3.4", "1.2.3", "1.2.3.5", CR, MODALITY, tmp_path / "a.dcm", 10)
+    job_id = queue.record_instance(stored, True, "frontal chest")
+    kept = ReceivedInstance("1.2.3.4", "1.2.3", "1.2.3.5", CR, MODALITY, tmp_path / "conflicts" / "b.dcm", 10,
+                            received_at=t0)
+    queue.record_conflict(kept, "ab" * 32, ConflictingInstance("1.2.3.4", job_id, "done"))
+    assert queue.purge_before(t0) == [] and queue.conflicts()["total"] == 1  # not older than the cutoff
+    purged = queue.purge_before(t0 + dt.timedelta(days=1))
+    assert kept.path in purged and queue.conflicts()["total"] == 0
