@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# Interpreter-level exits that no job or decoder may swallow: every other BaseException a job raises
+# (pyo3's PanicException, raised by a Rust decoder plug-in, derives from BaseException) is a failure of
+# that job, never of the process.
+PROCESS_EXITS: tuple[type[BaseException], ...] = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
 
 class CxrError(Exception):
     """Base of the project's own errors."""

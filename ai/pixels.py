@@ -36,7 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
-from ai.errors import UnsupportedImage
+from ai.errors import PROCESS_EXITS, UnsupportedImage
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -50,9 +50,6 @@ MAX_DIMENSION = 16384
 # need about 3 times as much memory again, which the worker's memory limit must allow.
 MAX_PIXEL_BYTES = 512 * 2**20
 BITS_ALLOCATED = (8, 16, 32)
-# Interpreter-level exits that a decoder must never swallow; every other BaseException a plug-in raises
-# (pyo3's PanicException derives from BaseException) is a decode failure of this image.
-PROCESS_EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 ROBUST_PERCENTILES = (0.5, 99.5)
 LUT_BLOCK_ROWS = 64
 
@@ -323,12 +320,12 @@ def read_image_file(path: str | Path) -> np.ndarray:
         with path.open("rb") as fh:
             head = fh.read(132)
     except OSError as exc:
-        raise UnsupportedImage(f"cannot read image file {path}: {exc}") from exc
+        raise UnsupportedImage(f"cannot read image file {path}: {exc.strerror}") from exc
     if head[128:132] == b"DICM":
         try:
             ds = pydicom.dcmread(path)
         except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            raise UnsupportedImage(f"cannot parse DICOM file {path}: {exc}") from exc
+            raise UnsupportedImage(f"cannot parse DICOM file {path}: {type(exc).__name__}") from exc
         return dicom_to_float(ds)
     return _read_raster(path)
 

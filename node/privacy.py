@@ -170,6 +170,12 @@ def _db_error_text(exc: BaseException) -> str | None:
     return f"{type(orig).__name__}: {first}"
 
 
+def message_of(exc: BaseException) -> str:
+    """An exception's message when it is safe to show: the project's own as written, any other's
+    through :func:`safe_text` (a library message may quote element values)."""
+    return str(exc) if _is_own(exc) else safe_text(str(exc))
+
+
 def describe(exc: BaseException) -> str:
     """A value-free description of an exception, for logs, stored reasons and error texts.
 

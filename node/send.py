@@ -39,6 +39,7 @@ from pynetdicom.status import (
 )
 
 from node.config import Destination, SendSettings
+from node.privacy import safe_text
 from storage.db import utcnow
 from storage.files import write_atomic
 from storage.queue import OutboxEntry, Store
@@ -224,7 +225,8 @@ def _store_one(assoc: Association, dest: Destination, ds: pydicom.Dataset, path:
     code = int(rsp.Status)
     error = ""
     if code != Status.SUCCESS:
-        comment = f" ({rsp.ErrorComment})" if "ErrorComment" in rsp else ""
+        # the PACS's Error Comment is free text that may quote the object's patient values: never copied
+        comment = f" (Error Comment: {safe_text(str(rsp.ErrorComment))})" if "ErrorComment" in rsp else ""
         error = f"{dest.ae_title} answered {_status_text(code)}{comment} for {sop_uid} at {_where(dest)}"
     return replace(base, verdict=classify_status(code), error=error, status=code)
 

@@ -41,11 +41,12 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ai.ensemble import Ensemble
-from ai.errors import PermanentError, UnsupportedImage
+from ai.errors import PROCESS_EXITS, PermanentError, UnsupportedImage
 from ai.findings import Finding
 from ai.pixels import dicom_to_float
 from ai.preprocess import Letterbox, preprocess_gray, to_model_input
 from node.config import Settings
+from node.privacy import describe, message_of
 from node.results import AlgorithmInfo, ResultBuildError, build_failure_sr, build_overlay, build_sr, scrub_reason
 from storage.db import INCIDENT_CRASH, INCIDENT_MEMORY, INCIDENT_STALL
 from storage.files import DiskFull, free_bytes, result_path, write_atomic
@@ -58,8 +59,6 @@ MB = 1024 * 1024
 DISK_WAIT_MAX_S = 30.0
 #: Incidents (the worker process died or was killed while running the job) before a job is quarantined.
 QUARANTINE_AFTER = 2
-#: What a job may raise that is meant for the process, not a failure of the job.
-PROCESS_EXITS = (KeyboardInterrupt, SystemExit)
 
 
 @dataclass(frozen=True)
@@ -244,6 +243,10 @@ class Worker:
         Returns:
             The outcome ("done" or "quarantined") and the kinds of the results recorded.
         """
+        if job.attempts > self.store.max_attempts:  # its earlier runs ended without a result (leases expired)
+            reason = (f"analysis did not finish in {self.store.max_attempts} attempts "
+                      "(each run ended without a result)")
+            return "given up", self.end_without_analysis(job, reason, "attempts used up")
         incidents = self.store.incidents(job.job_id)
         if len(incidents) >= QUARANTINE_AFTER:
             return "quarantined", self.quarantine(job, incidents)
@@ -252,11 +255,16 @@ class Worker:
     def quarantine(self, job: LeasedJob, incidents: Sequence[Incident]) -> list[str]:
         """Fail a job for good without touching its pixels, with a "not analysed" SR made from its header."""
         reason = quarantine_reason(incidents, self.settings)
+        kinds = ", ".join(i.kind for i in incidents)
+        return self.end_without_analysis(job, reason, f"quarantined after {len(incidents)} incidents ({kinds})")
+
+    def end_without_analysis(self, job: LeasedJob, reason: str, why: str) -> list[str]:
+        """Fail a job for good without touching its pixels; its "not analysed" SR (from the header) says
+        ``reason``. Returns the kinds of the results recorded."""
         records = self.not_analysed_results(job, reason)
-        self.store.fail_job(job.job_id, f"quarantined: {reason}", retryable=False, results=records,
+        self.store.fail_job(job.job_id, f"{why}: {reason}", retryable=False, results=records,
                             destinations=self.destinations)
-        log.error("job %d: %s quarantined after %d incidents (%s)%s", job.job_id, job.sop_instance_uid,
-                  len(incidents), ", ".join(i.kind for i in incidents),
+        log.error("job %d: %s %s%s", job.job_id, job.sop_instance_uid, why,
                   ": not-analysed SR queued" if records else ": no header, no SR")
         return [r.kind for r in records]
 
@@ -266,7 +274,7 @@ class Worker:
         try:
             analysis = analyse_dataset(ds, self.ensemble)
         except UnsupportedImage as exc:
-            reason = scrub_reason(str(exc))
+            reason = scrub_reason(message_of(exc))
             log.warning("job %d: %s not analysable: %s", job.job_id, job.sop_instance_uid, reason)
             objects = [("failure_sr", build_failure_sr(ds, reason, self.algorithm, device_ae=self.device_ae))]
         else:
@@ -325,7 +333,7 @@ class Worker:
         retryable = not isinstance(exc, PermanentError)
         delay = self.settings.worker.retry_initial_s * 2 ** max(job.attempts - 1, 0)
         retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
-        error = f"{type(exc).__name__}: {scrub_reason(str(exc))}"
+        error = f"{type(exc).__name__}: {scrub_reason(message_of(exc))}"
         final = not retryable or job.attempts >= self.store.max_attempts
         try:
             records = self.not_analysed_results(job, not_analysed_reason(exc, job.attempts)) if final else []
@@ -368,7 +376,7 @@ class Worker:
         """Queue the job again without using an attempt; alert once when a disk-full episode starts."""
         retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(
             seconds=min(self.settings.worker.retry_initial_s, DISK_WAIT_MAX_S))
-        waiting = self.store.wait_for_disk(job.job_id, f"DiskFull: {scrub_reason(str(exc))}", retry_at)
+        waiting = self.store.wait_for_disk(job.job_id, f"DiskFull: {scrub_reason(message_of(exc))}", retry_at)
         if waiting == 0:
             log.error("ALERT: disk full while writing results (%s): job %d (%s) and any after it wait for "
                       "space and are written when it returns; free space to resume", self._space_text(),
@@ -406,7 +414,7 @@ def quarantine_reason(incidents: Sequence[Incident], settings: Settings) -> str:
 
 def not_analysed_reason(exc: BaseException, attempts: int) -> str:
     """What a "not analysed" SR says about a job that failed for good: the error, without its values."""
-    detail = scrub_reason(str(exc))
+    detail = scrub_reason(message_of(exc))
     what = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
     if isinstance(exc, PermanentError):
         return what
@@ -428,7 +436,8 @@ def read_source(job: LeasedJob) -> pydicom.Dataset:
     except FileNotFoundError as exc:
         raise PermanentError(f"received file of {job.sop_instance_uid} is missing: {job.path}") from exc
     except (InvalidDicomError, ValueError, EOFError) as exc:
-        raise PermanentError(f"received file of {job.sop_instance_uid} is not readable DICOM: {exc}") from exc
+        raise PermanentError(f"received file of {job.sop_instance_uid} is not readable DICOM: "
+                             f"{describe(exc)}") from exc
 
 
 def owner_is_dead(owner: str) -> bool:

@@ -605,7 +605,11 @@ class Store:
             return int(s.scalar(_count_waiting_for_disk()) or 0)
 
     def reap_expired_leases(self, owner_is_dead: Callable[[str], bool] | None = None) -> int:
-        """Return running jobs whose lease has expired to the queue (or fail them after max attempts).
+        """Return running jobs whose lease has expired to the queue.
+
+        Even past ``max_attempts`` a job goes back to the queue rather than to ``failed``: the worker
+        that leases it next ends it with a "not analysed" SR (``node.worker``), so no accepted image
+        ends without a result.
 
         Args:
             owner_is_dead: optional judge of lease owners; a running job whose owner it declares dead
@@ -626,11 +630,9 @@ class Store:
                 expired = job.lease_expires_at.isoformat() if job.lease_expires_at else "?"
                 why = "expired at" if job.lease_expires_at and job.lease_expires_at < now else "owner is gone, due"
                 error = f"lease of {job.lease_owner} {why} {expired} (attempt {job.attempts})"
-                if job.attempts >= self.max_attempts:
-                    job.state, job.finished_at = JOB_FAILED, now
-                    error += f"; gave up after {job.attempts} attempts"
-                else:
-                    job.state, job.next_attempt_at = JOB_QUEUED, now
+                if job.attempts >= self.max_attempts:  # never failed here: that would end it without a result
+                    error += f"; {job.attempts} attempts used up: the next worker ends it with a not-analysed SR"
+                job.state, job.next_attempt_at = JOB_QUEUED, now
                 job.last_error, job.updated_at = error, now
                 job.lease_owner = job.lease_expires_at = None
                 log.warning("job %d: %s", job.id, error)
@@ -902,7 +904,8 @@ class Store:
 
         Only finished work is purged: an instance whose job is queued or running, or one of whose
         results still waits for delivery (pending or failed), is kept, so retention never drops an
-        undelivered result. The caller deletes the returned files after this returns (the rows are
+        undelivered result. Changed re-sends kept apart (``instance_conflicts``) go once their last
+        receive is older than ``cutoff``. The caller deletes the returned files after this returns (the rows are
         gone first, so a crash in between leaves orphan files, never rows without files).
 
         Returns:
@@ -914,6 +917,11 @@ class Store:
                 .join(OutboxItem, OutboxItem.result_id == Result.id)
                 .where(OutboxItem.state.in_((OUTBOX_PENDING, OUTBOX_FAILED)))
             )
+            kept_apart = s.execute(
+                select(InstanceConflict.id, InstanceConflict.path)
+                .where(InstanceConflict.last_received_at < cutoff).limit(limit)
+            ).all()
+            s.execute(delete(InstanceConflict).where(InstanceConflict.id.in_([r[0] for r in kept_apart])))
             rows = s.execute(
                 select(Instance.id, Instance.path, Job.id)
                 .join(Job, Job.instance_id == Instance.id)
@@ -925,7 +933,7 @@ class Store:
                 .limit(limit)
             ).all()
             if not rows:
-                return []
+                return [Path(r[1]) for r in kept_apart]
             instance_ids = [r[0] for r in rows]
             job_ids = [r[2] for r in rows]
             result_rows = (
@@ -938,4 +946,4 @@ class Store:
             s.execute(delete(Instance).where(Instance.id.in_(instance_ids)))
         log.info("purged %d instances and %d results received before %s", len(rows), len(result_rows),
                  cutoff.isoformat())
-        return [Path(r[1]) for r in rows] + [Path(r[1]) for r in result_rows]
+        return [Path(r[1]) for r in rows] + [Path(r[1]) for r in result_rows] + [Path(r[1]) for r in kept_apart]

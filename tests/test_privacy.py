@@ -432,3 +432,14 @@ def test_filter_reasons_never_echo_a_value(keyword: str, prefix: str) -> None:
     for settings in (FilterSettings(), FilterSettings(no_view_policy="skip")):
         reason = decide(ds, settings, rules).reason
         assert "ZQX" not in reason, reason
+
+
+def test_a_reason_built_from_a_library_error_never_keeps_its_value() -> None:
+    """A value with a quote in it defeats a blocklist; the library's message goes through the allowlist."""
+    from node.privacy import message_of
+    from node.results import scrub_reason
+
+    exc = ValueError("Unable to convert 'O'BRIEN^JOHN' to 'DA' object")
+    reason = scrub_reason(message_of(exc))
+    assert "BRIEN" not in reason and "JOHN" not in reason
+    assert "BRIEN" in scrub_reason(str(exc))  # what the blocklist alone lets through

@@ -157,7 +157,9 @@ def test_permanent_failure_is_final_at_once(store: Store) -> None:
     assert store.fail_job(job.job_id, "late report", retryable=True) == "failed", "a final state must stay"
 
 
-def test_expired_lease_returns_to_the_queue_then_fails_at_max(store: Store, clock: Clock) -> None:
+def test_expired_lease_returns_to_the_queue_even_past_max_attempts(store: Store, clock: Clock) -> None:
+    """The reaper never fails a job (that would end it without a result): past max_attempts the next
+    lease shows it (attempts > max_attempts), and the worker ends it with a not-analysed SR."""
     store.record_instance(meta(1), True, "")
     assert store.lease_job("w1", lease_s=10) is not None
     clock.advance(5)
@@ -169,10 +171,12 @@ def test_expired_lease_returns_to_the_queue_then_fails_at_max(store: Store, cloc
         assert job is not None and job.attempts == attempt
         clock.advance(11)
         assert store.reap_expired_leases() == 1
-    assert store.lease_job("w3", 10) is None
     status = store.status()
-    assert status["jobs"]["failed"] == 1
+    assert status["jobs"]["queued"] == 1 and status["jobs"]["failed"] == 0
     assert "lease of w2 expired" in status["failures"][0]["error"]
+    assert "3 attempts used up" in status["failures"][0]["error"]
+    job = store.lease_job("w3", 10)
+    assert job is not None and job.attempts == 4 > store.max_attempts
 
 
 def test_renew_lease_only_for_the_holder(store: Store, clock: Clock) -> None:

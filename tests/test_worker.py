@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -171,3 +172,22 @@ def test_relative_heatmap_points_at_the_strongest_evidence() -> None:
     assert rel[2, 3] == 1.0 and rel.max() == 1.0
     assert float((rel > 0).mean()) < 0.05  # only the peak is coloured, not the whole chest
     assert not relative_heatmap(np.full((8, 8), 0.7, dtype=np.float32)).any()  # flat map: nothing to show
+
+
+def test_a_job_whose_runs_all_ended_without_a_result_ends_with_a_not_analysed_sr(setup) -> None:  # type: ignore[no-untyped-def]
+    """Every run's lease expired (a worker died each time before recording anything): the reaper
+    re-queues it even past max_attempts, and the next worker ends it with a not-analysed SR."""
+    settings, store, worker = setup
+    enqueue(store, settings.data_path, chest())
+    for _ in range(store.max_attempts):
+        assert store.lease_job("gone:1:1", lease_s=0.0) is not None
+        time.sleep(0.01)
+        assert store.reap_expired_leases() == 1
+    assert worker.run_once() is True
+    status = store.status()
+    assert nonzero(status["jobs"]) == {"failed": 1}
+    assert "attempts used up" in status["job_failures"][0]["error"]
+    assert nonzero(status["outbox"]["pacs"]) == {"pending": 1}  # the not-analysed SR goes to the PACS
+    (sr_path,) = (settings.data_path / "results").rglob("*.dcm")
+    texts = [str(e.value) for e in pydicom.dcmread(sr_path).iterall() if e.keyword == "TextValue"]
+    assert any("did not finish in 2 attempts" in t for t in texts), texts
