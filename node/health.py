@@ -8,7 +8,8 @@ alone would stay green while the worker is dead and every image waits in the que
 - ``scp`` (roles all and scp): the SCP answers a C-ECHO association request within ``timeout_s``.
   An association the node rejects (a calling-AE whitelist that does not list the checker) still
   proves that the SCP reads and answers requests.
-- ``worker`` (roles all and worker): a worker's heartbeat is at most ``max_beat_age_s`` old.
+- ``worker`` (roles all and worker): a heartbeat of a worker on this host is at most ``max_beat_age_s``
+  old (machines sharing one database each check their own worker).
 - ``queue`` (roles all and worker): when jobs are due, one has finished within ``stall_s``, or the
   oldest due job waits less than ``stall_s``.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,15 +76,22 @@ def _age_s(now: dt.datetime, iso: str | None) -> float | None:
     return None if iso is None else (now - dt.datetime.fromisoformat(iso)).total_seconds()
 
 
-def check_worker(liveness: dict[str, Any], max_beat_age_s: float = MAX_BEAT_AGE_S) -> Check:
-    """A worker's heartbeat is recent."""
+def check_worker(liveness: dict[str, Any], max_beat_age_s: float = MAX_BEAT_AGE_S, host: str | None = None) -> Check:
+    """A worker of this host (``host``, default this machine's name) has a recent heartbeat.
+
+    Several machines may share one PostgreSQL queue: another machine's live worker says nothing about
+    this node's own, so only heartbeats whose owner (``host:pid``) names this host count.
+    """
+    host = socket.gethostname() if host is None else host
     now = dt.datetime.fromisoformat(liveness["now"])
-    ages = [_age_s(now, b["beat_at"]) for b in liveness["heartbeats"] if b["role"] == "worker"]
+    ages = [_age_s(now, b["beat_at"]) for b in liveness["heartbeats"]
+            if b["role"] == "worker" and b["owner"].partition(":")[0] == host]
     fresh = [a for a in ages if a is not None and a <= max_beat_age_s]
     if fresh:
         return Check("worker", True, f"{len(fresh)} worker(s) alive (last beat {min(fresh):.0f} s ago)")
     last = f"the latest {min(a for a in ages if a is not None):.0f} s ago" if ages else "none ever"
-    return Check("worker", False, f"expected a worker heartbeat within {max_beat_age_s:.0f} s, found {last}")
+    return Check("worker", False, f"expected a heartbeat of a worker on {host} within {max_beat_age_s:.0f} s, "
+                                  f"found {last}")
 
 
 def check_queue(liveness: dict[str, Any], stall_s: float = STALL_S) -> Check:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import socket
 import subprocess
 import sys
 import time
@@ -57,16 +58,19 @@ def enqueue(store: Store, n: int) -> None:
 
 def test_a_worker_is_alive_only_while_its_heartbeat_is_recent(store: tuple[Store, Clock]) -> None:
     s, clock = store
+    here = f"{socket.gethostname()}:1"
     assert not check_worker(s.liveness()).ok  # no worker ever beat
-    s.beat("host:1", "worker")
+    s.beat("another-machine:7", "worker")
+    assert not check_worker(s.liveness()).ok  # a worker elsewhere does not make this node healthy
+    s.beat(here, "worker")
     clock.advance(10)
     assert check_worker(s.liveness(), max_beat_age_s=30).ok
     clock.advance(25)
     found = check_worker(s.liveness(), max_beat_age_s=30)
     assert not found.ok and "found the latest 35 s ago" in found.detail
-    s.beat("host:1", "worker", job_id=7)
+    s.beat(here, "worker", job_id=7)
     assert check_worker(s.liveness(), max_beat_age_s=30).ok
-    s.forget_heartbeat("host:1")
+    s.forget_heartbeat(here)
     assert not check_worker(s.liveness()).ok
 
 
