@@ -103,6 +103,9 @@ class Outcome:
     leaks: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     body_sha: str = ""
+    # a re-send: the first instance's job state when it was sent again ("skipped": the node had not
+    # reported on it, so other content may replace it; done/failed: reported, so it must stand)
+    first_job: str = ""
 
 
 @dataclass
@@ -557,7 +560,7 @@ class Run:
             warnings.simplefilter("ignore")
             if case.kind == "store":
                 if case.repeat_of is not None:
-                    self.wait_finished(case.sop_uid, timeout=self.opts.good_within_s)
+                    outcome.first_job = self.wait_finished(case.sop_uid, timeout=self.opts.good_within_s)
                 outcome.status = send_store(self.node.port, case)
                 if outcome.status == status_label(SUCCESS):
                     rows = jobs_of(self.opts, [case.sop_uid]).get(case.sop_uid, [])
@@ -588,14 +591,16 @@ class Run:
                 return left
             time.sleep(0.2)
 
-    def wait_finished(self, sop_uid: str, timeout: float) -> None:
+    def wait_finished(self, sop_uid: str, timeout: float) -> str:
+        """Wait until the job of ``sop_uid`` has ended; its state ("" when it did not end in time)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             rows = jobs_of(self.opts, [sop_uid]).get(sop_uid, [])
             if rows and all(state in TERMINAL for _, state, _ in rows):
                 time.sleep(1.0)  # let its results go out to the PACS
-                return
+                return rows[-1][1]
             time.sleep(0.2)
+        return ""
 
     def slot_attack(self, case: hc.Case) -> str:
         """Hold connections from 127.0.0.2; a legitimate modality sends from 127.0.0.1 meanwhile."""
@@ -811,7 +816,7 @@ def verdict(case: hc.Case, o: Outcome, rows: list[tuple[int, str, str]], first_s
         out.append(f"job not finished ({o.job})")
     if o.result_at_pacs is False:
         out.append("no SR at the PACS")
-    if case.repeat_of is not None and "changed" in case.variant and first_sha:
+    if case.repeat_of is not None and "changed" in case.variant and first_sha and o.first_job != "skipped":
         stored = {body_sha(Path(p)) for _, _, p in rows if Path(p).is_file()}
         if first_sha not in stored:
             out.append("changed re-send replaced the stored instance")
