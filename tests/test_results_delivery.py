@@ -219,7 +219,8 @@ def test_attempts_used_up_still_send_a_not_analysed_sr(tmp_path: Path, ensemble,
     assert nonzero(status["jobs"]) == {"failed": 1}
     assert nonzero(status["outbox"]["pacs"]) == {"pending": 1}
     (sr,) = failure_srs(settings.data_path)
-    assert any("analysis failed 2 times, last with RuntimeError: transient trouble with" in t for t in reasons(sr))
+    # a library's (here Python's own) message is withheld: only its type is said
+    assert any("analysis failed 2 times, last with RuntimeError" in t for t in reasons(sr)), reasons(sr)
     assert MARK not in str(status)
 
 
