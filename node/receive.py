@@ -9,7 +9,8 @@ information, and only the header (``stop_before_pixels``) is parsed for the UIDs
 What the node could not later analyse or report on is refused, not acknowledged (``read_header``;
 the structural walk is ``node.intake_check``, reading element headers only, never the pixel data).
 Statuses (PS3.4 B.2.3 for Storage, PS3.7 Annex C for the general ones); each refusal's message and log
-line name the check and the tag or keyword, never a value:
+line name the check and the tag or keyword, never a value, and its response carries a fixed Error
+Comment per status (:data:`ERROR_COMMENTS`) for the modality's operator:
 
 - 0xA700 ``OUT_OF_RESOURCES`` (Refused: Out of Resources): disk full, below ``storage.min_free_mb``.
 - No status at all for deflated transfer syntaxes: they are not accepted at association
@@ -158,6 +159,19 @@ class Status(IntEnum):
     PROCESSING_FAILURE = 0x0110  # database or other failure: nothing was acknowledged
     DUPLICATE_SOP_INSTANCE = 0x0111  # other content for a SOP Instance UID the node has reported on
 
+
+# The Error Comment (0000,0902; LO, at most 64 characters) sent with each refusal: what the modality's
+# operator sees. Fixed texts per status, so that no value of the data set can appear in it.
+ERROR_COMMENTS = {
+    Status.OUT_OF_RESOURCES: "node storage full: send again later",
+    Status.DATASET_MISMATCH: "data set does not match its SOP class or pixel geometry",
+    Status.CANNOT_UNDERSTAND: "data set cannot be parsed or is malformed",
+    Status.INVALID_UID: "a required UID is not a valid DICOM UID (PS3.5 9.1)",
+    Status.DATASET_TRUNCATED: "data set is truncated",
+    Status.ENCODING_MISMATCH: "data set is not encoded in the negotiated transfer syntax",
+    Status.PROCESSING_FAILURE: "node could not store the instance: send again later",
+    Status.DUPLICATE_SOP_INSTANCE: "SOP Instance UID already reported with other content",
+}
 
 _PROBLEM_STATUS = {
     Problem.TRUNCATED: Status.DATASET_TRUNCATED,
@@ -532,9 +546,20 @@ class Intake:
         self._dir_syncs.shutdown(wait=True)
 
 
-def handle_store(event: Event, intake: Intake) -> int:
-    """``evt.EVT_C_STORE``: a durable write and its job row, then the status."""
-    return intake.accept(event)
+def handle_store(event: Event, intake: Intake) -> Dataset:
+    """``evt.EVT_C_STORE``: a durable write and its job row, then the status (with an Error Comment when
+    refused, see :data:`ERROR_COMMENTS`)."""
+    return response(intake.accept(event))
+
+
+def response(status: int) -> Dataset:
+    """The C-STORE response's status and, for a refusal, its value-free Error Comment."""
+    rsp = Dataset()
+    rsp.Status = status
+    comment = ERROR_COMMENTS.get(Status(status)) if status in Status._value2member_map_ else None
+    if comment:
+        rsp.ErrorComment = comment
+    return rsp
 
 
 def handle_echo(event: Event) -> int:

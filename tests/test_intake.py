@@ -85,6 +85,10 @@ class Node:
 
     def send(self, encoded: bytes, tmp_path: Path, sop_class: str = CR) -> int:
         """C-STORE ``encoded`` (preamble + file meta + data set) as it is; the response status."""
+        return int(self.send_rsp(encoded, tmp_path, sop_class).Status)
+
+    def send_rsp(self, encoded: bytes, tmp_path: Path, sop_class: str = CR) -> Dataset:
+        """C-STORE ``encoded`` (preamble + file meta + data set) as it is; the whole response."""
         path = tmp_path / f"send-{hashlib.sha256(encoded).hexdigest()[:12]}.dcm"
         path.write_bytes(encoded)
         _config.STORE_SEND_CHUNKED_DATASET = True
@@ -96,7 +100,7 @@ class Node:
             rsp = assoc.send_c_store(path)
         finally:
             assoc.release()
-        return int(rsp.Status)
+        return rsp
 
 
 def _running_node(folder: Path) -> Iterator[Node]:
@@ -543,3 +547,12 @@ def test_retention_removes_changed_resends_kept_apart(tmp_path: Path) -> None:
     assert queue.purge_before(t0) == [] and queue.conflicts()["total"] == 1  # not older than the cutoff
     purged = queue.purge_before(t0 + dt.timedelta(days=1))
     assert kept.path in purged and queue.conflicts()["total"] == 0
+
+
+@pytest.mark.integration
+def test_a_refusal_tells_the_modality_why_without_any_value(shared_node: Node, tmp_path: Path) -> None:
+    rsp = shared_node.send_rsp(with_uid("StudyInstanceUID", b"1.2.840.abc\0"), tmp_path)
+    assert int(rsp.Status) == Status.INVALID_UID
+    assert rsp.ErrorComment == "a required UID is not a valid DICOM UID (PS3.5 9.1)"
+    ok = shared_node.send_rsp(encode(image()), tmp_path)
+    assert int(ok.Status) == Status.SUCCESS and "ErrorComment" not in ok
