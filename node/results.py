@@ -64,6 +64,7 @@ from node.dicom_hygiene import (
     sanitize_patient_study,
     source_uid,
     truncate_bytes,
+    uid_problem,
 )
 
 logger = logging.getLogger(__name__)
@@ -228,17 +229,13 @@ def usable_source_uid(source_ds: Dataset, keyword: str) -> str:
     """
     try:
         uid = source_uid(source_ds, keyword)
-        if _STRICT_UID.fullmatch(uid):
+        if uid_problem(uid) is None:  # the intake's rule: PS3.5 9.1, leading zeros refused
             return uid
     except SourceAttributeError:
         pass
     held = "\x1f".join(attribute_text(source_ds, k) for k in _SOURCE_UID_KEYWORDS)
     logger.warning("source %s is missing or not a valid UID: results use a UID derived from it", keyword)
     return _uuid_uid("repaired-source-uid", keyword, held)
-
-
-#: A UID as PS3.5 9.1 has it: numeric components without leading zeros (``0`` itself allowed).
-_STRICT_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
 def _drop_invalid(evidence: Dataset) -> None:
@@ -486,10 +483,7 @@ def build_sr(
     labels = [f.label for f in findings]
     if len(set(labels)) != len(labels):
         raise ResultBuildError(f"finding labels must be unique, got {labels}")
-    try:
-        evidence = _evidence(source_ds)
-    except SourceAttributeError as exc:
-        raise ResultBuildError(str(exc)) from exc
+    evidence = _evidence(source_ds)  # never raises: invalid source UIDs are repaired (usable_source_uid)
     groups = [_finding_group(evidence, f, algorithm) for f in findings]
     groups.append(_summary_group(evidence, findings, algorithm))
     return _make_sr(evidence, groups, algorithm, "sr", device_ae, sr_class)
@@ -786,10 +780,7 @@ def build_overlay(
     """
     for finding in findings:
         _check_finding(finding)
-    try:
-        evidence = _evidence(source_ds)
-    except SourceAttributeError as exc:
-        raise ResultBuildError(str(exc)) from exc
+    evidence = _evidence(source_ds)  # never raises: invalid source UIDs are repaired (usable_source_uid)
     rgb, _, scale = render_overlay(image, findings, algorithm, heatmaps_on_source)
     orientation = _patient_orientation(source_ds)
     with _quiet_names():

@@ -360,7 +360,7 @@ class Worker:
         Raises:
             DiskFull: as :meth:`_write`.
         """
-        header = read_header(job)
+        header = read_source_header(job)
         if header is None:
             log.error("job %d: %s: received file has no readable header, no not-analysed SR",
                       job.job_id, job.sop_instance_uid)
@@ -421,7 +421,7 @@ def not_analysed_reason(exc: BaseException, attempts: int) -> str:
     return f"analysis failed {attempts} times, last with {what}"
 
 
-def read_header(job: LeasedJob) -> pydicom.Dataset | None:
+def read_source_header(job: LeasedJob) -> pydicom.Dataset | None:
     """The received file's header (no pixel data), or None when it cannot be read at all."""
     try:
         return pydicom.dcmread(job.path, stop_before_pixels=True)
