@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 from ai.manifest import bundled_package_dir, load_manifest  # noqa: E402
 from node.results import result_uid  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
-from tests.peers import Orthanc, wait_for  # noqa: E402
+from tests.peers import Orthanc, pacs_and_model_toml, wait_for  # noqa: E402
 
 RETRY_PAUSE_S = 1.0
 
@@ -128,14 +128,7 @@ poll_s = 0.05
 [send]
 retry_initial_s = 2.0
 retry_max_s = 30.0
-[[destinations]]
-name = "pacs"
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-[model]
-package = "{package}"
-""")
+{pacs_and_model_toml(pacs_port, package)}""")
     return cfg
 
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from ai.manifest import bundled_package_dir, load_manifest  # noqa: E402
 from node.results import result_uid  # noqa: E402
 from tests.conftest import free_port, require_tool, shared_data_dir  # noqa: E402
-from tests.peers import DCMTK_ENV, dcmsend, orthanc, wait_for  # noqa: E402
+from tests.peers import DCMTK_ENV, dcmsend, orthanc, pacs_and_model_toml, wait_for  # noqa: E402
 
 FRONTAL = ["rsna_cr_pa_jpeg_baseline.dcm", "dx_pa_chest_j2k_lossless.dcm", "cr_pa_chest_jpegls_near_lossless.dcm",
            "rsna_cr_ap_jpeg_baseline.dcm"]
@@ -79,14 +79,7 @@ port = {port}
 data_dir = "var"
 [worker]
 poll_s = 0.05
-[[destinations]]
-name = "pacs"
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-[model]
-package = "{package}"
-""")
+{pacs_and_model_toml(pacs_port, package)}""")
     return cfg, port
 
 

@@ -93,6 +93,19 @@ def orthanc(folder: Path, aet: str = "PACS", dicom_port: int | None = None) -> I
         pacs.stop()
 
 
+def pacs_and_model_toml(pacs_port: int, package: Path | str) -> str:
+    """The node.toml tables every test or benchmark node shares: its one destination, the PACS "pacs"
+    (AE title PACS) on this machine, and the model package it runs."""
+    return f"""[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {pacs_port}
+[model]
+package = "{package}"
+"""
+
+
 def dcmsend(files: Sequence[Path], port: int, called: str = "CXR-AI", calling: str = "MODALITY",
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Send files like a modality: dcmtk ``dcmsend`` proposes each file's own transfer syntax."""

@@ -25,7 +25,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.conftest import REPO, free_port, require_tool
-from tests.peers import Orthanc, dcmsend, orthanc, wait_for
+from tests.peers import Orthanc, dcmsend, orthanc, pacs_and_model_toml, wait_for
 from tests.pg_fixture import postgres_url  # noqa: F401 - the session fixture, used via getfixturevalue
 
 pytestmark = [pytest.mark.integration, pytest.mark.shared_data]
@@ -108,14 +108,7 @@ retry_initial_s = 1
 [send]
 retry_initial_s = 1
 retry_max_s = 2
-[[destinations]]
-name = "pacs"
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-[model]
-package = "{package}"
-[thresholds]
+{pacs_and_model_toml(pacs_port, package)}[thresholds]
 Tuberculosis = 0.0
 """
     cfg = tmp / "node.toml"

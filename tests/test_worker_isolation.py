@@ -29,7 +29,7 @@ from sqlalchemy import text
 from storage.db import make_engine
 from storage.queue import ReceivedInstance, Store
 from tests.conftest import REPO, free_port, require_tool
-from tests.peers import DCMTK_ENV, dcmsend, wait_for
+from tests.peers import DCMTK_ENV, dcmsend, pacs_and_model_toml, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -152,14 +152,7 @@ max_memory_mb = {max_memory_mb}
 [send]
 retry_initial_s = 1
 retry_max_s = 2
-[[destinations]]
-name = "pacs"
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-[model]
-package = "{package}"
-""")
+{pacs_and_model_toml(pacs_port, package)}""")
         self.log_path = tmp / "node.log"
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)],

@@ -53,7 +53,7 @@ from tests.hostile.images import (
     synthetic_image,
 )
 from tests.hostile.pdu import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ
-from tests.peers import Orthanc, dcmsend, orthanc
+from tests.peers import Orthanc, dcmsend, orthanc, pacs_and_model_toml
 
 SUCCESS = 0x0000
 WARNING_STATUSES = {0x0001, 0xB000, 0xB006, 0xB007}
@@ -140,14 +140,7 @@ retry_initial_s = 0.5
 [send]
 retry_initial_s = 1
 retry_max_s = 2
-[[destinations]]
-name = "pacs"
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-[model]
-package = "{package}"
-[thresholds]
+{pacs_and_model_toml(pacs_port, package)}[thresholds]
 Tuberculosis = 0.0
 """
 
