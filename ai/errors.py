@@ -24,5 +24,19 @@ class UnsupportedImage(PermanentError):  # noqa: N818 (name fixed by docs/contra
     """The image cannot be analysed: decoding, photometric interpretation, geometry or field detection."""
 
 
+class ImageRefused(PermanentError):  # noqa: N818 (a verdict, not a malfunction)
+    """The input gate refused the image (``ai.gate``): not a frontal chest radiograph, or no usable content.
+
+    Attributes:
+        reason: the fixed, value-free text the "not analysed" SR carries.
+        image: the decoded image (float32 [0, 1]) the gate looked at, for the not-analysed overlay.
+    """
+
+    def __init__(self, reason: str, image: object = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.image = image
+
+
 class ModelPackageError(PermanentError):
     """The model package is unusable: missing manifest or member, checksum mismatch, invalid manifest."""

@@ -125,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill", choices=("zero", "background"), default="zero",
                    help="lung pixels become black (zero, default) or the median grey outside the lungs")  # fmt: skip
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per CI (default 2000)")
+
+    p = add("gate", "train the node's input gate (frontal chest / lateral / other) and write its package")
+    p.add_argument("--config", type=Path, required=True, help="gate configuration (training/configs/gate.toml)")
+    p.add_argument("--run-dir", type=Path, required=True, help="folder for the preprocessed pool and fold weights")
+    p.add_argument("--out", type=Path, required=True, help="package folder to write (the node's: ai/models/gate)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package")
+
+    p = add("gate-eval", "score held-out images, fresh patterns and transformed chests through a gate package "
+                         "as the node does -> OUT/gate_evaluation.json and README.md")
+    p.add_argument("--config", type=Path, required=True, help="the gate configuration the package was trained with")
+    p.add_argument("--run-dir", type=Path, required=True, help="the gate run (its out-of-fold scores)")
+    p.add_argument("--package", type=Path, required=True, help="the gate package")
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument("--per-kind", type=int, default=50, help="fresh patterns and transformed chests per kind")
     return parser
 
 
@@ -159,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "baseline": _baseline,
         "audit-blackout": _audit_blackout,
         "site-threshold": _site_threshold,
+        "gate": _gate,
+        "gate-eval": _gate_eval,
     }
     try:
         return handlers[args.command](args)
@@ -624,3 +640,20 @@ def _plain(value: Any) -> Any:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _gate(args: argparse.Namespace) -> int:
+    from training.gate import export_gate, load_gate_config
+
+    package = export_gate(load_gate_config(args.config), args.run_dir, args.out, overwrite=args.overwrite)
+    print(f"gate package: {package}\nnext: cxr-train gate-eval --config {args.config} --run-dir {args.run_dir} "
+          f"--package {package} --out docs/gate")
+    return 0
+
+
+def _gate_eval(args: argparse.Namespace) -> int:
+    from training.gate_eval import evaluate_gate
+
+    report = evaluate_gate(args.config, args.run_dir, args.package, args.out, per_kind=args.per_kind)
+    print(f"report: {report}")
+    return 0
