@@ -4,58 +4,52 @@ Every object carries the source's Study Instance UID, a new series whose descrip
 ``AI CXR TRIAGE - NOT FOR DIAGNOSTIC USE``, and deterministic UIDs derived from the source SOP Instance
 UID, the model package (name and version) and the kind of object, so that results rebuilt after a crash
 keep their UIDs. Patient and study attributes are copied through :mod:`node.dicom_hygiene`, which
-repairs or drops values that are invalid in the source, so that the objects pass ``dciodvfy``; a source
-UID that is missing or invalid is replaced by one derived from it (:func:`usable_source_uid`). The
-"not analysed" SR is made for any header pydicom can read, so that every accepted image ends with a
-result at the PACS. The overlay is at most 1024 pixels on its long side, stored as RLE Lossless.
+repairs or drops values that are invalid in the source, so that the objects pass ``dciodvfy``. The
+source's UIDs are referenced verbatim; only one that is missing or cannot be encoded as a UID at all is
+replaced by one derived from it (:func:`usable_source_uid`). The SR content (groups, codes, reading
+back) is :mod:`node.report`; this module wraps it in the SR document. The model package is named in
+the Contributing Equipment Sequence (purpose (109102, DCM, "Processing Equipment"), Device UID
+:func:`device_uid`) and as the device observer. The "not analysed" SR is made for any header pydicom can
+read, so that every accepted image ends with a result at the PACS. The overlay is at most 1024 pixels on
+its long side, stored as RLE Lossless.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import re
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-import cv2
 import highdicom as hd
 import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
-    AlgorithmIdentification,
     CodedConcept,
     Comprehensive3DSR,
     ComprehensiveSR,
     DeviceObserverIdentifyingAttributes,
-    Measurement,
-    MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
-    QualitativeEvaluation,
-    RelationshipTypeValues,
-    SourceImageForMeasurementGroup,
-    TextContentItem,
-    TrackingIdentifier,
 )
 from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.pixels import convert_color_space
 from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
 from pydicom.uid import UID, RLELossless, SecondaryCaptureImageStorage
 from pydicom.valuerep import validate_value
 
 from ai.errors import PermanentError
 from ai.findings import Finding
+from node import overlay
 from node.dicom_hygiene import (
     PATIENT_STUDY_KEYWORDS,
     SourceAttributeError,
@@ -65,6 +59,24 @@ from node.dicom_hygiene import (
     source_uid,
     truncate_bytes,
     uid_problem,
+)
+from node.overlay import (  # noqa: F401 (banner_lines and overlay_scale are part of this module's API)
+    CONTOUR_LEVEL,
+    MAX_SIDE,
+    MIN_SIDE,
+    OverlayInputError,
+    ascii_text,
+    banner_lines,
+    overlay_scale,
+)
+from node.report import (
+    PRIVATE_SCHEME,
+    Evaluation,
+    FindingResult,
+    GroupContext,
+    NotAnalysedResult,
+    TriageResult,
+    measurement_report,
 )
 
 logger = logging.getLogger(__name__)
@@ -78,44 +90,10 @@ OVERLAY_SERIES_NUMBER = 9902
 #: Namespace of the name-based (version 5) UUIDs behind our ``2.25.`` UIDs (ISO/IEC 9834-8).
 UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:cxr-node:results")
 
-PRIVATE_SCHEME = "99CXR"
-PRESENT = codes.SCT.Present  # 52101004
-#: CID 241 "Present-Absent Only" of the current DICOM standard: SCT 272519000 (2667000 was replaced).
-ABSENT = codes.SCT.Absent
-TRIAGE_FLAG = Code("TRIAGE", PRIVATE_SCHEME, "AI triage flag (any finding at or above its threshold)")
-NOT_ANALYSED = Code("NOT_ANALYSED", PRIVATE_SCHEME, "Image not analysed by the AI model")
-NOT_ANALYSED_REASON = Code("NOT_ANALYSED_WHY", PRIVATE_SCHEME, "Reason the image was not analysed")
-PROCEDURES = (codes.LN.XRUnspecifiedBodyRegion, codes.SCT.ChestImaging)
+#: Contributing Equipment purpose of the model package (CID 7005): it processed the source image.
+PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment  # 109102
 
-# Canonical label (lower case, letters only) -> finding type. SNOMED CT / DCM where the code is in the
-# DICOM standard's own code tables (pydicom's codedict) or independently confirmed; else private.
-FINDING_CODES: dict[str, Code] = {
-    "tuberculosis": Code("56717001", "SCT", "Tuberculosis"),
-    "pneumonia": Code("233604007", "SCT", "Pneumonia"),
-    "atelectasis": Code("46621007", "SCT", "Atelectasis"),
-    "cardiomegaly": codes.SCT.Cardiomegaly,  # 287272002
-    "effusion": codes.SCT.PleuralEffusion,  # 60046008
-    "pleuraleffusion": codes.SCT.PleuralEffusion,
-    "infiltration": codes.DCM.Infiltrate,  # 112121
-    "mass": codes.SCT.Mass,  # 4147007
-    "nodule": codes.SCT.Nodule,  # 27925004
-    "pneumothorax": codes.SCT.Pneumothorax,  # 36118008
-    "consolidation": Code("95436008", "SCT", "Lung consolidation"),
-    "edema": codes.SCT.PulmonaryEdema,  # 19242006
-    "pulmonaryedema": codes.SCT.PulmonaryEdema,
-    "emphysema": Code("87433001", "SCT", "Pulmonary emphysema"),
-    "fibrosis": codes.SCT.Fibrosis,  # 112674009
-    "pleuralthickening": Code("PLEURAL_THICK", PRIVATE_SCHEME, "Pleural thickening"),
-    "hernia": Code("HERNIA", PRIVATE_SCHEME, "Hernia (ChestX-ray14 label, mostly hiatal)"),
-}
-
-#: Long side of the overlay: 1024 is what a PACS viewer shows of a review annotation (a 2048 px overlay
-#: is 4x the data for no visible gain); 768 at least so that the burned-in banner stays legible.
-_MAX_SIDE = 1024
-_MIN_SIDE = 768
-_HEAT_ALPHA = 0.45
-_HEAT_FLOOR = 0.15
-_BANNER_GRAY = 24
+_T = TypeVar("_T")
 
 
 class ResultBuildError(PermanentError, ValueError):
@@ -124,12 +102,13 @@ class ResultBuildError(PermanentError, ValueError):
 
 @dataclass(frozen=True)
 class AlgorithmInfo:
-    """The model package that produced the findings (TID 4019 and the device observer).
+    """The model package that produced the findings (TID 4019, the device observer, Contributing Equipment).
 
     Attributes:
         name: package name, e.g. ``cxr-tb``; at most 64 characters.
         version: package version, e.g. ``1.2.0``; at most 64 characters.
-        manufacturer: who made the package; at most 64 characters.
+        manufacturer: who made the package (Manufacturer of the document and of the Contributing
+            Equipment item; TID 4019 has no manufacturer); at most 64 characters.
     """
 
     name: str
@@ -168,15 +147,9 @@ def series_uid(study_uid: str, algorithm_version: str, kind: str, *, algorithm_n
     return _uuid_uid("series", study_uid, algorithm_name, algorithm_version, kind)
 
 
-def finding_code(label: str) -> Code:
-    """The finding type of a label: a standard code where known, else one of the private scheme 99CXR."""
-    key = re.sub(r"[^a-z]", "", label.lower())
-    if key in FINDING_CODES:
-        return FINDING_CODES[key]
-    value = re.sub(r"[^A-Z0-9]+", "_", label.upper()).strip("_") or "LABEL"
-    if len(value) > 16:
-        value = f"{value[:11]}_{hashlib.sha1(label.encode()).hexdigest()[:4].upper()}"
-    return Code(value, PRIVATE_SCHEME, truncate_bytes(label, 64) or value)
+def device_uid(algorithm: AlgorithmInfo) -> str:
+    """Device UID of the model package (Contributing Equipment, device observer): one per name and version."""
+    return _uuid_uid("device", algorithm.name, algorithm.version)
 
 
 @contextmanager
@@ -194,7 +167,7 @@ _TYPE2_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
 
 
 def _evidence(source_ds: Dataset) -> Dataset:
-    """Sanitised patient/study attributes plus the source's UIDs (repaired if invalid): what a result inherits.
+    """Sanitised patient/study attributes plus the source's UIDs (verbatim): what a result inherits.
 
     Every copied value is checked against its VR once more; one that would still be invalid is dropped
     (Type 2: emptied), so a value a sender controls never makes a result invalid.
@@ -202,14 +175,14 @@ def _evidence(source_ds: Dataset) -> Dataset:
     uids = {keyword: usable_source_uid(source_ds, keyword) for keyword in _SOURCE_UID_KEYWORDS}
     evidence = sanitize_patient_study(source_ds, study_uid=uids["StudyInstanceUID"])
     _drop_invalid(evidence)
-    for keyword in _SOURCE_UID_KEYWORDS[1:]:
+    for keyword in _SOURCE_UID_KEYWORDS:  # after the VR check: a UID with a leading zero stays verbatim
         setattr(evidence, keyword, uids[keyword])
     evidence.InstanceNumber = _instance_number(source_ds)
     return evidence
 
 
 def _minimal_evidence(source_ds: Dataset) -> Dataset:
-    """The source's UIDs (repaired if invalid) with empty Type 2 patient/study attributes: the last resort."""
+    """The source's UIDs (verbatim) with empty Type 2 patient/study attributes: the last resort."""
     evidence = Dataset()
     for keyword in _SOURCE_UID_KEYWORDS:
         setattr(evidence, keyword, usable_source_uid(source_ds, keyword))
@@ -220,22 +193,25 @@ def _minimal_evidence(source_ds: Dataset) -> Dataset:
 
 
 def usable_source_uid(source_ds: Dataset, keyword: str) -> str:
-    """The source's UID when it is valid, else a ``2.25.`` UID derived from what the source holds.
+    """The source's UID, verbatim, when it can be encoded as a UID; else a ``2.25.`` UID derived from it.
 
-    A result must reference the received image and join its study; a missing or malformed source UID
-    would make the result invalid (and a PACS refuse it). The derived UID is deterministic (the same
-    header gives the same UID, so a re-run produces the same objects); being a name-based ``2.25.`` UUID,
-    it collides with no UID a device issued.
+    A result must reference the received image and join its study, so a UID it copies is never
+    rewritten: one that breaks only PS3.5 9.1's leading-zero rule (``1.02.003``, which the intake
+    refuses at C-STORE but a file given to ``predict`` may hold) is copied as it is, and the result then
+    carries that defect of the source (``dciodvfy`` reports it on the reference). Only a UID that is
+    missing, empty, longer than 64 characters or not digits and dots cannot be copied at all: it is
+    replaced by a deterministic one (the same header gives the same UID, so a re-run produces the same
+    objects); being a name-based ``2.25.`` UUID, it collides with no UID a device issued.
     """
     try:
         uid = source_uid(source_ds, keyword)
-        if uid_problem(uid) is None:  # the intake's rule: PS3.5 9.1, leading zeros refused
-            return uid
     except SourceAttributeError:
-        pass
-    held = "\x1f".join(attribute_text(source_ds, k) for k in _SOURCE_UID_KEYWORDS)
-    logger.warning("source %s is missing or not a valid UID: results use a UID derived from it", keyword)
-    return _uuid_uid("repaired-source-uid", keyword, held)
+        held = "\x1f".join(attribute_text(source_ds, k) for k in _SOURCE_UID_KEYWORDS)
+        logger.warning("source %s is missing or not a UID: results use a UID derived from it", keyword)
+        return _uuid_uid("repaired-source-uid", keyword, held)
+    if uid_problem(uid) is not None:
+        logger.warning("source %s breaks PS3.5 9.1 (%s): results reference it verbatim", keyword, uid_problem(uid))
+    return uid
 
 
 def _drop_invalid(evidence: Dataset) -> None:
@@ -285,64 +261,23 @@ def _check_finding(finding: Finding) -> None:
         )
 
 
-def _algorithm_id(algorithm: AlgorithmInfo, parameters: Sequence[str] = ()) -> AlgorithmIdentification:
-    return AlgorithmIdentification(
-        name=algorithm.name,
-        version=algorithm.version,
-        manufacturer=algorithm.manufacturer,
-        parameters=list(parameters) or None,
+def _group_context(evidence: Dataset, algorithm: AlgorithmInfo) -> GroupContext:
+    return GroupContext(
+        source_sop_class_uid=evidence.SOPClassUID,
+        source_sop_instance_uid=evidence.SOPInstanceUID,
+        algorithm_name=algorithm.name,
+        algorithm_version=algorithm.version,
     )
 
 
-def _tracking(evidence: Dataset, algorithm: AlgorithmInfo, identifier: str) -> TrackingIdentifier:
-    uid = _uuid_uid("tracking", evidence.SOPInstanceUID, algorithm.name, algorithm.version, identifier)
-    return TrackingIdentifier(uid=UID(uid), identifier=identifier)
-
-
-def _source_image(evidence: Dataset) -> SourceImageForMeasurementGroup:
-    return SourceImageForMeasurementGroup(evidence.SOPClassUID, evidence.SOPInstanceUID)
-
-
-def _finding_group(
-    evidence: Dataset, finding: Finding, algorithm: AlgorithmInfo
-) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501 for one label: probability (unit 1), Present/Absent at the threshold, TID 4019."""
-    _check_finding(finding)
-    code = finding_code(finding.label)
-    parameters = [f"threshold={finding.threshold:.6g}", f"threshold_method={finding.threshold_method}"]
-    probability = Measurement(
-        name=codes.DCM.Probability, value=float(finding.probability), unit=codes.UCUM.NoUnits
-    )
-    decision = QualitativeEvaluation(name=code, value=PRESENT if finding.positive else ABSENT)
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(evidence, algorithm, finding.label),
-        finding_type=code,
-        algorithm_id=_algorithm_id(algorithm, parameters),
-        measurements=[probability],
-        qualitative_evaluations=[decision],
-        source_images=[_source_image(evidence)],
-    )
-
-
-def _summary_group(
-    evidence: Dataset, findings: Sequence[Finding], algorithm: AlgorithmInfo
-) -> MeasurementsAndQualitativeEvaluations:
-    """The overall triage flag in its own group (TID 1500 has no report-level evaluation)."""
-    positive = [f.label for f in findings if f.positive]
-    flag = codes.SCT.Positive if positive else codes.SCT.Negative
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(evidence, algorithm, "Overall triage"),
-        finding_type=TRIAGE_FLAG,
-        algorithm_id=_algorithm_id(algorithm, [f"positive_labels={','.join(positive) or 'none'}"]),
-        qualitative_evaluations=[QualitativeEvaluation(name=TRIAGE_FLAG, value=flag)],
-        source_images=[_source_image(evidence)],
-    )
+def _tracking_uid(evidence: Dataset, algorithm: AlgorithmInfo, identifier: str) -> str:
+    return _uuid_uid("tracking", evidence.SOPInstanceUID, algorithm.name, algorithm.version, identifier)
 
 
 def _observation_context(algorithm: AlgorithmInfo) -> ObservationContext:
     """Device observer = the model package."""
     device = DeviceObserverIdentifyingAttributes(
-        uid=_uuid_uid("device", algorithm.name, algorithm.version),
+        uid=device_uid(algorithm),
         name=algorithm.name,
         manufacturer_name=algorithm.manufacturer,
         model_name=f"{algorithm.name} {algorithm.version}",
@@ -354,12 +289,26 @@ def _observation_context(algorithm: AlgorithmInfo) -> ObservationContext:
     )
 
 
+def _contributing_equipment(algorithm: AlgorithmInfo) -> hd.ContributingEquipment:
+    """The model package as Processing Equipment (CID 7005), with its Device UID (0018,1002)."""
+    equipment = hd.ContributingEquipment(
+        manufacturer=algorithm.manufacturer,
+        purpose_of_reference=PROCESSING_EQUIPMENT,
+        manufacturer_model_name=algorithm.name,
+        software_versions=algorithm.version,
+        contribution_description="AI triage of the source image (not for diagnostic use)",
+    )
+    equipment.DeviceUID = device_uid(algorithm)
+    return equipment
+
+
 SrClass = Literal["3d", "comprehensive"]
 
 
 def _make_sr(
     evidence: Dataset,
     groups: Sequence[MeasurementsAndQualitativeEvaluations],
+    evaluations: Sequence[Evaluation],
     algorithm: AlgorithmInfo,
     kind: str,
     device_ae: str | None,
@@ -368,16 +317,13 @@ def _make_sr(
 ) -> Dataset:
     """Wrap TID 1500 content in a Comprehensive 3D SR (88.34) or Comprehensive SR (88.33) document.
 
+    ``evaluations``: the report-level qualitative evaluations (TID 1500 rows 13-14).
     ``any_sop_class``: a source whose SOP class highdicom does not know is referenced all the same
     (see :func:`_construct`); otherwise it is refused.
     """
     if sr_class not in ("3d", "comprehensive"):
         raise ResultBuildError(f"sr_class must be '3d' or 'comprehensive', got {sr_class!r}")
-    report = MeasurementReport(
-        observation_context=_observation_context(algorithm),
-        procedure_reported=list(PROCEDURES),
-        imaging_measurements=list(groups),
-    )
+    report = measurement_report(_observation_context(algorithm), groups, evaluations)
     cls = Comprehensive3DSR if sr_class == "3d" else ComprehensiveSR
     kind = kind if sr_class == "3d" else f"{kind}-comprehensive"
     sr = _construct(
@@ -401,6 +347,7 @@ def _make_sr(
         manufacturer_model_name=algorithm.name,
         software_versions=algorithm.version,
         coding_schemes=[_private_scheme(algorithm)],
+        contributing_equipment=[_contributing_equipment(algorithm)],
     )
     _copy_patient_study(sr, evidence)
     if device_ae:
@@ -464,7 +411,7 @@ def build_sr(
     device_ae: str,
     sr_class: SrClass = "3d",
 ) -> Dataset:
-    """The TID 1500 report of one analysed image: one group per label plus the overall triage flag.
+    """The TID 1500 report of one analysed image: one group per label, the overall triage flag at report level.
 
     Args:
         source_ds: the analysed image (pixel data not needed).
@@ -476,17 +423,21 @@ def build_sr(
 
     Raises:
         ResultBuildError: no findings, duplicate labels, a probability or threshold outside [0, 1],
-            ``positive`` inconsistent with them, or a source UID that is missing or malformed.
+            ``positive`` inconsistent with them, or a source of a SOP class highdicom does not know.
     """
     if not findings:
         raise ResultBuildError("build_sr needs at least one finding, got none")
     labels = [f.label for f in findings]
     if len(set(labels)) != len(labels):
         raise ResultBuildError(f"finding labels must be unique, got {labels}")
-    evidence = _evidence(source_ds)  # never raises: invalid source UIDs are repaired (usable_source_uid)
-    groups = [_finding_group(evidence, f, algorithm) for f in findings]
-    groups.append(_summary_group(evidence, findings, algorithm))
-    return _make_sr(evidence, groups, algorithm, "sr", device_ae, sr_class)
+    for finding in findings:
+        _check_finding(finding)
+    evidence = _evidence(source_ds)  # never raises: a UID that cannot be copied is replaced (usable_source_uid)
+    context = _group_context(evidence, algorithm)
+    results = [FindingResult.from_finding(f) for f in findings]
+    groups = [r.to_group(context, _tracking_uid(evidence, algorithm, r.label)) for r in results]
+    evaluations = TriageResult.of(results).to_evaluations()
+    return _make_sr(evidence, groups, evaluations, algorithm, "sr", device_ae, sr_class)
 
 
 def build_failure_sr(
@@ -499,12 +450,13 @@ def build_failure_sr(
 ) -> Dataset:
     """An SR stating that the image passed the chest filter but could not be analysed, and why.
 
-    One TID 1501 group with finding type ``99CXR NOT_ANALYSED``, the algorithm, the source image and
-    a TEXT item with the reason (passed through :func:`scrub_reason`: it names attributes and limits,
-    never a value of the source). It has no triage flag: nothing was decided.
+    One TID 1501 group with finding type ``99CXR NOT_ANALYSED``, the algorithm and the source image,
+    and at report level a TEXT item with the reason (passed through :func:`scrub_reason`: it names
+    attributes and limits, never a value of the source); see :class:`node.report.NotAnalysedResult`. It
+    has no triage flag: nothing was decided.
 
     It is made for any header pydicom could read, since it is what tells the PACS that an accepted
-    image got no analysis: invalid source UIDs are replaced by derived ones (:func:`usable_source_uid`),
+    image got no analysis: source UIDs that cannot be copied are replaced by derived ones (:func:`usable_source_uid`),
     invalid patient/study values are dropped, a SOP class highdicom does not know is referenced as it
     is, and if the document still cannot be built, it is built again with empty patient/study modules.
 
@@ -531,21 +483,10 @@ def build_failure_sr(
 def _failure_sr(
     evidence: Dataset, reason: str, algorithm: AlgorithmInfo, device_ae: str | None, sr_class: SrClass
 ) -> Dataset:
-    group = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(evidence, algorithm, "Not analysed"),
-        finding_type=NOT_ANALYSED,
-        algorithm_id=_algorithm_id(algorithm),
-        source_images=[_source_image(evidence)],
-    )
-    text = f"Passed the chest filter but could not be analysed: {reason}"
-    group[0].ContentSequence.append(
-        TextContentItem(
-            name=NOT_ANALYSED_REASON,
-            value=text[:4096],
-            relationship_type=RelationshipTypeValues.CONTAINS,
-        )
-    )
-    return _make_sr(evidence, [group], algorithm, "failure-sr", device_ae, sr_class, any_sop_class=True)
+    statement = NotAnalysedResult(reason)
+    group = statement.to_group(_group_context(evidence, algorithm), _tracking_uid(evidence, algorithm, "Not analysed"))
+    return _make_sr(evidence, [group], statement.to_evaluations(), algorithm, "failure-sr", device_ae, sr_class,
+                    any_sop_class=True)
 
 
 _QUOTED = re.compile(r"b?'[^']*'|b?\"[^\"]*\"|`[^`]*`")
@@ -577,105 +518,12 @@ def scrub_reason(reason: str) -> str:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _resample(array: np.ndarray, scale: float) -> np.ndarray:
-    if scale == 1.0:
-        return array
-    height, width = array.shape[:2]
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-    return np.asarray(cv2.resize(array, size, interpolation=interpolation))
-
-
-def overlay_scale(shape: tuple[int, ...]) -> float:
-    """Resampling factor of the overlay: long side at most 1024 and at least 768 (banner legibility)."""
-    long_side = max(shape[:2])
-    if long_side > _MAX_SIDE:
-        return _MAX_SIDE / long_side
-    if long_side < _MIN_SIDE:
-        return _MIN_SIDE / long_side
-    return 1.0
-
-
-def _flagged_heat(
-    findings: Sequence[Finding], heatmaps: Mapping[str, np.ndarray], shape: tuple[int, int]
-) -> np.ndarray | None:
-    """Pixel-wise maximum of the heatmaps of positive findings, or None when no positive one has a map."""
-    heat: np.ndarray | None = None
-    for finding in findings:
-        if not finding.positive or finding.label not in heatmaps:
-            continue
-        hmap = np.asarray(heatmaps[finding.label], dtype=np.float32)
-        if hmap.shape != shape:
-            raise ResultBuildError(
-                f"heatmap of {finding.label!r} must have the source image's shape {shape}, got {hmap.shape}"
-            )
-        hmap = np.clip(np.nan_to_num(hmap, nan=0.0), 0.0, 1.0)
-        heat = hmap if heat is None else np.maximum(heat, hmap)
-    return heat
-
-
-def _blend(gray_u8: np.ndarray, heat: np.ndarray | None) -> np.ndarray:
-    """RGB image: gray everywhere, a jet colour map alpha-blended where the flagged heat is >= floor."""
-    rgb = np.repeat(gray_u8[:, :, None], 3, axis=2)
-    if heat is None:
-        return rgb
-    colour = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
-    alpha = np.where(heat >= _HEAT_FLOOR, _HEAT_ALPHA * heat, 0.0)[:, :, None]
-    blended = rgb * (1.0 - alpha) + colour * alpha
-    return np.asarray(np.clip(np.round(blended), 0, 255).astype(np.uint8))
-
-
-def _ascii(text: str) -> str:
-    """Hershey fonts draw ASCII only."""
-    return text.encode("ascii", errors="replace").decode("ascii")
-
-
-def banner_lines(findings: Sequence[Finding], algorithm: AlgorithmInfo) -> list[tuple[str, bool]]:
-    """The banner's text lines, each with whether it reports a positive (highlighted) result."""
-    positive = [f for f in findings if f.positive]
-    triage = f"TRIAGE POSITIVE ({len(positive)} flagged)" if positive else "TRIAGE NEGATIVE"
-    lines = [
-        (SERIES_DESCRIPTION_PREFIX, False),
-        (_ascii(f"{algorithm.name} {algorithm.version} - {triage}"), bool(positive)),
-    ]
-    for f in findings:
-        verdict = "POS" if f.positive else "NEG"
-        text = f"{verdict} {f.label}: p={f.probability:.2f} thr={f.threshold:.2f}"
-        lines.append((_ascii(text), bool(f.positive)))
-    return lines
-
-
-def _banner_layout(lines: Sequence[tuple[str, bool]], width: int) -> tuple[int, float, int]:
-    """(columns, font scale, line height) so that the longest finding line fits its column."""
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    columns = 1 if len(lines) <= 6 else 2
-    margin = max(4, width // 100)
-    widest = max(cv2.getTextSize(text, font, 1.0, 2)[0][0] for text, _ in lines[2:] or lines)
-    header = max(cv2.getTextSize(text, font, 1.0, 2)[0][0] for text, _ in lines[:2])
-    fit = min((width / columns - 2 * margin) / widest, (width - 2 * margin) / header)
-    scale = max(0.3, min(width / 1400, fit))
-    line_height = int(cv2.getTextSize("Ag", font, scale, 1)[0][1] * 1.9) + 2
-    return columns, scale, line_height
-
-
-def render_banner(findings: Sequence[Finding], algorithm: AlgorithmInfo, width: int) -> np.ndarray:
-    """A dark RGB strip with the burned-in result text: header, model, triage, one line per finding."""
-    lines = banner_lines(findings, algorithm)
-    columns, scale, line_height = _banner_layout(lines, width)
-    body = lines[2:]
-    rows = 2 + math.ceil(len(body) / columns)
-    strip = np.full((rows * line_height + line_height // 2, width, 3), _BANNER_GRAY, dtype=np.uint8)
-    margin = max(4, width // 100)
-    thickness = max(1, round(scale * 1.5))
-    placed = [(text, pos, margin, (i + 1) * line_height) for i, (text, pos) in enumerate(lines[:2])]
-    per_column = math.ceil(len(body) / columns) if body else 0
-    for i, (text, pos) in enumerate(body):
-        column, row = divmod(i, per_column)
-        placed.append((text, pos, margin + column * width // columns, (row + 3) * line_height))
-    for text, pos, x, y in placed:
-        colour = (255, 96, 32) if pos else (230, 230, 230)
-        cv2.putText(strip, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
-    return strip
+def _overlay_input(call: Callable[[], _T]) -> _T:
+    """Run a rendering call, raising its input errors as ``ResultBuildError``."""
+    try:
+        return call()
+    except OverlayInputError as exc:
+        raise ResultBuildError(str(exc)) from exc
 
 
 def render_overlay(
@@ -684,23 +532,15 @@ def render_overlay(
     algorithm: AlgorithmInfo,
     heatmaps_on_source: Mapping[str, np.ndarray],
 ) -> tuple[np.ndarray, int, float]:
-    """The overlay's RGB pixels: banner strip on top of the (resampled) image with flagged heat blended.
+    """The result overlay's RGB pixels (:func:`node.overlay.render_overlay`).
 
     Returns:
         (rgb uint8 array, banner height in rows, resampling factor applied to the source image).
+
+    Raises:
+        ResultBuildError: the image is not 2-D, or a drawn heatmap does not have its shape.
     """
-    pixels = np.asarray(image, dtype=np.float32)
-    if pixels.ndim != 2 or min(pixels.shape) < 1:
-        raise ResultBuildError(f"image must be a 2-D float array in [0, 1], got shape {pixels.shape}")
-    shape = (int(pixels.shape[0]), int(pixels.shape[1]))
-    heat = _flagged_heat(findings, heatmaps_on_source, shape)
-    scale = overlay_scale(shape)
-    pixels = _resample(np.clip(np.nan_to_num(pixels, nan=0.0), 0.0, 1.0), scale)
-    gray = np.round(pixels * 255).astype(np.uint8)
-    if heat is not None:
-        heat = np.clip(_resample(heat, scale), 0.0, 1.0)
-    banner = render_banner(findings, algorithm, gray.shape[1])
-    return np.concatenate([banner, _blend(gray, heat)], axis=0), banner.shape[0], scale
+    return _overlay_input(lambda: overlay.render_overlay(image, findings, algorithm, heatmaps_on_source))
 
 
 def _patient_orientation(source_ds: Dataset) -> tuple[str, str] | None:
@@ -713,7 +553,7 @@ def _patient_orientation(source_ds: Dataset) -> tuple[str, str] | None:
     return (row, column) if valid else None
 
 
-def _derivation(sc: Dataset, evidence: Dataset, source_ds: Dataset, scale: float) -> None:
+def _derivation(sc: Dataset, evidence: Dataset, source_ds: Dataset, description: str) -> None:
     """General Image derivation attributes: source reference, description, burned-in text, lossy history."""
     reference = Dataset()
     reference.ReferencedSOPClassUID = evidence.SOPClassUID
@@ -722,20 +562,20 @@ def _derivation(sc: Dataset, evidence: Dataset, source_ds: Dataset, scale: float
         CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
     ]
     sc.SourceImageSequence = [reference]
-    resampled = f"; resampled by {scale:.4g} (long side {_MIN_SIDE}-{_MAX_SIDE})" if scale != 1.0 else ""
-    sc.DerivationDescription = (
-        "Source image with the AI heatmap blended over flagged findings only and a burned-in "
-        f"result banner added on top{resampled}. NOT FOR DIAGNOSTIC USE."
-    )
+    sc.DerivationDescription = f"{description} NOT FOR DIAGNOSTIC USE."
     sc.BurnedInAnnotation = "YES"
-    # Results exist only for images the filter accepted as chest radiographs; an unpaired body part
-    # also settles General Series Laterality (Type 2C), which is then absent.
-    sc.BodyPartExamined = "CHEST"
     sc.ConversionType = "WSD"
     tsyntax = getattr(getattr(source_ds, "file_meta", None), "TransferSyntaxUID", None)
     lossy_syntax = tsyntax is not None and UID(tsyntax).is_compressed and not _is_lossless(UID(tsyntax))
     if source_ds.get("LossyImageCompression") == "01" or lossy_syntax:
         sc.LossyImageCompression = "01"
+
+
+_DESCRIPTION_CHARS = 1024  # DerivationDescription is ST
+
+
+def _resampled(scale: float) -> str:
+    return f"; resampled by {scale:.4g} (long side {MIN_SIDE}-{MAX_SIDE})" if scale not in (0.0, 1.0) else ""
 
 
 def _is_lossless(tsyntax: UID) -> bool:
@@ -753,35 +593,16 @@ def _is_lossless(tsyntax: UID) -> bool:
     return str(tsyntax) in lossless
 
 
-def build_overlay(
-    source_ds: Dataset,
-    image: np.ndarray,
-    findings: Sequence[Finding],
-    algorithm: AlgorithmInfo,
-    heatmaps_on_source: Mapping[str, np.ndarray],
-    *,
-    device_ae: str | None = None,
-) -> Dataset:
-    """The Secondary Capture overlay: RGB 8-bit, heat over flagged findings, burned-in banner on top.
+def _secondary_capture(
+    source_ds: Dataset, rgb: np.ndarray, algorithm: AlgorithmInfo, kind: str, device_ae: str | None
+) -> tuple[Dataset, Dataset]:
+    """(SC image of ``rgb`` in the overlay series, the source's evidence); ``kind`` makes its UID.
 
-    Args:
-        source_ds: the analysed image.
-        image: the source-shaped display image, float in [0, 1] (0 = black).
-        findings: the findings of this image (the SR's).
-        algorithm: the model package.
-        heatmaps_on_source: label -> source-shaped map in [0, 1]; only positive findings are drawn.
-        device_ae: this node's AE title (StationName), optional.
-
-    The image is resampled so that its long side lies in 768-1024 pixels (the description says so).
-    The pixels are stored as YBR_FULL in RLE Lossless: the rendering is gray except where heat or
-    highlighted text is drawn, so both colour-difference planes are nearly constant and compress to
-    almost nothing (about 3x smaller than RGB stored uncompressed). RGB -> YBR_FULL rounds coloured
-    pixels by at most 1 per channel; gray pixels are kept exactly.
+    The pixels are stored as YBR_FULL in RLE Lossless: the rendering is gray except where outlines or
+    the banner are drawn, so both colour-difference planes are nearly constant and compress to almost
+    nothing. RGB -> YBR_FULL rounds coloured pixels by at most 1 per channel; gray pixels are kept exactly.
     """
-    for finding in findings:
-        _check_finding(finding)
     evidence = _evidence(source_ds)  # never raises: invalid source UIDs are repaired (usable_source_uid)
-    rgb, _, scale = render_overlay(image, findings, algorithm, heatmaps_on_source)
     orientation = _patient_orientation(source_ds)
     with _quiet_names():
         sc = hd.sc.SCImage.from_ref_dataset(
@@ -795,7 +616,7 @@ def build_overlay(
             ),
             series_number=OVERLAY_SERIES_NUMBER,
             sop_instance_uid=result_uid(
-                evidence.SOPInstanceUID, algorithm.version, "overlay", algorithm_name=algorithm.name
+                evidence.SOPInstanceUID, algorithm.version, kind, algorithm_name=algorithm.name
             ),
             instance_number=evidence.InstanceNumber,
             manufacturer=algorithm.manufacturer,
@@ -808,9 +629,89 @@ def build_overlay(
     if orientation is None:
         sc.add_new("PatientOrientation", "CS", None)  # Type 2: unknown, not guessed
     _copy_patient_study(sc, evidence)
-    _derivation(sc, evidence, source_ds, scale)
     if device_ae:
         sc.StationName = check_short_string(device_ae, "device_ae")
+    return sc, evidence
+
+
+def build_overlay(
+    source_ds: Dataset,
+    image: np.ndarray,
+    findings: Sequence[Finding],
+    algorithm: AlgorithmInfo,
+    heatmaps_on_source: Mapping[str, np.ndarray],
+    *,
+    device_ae: str | None = None,
+) -> Dataset:
+    """The Secondary Capture overlay: RGB 8-bit, evidence of positive findings outlined, banner on top.
+
+    Args:
+        source_ds: the analysed image.
+        image: the source-shaped display image, float in [0, 1] (0 = black).
+        findings: the findings of this image (the SR's).
+        algorithm: the model package.
+        heatmaps_on_source: label -> source-shaped map in [0, 1] (the finding's heatmap on the source);
+            only positive findings are drawn, as the region where the CAM is at least
+            ``node.overlay.CONTOUR_LEVEL`` of its range (see :mod:`node.overlay`).
+        device_ae: this node's AE title (StationName), optional.
+
+    The image is resampled so that its long side lies in 768-1024 pixels (the description says so).
+
+    Raises:
+        ResultBuildError: an invalid finding, an image that is not 2-D or a heatmap of another shape.
+    """
+    for finding in findings:
+        _check_finding(finding)
+    rgb, _, scale = render_overlay(image, findings, algorithm, heatmaps_on_source)
+    sc, evidence = _secondary_capture(source_ds, rgb, algorithm, "overlay", device_ae)
+    drawn = ", ".join(f.label for f in findings if f.positive and f.label in heatmaps_on_source) or "none"
+    description = (
+        f"Source image with the strongest AI evidence (CAM >= {CONTOUR_LEVEL:g} of its range) outlined for "
+        f"positive findings only ({drawn}) and a burned-in result banner added on top{_resampled(scale)}."
+    )
+    _derivation(sc, evidence, source_ds, truncate_bytes(ascii_text(description), _DESCRIPTION_CHARS))
+    # Results exist only for images the filter accepted as chest radiographs; an unpaired body part
+    # also settles General Series Laterality (Type 2C), which is then absent.
+    sc.BodyPartExamined = "CHEST"
+    return sc
+
+
+def build_not_analysed_overlay(
+    source_ds: Dataset,
+    image: np.ndarray | None,
+    reason: str,
+    algorithm: AlgorithmInfo,
+    *,
+    device_ae: str | None = None,
+) -> Dataset:
+    """The Secondary Capture for an image the model did not analyse: the image under a "NOT ANALYSED" banner.
+
+    Args:
+        source_ds: the received image (its header; the pixels are not read from it).
+        image: the decoded source image, 2-D float in [0, 1] or uint8, or None when its pixels could not
+            be decoded (a dark field saying "NO IMAGE PIXELS" is drawn instead).
+        reason: why it was not analysed, a fixed text without patient values, e.g. ``image is not a
+            frontal chest radiograph (p = 0.03)``; burned in and repeated in DerivationDescription.
+        algorithm: the model package.
+        device_ae: this node's AE title (StationName), optional.
+
+    Nothing is drawn on the image; its UID differs from the result overlay's of the same source.
+
+    Raises:
+        ResultBuildError: ``image`` is neither None nor a 2-D image.
+    """
+    reason = _CONTROL.sub(" ", reason).strip()[:MAX_REASON_CHARS] or "no reason given"
+    rgb, _, scale = _overlay_input(lambda: overlay.render_not_analysed(image, reason, algorithm))
+    sc, evidence = _secondary_capture(source_ds, rgb, algorithm, "overlay-not-analysed", device_ae)
+    shown = "Source image" if image is not None else "A blank field (the source pixels could not be decoded)"
+    description = (
+        f"{shown} under a burned-in banner: NOT ANALYSED by the AI model: {ascii_text(reason)}{_resampled(scale)}."
+    )
+    _derivation(sc, evidence, source_ds, truncate_bytes(ascii_text(description), _DESCRIPTION_CHARS))
+    if str(source_ds.get("BodyPartExamined", "")).strip().upper() == "CHEST":
+        sc.BodyPartExamined = "CHEST"
+    else:  # the image may be anything: General Series Laterality (Type 2C) is then present and unknown
+        sc.add_new("Laterality", "CS", None)
     return sc
 
 

@@ -302,35 +302,12 @@ def test_scale_out_one_scp_and_two_workers_share_a_postgresql_queue(
     assert all(n >= 1 for n in done_by), f"both workers should have taken jobs from the queue: {done_by}"
 
 
-def _sr_texts(ds: pydicom.Dataset, meaning: str) -> list[str]:
-    """TextValue of every TEXT content item whose concept name means ``meaning``, at any depth."""
-    found = []
-    for item in ds.get("ContentSequence", []):
-        name = item.get("ConceptNameCodeSequence")
-        if item.get("ValueType") == "TEXT" and name and name[0].CodeMeaning == meaning:
-            found.append(str(item.TextValue))
-        found += _sr_texts(item, meaning)
-    return found
-
-
-def _sr_numbers(ds: pydicom.Dataset, code_value: str) -> list[float]:
-    """NumericValue of every NUM content item named ``code_value``, at any depth of the SR tree."""
-    found = []
-    for item in ds.get("ContentSequence", []):
-        name = item.get("ConceptNameCodeSequence")
-        if item.get("ValueType") == "NUM" and name and name[0].CodeValue == code_value:
-            found.append(float(item.MeasuredValueSequence[0].NumericValue))
-        found += _sr_numbers(item, code_value)
-    return found
-
-
 def test_the_bundled_model_is_served_and_its_sr_matches_offline_prediction(
     tmp_path: Path, corpus: dict[str, list[Path]], node_proc: list[NodeProcess]
 ) -> None:
     """The default configuration (empty [model] package, no threshold override) serves ai/models/default."""
-    from pydicom.sr.codedict import codes
-
     from ai.manifest import bundled_package_dir, load_manifest
+    from node.report import read_report
 
     manifest = load_manifest(bundled_package_dir())
     source = corpus["frontal"][0]
@@ -349,13 +326,13 @@ def test_the_bundled_model_is_served_and_its_sr_matches_offline_prediction(
     check_dciodvfy(produced)
     srs = [pydicom.dcmread(p) for p in produced if pydicom.dcmread(p).SOPClassUID in SR_CLASSES]
     assert len(srs) == 1
-    assert set(_sr_texts(srs[0], "Algorithm Version")) == {manifest.version}
-    assert srs[0].SoftwareVersions == manifest.version
+    report = read_report(srs[0])
+    assert report.algorithm.version == manifest.version == srs[0].SoftwareVersions
     threshold = manifest.thresholds["Tuberculosis"]
-    parameters = _sr_texts(srs[0], "Algorithm Parameters")
-    assert f"threshold={threshold.value:.6g}" in parameters, parameters
-    assert f"threshold_method={threshold.method}" in parameters, parameters
-    [served] = _sr_numbers(srs[0], codes.DCM.Probability.value)
+    [result] = report.findings
+    assert result.label == "Tuberculosis" and result.threshold_method == threshold.method
+    assert result.threshold == float(f"{threshold.value:.6g}")
+    served = result.probability
     offline = subprocess.run([sys.executable, "-m", "node.cli", "--log-level", "ERROR", "predict", "--format", "jsonl",
                               "--config", str(cfg), str(source)], capture_output=True, text=True, check=True, cwd=REPO)
     assert served == pytest.approx(json.loads(offline.stdout)["scores"]["Tuberculosis"], abs=2e-6)

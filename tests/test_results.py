@@ -15,6 +15,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, RLELossless
 
 from ai.findings import Finding
@@ -25,19 +26,31 @@ from node.dicom_hygiene import (
     repair_time,
     sanitize_patient_study,
 )
-from node.results import (
-    ABSENT,
+from node.report import (
     NOT_ANALYSED,
     NOT_ANALYSED_REASON,
     PRESENT,
-    SERIES_DESCRIPTION_PREFIX,
+    PROCEDURE_REPORTED,
     TRIAGE_FLAG,
+    AlgorithmRef,
+    FindingResult,
+    GroupContext,
+    NotAnalysedResult,
+    ReportReadError,
+    TriageResult,
+    finding_code,
+    read_report,
+)
+from node.results import (
+    SERIES_DESCRIPTION_PREFIX,
     AlgorithmInfo,
     ResultBuildError,
+    as_comprehensive_sr,
     build_failure_sr,
+    build_not_analysed_overlay,
     build_overlay,
     build_sr,
-    finding_code,
+    device_uid,
     render_overlay,
     result_uid,
 )
@@ -90,11 +103,11 @@ def shape_of(ds: Dataset) -> tuple[int, int]:
     return int(ds.Rows), int(ds.Columns)
 
 
-def square_heatmap(shape: tuple[int, int]) -> np.ndarray:
-    """1 inside the square [h/4, h/2) x [w/4, w/2), 0 elsewhere."""
-    heat = np.zeros(shape, dtype=np.float32)
-    heat[shape[0] // 4 : shape[0] // 2, shape[1] // 4 : shape[1] // 2] = 1.0
-    return heat
+def blob_heatmap(shape: tuple[int, int], centre: tuple[float, float] = (0.35, 0.3)) -> np.ndarray:
+    """A smooth map like a sigmoid CAM: one peak at ``centre`` (fractions of rows, columns), low elsewhere."""
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    d2 = ((rows / shape[0] - centre[0]) ** 2 + (cols / shape[1] - centre[1]) ** 2) / 0.1**2
+    return (1.0 / (1.0 + np.exp(-(8.0 * np.exp(-d2) - 2.0)))).astype(np.float32)
 
 
 def write(ds: Dataset, path: Path) -> Path:
@@ -114,7 +127,7 @@ def all_objects(ds: Dataset) -> dict[str, Dataset]:
     shape = shape_of(ds)
     image = np.random.default_rng(0).random(shape, dtype=np.float32)
     findings = nih_findings()
-    heatmaps = {f.label: square_heatmap(shape) for f in findings}
+    heatmaps = {f.label: blob_heatmap(shape, (0.2 + 0.04 * i, 0.3)) for i, f in enumerate(findings)}
     return {
         "sr-1-positive": build_sr(ds, [finding("Tuberculosis", 0.9)], ALGORITHM, device_ae="CXRNODE"),
         "sr-1-negative": build_sr(ds, [finding("Tuberculosis", 0.1)], ALGORITHM, device_ae="CXRNODE"),
@@ -124,6 +137,14 @@ def all_objects(ds: Dataset) -> dict[str, Dataset]:
         ),
         "failure-sr": build_failure_sr(ds, "field not found", ALGORITHM, device_ae="CXRNODE"),
         "overlay": build_overlay(ds, image, findings, ALGORITHM, heatmaps, device_ae="CXRNODE"),
+        "overlay-1-positive": build_overlay(
+            ds, image, [finding("Tuberculosis", 0.9)], ALGORITHM, {"Tuberculosis": heatmaps["Hernia"]}
+        ),
+        "overlay-not-analysed": build_not_analysed_overlay(
+            ds, image, "image is not a frontal chest radiograph (p = 0.03)", ALGORITHM, device_ae="CXRNODE"
+        ),
+        "overlay-not-analysed-no-pixels": build_not_analysed_overlay(ds, None, "pixel data could not be decoded",
+                                                                     ALGORITHM),
     }
 
 
@@ -200,8 +221,35 @@ def test_broken_source_still_gives_dciodvfy_clean_objects(tmp_path: Path) -> Non
 # --- SR content by round trip ---------------------------------------------------------------------
 
 
-def read_back(ds: Dataset, tmp_path: Path, name: str = "sr.dcm") -> hd.sr.Comprehensive3DSR:
-    return hd.sr.srread(write(ds, tmp_path / name))
+def read_back(ds: Dataset, tmp_path: Path, name: str = "sr.dcm") -> Dataset:
+    return pydicom.dcmread(write(ds, tmp_path / name))
+
+
+def expected(f: Finding) -> FindingResult:
+    """What the SR states of ``f``: the threshold with 6 significant digits."""
+    return FindingResult(f.label, f.probability, float(f"{f.threshold:.6g}"), f.threshold_method, f.positive)
+
+
+def check_document(sr: Dataset, source: Dataset) -> None:
+    """The document attributes every SR of ours has, whatever it reports."""
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sr.SeriesDescription.startswith(SERIES_DESCRIPTION_PREFIX)
+    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == ("COMPLETE", "UNVERIFIED", "PRELIMINARY")
+    (evidence,) = hd.sr.Comprehensive3DSR.from_dataset(sr).get_evidence()
+    assert evidence == (source.StudyInstanceUID, source.SeriesInstanceUID, source.SOPInstanceUID, source.SOPClassUID)
+    equipment = sr.ContributingEquipmentSequence[0]
+    assert (equipment.Manufacturer, equipment.ManufacturerModelName, equipment.SoftwareVersions) == (
+        "cxr-node", "cxr-nih14", "1.2.0")
+    assert equipment.DeviceUID == device_uid(ALGORITHM)
+    (purpose,) = equipment.PurposeOfReferenceCodeSequence
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("109102", "DCM")  # Processing Equipment
+    report = read_report(sr)
+    assert report.algorithm == AlgorithmRef("cxr-nih14", "1.2.0")
+    assert report.procedures == (PROCEDURE_REPORTED,)  # once, from CID 100
+    assert report.source_sop_instance_uids == (source.SOPInstanceUID,)
+    manufacturer = hd.sr.utils.find_content_items(sr, name=codes.DCM.AlgorithmManufacturer, recursive=True)
+    assert manufacturer == []  # not a TID 4019 item: the manufacturer is in the Contributing Equipment
 
 
 @pytest.mark.shared_data
@@ -209,68 +257,56 @@ def test_sr_round_trip_states_every_finding(source: Dataset, tmp_path: Path) -> 
     findings = nih_findings()
     sr = read_back(build_sr(source, findings, ALGORITHM, device_ae="CXRNODE"), tmp_path)
     assert sr.SOPClassUID == Comprehensive3DSRStorage
-    assert sr.StudyInstanceUID == source.StudyInstanceUID
-    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
-    assert sr.SeriesDescription.startswith(SERIES_DESCRIPTION_PREFIX)
-    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == (
-        "COMPLETE",
-        "UNVERIFIED",
-        "PRELIMINARY",
-    )
     assert (sr.Manufacturer, sr.SoftwareVersions, sr.StationName) == ("cxr-node", "1.2.0", "CXRNODE")
-    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
-    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    groups = {g.tracking_identifier: g for g in sr.content.get_image_measurement_groups()}
-    assert list(groups) == [*NIH14, "Overall triage"]
-    for f in findings:
-        check_finding_group(groups[f.label], f, source)
-    check_summary(sr, positive=True)
-    device = sr.content.get_observer_contexts()[0].observer_identifying_attributes
-    assert (device.name, device.model_name, device.manufacturer_name) == (
-        "cxr-nih14",
-        "cxr-nih14 1.2.0",
-        "cxr-node",
-    )
+    check_document(sr, source)
+    report = read_report(sr)
+    assert report.analysed and report.not_analysed is None
+    assert report.findings == tuple(expected(f) for f in findings)
+    assert report.triage == TriageResult(positive=True)
+    device = hd.sr.srread(tmp_path / "sr.dcm").content.get_observer_contexts()[0].observer_identifying_attributes
+    assert (device.uid, device.name, device.model_name, device.manufacturer_name) == (
+        device_uid(ALGORITHM), "cxr-nih14", "cxr-nih14 1.2.0", "cxr-node")
 
 
-def only_group(sr: hd.sr.Comprehensive3DSR, label: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    (group,) = sr.content.get_image_measurement_groups(finding_type=finding_code(label))
-    return group
-
-
-def check_finding_group(
-    group: hd.sr.MeasurementsAndQualitativeEvaluations, f: Finding, source: Dataset
-) -> None:
-    code = finding_code(f.label)
-    assert (group.tracking_identifier, group.finding_type) == (f.label, code)
+def test_each_finding_group_holds_probability_decision_and_algorithm(tmp_path: Path) -> None:
+    """The TID 1501 group as a PACS viewer sees it, item by item (what FindingResult reads back)."""
+    source = load_source("RG1_UNCR.dcm")
+    f = finding("Tuberculosis", 0.7)
+    sr = hd.sr.srread(write(build_sr(source, [f], ALGORITHM, device_ae="CXRNODE"), tmp_path / "sr.dcm"))
+    (group,) = sr.content.get_image_measurement_groups(finding_type=finding_code(f.label))
+    assert (group.tracking_identifier, group.finding_type) == (f.label, Code("56717001", "SCT", "Tuberculosis"))
     (probability,) = group.get_measurements(name=codes.DCM.Probability)
-    assert probability.value == pytest.approx(f.probability, abs=1e-9)
-    assert probability.unit == codes.UCUM.NoUnits
-    (decision,) = group.get_qualitative_evaluations(name=code)
-    assert decision.value == (PRESENT if f.probability >= f.threshold else ABSENT)
-    params = texts(group[0], codes.DCM.AlgorithmParameters)
-    assert params == [f"threshold={f.threshold:g}", f"threshold_method={METHOD}"]
-    assert texts(group[0], codes.DCM.AlgorithmVersion) == ["1.2.0"]
+    assert (probability.value, probability.unit) == (pytest.approx(0.7), codes.UCUM.NoUnits)
+    (decision,) = group.get_qualitative_evaluations()
+    assert (decision.name, decision.value) == (finding_code(f.label), PRESENT)
+    assert texts(group[0], codes.DCM.AlgorithmParameters) == ["threshold=0.43", f"threshold_method={METHOD}"]
     assert texts(group[0], codes.DCM.AlgorithmName) == ["cxr-nih14"]
+    assert texts(group[0], codes.DCM.AlgorithmVersion) == ["1.2.0"]
     (image,) = group.source_images
-    assert image.referenced_sop_instance_uid == source.SOPInstanceUID
-    assert image.referenced_sop_class_uid == source.SOPClassUID
-
-
-def check_summary(sr: hd.sr.Comprehensive3DSR, positive: bool) -> None:
-    (summary,) = sr.content.get_image_measurement_groups(finding_type=TRIAGE_FLAG)
-    (flag,) = summary.get_qualitative_evaluations(name=TRIAGE_FLAG)
-    assert flag.value == (codes.SCT.Positive if positive else codes.SCT.Negative)
+    assert (image.referenced_sop_class_uid, image.referenced_sop_instance_uid) == (
+        source.SOPClassUID, source.SOPInstanceUID)
+    (flag,) = hd.sr.utils.find_content_items(sr.content[0], name=TRIAGE_FLAG, recursive=True)
+    assert flag.value == codes.SCT.Positive  # at report level (TID 1500 row 13), not in a group
+    assert [g.tracking_identifier for g in sr.content.get_image_measurement_groups()] == [f.label]
 
 
 @pytest.mark.parametrize("probability", [0.43, 0.4299999])
 def test_decision_at_the_threshold(probability: float, tmp_path: Path) -> None:
     source = load_source("RG1_UNCR.dcm")
     f = finding("Tuberculosis", probability)
-    sr = read_back(build_sr(source, [f], ALGORITHM, device_ae="CXRNODE"), tmp_path)
-    check_finding_group(only_group(sr, f.label), f, source)
-    check_summary(sr, positive=probability >= 0.43)
-    assert "threshold=0.43" in texts(sr.content[0], codes.DCM.AlgorithmParameters)
+    report = read_report(read_back(build_sr(source, [f], ALGORITHM, device_ae="CXRNODE"), tmp_path))
+    assert report.finding("Tuberculosis") == expected(f)
+    assert report.finding("Tuberculosis").positive is (probability >= 0.43)
+    assert report.triage == TriageResult(positive=probability >= 0.43)
+
+
+@pytest.mark.parametrize("probability", [0.0, 1.0, 0.123456789, 1e-12])
+def test_finding_result_reads_back_what_it_wrote(probability: float) -> None:
+    context = GroupContext("1.2.840.10008.5.1.4.1.1.1", "1.2.3.4", "cxr-nih14", "1.2.0")
+    for label in (*NIH14, "Tuberculosis", "Support devices and other long label"):
+        written = FindingResult(label, probability, 0.123456, "sensitivity 0.90 on OOF", probability >= 0.123456)
+        group = written.to_group(context, "2.25.1")
+        assert FindingResult.from_group(hd.sr.MeasurementsAndQualitativeEvaluations.from_sequence(group)) == written
 
 
 def test_comprehensive_fallback_has_its_own_class_and_uid(tmp_path: Path) -> None:
@@ -283,25 +319,60 @@ def test_comprehensive_fallback_has_its_own_class_and_uid(tmp_path: Path) -> Non
     assert back.SOPClassUID == ComprehensiveSRStorage
     assert back.SOPInstanceUID != sr3d.SOPInstanceUID
     assert back.SeriesInstanceUID == sr3d.SeriesInstanceUID
-    check_finding_group(only_group(back, "Pneumonia"), finding("Pneumonia", 0.7), source)
+    assert read_report(back).findings == (expected(finding("Pneumonia", 0.7)),)
+    fallback = read_back(as_comprehensive_sr(sr3d), tmp_path, "fallback.dcm")
+    assert fallback.SOPClassUID == ComprehensiveSRStorage
+    assert read_report(fallback) == read_report(sr3d)
 
 
 def test_failure_sr_says_why(tmp_path: Path) -> None:
     source = load_source("RG1_UNCR.dcm")
     sr = read_back(build_failure_sr(source, "field not found", ALGORITHM), tmp_path)
-    assert sr.SeriesDescription.startswith(SERIES_DESCRIPTION_PREFIX)
-    assert sr.VerificationFlag == "UNVERIFIED"
-    assert sr.StudyInstanceUID == source.StudyInstanceUID
-    (group,) = sr.content.get_image_measurement_groups()
+    check_document(sr, source)
+    report = read_report(sr)
+    assert not report.analysed and report.not_analysed == NotAnalysedResult("field not found")
+    assert report.findings == () and report.triage is None
+    (group,) = hd.sr.srread(tmp_path / "sr.dcm").content.get_image_measurement_groups()
     assert group.finding_type == NOT_ANALYSED
-    (reason,) = texts(group[0], NOT_ANALYSED_REASON)
-    assert "passed the chest filter" in reason.lower() and "field not found" in reason
-    assert texts(group[0], codes.DCM.AlgorithmVersion) == ["1.2.0"]
-    assert group.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
-    assert sr.content.get_image_measurement_groups(finding_type=TRIAGE_FLAG) == []
+    (text,) = hd.sr.utils.find_content_items(sr, name=NOT_ANALYSED_REASON, recursive=True)
+    assert text.TextValue == "Passed the chest filter but could not be analysed: field not found"
+    assert read_report(read_back(as_comprehensive_sr(sr), tmp_path, "fallback.dcm")) == report
+
+
+def test_read_report_refuses_an_sr_that_is_not_ours() -> None:
+    other = Dataset()
+    other.SOPInstanceUID, other.ValueType, other.ContinuityOfContent = "1.2.3", "CONTAINER", "SEPARATE"
+    other.ContentSequence = []
+    with pytest.raises(ReportReadError, match="not a TID 1500 report"):
+        read_report(other)
 
 
 # --- UIDs -----------------------------------------------------------------------------------------
+
+
+def test_device_uid_changes_with_the_model_version() -> None:
+    uid = device_uid(ALGORITHM)
+    assert uid == device_uid(AlgorithmInfo("cxr-nih14", "1.2.0", manufacturer="other"))
+    assert uid != device_uid(AlgorithmInfo("cxr-nih14", "1.3.0")) and uid != device_uid(AlgorithmInfo("cxr", "1.2.0"))
+    assert uid.startswith("2.25.") and len(uid) <= 64
+
+
+def leading_zero_source() -> Dataset:
+    """RG1 with UIDs that break only PS3.5 9.1's leading-zero rule (the intake refuses them at C-STORE)."""
+    source = load_source("RG1_UNCR.dcm")
+    source.StudyInstanceUID, source.SeriesInstanceUID, source.SOPInstanceUID = "1.2.040.5", "1.2.3.06", "1.02.003.4"
+    return source
+
+
+@pytest.mark.parametrize("kind", ["sr", "failure-sr"])
+def test_leading_zero_source_uids_are_referenced_verbatim(kind: str, tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid UI values it is asked to write
+        source = leading_zero_source()
+        built = (build_sr(source, [finding("Mass", 0.7)], ALGORITHM, device_ae="CXRNODE") if kind == "sr"
+                 else build_failure_sr(source, "decode failed", ALGORITHM))
+        sr = read_back(built, tmp_path)
+        check_document(sr, source)  # study, evidence (study, series, instance) and the group's image: verbatim
 
 
 def test_uids_are_deterministic_per_source_version_and_kind() -> None:
@@ -346,21 +417,6 @@ def test_negative_result_draws_no_heat() -> None:
     np.testing.assert_array_equal(below[..., 0], np.round(image * 255).astype(np.uint8))
 
 
-def test_positive_heat_only_inside_its_map_and_banner_on_top() -> None:
-    shape = (1000, 800)
-    image = gradient(shape)
-    fs = [finding("Pneumothorax", 0.8), finding("Mass", 0.2)]
-    heat = {"Pneumothorax": square_heatmap(shape), "Mass": np.ones(shape, np.float32)}
-    rgb, top, _ = render_overlay(image, fs, ALGORITHM, heat)
-    below = rgb[top:]
-    inside = square_heatmap(shape) > 0
-    assert coloured(below)[inside].all()
-    assert not coloured(below)[~inside].any()
-    banner = rgb[:top]
-    assert top > 0 and (banner.max(axis=2) > 200).sum() > 500  # text was drawn
-    assert np.median(banner) < 40  # on a dark strip
-
-
 def test_large_source_is_downscaled_to_1024() -> None:
     shape = (3000, 2400)
     rgb, top, scale = render_overlay(np.zeros(shape, np.float32), [finding("Mass", 0.9)], ALGORITHM, {})
@@ -372,10 +428,11 @@ def test_overlay_dataset(tmp_path: Path) -> None:
     source = load_source("RG1_UNCR.dcm")
     shape = shape_of(source)
     fs = [finding("Pneumonia", 0.9), finding("Tuberculosis", 0.1)]
-    heat = {"Pneumonia": square_heatmap(shape)}
+    heat = {"Pneumonia": blob_heatmap(shape)}
     image = gradient(shape)
     sc = pydicom.dcmread(write(build_overlay(source, image, fs, ALGORITHM, heat), tmp_path / "sc.dcm"))
-    expected, _, _ = render_overlay(image, fs, ALGORITHM, heat)
+    expected, top, _ = render_overlay(image, fs, ALGORITHM, heat)
+    assert coloured(expected[top:]).any()  # the outline is there to be compared
     shown = sc.pixel_array  # YBR_FULL converted back to RGB: coloured pixels within 1, gray ones exact
     np.testing.assert_allclose(shown.astype(int), expected.astype(int), atol=1, rtol=0)
     gray = ~coloured(expected)
@@ -387,8 +444,35 @@ def test_overlay_dataset(tmp_path: Path) -> None:
     assert sc.SeriesDescription.startswith(SERIES_DESCRIPTION_PREFIX)
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert "NOT FOR DIAGNOSTIC USE" in sc.DerivationDescription
+    assert "Pneumonia" in sc.DerivationDescription and "Tuberculosis" not in sc.DerivationDescription
     uid = result_uid(source.SOPInstanceUID, "1.2.0", "overlay", algorithm_name="cxr-nih14")
     assert sc.SOPInstanceUID == uid
+
+
+@pytest.mark.parametrize("with_pixels", [True, False])
+def test_not_analysed_overlay_dataset(with_pixels: bool, tmp_path: Path) -> None:
+    source = load_source("RG1_UNCR.dcm")
+    image = gradient(shape_of(source)) if with_pixels else None
+    reason = "image is not a frontal chest radiograph (p = 0.03)"
+    built = build_not_analysed_overlay(source, image, reason, ALGORITHM, device_ae="CXRNODE")
+    sc = pydicom.dcmread(write(built, tmp_path / "na.dcm"))
+    overlay = build_overlay(source, gradient(shape_of(source)), [finding("Mass", 0.1)], ALGORITHM, {})
+    assert sc.SOPInstanceUID != overlay.SOPInstanceUID and sc.SeriesInstanceUID == overlay.SeriesInstanceUID
+    assert sc.SOPInstanceUID == result_uid(
+        source.SOPInstanceUID, "1.2.0", "overlay-not-analysed", algorithm_name="cxr-nih14"
+    )
+    assert sc.SeriesDescription.startswith(SERIES_DESCRIPTION_PREFIX) and sc.StationName == "CXRNODE"
+    assert f"NOT ANALYSED by the AI model: {reason}" in sc.DerivationDescription
+    assert "NOT FOR DIAGNOSTIC USE" in sc.DerivationDescription
+    assert ("Source image" in sc.DerivationDescription) is with_pixels
+    assert sc.file_meta.TransferSyntaxUID == RLELossless and sc.BurnedInAnnotation == "YES"
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert max(sc.Rows, sc.Columns) >= 768 and sc.Columns <= 1024
+
+
+def test_not_analysed_overlay_refuses_an_image_that_is_not_2d() -> None:
+    with pytest.raises(ResultBuildError, match="image must be a 2-D"):
+        build_not_analysed_overlay(load_source("RG1_UNCR.dcm"), np.zeros((4, 64, 64)), "x", ALGORITHM)
 
 
 def test_overlay_rejects_a_heatmap_of_the_wrong_shape() -> None:

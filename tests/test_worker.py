@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from node.config import Destination, Settings, StorageSettings
+from node.report import read_report
 from node.worker import Worker, owner_is_dead
 from storage.db import make_engine
 from storage.files import instance_path, write_atomic
@@ -111,8 +112,8 @@ def test_an_image_that_cannot_be_analysed_gets_a_failure_sr(setup) -> None:  # t
     assert len(produced) == 1
     sr = pydicom.dcmread(produced[0])
     assert sr.SOPClassUID.startswith("1.2.840.10008.5.1.4.1.1.88")
-    texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
-    assert any("could not be analysed" in t and "MONOCHROME" in t for t in texts), texts
+    statement = read_report(sr).not_analysed
+    assert statement is not None and "MONOCHROME" in statement.reason, statement
     assert nonzero(store.status()["jobs"]) == {"done": 1}
 
 
@@ -189,5 +190,5 @@ def test_a_job_whose_runs_all_ended_without_a_result_ends_with_a_not_analysed_sr
     assert "attempts used up" in status["job_failures"][0]["error"]
     assert nonzero(status["outbox"]["pacs"]) == {"pending": 1}  # the not-analysed SR goes to the PACS
     (sr_path,) = (settings.data_path / "results").rglob("*.dcm")
-    texts = [str(e.value) for e in pydicom.dcmread(sr_path).iterall() if e.keyword == "TextValue"]
-    assert any("did not finish in 2 attempts" in t for t in texts), texts
+    statement = read_report(pydicom.dcmread(sr_path)).not_analysed
+    assert statement is not None and "did not finish in 2 attempts" in statement.reason, statement

@@ -248,17 +248,11 @@ def node(tmp_path_factory: pytest.TempPathFactory, package: Path) -> Iterator[No
 
 
 def sr_text(path: str) -> str:
-    """Every TextValue of an SR, at any depth, one per line."""
-    texts: list[str] = []
+    """The reason a not-analysed SR states (read back by node.report), or "" for an analysed one."""
+    from node.report import read_report
 
-    def walk(ds: Dataset) -> None:
-        for item in ds.get("ContentSequence", []):
-            if "TextValue" in item:
-                texts.append(str(item.TextValue))
-            walk(item)
-
-    walk(pydicom.dcmread(path))
-    return "\n".join(texts)
+    statement = read_report(pydicom.dcmread(path)).not_analysed
+    return statement.reason if statement else ""
 
 
 def process_gone(pid: int) -> bool:
