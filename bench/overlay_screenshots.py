@@ -4,9 +4,8 @@ Each image goes the node's way: a DICOM dataset made from the PNG/JPEG (CR, 8-bi
 and scored with the bundled model (``node.worker.analyse_dataset``, ``ai/models/default``), the overlay
 built by ``node.results`` (the finding's heatmap mapped onto the source, as the worker passes it), written
 as DICOM, read back and saved as PNG: the pixels a PACS shows. The lateral view gets the not-analysed
-overlay; its reason comes from the input gate (``ai.gate``) when its package is installed, else it is the
-gate's reason text for a lateral view without the probability. Also written: ``thumbnails.png``, the three
-overlays at 192 px wide side by side (a PACS thumbnail strip).
+overlay with the reason the bundled input gate (``ai.gate``) gives for it, as the worker gets it. Also
+written: ``thumbnails.png``, the three overlays at 192 px wide side by side (a PACS thumbnail strip).
 
 Run on demand (not part of the test suite)::
 
@@ -18,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import sys
 from pathlib import Path
 
 import cv2
@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from ai.ensemble import Ensemble
+from ai.gate import InputGate
 from ai.manifest import bundled_package_dir
 from ai.pixels import dicom_to_float
 from node.results import AlgorithmInfo, build_not_analysed_overlay, build_overlay
@@ -37,7 +38,6 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CR = UID("1.2.840.10008.5.1.4.1.1.1")
 THUMB_WIDTH = 192
 MAX_PNG_BYTES = 300_000
-LATERAL_REASON = "image is not a frontal chest radiograph (most likely a lateral view)"
 
 
 def as_dataset(path: Path, view: str) -> Dataset:
@@ -96,15 +96,11 @@ def side_by_side(images: list[np.ndarray], gap: int = 8) -> np.ndarray:
 
 
 def gate_reason(image: np.ndarray) -> str:
-    """The input gate's reason for refusing ``image``, or ``LATERAL_REASON`` without a gate package."""
-    try:
-        from ai.gate import InputGate, bundled_gate_dir
-    except ImportError:
-        return LATERAL_REASON
-    if not (bundled_gate_dir() / "manifest.json").is_file():
-        return LATERAL_REASON
+    """The bundled input gate's reason for refusing ``image`` (exits when the gate would analyse it)."""
     verdict = InputGate.load(threads=2).check(image)
-    return verdict.reason or LATERAL_REASON
+    if verdict.analysable:
+        sys.exit(f"the input gate analyses this image (p = {verdict.scores}): choose another --lateral")
+    return verdict.reason
 
 
 def result_overlay(ds: Dataset, ensemble: Ensemble, algorithm: AlgorithmInfo) -> tuple[np.ndarray, str]:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ai.ensemble import Ensemble, effective_thresholds
+from ai.gate import GATE_OFF, InputGate, bundled_gate_dir
 from ai.manifest import ModelManifest, bundled_package_dir, load_manifest
 from node.config import Settings
 from node.filter import FilterRules
@@ -76,6 +77,22 @@ def load_ensemble(settings: Settings) -> Ensemble:
                          threshold_overrides=settings.thresholds)
 
 
+def gate_package_dir(settings: Settings) -> Path | None:
+    """The configured input-gate package folder (the bundled one when ``model.gate`` is empty), None when "off"."""
+    if settings.model.gate == GATE_OFF:
+        return None
+    return settings.resolve(settings.model.gate) if settings.model.gate else bundled_gate_dir()
+
+
+def load_gate(settings: Settings) -> InputGate | None:
+    """Load the configured input gate (None when ``model.gate = "off"``: every image is scored, logged once)."""
+    package = gate_package_dir(settings)
+    if package is None:
+        log.warning("model.gate = \"off\": every image that passes the tag filter is scored, whatever its pixels")
+        return None
+    return InputGate.load(package)
+
+
 def check_model_package(settings: Settings) -> ModelManifest:
     """Check the configured package without loading it: manifest, each member's sha256, threshold overrides.
 
@@ -85,6 +102,9 @@ def check_model_package(settings: Settings) -> ModelManifest:
     """
     manifest = load_manifest(model_package_dir(settings), verify=True)
     effective_thresholds(manifest, settings.thresholds)
+    gate = gate_package_dir(settings)
+    if gate is not None:
+        load_manifest(gate, verify=True)
     return manifest
 
 

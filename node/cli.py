@@ -150,6 +150,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = Store(make_engine(settings.database_url))
     status = store.status(recent=args.recent)
     status["conflicts"] = store.conflicts(recent=args.recent)
+    status["recent_results"] = [report_summary(row) for row in store.recent_reports(recent=args.recent)]
     if args.format == "json":
         print(json.dumps(status, indent=2, default=str))
     else:
@@ -179,6 +180,29 @@ def cmd_health(args: argparse.Namespace) -> int:
     return EXIT_OK if healthy else EXIT_FAILED
 
 
+def report_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """What one SR the node wrote says, read back through ``node.report`` (the code that wrote it): per
+    finding probability, threshold and decision, or why the image was not analysed. No patient values."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from node.report import read_report
+
+    out = {"job_id": row["job_id"], "at": row["at"]}
+    try:
+        report = read_report(pydicom.dcmread(row["path"]))
+    except (OSError, ValueError, InvalidDicomError) as exc:  # purged by retention, or not one of our SRs
+        return {**out, "result": f"SR not readable ({type(exc).__name__})"}
+    out["model"] = f"{report.algorithm.name} {report.algorithm.version}"
+    if report.not_analysed is not None:
+        return {**out, "result": f"not analysed: {report.not_analysed.reason}"}
+    out["findings"] = {f.label: {"probability": round(f.probability, 4), "threshold": round(f.threshold, 4),
+                                 "present": f.positive} for f in report.findings}
+    flagged = [f.label for f in report.findings if f.positive]
+    out["result"] = f"analysed: {'POSITIVE (' + ', '.join(flagged) + ')' if flagged else 'negative'}"
+    return out
+
+
 def format_status(status: dict[str, Any]) -> str:
     """Human-readable status: queue counts, outbox per destination, recent failures."""
     lines = ["jobs:    " + ", ".join(f"{k} {v}" for k, v in sorted(status.get("jobs", {}).items()))]
@@ -192,6 +216,12 @@ def format_status(status: dict[str, Any]) -> str:
                      f"(received {conflicts['received']} times, answered Duplicate SOP Instance):")
         lines.extend(f"  {c['sop_instance_uid']} from {c['calling_ae']} (job {c['job_id']} {c['job_state']}, "
                      f"{c['times']}x, last {c['last_received_at']}): {c['path']}" for c in conflicts.get("recent", []))
+    if status.get("recent_results"):
+        lines.append("recent results:")
+        for r in status["recent_results"]:
+            scores = ", ".join(f"{label} {f['probability']:.3f} {'>=' if f['present'] else '<'} {f['threshold']:.3f}"
+                               for label, f in r.get("findings", {}).items())
+            lines.append(f"  job {r['job_id']} {r['at']}: {r['result']}{' (' + scores + ')' if scores else ''}")
     for key in ("job_failures", "send_failures"):
         failures = status.get(key) or []
         if failures:

@@ -106,6 +106,7 @@ class ModelSettings:
     package: str = ""  # empty: the bundled default model package
     providers: tuple[str, ...] = ()  # empty: CUDA when present, else CPU
     heatmap: bool = True  # produce the Secondary Capture overlay
+    gate: str = ""  # the input gate package (ai/gate.py); empty: the bundled one; "off": every image is scored
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class Settings:
             "data_dir": str(self.data_path),
             "destinations": [f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in self.destinations],
             "model": self.model.package or "(bundled)",
+            "gate": self.model.gate or "(bundled)",
             "thresholds": dict(self.thresholds),
             "no_view_policy": self.filter.no_view_policy,
             "service_user": self.service.user or "(as started)",

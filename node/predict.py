@@ -1,7 +1,8 @@
 """Offline prediction: score DICOM, PNG or JPEG files with the node's own preprocessing and ensemble.
 
 DICOM files pass the same chest filter as received images (a lateral or a canine thorax is
-``skipped`` with the filter's reason); PNG and JPEG files carry no tags and are always analysed.
+``skipped`` with the filter's reason); PNG and JPEG files carry no tags. Every image then passes the node's
+input gate (``ai.gate``): one that is not a frontal chest radiograph is ``not analysed`` with the gate's reason.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ai.ensemble import Ensemble
-from ai.errors import CxrError
+from ai.errors import CxrError, ImageRefused
+from ai.gate import InputGate
 from ai.pixels import read_image_file
 from ai.preprocess import preprocess_gray, to_model_input
-from node.app import load_ensemble
+from node.app import load_ensemble, load_gate
 from node.config import Settings
 from node.filter import FilterRules, decide
 from node.worker import analysable_paths, analyse_dataset
@@ -43,22 +45,29 @@ def is_dicom_file(path: Path) -> bool:
     return head[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
 
 
-def predict_one(path: Path, ensemble: Ensemble, settings: Settings, rules: FilterRules) -> dict[str, Any]:
-    """Score one file; never raises for a bad input (status ``failed`` with the reason instead)."""
+def predict_one(path: Path, ensemble: Ensemble, settings: Settings, rules: FilterRules,
+                gate: InputGate | None = None) -> dict[str, Any]:
+    """Score one file; never raises for a bad input (status ``failed`` or ``not analysed`` with the reason)."""
     try:
         if is_dicom_file(path):
             ds = pydicom.dcmread(path)
             decision = decide(ds, settings.filter, rules)
             if not decision.accepted:
                 return _row(path, "skipped", decision.reason)
-            findings = analyse_dataset(ds, ensemble).findings
+            findings = analyse_dataset(ds, ensemble, gate).findings
             return _row(path, "analysed", decision.reason, findings)
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             return _row(path, "skipped", f"not DICOM, PNG or JPEG (suffix {path.suffix or 'none'})")
         spec = ensemble.manifest.preprocess
-        gray, _ = preprocess_gray(read_image_file(path), spec)
+        image = read_image_file(path)
+        verdict = gate.check(image) if gate is not None else None
+        if verdict is not None and not verdict.analysable:
+            return _row(path, "not analysed", verdict.reason)
+        gray, _ = preprocess_gray(image, spec)
         return _row(path, "analysed", "image file (no DICOM tags to filter on)",
                     ensemble.findings(to_model_input(gray, spec)))
+    except ImageRefused as exc:
+        return _row(path, "not analysed", exc.reason)
     except (CxrError, InvalidDicomError, OSError, ValueError) as exc:
         return _row(path, "failed", f"{type(exc).__name__}: {exc}")
 
@@ -71,8 +80,9 @@ def predict_paths(settings: Settings, paths: Sequence[Path], model: Path | None 
     else:
         ensemble = load_ensemble(settings)
     rules = FilterRules.for_settings(settings)
+    gate = load_gate(settings)
     for path in analysable_paths(paths):
         if not path.exists():
             yield _row(path, "failed", "file not found")
             continue
-        yield predict_one(path, ensemble, settings, rules)
+        yield predict_one(path, ensemble, settings, rules, gate)

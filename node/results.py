@@ -447,13 +447,16 @@ def build_failure_sr(
     *,
     device_ae: str | None = None,
     sr_class: SrClass = "3d",
+    own_reason: bool = False,
 ) -> Dataset:
     """An SR stating that the image passed the chest filter but could not be analysed, and why.
 
     One TID 1501 group with finding type ``99CXR NOT_ANALYSED``, the algorithm and the source image,
     and at report level a TEXT item with the reason (passed through :func:`scrub_reason`: it names
     attributes and limits, never a value of the source); see :class:`node.report.NotAnalysedResult`. It
-    has no triage flag: nothing was decided.
+    has no triage flag: nothing was decided. ``own_reason``: the reason is the node's own fixed text with
+    only numbers the node computed (the input gate's, ``ai.gate``), kept as is (ASCII, at most
+    ``MAX_REASON_CHARS``) so that its probability survives.
 
     It is made for any header pydicom could read, since it is what tells the PACS that an accepted
     image got no analysis: source UIDs that cannot be copied are replaced by derived ones (:func:`usable_source_uid`),
@@ -464,7 +467,7 @@ def build_failure_sr(
         ResultBuildError: an empty reason, or a document that cannot be built even from the source's
             UIDs alone (a defect of this module, not of the source).
     """
-    text = scrub_reason(reason)
+    text = _own_text(reason) if own_reason else scrub_reason(reason)
     if not text:
         raise ResultBuildError("build_failure_sr needs a reason, got an empty string")
     failure: Exception | None = None
@@ -516,6 +519,12 @@ def scrub_reason(reason: str) -> str:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _own_text(reason: str) -> str:
+    """The node's own reason text as an SR may carry it: ASCII, no control characters, bounded."""
+    text = _CONTROL.sub(" ", reason.encode("ascii", errors="replace").decode("ascii"))
+    return re.sub(r"\s+", " ", text).strip()[:MAX_REASON_CHARS].rstrip()
 
 
 def _overlay_input(call: Callable[[], _T]) -> _T:

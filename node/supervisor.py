@@ -121,7 +121,7 @@ def run_worker_child(
     parent = multiprocessing.parent_process()
     if parent is not None and parent.pid is not None:
         die_with_parent(parent.pid)
-    from node.app import load_ensemble
+    from node.app import load_ensemble, load_gate
     from node.cli import setup_logging
     from node.worker import Worker
     from storage.db import make_engine
@@ -134,6 +134,7 @@ def run_worker_child(
         threading.Thread(target=_watch_parent, args=(parent, stop), name="parent-watch", daemon=True).start()
     try:
         ensemble = load_ensemble(settings)
+        gate = load_gate(settings)
     except ModelPackageError as exc:
         conn.send(("model", str(exc)))
         sys.exit(EXIT_MODEL)
@@ -142,7 +143,7 @@ def run_worker_child(
         sys.exit(1)
     store = Store(make_engine(settings.database_url), max_attempts=settings.worker.max_attempts)
     worker = Worker(store, ensemble, settings, owner=process_owner(os.getpid()), on_done=results.set,
-                    heartbeat=heartbeat)
+                    heartbeat=heartbeat, gate=gate)
     manifest = ensemble.manifest
     heartbeat.beat()
     conn.send(("ready", f"{manifest.name} {manifest.version} on {', '.join(ensemble.providers)}"))

@@ -1,7 +1,9 @@
 """Worker step: lease a queued job, analyse the image, write the SR and overlay, queue them for sending.
 
-One job = one received frontal chest image. The worker decodes the pixels (``ai.pixels``), runs the
-one preprocessing shared with training (``ai.preprocess``) and the ONNX ensemble (``ai.ensemble``),
+One job = one received frontal chest image. The worker decodes the pixels (``ai.pixels``), lets the input
+gate (``ai.gate``) refuse what is not a frontal chest radiograph whatever its tags say ("not analysed" SR
+with the gate's reason), runs the one preprocessing shared with training (``ai.preprocess``) and the ONNX
+ensemble (``ai.ensemble``),
 builds the results (``node.results``), writes them durably and records them with their outbox rows
 in one transaction (``storage.queue.Store.complete_job``). Result SOP Instance UIDs are derived from
 the source instance and the model version, so a job re-run after a crash produces the same objects.
@@ -41,13 +43,22 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ai.ensemble import Ensemble
-from ai.errors import PROCESS_EXITS, PermanentError, UnsupportedImage
+from ai.errors import PROCESS_EXITS, ImageRefused, PermanentError, UnsupportedImage
 from ai.findings import Finding
+from ai.gate import InputGate
 from ai.pixels import dicom_to_float
 from ai.preprocess import Letterbox, preprocess_gray, to_model_input
 from node.config import Settings
 from node.privacy import describe, message_of
-from node.results import AlgorithmInfo, ResultBuildError, build_failure_sr, build_overlay, build_sr, scrub_reason
+from node.results import (
+    AlgorithmInfo,
+    ResultBuildError,
+    build_failure_sr,
+    build_not_analysed_overlay,
+    build_overlay,
+    build_sr,
+    scrub_reason,
+)
 from storage.db import INCIDENT_CRASH, INCIDENT_MEMORY, INCIDENT_STALL
 from storage.files import DiskFull, free_bytes, result_path, write_atomic
 from storage.queue import Incident, LeasedJob, ResultRecord, Store
@@ -70,9 +81,18 @@ class Analysis:
     letterbox: Letterbox
 
 
-def analyse_dataset(ds: pydicom.Dataset, ensemble: Ensemble) -> Analysis:
-    """Decode, preprocess and score one dataset (raises ``UnsupportedImage`` if it cannot be analysed)."""
+def analyse_dataset(ds: pydicom.Dataset, ensemble: Ensemble, gate: InputGate | None = None) -> Analysis:
+    """Decode, check with the input gate, preprocess and score one dataset.
+
+    Raises:
+        UnsupportedImage: the pixels cannot be decoded or analysed.
+        ImageRefused: the gate found no usable content, or not a frontal chest radiograph.
+    """
     image = dicom_to_float(ds)
+    if gate is not None:
+        verdict = gate.check(image)
+        if not verdict.analysable:
+            raise ImageRefused(verdict.reason, image=image)
     gray, box = preprocess_gray(image, ensemble.manifest.preprocess)
     findings = ensemble.findings(to_model_input(gray, ensemble.manifest.preprocess))
     return Analysis(image=image, findings=findings, letterbox=box)
@@ -165,6 +185,7 @@ class Worker:
         owner: the lease owner name (default: host:pid:thread).
         on_done: called after a job ends, done or failed, when it may have recorded results (wakes the sender).
         heartbeat: where the current job and signs of life are published for a supervisor (None: nowhere).
+        gate: the input gate run before the model (None: every decodable image is scored).
     """
 
     def __init__(
@@ -175,8 +196,10 @@ class Worker:
         owner: str | None = None,
         on_done: Callable[[], None] | None = None,
         heartbeat: JobHeartbeat | None = None,
+        gate: InputGate | None = None,
     ) -> None:
         self.store = store
+        self.gate = gate
         self.on_done = on_done
         self.heartbeat = heartbeat
         self.ensemble = ensemble
@@ -272,7 +295,15 @@ class Worker:
         """Run one job end to end and record its results; returns the result kinds produced."""
         ds = read_source(job)
         try:
-            analysis = analyse_dataset(ds, self.ensemble)
+            analysis = analyse_dataset(ds, self.ensemble, self.gate)
+        except ImageRefused as exc:
+            log.warning("job %d: %s not analysed: %s", job.job_id, job.sop_instance_uid, exc.reason)
+            objects = [("failure_sr", build_failure_sr(ds, exc.reason, self.algorithm, device_ae=self.device_ae,
+                                                       own_reason=True))]
+            if self.settings.model.heatmap:  # the refused image under a NOT ANALYSED banner, beside the SR
+                objects.append(("failure_sc", build_not_analysed_overlay(
+                    ds, exc.image if isinstance(exc.image, np.ndarray) else None, exc.reason, self.algorithm,
+                    device_ae=self.device_ae)))
         except UnsupportedImage as exc:
             reason = scrub_reason(message_of(exc))
             log.warning("job %d: %s not analysable: %s", job.job_id, job.sop_instance_uid, reason)

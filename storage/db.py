@@ -52,7 +52,7 @@ OUTBOX_REJECTED = "rejected"  # permanent, never retried
 OUTBOX_STATES = (OUTBOX_PENDING, OUTBOX_SENT, OUTBOX_FAILED, OUTBOX_REJECTED)
 
 # Result kinds
-RESULT_KINDS = ("sr", "sc", "failure_sr")
+RESULT_KINDS = ("sr", "sc", "failure_sr", "failure_sc")  # failure_sc: the NOT ANALYSED overlay of a refused image
 
 
 def utcnow() -> dt.datetime:
@@ -133,7 +133,7 @@ class Result(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # 'sr', 'sc' or 'failure_sr'
+    kind: Mapped[str] = mapped_column(String(16))  # one of RESULT_KINDS
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

@@ -861,6 +861,18 @@ class Store:
             for i, uid, st, n, err, at, dest in rows
         ]
 
+    def recent_reports(self, recent: int = 10) -> list[dict[str, Any]]:
+        """The ``recent`` latest SRs the worker wrote (analysed or not): job, result id, time and file path."""
+        with self._tx("recent reports", read_only=True) as s:
+            rows = s.execute(
+                select(Result.job_id, Result.id, Result.kind, Result.created_at, Result.path)
+                .where(Result.kind.in_(("sr", "failure_sr")))
+                .order_by(Result.created_at.desc(), Result.id.desc())
+                .limit(recent)
+            )
+            return [{"job_id": j, "result_id": i, "kind": k, "at": at.isoformat(), "path": p}
+                    for j, i, k, at, p in rows]
+
     # ------------------------------------------------------------- liveness
 
     def beat(self, owner: str, role: str, job_id: int | None = None) -> None:

@@ -95,9 +95,10 @@ def orthanc(folder: Path, aet: str = "PACS", dicom_port: int | None = None) -> I
         pacs.stop()
 
 
-def pacs_and_model_toml(pacs_port: int, package: Path | str) -> str:
+def pacs_and_model_toml(pacs_port: int, package: Path | str, gate: str = "") -> str:
     """The node.toml tables every test or benchmark node shares: its one destination, the PACS "pacs"
-    (AE title PACS) on this machine, and the model package it runs."""
+    (AE title PACS) on this machine, the model package it runs and its input gate ("": the bundled one;
+    "off" where a test's synthetic images stand in for chests)."""
     return f"""[[destinations]]
 name = "pacs"
 ae_title = "PACS"
@@ -105,6 +106,7 @@ host = "127.0.0.1"
 port = {pacs_port}
 [model]
 package = "{package}"
+gate = "{gate}"
 """
 
 

@@ -57,15 +57,18 @@ def test_serve_refuses_a_bad_config(tmp_path: Path, package: Path) -> None:
     assert out.returncode == 2 and "scp.max_associations" in out.stderr
 
 
-def test_predict_jsonl_on_png_dicom_lateral_and_garbage(tmp_path: Path, package: Path) -> None:
-    png = tmp_path / "chest.png"
-    img = (np.random.default_rng(0).random((300, 250)) * 255).astype(np.uint8)
-    cv2.imwrite(str(png), img)
+def test_predict_jsonl_on_png_noise_dicom_lateral_and_garbage(tmp_path: Path, package: Path) -> None:
     from pydicom.data import get_testdata_file
+
+    from ai.pixels import dicom_to_float
 
     rg1 = get_testdata_file("RG1_UNCR.dcm")
     if rg1 is None:
         pytest.skip("pydicom-data is not installed (test extra)")
+    png = tmp_path / "chest.png"  # a real chest radiograph as PNG: no tags, scored
+    cv2.imwrite(str(png), np.rint(dicom_to_float(pydicom.dcmread(rg1)) * 255).astype(np.uint8))
+    noise = tmp_path / "noise.png"  # not a radiograph: the input gate refuses it
+    cv2.imwrite(str(noise), (np.random.default_rng(0).random((300, 250)) * 255).astype(np.uint8))
     lateral = tmp_path / "lateral.dcm"
     ds = pydicom.dcmread(rg1)
     ds.ViewPosition = "LL"
@@ -77,15 +80,17 @@ def test_predict_jsonl_on_png_dicom_lateral_and_garbage(tmp_path: Path, package:
     garbage = tmp_path / "garbage.dcm"
     garbage.write_bytes(b"\0" * 128 + b"DICM" + b"nonsense" * 10)
     out = cli("predict", "--format", "jsonl", "--config", str(config(tmp_path, package)),
-              str(png), rg1, str(lateral), str(broken), str(garbage))
+              str(png), str(noise), rg1, str(lateral), str(broken), str(garbage))
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [r["status"] for r in rows] == ["analysed", "analysed", "skipped", "failed", "skipped"], rows
-    for r in rows[:2]:
+    statuses = [r["status"] for r in rows]
+    assert statuses == ["analysed", "not analysed", "analysed", "skipped", "failed", "skipped"], rows
+    for r in (rows[0], rows[2]):
         assert set(r["scores"]) == {"Tuberculosis"} and 0.0 <= r["scores"]["Tuberculosis"] <= 1.0
         assert r["positive"]["Tuberculosis"] == (r["scores"]["Tuberculosis"] >= r["thresholds"]["Tuberculosis"])
-    assert "lateral" in rows[2]["reason"]
-    assert "UnsupportedImage" in rows[3]["reason"]
-    assert "modality" in rows[4]["reason"]  # not an image we analyse, said why
+    assert rows[1]["reason"].startswith("image is not a frontal chest radiograph (p = ") and rows[1]["scores"] == {}
+    assert "lateral" in rows[3]["reason"]
+    assert "UnsupportedImage" in rows[4]["reason"]
+    assert "modality" in rows[5]["reason"]  # not an image we analyse, said why
     assert out.returncode == 1  # one input failed
 
 

@@ -4,7 +4,9 @@ What a job throws (a Rust decoder's panic), a decompression bomb header, a worke
 stalled on a job (restart, incidents, quarantine after two), the worker dying with the node, and the
 SCP answering C-ECHO while the worker decodes a big image. A job that must hang or be killed "while it
 runs" reads its image from a FIFO (what a hung network file system does): the worker blocks in open()
-until the test swaps a regular file in, which no kill or stall timer could race with.
+until the test swaps a regular file in, which no kill or stall timer could race with. The images are
+synthetic patterns standing in for chests, so the node runs with ``[model] gate = "off"`` (the input gate
+would refuse them; tests/test_gate.py tests it).
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ max_memory_mb = {max_memory_mb}
 [send]
 retry_initial_s = 1
 retry_max_s = 2
-{pacs_and_model_toml(pacs_port, package)}""")
+{pacs_and_model_toml(pacs_port, package, gate="off")}""")
         self.log_path = tmp / "node.log"
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)],
