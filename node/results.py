@@ -44,7 +44,19 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.pixels import convert_color_space
 from pydicom.sr.codedict import codes
-from pydicom.uid import UID, RLELossless, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000Lossless,
+    JPEG2000MCLossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+)
 from pydicom.valuerep import validate_value
 
 from ai.errors import PermanentError
@@ -587,19 +599,16 @@ def _resampled(scale: float) -> str:
     return f"; resampled by {scale:.4g} (long side {MIN_SIDE}-{MAX_SIDE})" if scale not in (0.0, 1.0) else ""
 
 
+LOSSLESS_SYNTAXES = frozenset({
+    JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless, JPEG2000MCLossless, RLELossless,
+    HTJ2KLossless, HTJ2KLosslessRPCL, DeflatedExplicitVRLittleEndian,
+})
+"""Transfer syntaxes that keep every pixel: a source in any other compressed syntax (JPEG baseline, JPEG-LS
+near-lossless, JPEG 2000 and HTJ2K that allow loss, .91 and .203) makes the overlay ``LossyImageCompression 01``."""
+
+
 def _is_lossless(tsyntax: UID) -> bool:
-    lossless = {
-        "1.2.840.10008.1.2.4.57",
-        "1.2.840.10008.1.2.4.70",
-        "1.2.840.10008.1.2.4.80",
-        "1.2.840.10008.1.2.4.90",
-        "1.2.840.10008.1.2.4.92",
-        "1.2.840.10008.1.2.5",
-        "1.2.840.10008.1.2.4.201",
-        "1.2.840.10008.1.2.4.203",
-        "1.2.840.10008.1.2.1.99",
-    }
-    return str(tsyntax) in lossless
+    return tsyntax in LOSSLESS_SYNTAXES
 
 
 def _secondary_capture(

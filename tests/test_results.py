@@ -564,3 +564,23 @@ def test_unknown_source_sop_class_is_refused() -> None:
     source.SOPClassUID = "1.2.3.4.5"
     with pytest.raises(ResultBuildError, match="standard storage class known to highdicom"):
         build_sr(source, [finding("Mass", 0.1)], ALGORITHM, device_ae="CXRNODE")
+
+
+@pytest.mark.parametrize(("syntax", "lossy"), [
+    ("1.2.840.10008.1.2.1", False),  # explicit VR little endian: uncompressed
+    ("1.2.840.10008.1.2.4.50", True),  # JPEG baseline
+    ("1.2.840.10008.1.2.4.70", False),  # JPEG lossless SV1
+    ("1.2.840.10008.1.2.4.81", True),  # JPEG-LS near-lossless
+    ("1.2.840.10008.1.2.4.90", False),  # JPEG 2000 lossless only
+    ("1.2.840.10008.1.2.4.91", True),  # JPEG 2000 (may be lossy)
+    ("1.2.840.10008.1.2.4.201", False),  # HTJ2K lossless
+    ("1.2.840.10008.1.2.4.202", False),  # HTJ2K lossless RPCL
+    ("1.2.840.10008.1.2.4.203", True),  # HTJ2K (may be lossy)
+    ("1.2.840.10008.1.2.5", False),  # RLE lossless
+])
+def test_the_overlay_of_a_lossy_source_says_so(syntax: str, lossy: bool) -> None:
+    source = load_source("RG1_UNCR.dcm")
+    source.file_meta.TransferSyntaxUID = syntax
+    source.pop("LossyImageCompression", None)
+    sc = build_overlay(source, gradient(shape_of(source)), [finding("Tuberculosis", 0.1)], ALGORITHM, {})
+    assert (sc.get("LossyImageCompression") == "01") is lossy
