@@ -108,11 +108,6 @@ def check_model_package(settings: Settings) -> ModelManifest:
     return manifest
 
 
-def calling_ae(settings: Settings, destination_calling_ae: str = "") -> str:
-    """Our AE title towards a destination."""
-    return destination_calling_ae or settings.scp.ae_title
-
-
 @dataclass
 class Node:
     """A running node: whichever parts its role needs, started and stopped together."""

@@ -136,7 +136,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
         names = ", ".join(d.name for d in settings.destinations) or "none configured"
         print(f"echo: no destination named {args.name!r} (configured: {names})", file=sys.stderr)
         return EXIT_CONFIG
-    ok = echo(dest, dest.calling_ae or settings.scp.ae_title, timeout_s=settings.send.timeout_s)
+    ok = echo(dest, dest.our_ae_title(settings.scp.ae_title), timeout_s=settings.send.timeout_s)
     print(f"C-ECHO {dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {'success' if ok else 'FAILED'}")
     return EXIT_OK if ok else EXIT_FAILED
 

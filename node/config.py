@@ -98,6 +98,10 @@ class Destination:
     port: int
     calling_ae: str = ""  # our AE title towards this destination; empty: scp.ae_title
 
+    def our_ae_title(self, node_ae_title: str) -> str:
+        """The calling AE title we use towards this destination: its own ``calling_ae``, else the node's."""
+        return self.calling_ae or node_ae_title
+
 
 @dataclass(frozen=True)
 class ModelSettings:

@@ -367,7 +367,7 @@ class Outbox:
                 error = f"destination {name!r} is not configured (expected one of {sorted(self.destinations)})"
                 self.store.mark_send_failed(e.id, error, now + dt.timedelta(seconds=self.settings.retry_max_s))
             return
-        calling_ae = dest.calling_ae or self.calling_ae
+        calling_ae = dest.our_ae_title(self.calling_ae)
         try:
             outcomes = self.sender(dest, [e.path for e in entries], calling_ae, self.settings.timeout_s)
         except Exception as exc:  # an unexpected error of the sender must not lose the batch: retry it
