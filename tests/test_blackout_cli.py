@@ -77,7 +77,7 @@ def make_masked_cohort(folder: Path, name: str, n_patients: int, seed: int, unma
 
 def _use_masks(csv_path: Path, kind: str) -> None:
     csv_path.write_text(csv_path.read_text().replace("masks_both/", f"masks_{kind}/").replace(
-        "masks_right/", f"masks_{kind}/"))  # fmt: skip
+        "masks_right/", f"masks_{kind}/"))
 
 
 def _by_cohort(reports: list[dict]) -> dict[str, dict]:
@@ -158,7 +158,7 @@ def test_audit_blackout_inside_vs_outside_the_mask(run: tuple[Path, Path, Path])
     section = report[report.index("## Shortcut audits"):]
     assert "- **thumbnail_floor** (oof, Tuberculosis): model AUROC" in section
     assert (f"- **lung_blackout** (oof, Tuberculosis): {outside['oof']['verdict']} [n=30, 14 pos; lungs set to "
-            "the background grey; 2 image(s) without a lung mask left out]") in section  # fmt: skip
+            "the background grey; 2 image(s) without a lung mask left out]") in section
     assert f"- **lung_blackout** (ext, Tuberculosis): {outside['ext']['verdict']} [n=16, 8 pos;" in section
 
 

@@ -39,7 +39,7 @@ def test_bundled_model_separates_montgomery_tb(data_dir: Path) -> None:
     ensemble = Ensemble.load(bundled_package_dir(), providers=["CPUExecutionProvider"], threads=2)
     spec = ensemble.manifest.preprocess
     x = np.stack([preprocess(read_image_file(data_dir / r["image"]), spec)[0]
-                  for r in chosen])  # fmt: skip
+                  for r in chosen])
     probs = np.concatenate([ensemble.predict(x[i : i + 8]).probabilities[:, 0] for i in range(0, len(x), 8)])
     y = np.array([float(r["label_tb"]) for r in chosen])
     assert metrics.auroc(y, probs) > 0.7

@@ -104,7 +104,7 @@ def test_fit_writes_units_logs_and_predictions(cohorts: tuple[Path, Path], tmp_p
     assert set(log[0]) == {
         "epoch", "phase", "lr", "train_loss", "val_loss", "auroc", "auprc",
         "sensitivity", "specificity", "f1", "seconds",
-    }  # fmt: skip
+    }
     assert all((run / "units" / "tiny" / f"fold{f}" / "done.json").is_file() for f in range(3))
 
     oof = read_csv(run / "predictions_oof.csv")
@@ -213,7 +213,7 @@ def test_epoch_metrics_hand_case() -> None:
 
 
 @pytest.mark.parametrize(("monitor", "cache_features"), [("training", False), ("training", True),
-                                                         ("validation", False)])  # fmt: skip
+                                                         ("validation", False)])
 def test_monitor_training_lets_the_held_out_fold_decide_nothing(
     cohorts: tuple[Path, Path], tmp_path: Path, monitor: str, cache_features: bool
 ) -> None:
@@ -226,7 +226,7 @@ def test_monitor_training_lets_the_held_out_fold_decide_nothing(
         shutil.copytree(train_csv.parent, folder)
         copies[name] = folder / train_csv.name
     changes = dict(run_folds=(0,), patience=1, lr_patience=0, epochs_head=3, epochs_finetune=3, monitor=monitor,
-                   cache_features=cache_features)  # fmt: skip
+                   cache_features=cache_features)
     config = with_overrides(tiny_config((copies["as_is"], external_csv)), **changes)
     fit(config, tmp_path / "run_as_is")
     held_out = [r["image"] for r in read_csv(tmp_path / "run_as_is" / "folds.csv") if r["fold"] == "0"]
@@ -250,7 +250,7 @@ def test_monitor_training_compares_losses_within_a_phase(cohorts: tuple[Path, Pa
     """The fine-tune phase's augmented training loss never beats the head phase's here; the kept weights must
     still come from the fine-tune phase, not from phase 1 (its loss is not comparable)."""
     config = tiny_config(cohorts, run_folds=(0,), epochs_head=3, epochs_finetune=2, lr_head=0.05,
-                         lr_finetune=1e-6, drop_rate=0.9, patience=5, monitor="training")  # fmt: skip
+                         lr_finetune=1e-6, drop_rate=0.9, patience=5, monitor="training")
     fit(config, tmp_path / "run")
     unit = tmp_path / "run" / "units" / "tiny" / "fold0"
     log = read_log(unit / "log.csv")

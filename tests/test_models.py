@@ -33,7 +33,7 @@ from training.models import (
 SEED_ARCHITECTURES = {
     "convnext_tiny", "convnext_small", "efficientnet_b0", "efficientnetv2_s", "mobilenetv3_small",
     "mobilenetv3_large", "shufflenet_v2", "resnet18", "resnet50", "densenet121", "regnety_8gf", "vit_b16",
-}  # fmt: skip
+}
 SIZE = 64
 
 

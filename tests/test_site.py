@@ -33,7 +33,7 @@ def _shifted_site(n_pos: int = 40, n_neg: int = 60, seed: int = 0) -> tuple[np.n
 
 def _table(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> PredictionTable:
     return PredictionTable(images=groups, patient_ids=groups, labels={"Tuberculosis": y},
-                           scores={"Tuberculosis": {"m0": p}}, name="site")  # fmt: skip
+                           scores={"Tuberculosis": {"m0": p}}, name="site")
 
 
 def test_each_fold_threshold_is_chosen_without_its_own_images() -> None:
@@ -120,7 +120,7 @@ def test_cli_scores_as_the_node_does_and_writes_a_threshold_the_node_accepts(
     cohort = make_cohort(tmp_path / "site", "site", 24, seed=5)
     out = tmp_path / "calib"
     code = main(["site-threshold", "--package", str(package), "--cohort", str(cohort), "--out", str(out),
-                 "--folds", "3", "--n-boot", "100", "--threads", "1"])  # fmt: skip
+                 "--folds", "3", "--n-boot", "100", "--threads", "1"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "[thresholds]" in printed and "Tuberculosis = " in printed
@@ -169,7 +169,7 @@ def test_cli_refuses_an_altered_package(tmp_path: Path, capsys: pytest.CaptureFi
 def _cli(tmp_path: Path, package: Path, cohort: Path, *extra: str) -> int:
     out = tmp_path / "o"
     return main(["site-threshold", "--package", str(package), "--cohort", str(cohort), "--out", str(out),
-                 "--n-boot", "50", "--threads", "1", *extra])  # fmt: skip
+                 "--n-boot", "50", "--threads", "1", *extra])
 
 
 def test_cli_refuses_a_too_small_sample_before_scoring_and_writes_nothing(
@@ -184,7 +184,7 @@ def test_cli_refuses_a_too_small_sample_before_scoring_and_writes_nothing(
 
 @pytest.mark.parametrize(("option", "value"), [("--target-sensitivity", "1.5"), ("--folds", "1")])
 def test_cli_refuses_a_bad_target_or_k(tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str,
-                                       value: str) -> None:  # fmt: skip
+                                       value: str) -> None:
     package = build_tiny_package(tmp_path / "pkg", members=1, size=64)
     cohort = make_cohort(tmp_path / "site", "site", 24, seed=9)
     assert _cli(tmp_path, package, cohort, option, value) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import tomllib
 from collections.abc import Iterator
@@ -39,7 +40,7 @@ def test_help_shows_the_whole_workflow(capsys: pytest.CaptureFixture[str]) -> No
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for step in ("manifest", "init-config", "fit --config", "evaluate --run-dir", "export --run-dir",
-                 "baseline", "audit-blackout", "compare", "package", "site-threshold --package"):  # fmt: skip
+                 "baseline", "audit-blackout", "compare", "package", "site-threshold --package"):
         assert step in text, step
     assert text.index("fit --config") < text.index("evaluate --run-dir") < text.index("export --run-dir")
 
@@ -74,6 +75,23 @@ def test_config_roundtrip_and_validation(tmp_path: Path) -> None:
     assert "'Covid' is not in the canonical vocabulary" in text
     with pytest.raises(ConfigError, match="epochs_head: expected an integer"):
         config_from_dict({**data, "epochs_head": "3"}, tmp_path)
+
+
+def test_an_unregistered_architecture_or_a_misfit_size_fails_at_load(tmp_path: Path) -> None:
+    data = tomllib.loads(example_config_text())
+    with pytest.raises(ConfigError, match=r"architectures: expected registered names .*efficientnet_lite0"):
+        config_from_dict({**data, "architectures": ["efficientnet_lite9"]}, tmp_path)
+    with pytest.raises(ConfigError, match=r"image_size: expected a multiple of \[16\] for \['vit_b16'\]"):
+        config_from_dict({**data, "architectures": ["vit_b16"], "image_size": 200}, tmp_path)
+
+
+def test_architectures_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["architectures", "--format", "json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["efficientnet_lite0"]["imagenet_offline"] is True and rows["resnet18"]["imagenet_offline"] is False
+    assert rows["vit_b16"]["size_multiple"] == 16
+    assert main(["architectures"]) == 0
+    assert "tiny" in capsys.readouterr().out
 
 
 def test_fit_with_invalid_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

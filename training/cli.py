@@ -91,11 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--members", nargs="+", help="architectures to include (default: all trained)")
     p.add_argument("--version", default="", help="package version (default: the run name + date)")
     p.add_argument("--threshold", choices=("youden", "sensitivity"), default="youden",
-                   help="operating point written into the manifest (default youden)")  # fmt: skip
+                   help="operating point written into the manifest (default youden)")
     p.add_argument("--target-sensitivity", type=float, default=0.90)
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
     p.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32",
-                   help="store member weights as float16: half the disk, float32 compute")  # fmt: skip
+                   help="store member weights as float16: half the disk, float32 compute")
 
     p = add("baseline", "thumbnail + intensity floor on the same folds (shortcut audit) -> RUN_DIR/audits.json")
     p.add_argument("--run-dir", type=Path, required=True)
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="onnxruntime threads per member (default: the node's)")
     p.add_argument("--node-config", type=Path,
                    help="the node's node.toml: its [filter] decides which DICOM images count (default: the node's "
-                        "defaults)")  # fmt: skip
+                        "defaults)")
 
     p = sub.add_parser(
         "audit-blackout",
@@ -123,8 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", type=Path, required=True, help="a finished run (after `cxr-train fit`)")
     p.add_argument("--fill", choices=("zero", "background"), default="zero",
-                   help="lung pixels become black (zero, default) or the median grey outside the lungs")  # fmt: skip
+                   help="lung pixels become black (zero, default) or the median grey outside the lungs")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per CI (default 2000)")
+
+    p = add("architectures", "list the registered architectures: source, offline ImageNet weights, input size rule")
+    p.add_argument("--format", choices=("text", "json"), default="text")
 
     p = add("gate", "train the node's input gate (frontal chest / lateral / other) and write its package")
     p.add_argument("--config", type=Path, required=True, help="gate configuration (training/configs/gate.toml)")
@@ -173,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "baseline": _baseline,
         "audit-blackout": _audit_blackout,
         "site-threshold": _site_threshold,
+        "architectures": _architectures,
         "gate": _gate,
         "gate-eval": _gate_eval,
     }
@@ -250,7 +254,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     package = export_run(args.run_dir, args.out, args.members, args.version, args.threshold,
-                         args.target_sensitivity, args.overwrite, args.weights_dtype)  # fmt: skip
+                         args.target_sensitivity, args.overwrite, args.weights_dtype)
     print(f'package: {package}\nnext: set [model] package = "{package}" in node.toml and restart cxr-node')
     return 0
 
@@ -273,13 +277,13 @@ def _audit_blackout(args: argparse.Namespace) -> int:
 def _site_threshold(args: argparse.Namespace) -> int:
     """``cxr-train site-threshold``: print each label's result and the node.toml lines."""
     result = site_threshold_run(args.package, args.cohort, args.out, args.target_sensitivity, args.folds,
-                                args.seed, args.n_boot, args.threads, args.node_config)  # fmt: skip
+                                args.seed, args.n_boot, args.threads, args.node_config)
     for entry in result["labels"]:
         pkg, held = entry["package_threshold"], entry["held_out"]["pooled"]
         print(f"{entry['label']}: package threshold {pkg['threshold']:.4f} reaches sensitivity "
               f"{pkg['sensitivity']['value']:.3f} here; site threshold {entry['site_threshold']['value']:.4f} "
               f"(held out: sensitivity {held['sensitivity']['value']:.3f}, "
-              f"specificity {held['specificity']['value']:.3f})")  # fmt: skip
+              f"specificity {held['specificity']['value']:.3f})")
     print(f"report: {args.out / 'site_threshold.md'}\nto apply it, put into node.toml and restart cxr-node:\n")
     print(result["snippet"], end="")
     return 0
@@ -310,7 +314,7 @@ def export_run(
     run_dir: str | Path, out: str | Path, members: Sequence[str] | None = None, version: str = "",
     threshold: str = "youden", target_sensitivity: float = 0.90, overwrite: bool = False,
     weights_dtype: str = "float32",
-) -> Path:  # fmt: skip
+) -> Path:
     """Export the finished units of ``members`` (architectures) as a model package.
 
     Every fold model of each selected architecture becomes a member (the node averages them all, which
@@ -334,7 +338,7 @@ def export_run(
     units = [key for key, _ in iter_units(run_dir) if key.architecture in archs]
     if len(units) != len(archs) * len(config.fold_indices()):
         raise ValueError(f"{run_dir}: {len(units)} finished unit(s) of {archs}, expected "
-                         f"{len(archs) * len(config.fold_indices())}; run `cxr-train fit` first")  # fmt: skip
+                         f"{len(archs) * len(config.fold_indices())}; run `cxr-train fit` first")
     thresholds, evaluation = oof_thresholds(run_dir, config.labels, archs, threshold, target_sensitivity)
     models = []
     for key in units:
@@ -346,7 +350,7 @@ def export_run(
         spec=config.preprocess_spec(), thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation,
         data_summary=json.loads(summary_path.read_text()) if summary_path.exists() else {},
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(run_dir, config),
-    )  # fmt: skip
+    )
 
 
 def real_parity_inputs(run_dir: Path, config: Any, n: int = 4) -> np.ndarray:
@@ -386,7 +390,7 @@ def oof_thresholds(
 def site_threshold_run(
     package: str | Path, cohort_csv: str | Path, out: str | Path, target: float = 0.90, k: int = 5,
     seed: int = 0, n_boot: int = 2000, threads: int | None = None, node_config: str | Path | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Score a site's labelled sample with a package and calibrate each label (``cxr-train site-threshold``).
 
     Everything is checked before scoring, and the three outputs are written only when all labels are
@@ -428,7 +432,7 @@ def site_threshold_run(
     info = {"name": manifest.name, "version": manifest.version, "path": str(package)}
     snippet = thresholds_snippet(results, cohort.name)
     result = {"package": info, "cohort": cohort.summary(), "excluded_by_filter": scored.excluded,
-              "labels": results, "snippet": snippet}  # fmt: skip
+              "labels": results, "snippet": snippet}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     markdown = report_markdown(results, info, cohort.name, scored.excluded) + f"\n```toml\n{snippet}```\n"
@@ -547,7 +551,7 @@ def blackout_run(run_dir: str | Path, fill: int | str = 0, n_boot: int = 2000) -
         rows[cohort.name] = (positions, with_mask)
     if not rows:
         raise ValueError("no image of any cohort has a lung mask (manifest column lung_mask): "
-                         "the blackout audit cannot run")  # fmt: skip
+                         "the blackout audit cannot run")
     blacked = blackout_scores(run_dir, data, {name: pos[keep] for name, (pos, keep) in rows.items()}, fill)
     reports = []
     for cohort, table in tables:
@@ -559,11 +563,11 @@ def blackout_run(run_dir: str | Path, fill: int | str = 0, n_boot: int = 2000) -
             y = table.labels[label][keep]
             if np.unique(y[~np.isnan(y)]).size < 2:
                 log.warning("audit-blackout: %s has one class only among the masked images of %s, skipped",
-                            label, cohort.name)  # fmt: skip
+                            label, cohort.name)
                 continue
             report = blackout_report(y, table.scores[label]["ensemble"][keep],
                                      blacked[cohort.name][:, config.labels.index(label)], groups,
-                                     cohort=table.name, label=label, n_boot=n_boot)  # fmt: skip
+                                     cohort=table.name, label=label, n_boot=n_boot)
             report.update(n_without_mask=int(np.sum(~keep)), fill=fill)
             reports.append(report)
     merge_audits(run_dir, "lung_blackout", reports)
@@ -589,7 +593,7 @@ def blackout_scores(run_dir: Path, data: Any, rows: dict[str, np.ndarray], fill:
     if missing:
         raise ValueError(f"{run_dir}: unit(s) {missing} not finished; run `cxr-train fit` first")
     pixels = {name: _blacked_pixels(cohorts[name], index, data.spec, fill, config.progress)
-              for name, index in rows.items()}  # fmt: skip
+              for name, index in rows.items()}
     train = data.cohort.name
     train_folds = data.folds[rows[train]] if train in rows else np.array([], dtype=int)
     sums = {name: np.zeros((len(index), len(config.labels))) for name, index in rows.items()}
@@ -610,7 +614,7 @@ def _probabilities(model: Any, data: Any, images: np.ndarray, index: Any = None,
 
     amp = data.device.type == "cuda" and data.config.amp
     logits = predict_array(model, images, data.spec, data.config.batch_size, data.device, amp,
-                           desc=f"{desc} blackout", progress=data.config.progress, index=index)  # fmt: skip
+                           desc=f"{desc} blackout", progress=data.config.progress, index=index)
     return _sigmoid(logits)
 
 
@@ -656,4 +660,19 @@ def _gate_eval(args: argparse.Namespace) -> int:
 
     report = evaluate_gate(args.config, args.run_dir, args.package, args.out, per_kind=args.per_kind)
     print(f"report: {report}")
+    return 0
+
+
+def _architectures(args: argparse.Namespace) -> int:
+    from training.models import ARCHITECTURES
+
+    if args.format == "json":
+        print(json.dumps([{"name": a.name, "source": a.source, "imagenet_offline": a.imagenet is not None,
+                           "size_multiple": a.size_multiple, "heavy": a.heavy} for a in ARCHITECTURES.values()],
+                         indent=2))
+        return 0
+    for a in ARCHITECTURES.values():
+        weights = "imagenet offline" if a.imagenet is not None else "random init or a local weights file"
+        size = f", image_size a multiple of {a.size_multiple}" if a.size_multiple > 1 else ""
+        print(f"{a.name:<24} {a.source:<40} {weights}{size}{' (heavy)' if a.heavy else ''}")
     return 0

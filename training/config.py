@@ -134,6 +134,14 @@ def _validate(c: RunConfig) -> list[str]:
         "a non-empty list of distinct names",
         c.architectures,
     )
+    from training.models import ARCHITECTURES  # the registry (timm, torch): needed by every run anyway
+
+    unregistered = [a for a in c.architectures if a not in ARCHITECTURES]
+    need(not unregistered, "architectures", f"registered names (cxr-train architectures lists them: "
+         f"{', '.join(sorted(ARCHITECTURES))})", unregistered)
+    misfit = [a for a in c.architectures if a in ARCHITECTURES and c.image_size % ARCHITECTURES[a].size_multiple]
+    need(not misfit, "image_size", f"a multiple of {[ARCHITECTURES[a].size_multiple for a in misfit]} for {misfit}",
+         c.image_size)
     need(c.folds >= 2, "folds", "an integer >= 2", c.folds)
     need(
         all(0 <= f < c.folds for f in c.run_folds) and len(set(c.run_folds)) == len(c.run_folds),

@@ -184,6 +184,7 @@ def read_predictions(path: str | Path, name: str | None = None) -> PredictionTab
         return np.array([(r.get(col) or "").strip() for r in rows], dtype=str) if col in header else None
 
     images = text("image")
+    assert images is not None  # _parse_header requires the column
     patients = text("patient_id")
     patients = images if patients is None else np.where(patients == "", images, patients)
     if name is None:

@@ -51,7 +51,7 @@ from training.gate_data import (
     transformed_samples,
 )
 from training.metrics import wilson_ci
-from training.models import build_model
+from training.models import ARCHITECTURES, CxrNet, build_model
 from training.splits import grouped_stratified_kfold
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,11 @@ def load_gate_config(path: str | Path) -> GateConfig:
     if not sources:
         raise ValueError(f"{path}: no [[sources]]")
     augment = AugmentConfig(**data.pop("augment", {}))
-    return GateConfig(sources=tuple(sources), augment=augment, **data)
+    config = GateConfig(sources=tuple(sources), augment=augment, **data)
+    if config.architecture not in ARCHITECTURES:
+        raise ValueError(f"{path}: architecture: expected a registered name (cxr-train architectures), "
+                         f"found {config.architecture!r}")
+    return config
 
 
 # -- the pool -----------------------------------------------------------------------------------------------
@@ -195,7 +199,7 @@ def class_balanced_weights(y: np.ndarray) -> np.ndarray:
 
 
 def train_fold(config: GateConfig, images: np.ndarray, y: np.ndarray, train_index: np.ndarray,
-               fold: int) -> torch.nn.Module:
+               fold: int) -> CxrNet:
     """One network of ``config.architecture`` (every layer trained) on ``train_index``."""
     torch.manual_seed(config.seed * 100 + fold)
     model = build_model(config.architecture, len(GATE_LABELS), config.init or None, size=config.image_size)
@@ -227,7 +231,7 @@ def train_fold(config: GateConfig, images: np.ndarray, y: np.ndarray, train_inde
     return model.eval()
 
 
-def predict(model: torch.nn.Module, images: np.ndarray, spec: PreprocessSpec, index: np.ndarray) -> np.ndarray:
+def predict(model: CxrNet, images: np.ndarray, spec: PreprocessSpec, index: np.ndarray) -> np.ndarray:
     """Sigmoid probabilities ``[len(index), 3]`` of ``model`` on the pool rows ``index``."""
     out = []
     with torch.no_grad():
@@ -237,7 +241,7 @@ def predict(model: torch.nn.Module, images: np.ndarray, spec: PreprocessSpec, in
     return np.concatenate(out) if out else np.zeros((0, len(GATE_LABELS)), np.float32)
 
 
-def fit_gate(config: GateConfig, run_dir: str | Path) -> tuple[list[Sample], np.ndarray, list[torch.nn.Module]]:
+def fit_gate(config: GateConfig, run_dir: str | Path) -> tuple[list[Sample], np.ndarray, list[CxrNet]]:
     """Train (or resume) every fold; returns (pool, out-of-fold probabilities ``[N, 3]``, fold models)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -295,7 +299,7 @@ def export_gate(config: GateConfig, run_dir: str | Path, out_dir: str | Path, ov
     members = [(model, MemberInfo(fold=fold, weights=config.init or "random")) for fold, model in enumerate(models)]
     version = config.version or f"{config.name}-{datetime.now(UTC):%Y%m%d}"
     return export_package(
-        members,  # type: ignore[arg-type]
+        members,
         out_dir,
         name=config.name,
         version=version,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ class FeatureMap(nn.Module):
 
     def __init__(self, body: nn.Module, num_features: int) -> None:
         super().__init__()
-        self.body = body
+        self.body: Any = body  # timm/torchvision networks: their submodules are reached by name
         self.num_features = num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,13 +173,15 @@ def _register_timm(name: str, timm_name: str, wrapper: type[FeatureMap] = Featur
     """Register a timm architecture whose feature map `wrapper` takes from the body."""
 
     def make(size: int | None = None, **kwargs: Any) -> FeatureMap:
-        body = _timm_body(timm_name, **kwargs)
+        body: Any = _timm_body(timm_name, **kwargs)
         width = body.num_features
         if wrapper is MobileNetV3FeatureMap:
             width = body.head_hidden_size
         return wrapper(body, width)
 
     cfg = timm.models.get_pretrained_cfg(timm_name)
+    if cfg is None:
+        raise KeyError(f"timm has no pretrained configuration for {timm_name} (installed timm {timm.__version__})")
     spec = {"classifier": cfg.classifier, "mean": tuple(cfg.mean), "std": tuple(cfg.std), **spec}
     register(name, source=f"timm:{timm_name}", **spec)(make)
 
@@ -207,7 +209,7 @@ _register_timm("regnety_8gf", "regnety_080", heavy=True)
 )
 def _make_vit(size: int | None = None, **kwargs: Any) -> FeatureMap:
     """ViT-B/16 with its position grid for `size` (224 when None) and dynamic image size."""
-    body = _timm_body("vit_base_patch16_224", img_size=size or 224, dynamic_img_size=True, **kwargs)
+    body: Any = _timm_body("vit_base_patch16_224", img_size=size or 224, dynamic_img_size=True, **kwargs)
     return VitFeatureMap(body, body.num_features)
 
 
@@ -241,6 +243,8 @@ def lite_checkpoint_path(name: str) -> Path:
         module = importlib.import_module(package)
     except ImportError as exc:
         raise WeightsError(f"imagenet weights for {name} need the package {package} (train extra)") from exc
+    if module.__file__ is None:
+        raise WeightsError(f"the package {package} has no files (a namespace package?)")
     files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
     if len(files) != 1:
         raise WeightsError(f"expected one .pth in {package}/models, found {[f.name for f in files]}")
@@ -300,6 +304,9 @@ class CxrNet(nn.Module):
         num_labels: outputs of the head (one logit per label).
         drop_rate: dropout before the head (active in training mode only).
     """
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, arch: ArchSpec, backbone: FeatureMap, num_labels: int, drop_rate: float = 0.0) -> None:
         super().__init__()
@@ -465,7 +472,7 @@ def load_state_into(model: CxrNet, state: Mapping[str, torch.Tensor], source: st
         )
 
 
-def _resample_pos_embed(body: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def _resample_pos_embed(body: Any, state: dict[str, torch.Tensor]) -> None:
     """ViT: interpolate a checkpoint's position embedding onto this model's grid (in place)."""
     target = getattr(body, "pos_embed", None)
     if target is None or "pos_embed" not in state or state["pos_embed"].shape == target.shape:
@@ -547,7 +554,3 @@ def unfreeze_last_stage(model: CxrNet) -> list[nn.Parameter]:
         param.requires_grad_(True)
     return params
 
-
-def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """Parameters that currently take gradients (for the optimiser)."""
-    return (p for p in model.parameters() if p.requires_grad)

@@ -63,10 +63,10 @@ def calibrated_labels(package_labels: Sequence[str], cohort: Cohort) -> list[str
     labels = [label for label in package_labels if label in cohort.labels]
     if not labels:
         raise ValueError(f"cohort {cohort.name!r} ({cohort.csv_path.name}) has none of the package's labels "
-                         f"{list(package_labels)} (columns label_<Label>), found {list(cohort.labels)}")  # fmt: skip
+                         f"{list(package_labels)} (columns label_<Label>), found {list(cohort.labels)}")
     ignored = [label for label in (*package_labels, *cohort.labels) if label not in labels]
     log.info("site calibration of %s; not calibrated (absent from the package or the cohort): %s",
-             labels, ignored or "none")  # fmt: skip
+             labels, ignored or "none")
     return labels
 
 
@@ -86,7 +86,7 @@ def check_sample(cohort: Cohort, label: str, k: int, rows: np.ndarray | None = N
 def score_cohort(
     package_dir: str | Path, cohort: Cohort, labels: Sequence[str], filter_settings: Any = None,
     filter_rules: Any = None, threads: int | None = None,
-) -> ScoredSample:  # fmt: skip
+) -> ScoredSample:
     """Score every image of ``cohort`` with the package as the node does.
 
     DICOM files first pass the node's chest filter (``filter_settings``/``filter_rules``: the node's
@@ -171,7 +171,7 @@ def _check_counts(y: np.ndarray, groups: np.ndarray, what: str, k: int) -> None:
     need = max(MIN_PER_CLASS, k)
     if pos_patients < need or neg_patients < need:
         raise ValueError(f"{what}: the calibration sample needs at least {need} positive and {need} negative "
-                         f"patients, found {pos_patients} and {neg_patients}")  # fmt: skip
+                         f"patients, found {pos_patients} and {neg_patients}")
 
 
 def rates_at(
@@ -192,7 +192,7 @@ def rates_at(
             {"sensitivity": lambda yy, pp: float(pp[yy == 1].mean()),
              "specificity": lambda yy, pp: float(1.0 - pp[yy == 0].mean())},
             y, called.astype(float), groups, n_boot, seed,
-        )  # fmt: skip
+        )
         for name in ("sensitivity", "specificity"):
             rates[name].update(low=boot[name].low, high=boot[name].high)
     return rates
@@ -201,7 +201,7 @@ def rates_at(
 def crossval_threshold(
     y: np.ndarray, p: np.ndarray, groups: np.ndarray, target: float = 0.90, k: int = 5, seed: int = 0,
     n_boot: int = 2000,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Held-out performance of the rule "highest threshold reaching ``target`` sensitivity".
 
     Patients are split into ``k`` label-stratified folds; for each fold the threshold is chosen on the
@@ -242,7 +242,7 @@ def crossval_threshold(
         tp, tn = int((called & pos).sum()), int((~called & neg).sum())
         per_fold.append({"fold": f, "threshold": t, "n": int(test.sum()), "positives": n_pos, "negatives": n_neg,
                          "true_positives": tp, "true_negatives": tn, "sensitivity": tp / max(n_pos, 1),
-                         "specificity": tn / max(n_neg, 1)})  # fmt: skip
+                         "specificity": tn / max(n_neg, 1)})
     values = [entry["threshold"] for entry in per_fold]
     return {
         "k": k,
@@ -264,7 +264,7 @@ def floor_threshold(value: float, decimals: int = 6) -> float:
 def calibrate_label(
     table: PredictionTable, label: str, package_threshold: float, target: float = 0.90, k: int = 5,
     seed: int = 0, n_boot: int = 2000,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """The site-calibration figures of one label on a scored sample (see the module docstring).
 
     Raises:
@@ -324,7 +324,7 @@ def report_markdown(
     out = [f"# Site calibration: {package['name']} {package['version']} on {cohort}", ""]
     if excluded:
         out += [f"{len(excluded)} image(s) left out because the node's filter would not analyse them "
-                "(`site_threshold.json` lists their manifest lines and reasons).", ""]  # fmt: skip
+                "(`site_threshold.json` lists their manifest lines and reasons).", ""]
     for e in results:
         held, pkg, ins = e["held_out"], e["package_threshold"], e["site_threshold"]["in_sample"]
         auc = e["auroc"]
@@ -348,5 +348,5 @@ def report_markdown(
             "folds are pooled as if independent. The held-out row is what new patients of this site can expect; "
             "a CI reaching below the target means the sample cannot show that the target is met.",
             "",
-        ]  # fmt: skip
+        ]
     return "\n".join(out)
