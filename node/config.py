@@ -73,6 +73,7 @@ class WorkerSettings:
     poll_s: float = 0.2  # idle poll interval
     max_attempts: int = 5  # retryable failures before a job is failed for good
     retry_initial_s: float = 10.0  # first delay of a retryable failure; doubles per attempt
+    retry_max_s: float = 600.0  # cap of the delay
     job_timeout_s: float = 120.0  # the worker process is killed when one job runs longer (a stall)
     max_memory_mb: int = 3072  # the worker process is killed when its resident memory passes this (690 MB
     # peak with the bundled model on a 3000 x 3000 16-bit image, about 16 bytes a pixel more beyond)
@@ -301,8 +302,9 @@ def _validate_worker(w: WorkerSettings, problems: list[str]) -> None:
         problems.append(f"worker.poll_s: expected 0.01-60 seconds, found {w.poll_s}")
     if w.max_attempts < 1:
         problems.append(f"worker.max_attempts: expected >= 1, found {w.max_attempts}")
-    if w.retry_initial_s <= 0:
-        problems.append(f"worker.retry_initial_s: expected > 0 seconds, found {w.retry_initial_s}")
+    if w.retry_initial_s <= 0 or w.retry_max_s < w.retry_initial_s:
+        problems.append("worker.retry_initial_s/retry_max_s: expected 0 < retry_initial_s <= retry_max_s, "
+                        f"found {w.retry_initial_s} and {w.retry_max_s}")
     if not 1.0 <= w.job_timeout_s <= 86400.0:
         problems.append(f"worker.job_timeout_s: expected 1-86400 seconds, found {w.job_timeout_s}")
     if w.max_memory_mb < 256:

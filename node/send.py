@@ -38,6 +38,7 @@ from pynetdicom.status import (
     code_to_category,
 )
 
+from node.backoff import backoff_s
 from node.config import Destination, SendSettings
 from node.privacy import safe_text
 from storage.db import utcnow
@@ -339,8 +340,7 @@ class Outbox:
 
     def retry_delay(self, attempts: int) -> float:
         """Seconds before the next try after ``attempts`` failed tries (1 = the first failure)."""
-        s = self.settings
-        return float(min(s.retry_initial_s * 2 ** max(attempts - 1, 0), s.retry_max_s))
+        return backoff_s(attempts, self.settings.retry_initial_s, self.settings.retry_max_s)
 
     def run_due(self, now: dt.datetime | None = None) -> int:
         """Send every entry due at ``now`` (None: the current time).

@@ -39,6 +39,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from ai.errors import ModelPackageError
+from node.backoff import backoff_s
 from node.config import Settings
 from node.worker import QUARANTINE_AFTER, HeartbeatState, JobHeartbeat, owner_is_dead, process_owner
 from storage.db import INCIDENT_CRASH, INCIDENT_MEMORY, INCIDENT_STALL
@@ -327,7 +328,7 @@ class WorkerSupervisor:
 
     def _plan_restart(self) -> float:
         """Set when the next start is due: ``RESTART_INITIAL_S`` doubling per death in a row; the delay."""
-        delay = min(RESTART_MAX_S, RESTART_INITIAL_S * 2 ** max(self._deaths_in_row - 1, 0))
+        delay = backoff_s(self._deaths_in_row, RESTART_INITIAL_S, RESTART_MAX_S)
         self._restart_at = time.monotonic() + delay
         return delay
 

@@ -10,7 +10,7 @@ the source instance and the model version, so a job re-run after a crash produce
 
 Failures are classified by exception type: ``UnsupportedImage`` still yields a result (an SR that says
 why the image could not be analysed); other ``PermanentError``s fail the job for good; anything else
-(``RetryableError``, ``OSError``, unexpected errors) is retried with exponential backoff until the
+(``RetryableError``, ``OSError``, unexpected errors) is retried with exponential backoff (``node.backoff``) until the
 attempt limit, then failed. A job failed for good also gets that "not analysed" SR (built from the
 received file's header), so the PACS learns of every accepted image. A full disk while writing results
 (``DiskFull``) is no failure: the job waits for space without using an attempt, with one alert per
@@ -48,6 +48,7 @@ from ai.findings import Finding
 from ai.gate import InputGate
 from ai.pixels import dicom_to_float
 from ai.preprocess import Letterbox, preprocess_gray, to_model_input
+from node.backoff import backoff_s
 from node.config import Settings
 from node.privacy import describe, message_of
 from node.results import (
@@ -362,7 +363,7 @@ class Worker:
             self._wait_for_disk(job, exc)
             return
         retryable = not isinstance(exc, PermanentError)
-        delay = self.settings.worker.retry_initial_s * 2 ** max(job.attempts - 1, 0)
+        delay = backoff_s(job.attempts, self.settings.worker.retry_initial_s, self.settings.worker.retry_max_s)
         retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
         error = f"{type(exc).__name__}: {scrub_reason(message_of(exc))}"
         final = not retryable or job.attempts >= self.store.max_attempts
