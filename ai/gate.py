@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ai.ensemble import Ensemble
-from ai.manifest import ModelManifest, ModelPackageError
+from ai.manifest import ModelManifest, ModelPackageError, bundled_gate_dir
 from ai.preprocess import preprocess
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,6 @@ MIN_LEVELS = 16
 MIN_STD = 2.0 / 255.0
 """A standard deviation below this (in [0, 1] grey): a uniform field with noise in the last bit."""
 
-GATE_DIR_NAME = "gate"
-GATE_OFF = "off"
-"""``[model] gate`` value that turns the gate off."""
-
-
-def bundled_gate_dir() -> Path:
-    """The gate package shipped with the node (beside the default clinical model)."""
-    return Path(__file__).resolve().parent / "models" / GATE_DIR_NAME
 
 
 @dataclass(frozen=True)

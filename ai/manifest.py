@@ -133,6 +133,16 @@ def bundled_package_dir() -> Path:
     return Path(__file__).resolve().parent / "models" / "default"
 
 
+GATE_DIR_NAME = "gate"
+GATE_OFF = "off"
+"""``[model] gate`` value that turns the input gate off."""
+
+
+def bundled_gate_dir() -> Path:
+    """The input-gate package shipped with the node (``ai/models/gate``, beside the default model)."""
+    return Path(__file__).resolve().parent / "models" / GATE_DIR_NAME
+
+
 def member_path(package_dir: str | Path, member: Member) -> Path:
     """Absolute path of a member's ``.onnx`` file."""
     return Path(package_dir) / member.file

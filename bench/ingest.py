@@ -318,9 +318,9 @@ def serve_scp(config: Path, log_level: str, no_fsync: bool = False) -> int:
 
     from sqlalchemy import event
 
-    from node.cli import setup_logging
     from node.config import load_settings
     from node.filter import FilterRules
+    from node.logs import setup_logging
     from node.receive import Intake, start_scp
     from storage.db import make_engine
     from storage.queue import Store

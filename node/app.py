@@ -38,19 +38,17 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait as wait_sentinels
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as ProcessEvent
-from pathlib import Path
 from typing import Any, cast
 
-from ai.ensemble import Ensemble, effective_thresholds
-from ai.gate import GATE_OFF, InputGate, bundled_gate_dir
-from ai.manifest import ModelManifest, bundled_package_dir, load_manifest
+from ai.manifest import ModelManifest
 from node.config import Settings
 from node.filter import FilterRules
+from node.leases import owner_is_dead
+from node.packages import check_model_package
 from node.receive import Intake, start_scp
 from node.scheduler import NodeScheduler
 from node.send import Outbox
 from node.supervisor import WorkerProcessError, WorkerSupervisor
-from node.worker import owner_is_dead
 from storage.db import make_engine
 from storage.queue import Store
 
@@ -64,48 +62,6 @@ CHILD_STOP_S = 30.0  # SIGTERM, then SIGKILL after this
 class ScpProcessError(RuntimeError):
     """A child process of the node (an additional SCP process, or the worker process at start-up) failed to
     start or died while the node was running: ``cxr-node serve`` exits non-zero."""
-
-
-def model_package_dir(settings: Settings) -> Path:
-    """The configured model package folder (the bundled default when ``model.package`` is empty)."""
-    return settings.resolve(settings.model.package) if settings.model.package else bundled_package_dir()
-
-
-def load_ensemble(settings: Settings) -> Ensemble:
-    """Load the configured model package."""
-    return Ensemble.load(model_package_dir(settings), providers=settings.model.providers,
-                         threshold_overrides=settings.thresholds)
-
-
-def gate_package_dir(settings: Settings) -> Path | None:
-    """The configured input-gate package folder (the bundled one when ``model.gate`` is empty), None when "off"."""
-    if settings.model.gate == GATE_OFF:
-        return None
-    return settings.resolve(settings.model.gate) if settings.model.gate else bundled_gate_dir()
-
-
-def load_gate(settings: Settings) -> InputGate | None:
-    """Load the configured input gate (None when ``model.gate = "off"``: every image is scored, logged once)."""
-    package = gate_package_dir(settings)
-    if package is None:
-        log.warning("model.gate = \"off\": every image that passes the tag filter is scored, whatever its pixels")
-        return None
-    return InputGate.load(package)
-
-
-def check_model_package(settings: Settings) -> ModelManifest:
-    """Check the configured package without loading it: manifest, each member's sha256, threshold overrides.
-
-    Raises:
-        ModelPackageError: naming the file that is missing, altered or invalid.
-        ValueError: a threshold override for a label the package lacks, or outside [0, 1].
-    """
-    manifest = load_manifest(model_package_dir(settings), verify=True)
-    effective_thresholds(manifest, settings.thresholds)
-    gate = gate_package_dir(settings)
-    if gate is not None:
-        load_manifest(gate, verify=True)
-    return manifest
 
 
 @dataclass
@@ -269,7 +225,7 @@ def run_scp_child(
 ) -> None:
     """Entry point of an additional SCP process (spawned): accept on the parent's ``listen_socket`` and
     receive until SIGTERM/SIGINT or the parent is gone."""
-    from node.cli import setup_logging
+    from node.logs import setup_logging
 
     setup_logging(logging.getLevelName(log_level))
     node = Node(settings, role="scp", scp_child=True, listen_socket=listen_socket)

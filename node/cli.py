@@ -15,32 +15,12 @@ from typing import Any
 
 from ai.errors import ModelPackageError
 from node.config import ConfigError, Settings, load_settings
+from node.logs import setup_logging
 from node.privileges import PrivilegeError
 
 log = logging.getLogger("node")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-
-
-def setup_logging(level: str) -> None:
-    """Log to stderr at ``level``; each line names its process (``scp.processes`` > 1 runs several).
-
-    Installs the privacy guard first (``node.privacy``): every record, warning and uncaught exception of
-    this process is made value-free at the source, whatever pydicom later does to its logger.
-    """
-    from node.privacy import install as install_privacy_guard
-
-    install_privacy_guard()
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
-    # pydicom's warnings also arrive through ``warnings`` (logged once, value-free, by the guard)
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
-    for noisy in ("pynetdicom", "apscheduler", "highdicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # "skipped: maximum number of running instances reached" is the send job being woken while it runs
-    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -101,8 +81,9 @@ def _drop_privileges(settings: Settings, role: str) -> socket.socket | None:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from ai.errors import ModelPackageError
-    from ai.manifest import bundled_package_dir, load_manifest
+    from ai.manifest import load_manifest
     from node.filter import FilterRules
+    from node.packages import gate_package_dir, model_package_dir
 
     settings = _settings(args)
     problems: list[str] = []
@@ -110,15 +91,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         FilterRules.for_settings(settings)
     except ValueError as exc:
         problems.append(f"filter.rules_file: {exc}")
-    package = settings.resolve(settings.model.package) if settings.model.package else bundled_package_dir()
     try:
-        manifest = load_manifest(package)
+        manifest = load_manifest(model_package_dir(settings))
         for label in settings.thresholds:
             if label not in manifest.labels:
                 problems.append(f"thresholds.{label}: expected one of the model's labels "
                                 f"{list(manifest.labels)}, found {label!r}")
     except ModelPackageError as exc:
         problems.append(f"model.package: {exc}")
+    gate = gate_package_dir(settings)
+    try:
+        if gate is not None:
+            load_manifest(gate)
+    except ModelPackageError as exc:
+        problems.append(f"model.gate: {exc}")
     if problems:
         print(f"{args.config or 'configuration'} is invalid:\n  " + "\n  ".join(problems), file=sys.stderr)
         return EXIT_CONFIG

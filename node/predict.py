@@ -19,9 +19,9 @@ from ai.errors import CxrError, ImageRefused
 from ai.gate import InputGate
 from ai.pixels import read_image_file
 from ai.preprocess import preprocess_gray, to_model_input
-from node.app import load_ensemble, load_gate
 from node.config import Settings
 from node.filter import FilterRules, decide
+from node.packages import load_ensemble, load_gate
 from node.worker import analysable_paths, analyse_dataset
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}

@@ -5,7 +5,7 @@ after one wrong length byte, hundreds of bytes of the following elements: names,
 exceptions from pydicom, numpy and others quote them in their messages. Filtering at the handlers is
 not enough: pydicom resets its logger's level when it is imported, ``pydicom.config.debug()`` adds a
 handler of its own, and ``warnings.warn`` prints to stderr without logging. So the guard works where
-the text is made, once per process, from :func:`install` (``node.cli.setup_logging`` calls it, so every
+the text is made, once per process, from :func:`install` (``node.logs.setup_logging`` calls it, so every
 process that sets up logging has it: the serve parent, spawned SCP processes, workers):
 
 - a log record factory rewrites every record made in the process, whatever logger, level or handler:

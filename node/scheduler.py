@@ -17,7 +17,7 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Settings
-from node.worker import owner_is_dead
+from node.leases import owner_is_dead
 from storage.queue import Store
 
 log = logging.getLogger(__name__)

@@ -40,6 +40,7 @@ from pynetdicom.status import (
 
 from node.backoff import backoff_s
 from node.config import Destination, SendSettings
+from node.leases import process_owner
 from node.privacy import safe_text
 from storage.db import utcnow
 from storage.files import write_atomic
@@ -335,7 +336,7 @@ class Outbox:
         # a claim outlasts the slowest batch, so other processes sharing the queue skip these entries
         self.claim_s = max(60.0, settings.timeout_s * (batch + 2))
         # who holds a claim: a restarted node releases the claims of its dead predecessor at once
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:outbox"
+        self.owner = process_owner(os.getpid(), "outbox")
         self.consecutive_failures: dict[str, int] = {}
 
     def retry_delay(self, attempts: int) -> float:

@@ -41,7 +41,7 @@ from typing import Any
 from ai.errors import ModelPackageError
 from node.backoff import backoff_s
 from node.config import Settings
-from node.worker import QUARANTINE_AFTER, HeartbeatState, JobHeartbeat, owner_is_dead, process_owner
+from node.leases import QUARANTINE_AFTER, HeartbeatState, JobHeartbeat, owner_is_dead, process_owner
 from storage.db import INCIDENT_CRASH, INCIDENT_MEMORY, INCIDENT_STALL
 from storage.queue import Store
 
@@ -122,8 +122,8 @@ def run_worker_child(
     parent = multiprocessing.parent_process()
     if parent is not None and parent.pid is not None:
         die_with_parent(parent.pid)
-    from node.app import load_ensemble, load_gate
-    from node.cli import setup_logging
+    from node.logs import setup_logging
+    from node.packages import load_ensemble, load_gate
     from node.worker import Worker
     from storage.db import make_engine
 

@@ -28,9 +28,6 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import logging
-import multiprocessing
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +47,7 @@ from ai.pixels import dicom_to_float
 from ai.preprocess import Letterbox, preprocess_gray, to_model_input
 from node.backoff import backoff_s
 from node.config import Settings
+from node.leases import QUARANTINE_AFTER, JobHeartbeat, default_owner
 from node.privacy import describe, message_of
 from node.results import (
     AlgorithmInfo,
@@ -69,8 +67,6 @@ log = logging.getLogger(__name__)
 MB = 1024 * 1024
 #: Longest wait before a job whose results met a full disk is tried again (``worker.retry_initial_s`` if shorter).
 DISK_WAIT_MAX_S = 30.0
-#: Incidents (the worker process died or was killed while running the job) before a job is quarantined.
-QUARANTINE_AFTER = 2
 
 
 @dataclass(frozen=True)
@@ -111,69 +107,6 @@ def relative_heatmap(heatmap: np.ndarray, floor_percentile: float = 50.0) -> np.
     if hi - lo < 1e-6:
         return np.zeros_like(heatmap, dtype=np.float32)
     return np.clip((heatmap - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-
-
-def default_owner() -> str:
-    """A lease owner name unique to this process: host, pid and thread."""
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
-
-
-def process_owner(pid: int) -> str:
-    """The lease owner name of a worker process (one worker per process): its supervisor knows it too."""
-    return f"{socket.gethostname()}:{pid}:worker"
-
-
-@dataclass(frozen=True)
-class HeartbeatState:
-    """What a worker process last published: its job (None: idle) and times on ``time.monotonic()``."""
-
-    job_id: int | None
-    job_started: float  # when the current job started (0 when idle)
-    beat_at: float  # the latest sign of life
-    jobs_finished: int
-
-
-class JobHeartbeat:
-    """A worker process's current job and latest sign of life, in shared memory its supervisor reads.
-
-    Four doubles in a ``multiprocessing.Array`` (job id, 0 for none; job start; last beat; jobs
-    finished), written under the array's lock: a few hundred nanoseconds per job, no message passing.
-    Times are ``time.monotonic()``, one clock for all processes of a Linux host.
-
-    Args:
-        ctx: the multiprocessing context the worker process is started with (default: spawn).
-    """
-
-    def __init__(self, ctx: Any = None) -> None:
-        self._slots = (ctx or multiprocessing.get_context("spawn")).Array("d", 4)
-
-    def beat(self) -> None:
-        """Record a sign of life."""
-        self._slots[2] = time.monotonic()
-
-    def reset(self) -> None:
-        """A new process: no job, none finished, a sign of life now (it is starting)."""
-        with self._slots.get_lock():
-            self._slots[:] = [0.0, 0.0, time.monotonic(), 0.0]
-
-    def start_job(self, job_id: int) -> None:
-        """Record that the process started running ``job_id`` now."""
-        with self._slots.get_lock():
-            now = time.monotonic()
-            self._slots[0], self._slots[1], self._slots[2] = float(job_id), now, now
-
-    def end_job(self) -> None:
-        """Record that the current job ended (whatever its outcome)."""
-        with self._slots.get_lock():
-            self._slots[0], self._slots[1], self._slots[2] = 0.0, 0.0, time.monotonic()
-            self._slots[3] += 1
-
-    def read(self) -> HeartbeatState:
-        """The latest state, consistent across its fields."""
-        with self._slots.get_lock():
-            job, started, beat, finished = self._slots[:]
-        return HeartbeatState(job_id=int(job) or None, job_started=started, beat_at=beat,
-                              jobs_finished=int(finished))
 
 
 class Worker:
@@ -470,24 +403,6 @@ def read_source(job: LeasedJob) -> pydicom.Dataset:
     except (InvalidDicomError, ValueError, EOFError) as exc:
         raise PermanentError(f"received file of {job.sop_instance_uid} is not readable DICOM: "
                              f"{describe(exc)}") from exc
-
-
-def owner_is_dead(owner: str) -> bool:
-    """True when a lease owner (``host:pid:thread``) is a process of this host that no longer exists."""
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False  # another machine's worker: only its lease expiry can tell
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # exists, owned by another user
-    return False
 
 
 def analysable_paths(paths: Sequence[Path]) -> list[Path]:

@@ -642,7 +642,7 @@ class Store:
         """Record that the analysis process ``owner`` died or was killed while running a job.
 
         The job returns to the queue, due now (it is quarantined when leased again: see
-        ``node.worker.QUARANTINE_AFTER``), unless it has more than ``give_up_after`` incidents: then even
+        ``node.leases.QUARANTINE_AFTER``), unless it has more than ``give_up_after`` incidents: then even
         its quarantine killed the process, and it is failed for good. The incident is recorded whatever
         the job's state; the job itself is changed only while ``owner`` still holds it, or after the
         lease reaper returned it to the queue.

@@ -18,8 +18,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from ai.errors import ModelPackageError
-from ai.gate import FRONTAL, GATE_LABELS, InputGate, bundled_gate_dir, content_problem
-from ai.manifest import load_manifest
+from ai.gate import FRONTAL, GATE_LABELS, InputGate, content_problem
+from ai.manifest import bundled_gate_dir, load_manifest
 from ai.pixels import dicom_to_float, read_image_file
 from node.config import Destination, ModelSettings, Settings, StorageSettings
 from node.report import read_report
@@ -189,7 +189,7 @@ def test_a_package_without_the_gate_labels_is_refused_as_a_gate(tmp_path: Path) 
 def test_a_corrupt_gate_member_stops_the_node_at_start(tmp_path: Path) -> None:
     import shutil
 
-    from node.app import check_model_package
+    from node.packages import check_model_package
 
     copy = tmp_path / "gate"
     shutil.copytree(bundled_gate_dir(), copy)
@@ -201,7 +201,7 @@ def test_a_corrupt_gate_member_stops_the_node_at_start(tmp_path: Path) -> None:
 
 
 def test_gate_off_scores_every_image(tmp_path: Path) -> None:
-    from node.app import load_gate
+    from node.packages import load_gate
 
     assert load_gate(Settings(model=ModelSettings(gate="off"))) is None
     assert isinstance(load_gate(Settings()), InputGate)

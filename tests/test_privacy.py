@@ -344,7 +344,7 @@ def test_no_planted_value_reaches_any_output(node_outputs: tuple[list[Case], dic
 
 GUARDED_SCRIPT = r"""
 import logging, threading, warnings
-from node.cli import setup_logging
+from node.logs import setup_logging
 setup_logging("DEBUG")
 import pydicom
 from pydicom import config

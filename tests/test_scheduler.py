@@ -96,7 +96,7 @@ def test_claims_of_a_dead_sender_fall_due_at_once(store: Store, tmp_path: Path) 
     import subprocess
     import sys
 
-    from node.worker import owner_is_dead
+    from node.leases import owner_is_dead
 
     received(store, tmp_path, 1, None, "pending")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -17,8 +17,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from node.config import Destination, Settings, StorageSettings
+from node.leases import owner_is_dead
 from node.report import read_report
-from node.worker import Worker, owner_is_dead
+from node.worker import Worker
 from storage.db import make_engine
 from storage.files import instance_path, write_atomic
 from storage.queue import ReceivedInstance, Store
