@@ -343,12 +343,25 @@ def test_in_order_mapping_reports_leftovers_and_shape_mismatches() -> None:
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.toml")), ids=lambda p: p.name)
+GATE_CONFIGS = sorted(CONFIGS.rglob("gate*.toml"))  # the input gate's (training/gate.py), another format
+RUN_CONFIGS = sorted(set(CONFIGS.rglob("*.toml")) - set(GATE_CONFIGS))
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_run_configuration_validates(path: Path) -> None:
     config = load_config(path)
     for name in config.architectures:
         assert name in ARCHITECTURES
         assert config.image_size % ARCHITECTURES[name].size_multiple == 0
+
+
+@pytest.mark.parametrize("path", GATE_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_gate_configuration_validates(path: Path) -> None:
+    from training.gate import load_gate_config
+
+    config = load_gate_config(path)
+    assert config.architecture in ARCHITECTURES and config.sources
+    assert config.image_size % ARCHITECTURES[config.architecture].size_multiple == 0
 
 
 def test_the_seed_configuration_is_13_architectures_by_5_folds() -> None:
