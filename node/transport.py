@@ -201,7 +201,8 @@ class BulkRecvSocket(AssociationSocket):
 
     pynetdicom reads a PDU 4096 bytes at a time, each chunk a new ``bytes`` appended to a bytearray:
     ~2,000 calls and two copies per 8 MB image. Here the PDU is read into one buffer in as few calls as
-    the socket allows (one copy): ~4 ms (~15 %) less CPU per 2048x2048 16-bit image on this project's machine.
+    the socket allows (one copy), which saves CPU on every large image (measured: bench/README.md,
+    "What was changed to get here", item 3).
     Reads take a deadline (:meth:`recv_until`); the caller bounds ``nr_bytes`` before calling.
     """
 

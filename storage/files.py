@@ -152,7 +152,8 @@ def move_into_place(src: str | Path, path: str | Path) -> list[Path]:
     Once this returns the complete file is visible at ``path`` and its data is durable; the rename
     (and any new folder) is durable only once :func:`fsync_dirs` has run on the folders returned. A
     caller may do other durable work meanwhile (e.g. commit a database row in another thread): each
-    fsync costs a device cache flush (~4 ms on this project's machine) and concurrent flushes overlap.
+    fsync costs a device cache flush, and concurrent flushes overlap (measured: bench/README.md,
+    "What was changed to get here", item 2).
 
     Returns:
         The folders to fsync (empty when ``src`` was copied across file systems: already durable).
