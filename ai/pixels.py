@@ -302,8 +302,22 @@ def _is_inverted(ds: Dataset) -> bool:
     return pi == "MONOCHROME1" or shape == "INVERSE"
 
 
+def is_dicom_file(path: str | Path) -> bool:
+    """The one rule for "is this file DICOM": a ``DICM`` preamble, or a ``.dcm`` suffix (a dataset written
+    without the preamble and file meta, which pydicom reads with ``force``)."""
+    path = Path(path)
+    with path.open("rb") as fh:
+        head = fh.read(132)
+    return head[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
+
+
+def read_dicom_file(path: str | Path, stop_before_pixels: bool = False) -> Dataset:
+    """Read a file :func:`is_dicom_file` accepts (without a preamble: with ``force``)."""
+    return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+
+
 def read_image_file(path: str | Path) -> np.ndarray:
-    """Read a DICOM (recognised by its ``DICM`` preamble), PNG or JPEG file as a float image.
+    """Read a DICOM (:func:`is_dicom_file`), PNG or JPEG file as a float image.
 
     Args:
         path: the file.
@@ -317,13 +331,12 @@ def read_image_file(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     try:
-        with path.open("rb") as fh:
-            head = fh.read(132)
+        dicom = is_dicom_file(path)
     except OSError as exc:
         raise UnsupportedImage(f"cannot read image file {path}: {exc.strerror}") from exc
-    if head[128:132] == b"DICM":
+    if dicom:
         try:
-            ds = pydicom.dcmread(path)
+            ds = read_dicom_file(path)
         except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
             raise UnsupportedImage(f"cannot parse DICOM file {path}: {type(exc).__name__}") from exc
         return dicom_to_float(ds)

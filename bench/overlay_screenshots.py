@@ -27,12 +27,12 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
+from ai.analyse import analyse_dataset
 from ai.ensemble import Ensemble
 from ai.gate import InputGate
 from ai.manifest import bundled_package_dir
 from ai.pixels import dicom_to_float
 from node.results import AlgorithmInfo, build_not_analysed_overlay, build_overlay
-from node.worker import analyse_dataset
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CR = UID("1.2.840.10008.5.1.4.1.1.1")

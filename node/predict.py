@@ -11,18 +11,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import pydicom
 from pydicom.errors import InvalidDicomError
 
+from ai.analyse import analyse_dataset, analyse_image
 from ai.ensemble import Ensemble
 from ai.errors import CxrError, ImageRefused
 from ai.gate import InputGate
-from ai.pixels import read_image_file
-from ai.preprocess import preprocess_gray, to_model_input
+from ai.pixels import is_dicom_file, read_dicom_file, read_image_file
 from node.config import Settings
 from node.filter import FilterRules, decide
 from node.packages import load_ensemble, load_gate
-from node.worker import analysable_paths, analyse_dataset
+from node.worker import analysable_paths
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -38,19 +37,12 @@ def _row(path: Path, status: str, reason: str, findings: Sequence[Any] = ()) -> 
     }
 
 
-def is_dicom_file(path: Path) -> bool:
-    """A DICOM file by its preamble, or by its `.dcm` suffix (the node reads both as DICOM)."""
-    with path.open("rb") as f:
-        head = f.read(132)
-    return head[128:132] == b"DICM" or path.suffix.lower() == ".dcm"
-
-
 def predict_one(path: Path, ensemble: Ensemble, settings: Settings, rules: FilterRules,
                 gate: InputGate | None = None) -> dict[str, Any]:
     """Score one file; never raises for a bad input (status ``failed`` or ``not analysed`` with the reason)."""
     try:
         if is_dicom_file(path):
-            ds = pydicom.dcmread(path)
+            ds = read_dicom_file(path)
             decision = decide(ds, settings.filter, rules)
             if not decision.accepted:
                 return _row(path, "skipped", decision.reason)
@@ -58,14 +50,8 @@ def predict_one(path: Path, ensemble: Ensemble, settings: Settings, rules: Filte
             return _row(path, "analysed", decision.reason, findings)
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             return _row(path, "skipped", f"not DICOM, PNG or JPEG (suffix {path.suffix or 'none'})")
-        spec = ensemble.manifest.preprocess
-        image = read_image_file(path)
-        verdict = gate.check(image) if gate is not None else None
-        if verdict is not None and not verdict.analysable:
-            return _row(path, "not analysed", verdict.reason)
-        gray, _ = preprocess_gray(image, spec)
-        return _row(path, "analysed", "image file (no DICOM tags to filter on)",
-                    ensemble.findings(to_model_input(gray, spec)))
+        findings = analyse_image(read_image_file(path), ensemble, gate).findings
+        return _row(path, "analysed", "image file (no DICOM tags to filter on)", findings)
     except ImageRefused as exc:
         return _row(path, "not analysed", exc.reason)
     except (CxrError, InvalidDicomError, OSError, ValueError) as exc:

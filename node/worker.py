@@ -31,7 +31,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +38,10 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from ai.analyse import Analysis, analyse_dataset
 from ai.ensemble import Ensemble
 from ai.errors import PROCESS_EXITS, ImageRefused, PermanentError, UnsupportedImage
-from ai.findings import Finding
 from ai.gate import InputGate
-from ai.pixels import dicom_to_float
-from ai.preprocess import Letterbox, preprocess_gray, to_model_input
 from node.backoff import backoff_s
 from node.config import Settings
 from node.leases import QUARANTINE_AFTER, JobHeartbeat, default_owner
@@ -67,32 +64,6 @@ log = logging.getLogger(__name__)
 MB = 1024 * 1024
 #: Longest wait before a job whose results met a full disk is tried again (``worker.retry_initial_s`` if shorter).
 DISK_WAIT_MAX_S = 30.0
-
-
-@dataclass(frozen=True)
-class Analysis:
-    """What the model said about one image, with what is needed to draw it on the source."""
-
-    image: np.ndarray  # the decoded source image, float32 [0, 1], source shape
-    findings: list[Finding]
-    letterbox: Letterbox
-
-
-def analyse_dataset(ds: pydicom.Dataset, ensemble: Ensemble, gate: InputGate | None = None) -> Analysis:
-    """Decode, check with the input gate, preprocess and score one dataset.
-
-    Raises:
-        UnsupportedImage: the pixels cannot be decoded or analysed.
-        ImageRefused: the gate found no usable content, or not a frontal chest radiograph.
-    """
-    image = dicom_to_float(ds)
-    if gate is not None:
-        verdict = gate.check(image)
-        if not verdict.analysable:
-            raise ImageRefused(verdict.reason, image=image)
-    gray, box = preprocess_gray(image, ensemble.manifest.preprocess)
-    findings = ensemble.findings(to_model_input(gray, ensemble.manifest.preprocess))
-    return Analysis(image=image, findings=findings, letterbox=box)
 
 
 def relative_heatmap(heatmap: np.ndarray, floor_percentile: float = 50.0) -> np.ndarray:

@@ -375,3 +375,22 @@ def test_messages_name_no_text_value_of_the_dataset() -> None:
     with pytest.raises(UnsupportedImage) as info:
         dicom_to_float(ds)
     assert "DOE" not in str(info.value) and "not a defined term" in str(info.value)
+
+
+def test_one_rule_decides_which_files_are_dicom(tmp_path: Path) -> None:
+    """A DICM preamble, or a .dcm suffix (a dataset written without preamble and file meta): both are read
+    as DICOM by every reader (``read_image_file``, the node's ``predict``, site calibration)."""
+    from ai.pixels import is_dicom_file
+
+    stored = quantise(np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(64, 48), 12)
+    ds = make_ds(stored, bits_stored=12)
+    with_preamble = tmp_path / "image.bin"
+    ds.save_as(with_preamble, enforce_file_format=True)
+    bare = tmp_path / "bare.dcm"
+    ds.save_as(bare, implicit_vr=False, little_endian=True)  # no preamble, no file meta
+    assert bare.read_bytes()[128:132] != b"DICM"
+    png = tmp_path / "image.png"
+    cv2.imwrite(str(png), (stored >> 4).astype(np.uint8))
+    assert [is_dicom_file(p) for p in (with_preamble, bare, png)] == [True, True, False]
+    np.testing.assert_array_equal(read_image_file(with_preamble), read_image_file(bare))
+    assert read_image_file(png).shape == (64, 48)

@@ -140,18 +140,16 @@ def score_cohort(
 
 def _score_image(path: Path, ensemble: Any, settings: Any, rules: Any, where: str) -> tuple[Any, str]:
     """(the ensemble's prediction, "") or (None, the filter's reason) for one file, as the node does."""
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     from ai.errors import UnsupportedImage
-    from ai.pixels import dicom_to_float, read_image_file
+    from ai.pixels import dicom_to_float, is_dicom_file, read_dicom_file, read_image_file
     from ai.preprocess import preprocess
     from node.filter import decide
-    from node.predict import is_dicom_file
 
     try:
         if is_dicom_file(path):
-            ds = pydicom.dcmread(path)
+            ds = read_dicom_file(path)
             decision = decide(ds, settings, rules)
             if not decision.accepted:
                 return None, decision.reason

@@ -1,0 +1,56 @@
+"""Analyse step: one image scored exactly as the node scores it, for every caller.
+
+The worker (a received DICOM dataset), ``cxr-node predict`` (DICOM, PNG or JPEG files) and the benches all
+go through :func:`analyse_dataset` / :func:`analyse_image`: decode (``ai.pixels``), the input gate
+(``ai.gate``, when given), the one preprocessing shared with training (``ai.preprocess``) and the ensemble
+(``ai.ensemble``). Which files are DICOM is decided by one rule, ``ai.pixels.is_dicom_file``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+
+from ai.ensemble import Ensemble
+from ai.errors import ImageRefused
+from ai.findings import Finding
+from ai.gate import InputGate
+from ai.pixels import dicom_to_float
+from ai.preprocess import Letterbox, preprocess_gray, to_model_input
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What the model said about one image, with what is needed to draw it on the source."""
+
+    image: np.ndarray  # the decoded source image, float32 [0, 1], source shape
+    findings: list[Finding]
+    letterbox: Letterbox
+
+
+def analyse_image(image: np.ndarray, ensemble: Ensemble, gate: InputGate | None = None) -> Analysis:
+    """Check a decoded image with the input gate, preprocess and score it.
+
+    Raises:
+        ImageRefused: the gate found no usable content, or not a frontal chest radiograph.
+        UnsupportedImage: the image cannot be preprocessed.
+    """
+    if gate is not None:
+        verdict = gate.check(image)
+        if not verdict.analysable:
+            raise ImageRefused(verdict.reason, image=image)
+    gray, box = preprocess_gray(image, ensemble.manifest.preprocess)
+    findings = ensemble.findings(to_model_input(gray, ensemble.manifest.preprocess))
+    return Analysis(image=image, findings=findings, letterbox=box)
+
+
+def analyse_dataset(ds: pydicom.Dataset, ensemble: Ensemble, gate: InputGate | None = None) -> Analysis:
+    """Decode one dataset's pixels, then :func:`analyse_image`.
+
+    Raises:
+        UnsupportedImage: the pixels cannot be decoded or analysed.
+        ImageRefused: the gate refused the image.
+    """
+    return analyse_image(dicom_to_float(ds), ensemble, gate)
