@@ -324,22 +324,17 @@ def _make_sr(
     algorithm: AlgorithmInfo,
     kind: str,
     device_ae: str | None,
-    sr_class: SrClass,
     any_sop_class: bool = False,
 ) -> Dataset:
-    """Wrap TID 1500 content in a Comprehensive 3D SR (88.34) or Comprehensive SR (88.33) document.
+    """Wrap TID 1500 content in a Comprehensive 3D SR (88.34) document (88.33: :func:`as_comprehensive_sr`).
 
     ``evaluations``: the report-level qualitative evaluations (TID 1500 rows 13-14).
     ``any_sop_class``: a source whose SOP class highdicom does not know is referenced all the same
     (see :func:`_construct`); otherwise it is refused.
     """
-    if sr_class not in ("3d", "comprehensive"):
-        raise ResultBuildError(f"sr_class must be '3d' or 'comprehensive', got {sr_class!r}")
     report = measurement_report(_observation_context(algorithm), groups, evaluations)
-    cls = Comprehensive3DSR if sr_class == "3d" else ComprehensiveSR
-    kind = kind if sr_class == "3d" else f"{kind}-comprehensive"
     sr = _construct(
-        cls,
+        Comprehensive3DSR,
         evidence,
         any_sop_class,
         content=report,
@@ -431,12 +426,14 @@ def build_sr(
         algorithm: the model package.
         device_ae: this node's AE title (StationName).
         sr_class: ``3d`` (Comprehensive 3D SR, 88.34) or ``comprehensive`` (88.33) for PACS that refuse
-            88.34; the two get different SOP Instance UIDs.
+            88.34: the one fallback, :func:`as_comprehensive_sr` of the 88.34 document (same content, its own
+            deterministic UID, the one the outbox sends).
 
     Raises:
         ResultBuildError: no findings, duplicate labels, a probability or threshold outside [0, 1],
             ``positive`` inconsistent with them, or a source of a SOP class highdicom does not know.
     """
+    _check_sr_class(sr_class)
     if not findings:
         raise ResultBuildError("build_sr needs at least one finding, got none")
     labels = [f.label for f in findings]
@@ -449,7 +446,13 @@ def build_sr(
     results = [FindingResult.from_finding(f) for f in findings]
     groups = [r.to_group(context, _tracking_uid(evidence, algorithm, r.label)) for r in results]
     evaluations = TriageResult.of(results).to_evaluations()
-    return _make_sr(evidence, groups, evaluations, algorithm, "sr", device_ae, sr_class)
+    sr = _make_sr(evidence, groups, evaluations, algorithm, "sr", device_ae)
+    return as_comprehensive_sr(sr) if sr_class == "comprehensive" else sr
+
+
+def _check_sr_class(sr_class: str) -> None:
+    if sr_class not in ("3d", "comprehensive"):
+        raise ResultBuildError(f"sr_class must be '3d' or 'comprehensive', got {sr_class!r}")
 
 
 def build_failure_sr(
@@ -479,13 +482,15 @@ def build_failure_sr(
         ResultBuildError: an empty reason, or a document that cannot be built even from the source's
             UIDs alone (a defect of this module, not of the source).
     """
+    _check_sr_class(sr_class)
     text = _own_text(reason) if own_reason else scrub_reason(reason)
     if not text:
         raise ResultBuildError("build_failure_sr needs a reason, got an empty string")
     failure: Exception | None = None
     for step, make_evidence in (("sanitised", _evidence), ("minimal", _minimal_evidence)):
         try:
-            return _failure_sr(make_evidence(source_ds), text, algorithm, device_ae, sr_class)
+            sr = _failure_sr(make_evidence(source_ds), text, algorithm, device_ae)
+            return as_comprehensive_sr(sr) if sr_class == "comprehensive" else sr
         except Exception as exc:  # a hostile header may break it anywhere: fall back
             failure = exc
             logger.warning("failure SR with %s patient/study attributes could not be built (%s); %s",
@@ -495,12 +500,10 @@ def build_failure_sr(
     ) from failure
 
 
-def _failure_sr(
-    evidence: Dataset, reason: str, algorithm: AlgorithmInfo, device_ae: str | None, sr_class: SrClass
-) -> Dataset:
+def _failure_sr(evidence: Dataset, reason: str, algorithm: AlgorithmInfo, device_ae: str | None) -> Dataset:
     statement = NotAnalysedResult(reason)
     group = statement.to_group(_group_context(evidence, algorithm), _tracking_uid(evidence, algorithm, "Not analysed"))
-    return _make_sr(evidence, [group], statement.to_evaluations(), algorithm, "failure-sr", device_ae, sr_class,
+    return _make_sr(evidence, [group], statement.to_evaluations(), algorithm, "failure-sr", device_ae,
                     any_sop_class=True)
 
 

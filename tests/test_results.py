@@ -309,7 +309,7 @@ def test_finding_result_reads_back_what_it_wrote(probability: float) -> None:
         assert FindingResult.from_group(hd.sr.MeasurementsAndQualitativeEvaluations.from_sequence(group)) == written
 
 
-def test_comprehensive_fallback_has_its_own_class_and_uid(tmp_path: Path) -> None:
+def test_one_comprehensive_fallback_with_its_own_class_and_uid(tmp_path: Path) -> None:
     source = load_source("RG1_UNCR.dcm")
     sr3d = build_sr(source, [finding("Pneumonia", 0.7)], ALGORITHM, device_ae="CXRNODE")
     sr = build_sr(
@@ -323,6 +323,7 @@ def test_comprehensive_fallback_has_its_own_class_and_uid(tmp_path: Path) -> Non
     fallback = read_back(as_comprehensive_sr(sr3d), tmp_path, "fallback.dcm")
     assert fallback.SOPClassUID == ComprehensiveSRStorage
     assert read_report(fallback) == read_report(sr3d)
+    assert fallback.SOPInstanceUID == back.SOPInstanceUID  # one fallback: the object the outbox sends
 
 
 def test_failure_sr_says_why(tmp_path: Path) -> None:
