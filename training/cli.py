@@ -403,7 +403,7 @@ def site_threshold_run(
     """
     from ai.manifest import load_manifest
     from node.config import load_settings
-    from node.filter import FilterRules
+    from node.filter import FilterRules, decide
     from training.data import load_cohort
     from training.evaluate import jsonable, write_predictions
     from training.site import (
@@ -424,7 +424,11 @@ def site_threshold_run(
         check_sample(cohort, label, k)
     settings = load_settings(node_config)  # None: the node's defaults; CXR_* variables apply as in the node
     rules = FilterRules.for_settings(settings)
-    scored = score_cohort(package, cohort, labels, settings.filter, rules, threads)
+    def accept(ds: Any) -> tuple[bool, str]:  # the node's chest filter, as configured
+        decision = decide(ds, settings.filter, rules)
+        return decision.accepted, decision.reason
+
+    scored = score_cohort(package, cohort, labels, accept, threads)
     results = [
         calibrate_label(scored.table, label, manifest.thresholds[label].value, target, k, seed, n_boot)
         for label in labels

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,9 @@ from training import metrics
 from training.data import Cohort
 from training.evaluate import ENSEMBLE, PredictionTable
 from training.splits import grouped_stratified_kfold
+
+Accept = Callable[[Any], tuple[bool, str]]
+"""Whether the node would analyse a DICOM dataset, and why (the CLI passes the node's chest filter in)."""
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +87,14 @@ def check_sample(cohort: Cohort, label: str, k: int, rows: np.ndarray | None = N
 
 
 def score_cohort(
-    package_dir: str | Path, cohort: Cohort, labels: Sequence[str], filter_settings: Any = None,
-    filter_rules: Any = None, threads: int | None = None,
+    package_dir: str | Path, cohort: Cohort, labels: Sequence[str], accept: Accept | None = None,
+    threads: int | None = None,
 ) -> ScoredSample:
     """Score every image of ``cohort`` with the package as the node does.
 
-    DICOM files first pass the node's chest filter (``filter_settings``/``filter_rules``: the node's
-    ``[filter]`` and rules file; None: its defaults); those it would skip are excluded and listed. Then
-    the pixels go through the node's reader, preprocessing and ensemble.
+    DICOM files first pass ``accept`` (``cxr-train site-threshold`` passes the node's chest filter with the
+    node's ``[filter]`` and rules file; None: every DICOM file counts); those it refuses are excluded and
+    listed with its reason. Then the pixels go through the node's reader, preprocessing and ensemble.
 
     Raises:
         ModelPackageError: an invalid package.
@@ -99,20 +102,16 @@ def score_cohort(
             skipped silently).
     """
     from ai.ensemble import Ensemble
-    from node.config import FilterSettings
-    from node.filter import FilterRules
 
     ensemble = Ensemble.load(package_dir, providers=["CPUExecutionProvider"], threads=threads)
     manifest = ensemble.manifest
-    settings = filter_settings or FilterSettings()
-    rules = filter_rules or FilterRules.load(None)
     n_members = len(manifest.members)
     members = np.full((n_members, len(cohort), len(manifest.labels)), np.nan)
     mean = np.full((len(cohort), len(manifest.labels)), np.nan)
     excluded = []
     for i, path in enumerate(cohort.paths):
         where = f"{cohort.csv_path.name} line {i + 2}"
-        prediction, reason = _score_image(Path(path), ensemble, settings, rules, where)
+        prediction, reason = _score_image(Path(path), ensemble, accept, where)
         if prediction is None:
             excluded.append({"line": i + 2, "reason": reason})
         else:
@@ -138,21 +137,20 @@ def score_cohort(
     return ScoredSample(table=table, excluded=excluded)
 
 
-def _score_image(path: Path, ensemble: Any, settings: Any, rules: Any, where: str) -> tuple[Any, str]:
+def _score_image(path: Path, ensemble: Any, accept: Accept | None, where: str) -> tuple[Any, str]:
     """(the ensemble's prediction, "") or (None, the filter's reason) for one file, as the node does."""
     from pydicom.errors import InvalidDicomError
 
     from ai.errors import UnsupportedImage
     from ai.pixels import dicom_to_float, is_dicom_file, read_dicom_file, read_image_file
     from ai.preprocess import preprocess
-    from node.filter import decide
 
     try:
         if is_dicom_file(path):
             ds = read_dicom_file(path)
-            decision = decide(ds, settings, rules)
-            if not decision.accepted:
-                return None, decision.reason
+            accepted, reason = accept(ds) if accept is not None else (True, "")
+            if not accepted:
+                return None, reason
             image = dicom_to_float(ds)
         else:
             image = read_image_file(path)
