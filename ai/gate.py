@@ -74,7 +74,8 @@ def content_problem(image: np.ndarray) -> str:
         return "image has no usable content (pixel values that are not numbers)"
     if float(sample.std()) < MIN_STD:
         return "image has no usable content (a uniform field)"
-    levels = np.unique(np.clip(np.rint(sample * 255.0), 0, 255).astype(np.uint8)).size
+    levels = int(np.count_nonzero(np.bincount(np.clip(np.rint(sample * 255.0), 0, 255).astype(np.uint8).ravel(),
+                                              minlength=256)))
     if levels < MIN_LEVELS:
         return f"image has no usable content (only {levels} grey levels)"
     return ""

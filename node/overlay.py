@@ -133,7 +133,8 @@ def display_gray(image: np.ndarray) -> tuple[np.ndarray, float]:
             f"image must be a 2-D float array in [0, 1] or uint8, got shape {pixels.shape} ({pixels.dtype})"
         )
     scale = overlay_scale(pixels.shape)
-    pixels = resample(np.clip(np.nan_to_num(pixels.astype(np.float32), nan=0.0), 0.0, 1.0), scale)
+    pixels = resample(pixels.astype(np.float32), scale)  # first: the checks below then run on <= 1024 px
+    pixels = np.clip(np.nan_to_num(pixels, nan=0.0), 0.0, 1.0)
     return np.round(pixels * 255).astype(np.uint8), scale
 
 
@@ -194,7 +195,7 @@ def finding_regions(
             raise OverlayInputError(
                 f"heatmap of {finding.label!r} must have the source image's shape {shape}, got {hmap.shape}"
             )
-        scaled = resample(evidence(hmap), scale)
+        scaled = evidence(resample(hmap, scale))  # at overlay size (<= 1024 px), not the source's
         smooth = cv2.GaussianBlur(scaled, (0, 0), sigmaX=_smoothing(scaled.shape))
         regions.append((finding, evidence_region(np.clip(smooth, 0.0, 1.0))))
     return regions

@@ -66,20 +66,6 @@ MB = 1024 * 1024
 DISK_WAIT_MAX_S = 30.0
 
 
-def relative_heatmap(heatmap: np.ndarray, floor_percentile: float = 50.0) -> np.ndarray:
-    """Where the evidence for a flagged finding is strongest: the map rescaled from its median to its maximum.
-
-    The model's map (sigmoid of the class activation map) is high almost everywhere on a strongly positive
-    image; shown as is, it would colour the whole chest. For the overlay, the half of the map below the
-    median is cleared and the rest spans [0, 1], so the colour points at the regions that drive the score.
-    """
-    lo = float(np.percentile(heatmap, floor_percentile))
-    hi = float(heatmap.max())
-    if hi - lo < 1e-6:
-        return np.zeros_like(heatmap, dtype=np.float32)
-    return np.clip((heatmap - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-
-
 class Worker:
     """Processes jobs from the shared queue until stopped.
 
@@ -224,7 +210,7 @@ class Worker:
         objects: list[tuple[str, pydicom.Dataset]] = [("sr", sr)]
         if self.settings.model.heatmap:
             heatmaps = {
-                f.label: analysis.letterbox.to_source(relative_heatmap(f.heatmap))
+                f.label: analysis.letterbox.to_source(f.heatmap)  # the overlay scales it (node.overlay.evidence)
                 for f in analysis.findings
                 if f.positive and f.heatmap is not None
             }

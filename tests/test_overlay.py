@@ -24,7 +24,6 @@ from node.overlay import (
     render_overlay,
 )
 from node.results import AlgorithmInfo, build_not_analysed_overlay, build_overlay
-from node.worker import relative_heatmap
 from tests.test_results import NIH14, blob_heatmap, dciodvfy_lines, finding, load_source, shape_of, write
 
 ALGORITHM = AlgorithmInfo(name="cxr-tb", version="tb-1.2.0")
@@ -109,15 +108,15 @@ def test_a_flat_map_draws_nothing(value: float) -> None:
     assert not coloured(rgb[top:]).any()
 
 
-def test_the_workers_relative_map_gives_the_same_kind_of_region() -> None:
-    """``node.worker.relative_heatmap`` (median to maximum) or the finding's map as is: both stay focal."""
+def test_a_saturated_map_as_the_worker_passes_it_stays_focal() -> None:
+    """The finding's map as is (the worker passes it mapped onto the source): the overlay's scaling makes
+    the region, even where the sigmoid saturates."""
     shape = (800, 800)
     heat = peaks(shape, [(0.3, 0.3, 25.0), (0.6, 0.7, 8.0)])  # saturated at the first peak, as real CAMs are
-    for hmap in (heat, relative_heatmap(heat)):
-        rgb, top, _ = render_overlay(chest_like(shape), [tb(0.99)], ALGORITHM, {"Tuberculosis": hmap})
-        drawn = coloured(rgb[top:])
-        assert 0.003 < drawn.mean() < 0.08
-        assert drawn[:400, :400].any()
+    rgb, top, _ = render_overlay(chest_like(shape), [tb(0.99)], ALGORITHM, {"Tuberculosis": heat})
+    drawn = coloured(rgb[top:])
+    assert 0.003 < drawn.mean() < 0.08
+    assert drawn[:400, :400].any()
 
 
 def test_only_the_most_probable_positive_findings_are_outlined_and_tagged() -> None:

@@ -165,17 +165,6 @@ def test_start_up_reaps_leases_of_dead_workers_before_they_expire(setup) -> None
     assert nonzero(store.status()["jobs"]) == {"queued": 1}
 
 
-def test_relative_heatmap_points_at_the_strongest_evidence() -> None:
-    from node.worker import relative_heatmap
-
-    h = np.full((8, 8), 0.9, dtype=np.float32)  # a strongly positive image: high almost everywhere
-    h[2, 3] = 0.99
-    rel = relative_heatmap(h)
-    assert rel[2, 3] == 1.0 and rel.max() == 1.0
-    assert float((rel > 0).mean()) < 0.05  # only the peak is coloured, not the whole chest
-    assert not relative_heatmap(np.full((8, 8), 0.7, dtype=np.float32)).any()  # flat map: nothing to show
-
-
 def test_a_job_whose_runs_all_ended_without_a_result_ends_with_a_not_analysed_sr(setup) -> None:  # type: ignore[no-untyped-def]
     """Every run's lease expired (a worker died each time before recording anything): the reaper
     re-queues it even past max_attempts, and the next worker ends it with a not-analysed SR."""
