@@ -8,6 +8,15 @@ from __future__ import annotations
 PROCESS_EXITS: tuple[type[BaseException], ...] = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
+class ConfigError(ValueError):
+    """A configuration (the node's ``node.toml``, a training run's or the gate's) is invalid; ``problems`` lists
+    each as 'key: expected ..., found ...'."""
+
+    def __init__(self, problems: list[str], source: str = "configuration") -> None:
+        self.problems = problems
+        super().__init__(f"{source} is invalid:\n  " + "\n  ".join(problems))
+
+
 class CxrError(Exception):
     """Base of the project's own errors."""
 

@@ -16,16 +16,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ai.errors import ConfigError
+
 ENV_PREFIX = "CXR_"
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control
-
-
-class ConfigError(ValueError):
-    """One or more configuration keys are invalid; ``problems`` lists each as 'key: expected ..., found ...'."""
-
-    def __init__(self, problems: list[str], source: str = "configuration") -> None:
-        self.problems = problems
-        super().__init__(f"{source} is invalid:\n  " + "\n  ".join(problems))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ai.errors import ConfigError
 from storage.files import write_atomic
 from training.augment import AugmentConfig
 from training.labels import LabelError, canonical_labels
@@ -29,14 +30,7 @@ DEVICES = ("auto", "cpu", "cuda")
 MONITORS = ("validation", "training")
 # Keys that change how fast a run goes, not what it produces: they may differ on resume.
 RUNTIME_KEYS = frozenset({"num_workers", "threads", "progress", "device", "cache_dir"})
-
-
-class ConfigError(ValueError):
-    """The run configuration is invalid; ``problems`` lists each as 'key: expected ..., found ...'."""
-
-    def __init__(self, problems: list[str], source: str = "run configuration") -> None:
-        self.problems = problems
-        super().__init__(f"{source} is invalid:\n  " + "\n  ".join(problems))
+RUN_CONFIGURATION = "run configuration"  # what ConfigError names when no file is involved
 
 
 @dataclass(frozen=True)
@@ -94,7 +88,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         problems = _validate(self)
         if problems:
-            raise ConfigError(problems)
+            raise ConfigError(problems, RUN_CONFIGURATION)
 
     def weights_for(self, architecture: str) -> str | None:
         """Initial weights of ``architecture`` for ``build_model``: None (random), "imagenet" or a path."""

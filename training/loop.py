@@ -62,7 +62,15 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedR
 
 from storage.files import write_atomic
 from training.augment import Augmenter
-from training.config import CONFIG_NAME, ConfigError, RunConfig, config_differences, load_config, save_config
+from training.config import (
+    CONFIG_NAME,
+    RUN_CONFIGURATION,
+    ConfigError,
+    RunConfig,
+    config_differences,
+    load_config,
+    save_config,
+)
 from training.data import Cohort, CxrDataset, PreprocessCache, csv_bytes, load_cohort, npy_bytes
 from training.labels import label_column, score_column
 from training.losses import LossFn, make_loss
@@ -170,14 +178,15 @@ def resolve_config(config: RunConfig | None, run_dir: Path) -> RunConfig:
     saved = load_config(saved_path) if saved_path.exists() else None
     if config is None:
         if saved is None:
-            raise ConfigError([f"no configuration given and no {saved_path} to resume from"])
+            raise ConfigError([f"no configuration given and no {saved_path} to resume from"], RUN_CONFIGURATION)
         return saved
     if saved is not None:
         changed = config_differences(saved, config)
         if changed:
             raise ConfigError(
                 [f"{key}: differs from the run directory's {saved_path}" for key in changed]
-                + ["use a new run directory, or resume with the saved configuration"]
+                + ["use a new run directory, or resume with the saved configuration"],
+                RUN_CONFIGURATION,
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, saved_path)
@@ -226,7 +235,7 @@ def _folds(config: RunConfig, run_dir: Path, cohort: Cohort) -> np.ndarray:
 def _device(config: RunConfig) -> torch.device:
     """CUDA when configured or available (``auto``), else the CPU."""
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(["device: 'cuda' requested but CUDA is not available"])
+        raise ConfigError(["device: 'cuda' requested but CUDA is not available"], RUN_CONFIGURATION)
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
