@@ -3,11 +3,11 @@
 The node under test may come from another checkout (``node_repo``: the code as it was, for the
 "before" table). A watchdog samples the resident memory of the node's process tree and kills it above
 ``rss_kill_mb`` (recorded, then the node is restarted), so a memory bomb cannot take the machine down.
-Each category is one batch: its cases are sent one association at a time, the queue is let settle,
-then one good frontal image is sent and must come back analysed (an SR at Orthanc) within
-``good_within_s``. Every case yields one :class:`Outcome` row; planted markers are looked for in the
-node's log, every text column of its database, ``cxr-node status --format json`` and the free text
-of the results it wrote.
+Each category is one batch: its cases are sent one association at a time, the queue and the outbox
+are let settle, then one good frontal image (a real chest radiograph, which the input gate passes) is
+sent and must come back analysed (its analysed SR at Orthanc) within ``good_within_s``. Every case yields
+one :class:`Outcome` row; planted markers are looked for in the node's log, every text column of its
+database, ``cxr-node status --format json`` and the free text of the results it wrote.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from tests.hostile.images import (
     case_of_letters,
     plant_markers,
     synthetic_image,
+    uid,
 )
 from tests.hostile.pdu import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from tests.peers import Orthanc, dcmsend, orthanc, pacs_and_model_toml
@@ -77,7 +78,7 @@ class Options:
     rss_bound_mb: int = 2048  # the assertion: the node's tree stays under this
     rss_kill_mb: int = 3072  # the watchdog kills the node above this
     good_within_s: float = 20.0
-    settle_s: float = 30.0  # the longest wait for a batch's jobs to finish
+    settle_s: float = 30.0  # a batch has settled when no job or send finished for this long
     max_restarts_per_batch: int = 3
 
 
@@ -426,12 +427,37 @@ def jobs_of(opts: Options, sop_uids: Iterable[str]) -> dict[str, list[tuple[int,
     return out
 
 
-def results_of(opts: Options) -> dict[int, list[str]]:
-    """Job id -> SOP Instance UIDs of its results."""
+def outbox_counts(opts: Options) -> tuple[int, int]:
+    """(sends waiting: pending or failed-to-retry, sends made) in the node's outbox."""
+    if not db_path(opts).exists():
+        return 0, 0
+    with database(opts) as conn:
+        rows = dict(conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall())
+    return rows.get("pending", 0) + rows.get("failed", 0), rows.get("sent", 0)
+
+
+def real_chest() -> Dataset | None:
+    """pydicom-data's RG1 (CR PA chest, 1955 x 1841, uncompressed) without its file meta, or None."""
+    try:
+        from pydicom.data import get_testdata_file
+
+        path = get_testdata_file("RG1_UNCR.dcm")
+    except ImportError:
+        return None
+    if not path:
+        return None
+    ds = pydicom.dcmread(path)
+    del ds.file_meta
+    return ds
+
+
+def results_of(opts: Options, kinds: tuple[str, ...] = ()) -> dict[int, list[str]]:
+    """Job id -> SOP Instance UIDs of its results (of ``kinds`` only, e.g. ``("sr",)`` for analysed SRs)."""
     out: dict[int, list[str]] = {}
     with database(opts) as conn:
-        for job_id, sop in conn.execute("SELECT job_id, sop_instance_uid FROM results").fetchall():
-            out.setdefault(job_id, []).append(sop)
+        for job_id, sop, kind in conn.execute("SELECT job_id, sop_instance_uid, kind FROM results").fetchall():
+            if not kinds or kind in kinds:
+                out.setdefault(job_id, []).append(sop)
     return out
 
 
@@ -469,6 +495,7 @@ class Run:
         self.leaks: dict[int, list[str]] = {}
         self.resets = 0
         self._good = 0
+        self._good_real = False
         self._echo = _EchoProbe(self.node)
 
     def run(self) -> None:
@@ -616,21 +643,35 @@ class Run:
                     s.close()
 
     def settle(self, batch: BatchResult, accepted: list[tuple[hc.Case, Outcome]]) -> None:
-        """Wait until every accepted case's job has finished (restarting a node that dies meanwhile)."""
+        """Wait until every accepted case's job has finished and the outbox holds nothing pending (restarting
+        a node that dies meanwhile). The wait lasts while the node makes progress: it ends ``settle_s`` after
+        the last job or send finished, so a long batch is not cut short and a stuck one is not waited on."""
         uids = {c.sop_uid for c, _ in accepted}
-        deadline = time.monotonic() + min(self.opts.settle_s, 10 + len(uids))
-        while uids and time.monotonic() < deadline:
+        last_progress, finished_before = time.monotonic(), -1
+        while time.monotonic() - last_progress < self.opts.settle_s:
             if self.ensure_up(batch, "settling") and len(batch.restarts) > self.opts.max_restarts_per_batch:
                 return
             jobs = jobs_of(self.opts, uids)
-            if all(jobs.get(u) and all(s in TERMINAL for _, s, _ in jobs[u]) for u in uids):
+            finished = sum(1 for u in uids if jobs.get(u) and all(s in TERMINAL for _, s, _ in jobs[u]))
+            pending, sent = outbox_counts(self.opts)
+            if finished == len(uids) and pending == 0:
                 return
+            if finished + sent > finished_before:
+                last_progress, finished_before = time.monotonic(), finished + sent
             time.sleep(0.3)
 
     def good_dataset(self) -> Dataset:
+        """A real frontal chest radiograph (pydicom-data's RG1, fresh UIDs, the case's markers planted): the
+        node's input gate passes it and the model analyses it. A synthetic image where RG1 is not installed
+        (the gate then refuses it and its liveness SR is a not-analysed one)."""
         self._good += 1
         rng = random.Random(f"good:{self.opts.seed}:{self._good}")
-        ds = synthetic_image(BASE_SPECS[0], rng)
+        ds = real_chest()
+        self._good_real = ds is not None
+        if ds is None:
+            ds = synthetic_image(BASE_SPECS[0], rng)
+        else:
+            ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = uid(rng), uid(rng), uid(rng)
         case_id = GOOD_CASE_BASE + self._good
         self.markers[case_id] = plant_markers(ds, case_id)
         ds.BodyPartExamined = "CHEST"
@@ -647,11 +688,12 @@ class Run:
         if sent.returncode != 0:
             return None
         sop = str(ds.SOPInstanceUID)
+        kinds = ("sr",) if self._good_real else ()  # a real chest must come back analysed, not refused
         while time.monotonic() - start < self.opts.good_within_s:
             if self.ensure_up(batch, "waiting for the good image"):
                 continue
             rows = jobs_of(self.opts, [sop]).get(sop, [])
-            results = results_of(self.opts) if rows else {}
+            results = results_of(self.opts, kinds) if rows else {}
             mine = {u for job_id, _, _ in rows for u in results.get(job_id, [])}
             if mine and mine & pacs_sr_uids(self.pacs):
                 return round(time.monotonic() - start, 2)
