@@ -246,15 +246,16 @@ class Server:
 
 @contextlib.contextmanager
 def running(kind: str, args: argparse.Namespace) -> Iterator[Server]:
-    """Start a server in an empty folder under ``work_dir``; stop it and remove the folder afterwards."""
-    folder = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=args.work_dir))
+    """Start a server in an empty folder under ``work_dir``; stop it and remove the folder afterwards.
+
+    ``node-nofsync`` gets its folder under ``--no-fsync-dir`` instead (tmpfs, see :func:`no_fsync_dir`).
+    """
+    parent = no_fsync_dir(args.no_fsync_dir) if kind == "node-nofsync" else args.work_dir
+    folder = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=parent))
     port = free_port()
     if kind.startswith("node"):
         server = Server(kind, NODE_AE, port, folder)
-        launcher = "no-fsync" if kind == "node-nofsync" else args.node_launcher
-        if node_processes(kind) > 1:
-            launcher = "cli"  # the children are started by `cxr-node serve` (node.app)
-        cmd = node_command(folder, port, args.node_max_pdu or args.max_pdu, args.node_log_level, launcher,
+        cmd = node_command(folder, port, args.node_max_pdu or args.max_pdu, args.node_log_level,
                            node_processes(kind))
     else:
         server = Server(kind, STORESCP_AE, port, folder)
@@ -279,70 +280,32 @@ def running(kind: str, args: argparse.Namespace) -> Iterator[Server]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def node_command(folder: Path, port: int, max_pdu: int, log_level: str, launcher: str,
-                 processes: int = 1) -> list[str]:
-    """``cxr-node serve --role scp`` on a fresh config (SQLite in the folder), or the same parts built here."""
+def node_command(folder: Path, port: int, max_pdu: int, log_level: str, processes: int = 1) -> list[str]:
+    """``cxr-node serve --role scp`` on a fresh config (SQLite in the folder): the node as deployed, built by
+    its own composition root (``node.app.Node``, which does not import the model runtime for this role)."""
     config = folder / "node.toml"
     config.write_text(
         f'[scp]\nae_title = "{NODE_AE}"\nport = {port}\nbind_address = "127.0.0.1"\n'
         f"max_pdu = {max_pdu}\nmax_associations = 16\nprocesses = {processes}\n\n"
         f'[storage]\ndata_dir = "{folder / "data"}"\n'
     )
-    if launcher == "cli":
-        exe = Path(sys.executable).with_name("cxr-node")
-        return [str(exe), "--log-level", log_level, "serve", "--config", str(config), "--role", "scp"]
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-scp", str(config), "--node-log-level", log_level]
-    return [*cmd, "--diagnose-no-fsync"] if launcher == "no-fsync" else cmd
+    exe = Path(sys.executable).with_name("cxr-node")
+    return [str(exe), "--log-level", log_level, "serve", "--config", str(config), "--role", "scp"]
 
 
-def node_launcher(choice: str) -> str:
-    """``cli`` when ``node.app`` (the composition root of ``cxr-node serve``) imports, else ``direct``."""
-    if choice != "auto":
-        return choice
-    done = subprocess.run([sys.executable, "-c", "import node.app"], cwd=REPO, capture_output=True, text=True)
-    if done.returncode == 0:
-        return "cli"
-    log(f"note: `cxr-node serve` cannot start here ({done.stderr.strip().splitlines()[-1]}); the node is started "
-        "with --serve-scp: the same Store, Intake and start_scp that Node(role='scp') builds")
-    return "direct"
+def no_fsync_dir(folder: Path) -> Path:
+    """Where ``node-nofsync`` keeps its data folder: a tmpfs, on which fsync returns at once.
 
-
-def serve_scp(config: Path, log_level: str, no_fsync: bool = False) -> int:
-    """What ``Node(settings, role="scp").serve_forever()`` runs, without the worker's imports.
-
-    ``no_fsync`` (the diagnostic server ``node-nofsync``, never a configuration of the node): ``os.fsync``
-    does nothing and SQLite runs with ``synchronous=OFF``, to show what durability costs on this disk.
+    The diagnostic (``--diagnose-no-fsync``; bench/README.md, "node-nofsync") shows what durability costs
+    on this disk: the node runs exactly as deployed, with its files and SQLite database where flushing
+    costs nothing, instead of having its fsync calls patched out.
     """
-    import logging
-    import threading
-
-    from sqlalchemy import event
-
-    from node.config import load_settings
-    from node.filter import FilterRules
-    from node.logs import setup_logging
-    from node.receive import Intake, start_scp
-    from storage.db import make_engine
-    from storage.queue import Store
-
-    setup_logging(log_level)
-    s = load_settings(config)
-    s.data_path.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(s.database_url)
-    if no_fsync:
-        os.fsync = lambda fd: None
-        engine.dispose()  # the connections made from now on get the pragma below (after make_engine's own)
-        event.listen(engine, "connect", lambda con, _record: con.execute("PRAGMA synchronous=OFF"))
-    store = Store(engine, max_attempts=s.worker.max_attempts)
-    rules = FilterRules.for_settings(s)
-    server = start_scp(s, Intake(s.data_path, store, s, rules))
-    stopped = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
-    stopped.wait()
-    server.shutdown()
-    logging.getLogger("node").info("bench SCP stopped")
-    return 0
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    resolved = folder.resolve()
+    mount = max((m for m in mounts if resolved.is_relative_to(m[1])), key=lambda m: len(m[1]), default=None)
+    if mount is None or mount[2] != "tmpfs":
+        sys.exit(f"--no-fsync-dir {folder}: expected a folder on tmpfs, found {mount[2] if mount else 'no mount'}")
+    return resolved
 
 
 # --- clients and one measurement ----------------------------------------------------------------
@@ -531,7 +494,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                          f"{row['ratio_node_nproc_to_baseline']:.2f} ({verdict} goal {GOAL}; scp.processes)")
         if "ratio_node_nofsync_to_baseline" in row:
             lines.append(f"{'':>5}  node-nofsync / {row['baseline']}: {row['ratio_node_nofsync_to_baseline']:.2f} "
-                         "(diagnostic: no fsync, SQLite synchronous=OFF)")
+                         "(diagnostic: data on tmpfs, where fsync returns at once)")
     return "\n".join(lines)
 
 
@@ -543,7 +506,8 @@ def machine_info() -> dict[str, Any]:
                                    text=True).stdout.splitlines()[0]
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "node/receive.py",
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "node/receive.py", "node/intake.py",
+                            "node/refusals.py", "node/incoming.py", "node/transport.py", "node/scp_server.py",
                             "storage/files.py"], capture_output=True, text=True).stdout.strip()
     import pynetdicom
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_kb / 1e6, 1),
@@ -613,8 +577,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--servers", nargs="+", choices=("storescp", "node"), default=["storescp", "node"],
                    help="which servers to measure (default both; one alone gives no ratio)")
     p.add_argument("--diagnose-no-fsync", action="store_true",
-                   help="also measure node-nofsync: the node with fsync off and SQLite synchronous=OFF, to show what "
-                        "durability costs on this disk (a diagnostic, never a configuration; not in the ratio)")
+                   help="also measure node-nofsync: the node as deployed with its data folder on tmpfs "
+                        "(--no-fsync-dir), where fsync returns at once, to show what durability costs on this disk "
+                        "(a diagnostic, never a configuration; not in the ratio; bench/README.md)")
     p.add_argument("--node-processes", type=int, default=0,
                    help="also measure node-<N>proc: the node with scp.processes = N (N > 1; CPU s include its "
                         "SCP children)")
@@ -632,19 +597,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="where the corpus is generated once (default $XDG_CACHE_HOME/cxr-node-bench)")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="where the servers write (default: a temporary folder, removed afterwards)")
-    p.add_argument("--node-launcher", choices=("auto", "cli", "direct"), default="auto",
-                   help="cli: `cxr-node serve --role scp`; direct: its SCP parts started by this script "
-                        "(default auto: cli when node.app imports)")
-    p.add_argument("--serve-scp", type=Path, default=None, help=argparse.SUPPRESS)  # internal: the direct launcher
+    p.add_argument("--no-fsync-dir", type=Path, default=Path("/dev/shm"),
+                   help="a folder on tmpfs for node-nofsync's data (default /dev/shm; see --diagnose-no-fsync)")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results (default {RESULTS.relative_to(REPO)})")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.serve_scp is not None:
-        return serve_scp(args.serve_scp, args.node_log_level, args.diagnose_no_fsync)
-    args.node_launcher = node_launcher(args.node_launcher)
+    if args.diagnose_no_fsync:
+        no_fsync_dir(args.no_fsync_dir)  # before any measurement: exits when it is not on tmpfs
     for tool in ("storescp", "dcmsend", "echoscu"):
         if system_tool(tool) is None:
             sys.exit(f"{tool} not found: install the Debian package dcmtk")
@@ -674,7 +636,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log("storescp does not fsync; the node fsyncs the file + folder and commits its job row before Success.")
     log(f"memory state before each send: {args.memory_state} (free page reporting: {info['free_page_reporting']})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    params = {k: v for k, v in vars(args).items() if k not in ("cache_dir", "work_dir", "out", "serve_scp")}
+    params = {k: v for k, v in vars(args).items() if k not in ("cache_dir", "work_dir", "out", "no_fsync_dir")}
+    params["no_fsync_dir"] = str(args.no_fsync_dir) if args.diagnose_no_fsync else None
     params["settle_s"] = SETTLE_S if args.memory_state == "settled" else 0.0
     args.out.write_text(json.dumps({"benchmark": "ingest", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                     "command": " ".join(["python", "bench/ingest.py", *sys.argv[1:]]),

@@ -15,7 +15,7 @@ before it starts anything, and does not start when the worker process cannot loa
 ``scp.processes`` = N > 1 (roles ``all`` and ``scp``): the node's own process binds and listens on the
 SCP port, then starts N-1 SCP-only child processes (multiprocessing, ``spawn``) that are handed that
 listening socket and accept on it too; an idle process takes a new association before a busy one
-(``node.receive.SharedSocketAssociationServer``). Each child builds its own engine,
+(``node.scp_server.SharedSocketAssociationServer``). Each child builds its own engine,
 ``Store`` and ``Intake`` from the pickled settings (an engine is never shared across processes); SQLite
 (WAL, ``BEGIN IMMEDIATE``, ``busy_timeout``) and PostgreSQL both take several writer processes.
 ``scp.max_associations`` applies per process. The parent stops its children on SIGTERM/SIGINT (SIGTERM,
@@ -43,9 +43,10 @@ from typing import Any, cast
 from ai.manifest import ModelManifest
 from node.config import Settings
 from node.filter import FilterRules
+from node.intake import Intake
 from node.leases import owner_is_dead
 from node.packages import check_model_package
-from node.receive import Intake, start_scp
+from node.receive import start_scp
 from node.scheduler import NodeScheduler
 from node.send import Outbox
 from node.supervisor import WorkerProcessError, WorkerSupervisor

@@ -1,23 +1,21 @@
-"""Transport: pynetdicom overrides for receiving (bulk PDU reads, chunked files) and the accept servers.
+"""Transport: pynetdicom overrides for receiving (bulk PDU reads, bounded and timed, and association ends).
 
 Everything here reaches into pynetdicom's internals (``DULServiceProvider._read_pdu_data`` and
-``kill_dul``, ``dimse_messages.NamedTemporaryFile``, the class of a live association, its socket and
-DUL, the server's contexts and request handler), so it lives in one module, guarded by ``pynetdicom<4``
-in pyproject.toml and by ``tests/test_transport.py``, which fails loudly when the installed pynetdicom
-changes what it relies on.
+``kill_dul``, the class of a live association, its socket and DUL, the request handler's
+``_create_association``), guarded by ``pynetdicom<4`` in pyproject.toml and by
+``tests/test_pynetdicom_contract.py``, which fails loudly when the installed pynetdicom changes what it
+relies on. The accept servers that use these are ``node.scp_server``; the chunked receive's files,
+``node.incoming``.
 
-- :class:`ReceiveFile` / :func:`receive_into`: pynetdicom's chunked receive streams each dataset into
-  a file in ``<data_dir>/incoming/`` (the intake then moves it into place instead of copying it); the
-  files an association leaves behind (it ended mid-dataset, or before its handler ran) are removed
-  when it ends (:class:`AssociationEnd`).
 - :class:`BulkRecvSocket`, :class:`BulkDULServiceProvider`: one ``recv_into`` per PDU and zero-copy
   P-DATA-TF decoding; every PDU's length is checked before anything is allocated for it (P-DATA-TF:
   the maximum PDU length we announced; others: :data:`NON_DATA_PDU_MAX`), and every read has a
   deadline (``scp.network_timeout_s`` from the PDU's first byte; before the A-ASSOCIATE-RQ and after
   an abort, the ARTIM timer, ``scp.artim_timeout_s``). A peer that breaks either is aborted at once.
-- :class:`NoDelayAssociationServer`: TCP_NODELAY, read timeouts, bulk reads, quick context copies and
-  the per-address limit (``scp.max_associations_per_address``, :class:`PeerSlots`) per association;
-  :class:`SharedSocketAssociationServer`: ``scp.processes`` > 1 processes accepting on one socket.
+- :class:`ReceivingAssociation`, :class:`BulkRecvRequestHandler`: the files an association leaves
+  behind in ``<data_dir>/incoming/`` (``node.incoming.ReceiveFile``; it ended mid-dataset, or before its
+  handler ran) are removed, and its peer's slot (``node.scp_server.PeerSlots``) released, when it
+  ends (:class:`AssociationEnd`).
 
 Slots. pynetdicom counts an association against ``scp.max_associations`` while its thread lives.
 Its acceptor waits ``acse_timeout`` for the A-ASSOCIATE-RQ and is not told when the connection ends
@@ -31,32 +29,27 @@ ever: every read has a deadline.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import socket
 import struct
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from enum import IntEnum
-from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, cast
 
-from pynetdicom import dimse_messages, evt
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, P_DATA_TF
+from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
-from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from node.config import MAX_PDU_RANGE
+from node.incoming import ReceiveFile
 
 log = logging.getLogger(__name__)
-
-STALE_INCOMING_S = 3600.0  # files left in incoming/ (e.g. by a killed process) are removed at start after this
 
 NON_DATA_PDU_MAX = 1024 * 1024
 """The longest variable field accepted for a PDU other than P-DATA-TF, in bytes (PS3.8 section 9.3).
@@ -95,105 +88,6 @@ class AbortReason(IntEnum):
 
     NOT_SPECIFIED = 0x00
     INVALID_PDU_PARAMETER_VALUE = 0x06
-
-
-class RejectResult(IntEnum):
-    """A-ASSOCIATE-RJ result, source and reason (PS3.8 Table 9-21)."""
-
-    TRANSIENT = 0x02
-    SOURCE_PRESENTATION = 0x03  # DICOM UL service-provider (presentation related function)
-    LOCAL_LIMIT_EXCEEDED = 0x02  # reason with SOURCE_PRESENTATION
-
-
-_receive_errors: dict[str, OSError] = {}  # ReceiveFile.name -> the write error, taken by the handler
-
-
-class ReceiveFile:
-    """The file pynetdicom's chunked receive streams a dataset into, in ``folder``.
-
-    Stands in for the ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")`` that pynetdicom
-    makes (it uses ``name``, ``write``, ``file.flush`` and ``close``). The first failing write (e.g.
-    ENOSPC) is recorded for the C-STORE handler (:func:`receive_error`) and later writes are dropped:
-    raised in pynetdicom's DUL thread it would abort the association instead of being answered.
-    pynetdicom unlinks ``name`` after the handler has run (the intake will have moved it by then).
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.name = str(folder / f"{uuid.uuid4().hex}.part")
-        self.file = self  # pynetdicom flushes through ``.file``
-        self.error: OSError | None = None
-        self._raw: BinaryIO | None = None
-        owner = threading.current_thread()  # pynetdicom's DUL thread of the association receiving it
-        self._end = owner.association_end if isinstance(owner, BulkDULServiceProvider) else None
-        if self._end is not None:
-            self._end.track(self)  # removed when the association ends, unless handled (closed) before
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            self._raw = open(self.name, "xb", buffering=0)  # noqa: SIM115 - closed by pynetdicom via close()
-        except OSError as exc:
-            self._fail(exc)
-
-    def _fail(self, exc: OSError) -> None:
-        self.error = exc
-        _receive_errors[self.name] = exc
-
-    def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        while view and self._raw is not None and self.error is None:
-            try:
-                view = view[self._raw.write(view):]
-            except OSError as exc:
-                self._fail(exc)
-        return len(data)
-
-    def flush(self) -> None:
-        """Nothing to do: writes are unbuffered."""
-
-    def close(self) -> None:
-        """Close the file: pynetdicom does so after the C-STORE handler ran, then unlinks ``name``."""
-        if self._raw is not None:
-            self._raw.close()
-            self._raw = None
-        if self._end is not None:
-            self._end.forget(self)
-
-    def discard(self) -> bool:
-        """Close and remove the file unless it was moved into place; whether there was one to remove."""
-        self.close()
-        _receive_errors.pop(self.name, None)
-        try:
-            Path(self.name).unlink()
-        except FileNotFoundError:
-            return False
-        return True
-
-
-def receive_into(folder: Path) -> None:
-    """Have pynetdicom's chunked receive (process-wide) create its files in ``folder`` (see ReceiveFile)."""
-    def named_temporary_file(*args: Any, **kwargs: Any) -> ReceiveFile:
-        return ReceiveFile(folder)
-
-    dimse_messages.NamedTemporaryFile = named_temporary_file  # type: ignore[assignment]
-
-
-def receive_error(payload: bytes | Path) -> OSError | None:
-    """The error a :class:`ReceiveFile` met while the dataset was being received, if any."""
-    return None if isinstance(payload, bytes) else _receive_errors.pop(str(payload), None)
-
-
-def remove_stale_incoming(folder: Path, older_than_s: float = STALE_INCOMING_S) -> int:
-    """Remove what aborted associations left in ``folder`` (older than ``older_than_s``); how many."""
-    removed = 0
-    cutoff = time.time() - older_than_s
-    for path in folder.glob("*.part") if folder.is_dir() else ():
-        try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
-
 
 
 class BulkRecvSocket(AssociationSocket):
@@ -318,7 +212,7 @@ class BulkDULServiceProvider(DULServiceProvider):
         """
         super().kill_dul()
         if not self.assoc.is_established:
-            self.to_user_queue.put(None)
+            self.to_user_queue.put(cast(Any, None))  # not a primitive: what a timeout returns
 
     def _pdu_deadline(self) -> float:
         """When the PDU whose first bytes are waiting must have arrived whole (``time.monotonic()``).
@@ -423,14 +317,14 @@ class AssociationEnd:
 
     Two threads serve an association: pynetdicom's association reactor (it runs the C-STORE handler,
     then closes and unlinks the dataset's file) and its DUL reactor (it creates the
-    :class:`ReceiveFile` objects). Once both have ended nothing can write, hand over or move a file
+    ``node.incoming.ReceiveFile`` objects). Once both have ended nothing can write, hand over or move a file
     any more, so the files not closed by then are what the association left behind however it ended
     (release, A-ABORT, reset, a PDU or DIMSE message that pynetdicom refused, a timeout, a handler
     that raised): they are removed, and the peer address's slot is released.
 
     Args:
         address: the peer's IP address (for the log).
-        release_slot: called once, at the end (:meth:`PeerSlots.release` for this connection).
+        release_slot: called once, at the end (``node.scp_server.PeerSlots.release`` for this connection).
     """
 
     def __init__(self, address: str, release_slot: Callable[[], None]) -> None:
@@ -520,8 +414,8 @@ class BulkRecvRequestHandler(RequestHandler):
             raise
 
     def _slot_release(self) -> Callable[[], None]:
-        slots = getattr(self.server, "peer_slots", None)
-        if not isinstance(slots, PeerSlots):
+        slots = getattr(self.server, "peer_slots", None)  # node.scp_server.PeerSlots; pynetdicom's servers: none
+        if slots is None:
             return _nothing
         address = str(self.client_address[0])
         return lambda: slots.release(address)
@@ -539,177 +433,3 @@ class BulkRecvRequestHandler(RequestHandler):
         return assoc
 
 
-class PeerSlots:
-    """Connections held per peer IP address, from the TCP accept until the association has ended.
-
-    Taken in the accepting thread (:meth:`NoDelayAssociationServer.verify_request`) before any byte
-    is read, so connections still in the handshake count; released by :class:`AssociationEnd`.
-    """
-
-    def __init__(self) -> None:
-        self._held: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def take(self, address: str, limit: int | None) -> bool:
-        """Count one more connection from ``address``; False (nothing counted) when it holds ``limit``."""
-        with self._lock:
-            held = self._held.get(address, 0)
-            if limit is not None and held >= limit:
-                return False
-            self._held[address] = held + 1
-            return True
-
-    def release(self, address: str) -> None:
-        """One connection from ``address`` has ended."""
-        with self._lock:
-            held = self._held.get(address, 0) - 1
-            if held > 0:
-                self._held[address] = held
-            else:
-                self._held.pop(address, None)
-
-    def held(self, address: str) -> int:
-        """How many connections ``address`` holds now."""
-        with self._lock:
-            return self._held.get(address, 0)
-
-
-def refuse_over_limit(client: socket.socket) -> None:
-    """Answer a connection over its address's limit with an A-ASSOCIATE-RJ, reading nothing from it.
-
-    Transient, DICOM UL service-provider (presentation), local-limit-exceeded: what pynetdicom
-    answers over ``max_associations``, so a modality logs the same reason and retries later. Sent
-    without waiting (10 bytes fit in any send buffer); the server then closes the connection.
-    """
-    pdu = A_ASSOCIATE_RJ()
-    pdu.result = RejectResult.TRANSIENT
-    pdu.source = RejectResult.SOURCE_PRESENTATION
-    pdu.reason_diagnostic = RejectResult.LOCAL_LIMIT_EXCEEDED
-    try:
-        client.setblocking(False)
-        client.send(pdu.encode())
-    except OSError:
-        pass  # gone already: closing is what matters
-
-
-class SupportedContexts(list[PresentationContext]):
-    """The server's supported contexts, quick to deep-copy.
-
-    pynetdicom deep-copies them for every association: for 171 storage classes x 45 transfer syntaxes
-    that took ~40 ms (a C-ECHO association ~100 ms against storescp's ~20 ms). Their UIDs are immutable
-    strings, so a copy of each context with copies of its lists is a deep copy in all that matters.
-    """
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        copies = []
-        for cx in self:
-            twin = copy.copy(cx)
-            twin.__dict__.update({k: list(v) for k, v in vars(cx).items() if isinstance(v, list)})
-            copies.append(twin)
-        return copies
-
-
-class NoDelayAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server: TCP_NODELAY and a timeout on each accepted socket, bulk and bounded
-    reads (BulkRecvRequestHandler), contexts copied quickly for each association (SupportedContexts),
-    at most ``max_associations_per_address`` connections per peer IP address (PeerSlots)."""
-
-    request_queue_size = socket.SOMAXCONN  # socketserver's 5 drops SYNs when many modalities connect at once
-    max_associations_per_address: int | None = None  # None: no limit; start_scp sets the scp key's value
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("request_handler", BulkRecvRequestHandler)
-        self.peer_slots = PeerSlots()
-        super().__init__(*args, **kwargs)
-        self.contexts = SupportedContexts(self.contexts)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        """Accept; TCP_NODELAY, and ``network_timeout`` on the socket so that no send blocks for ever.
-
-        (Python leaves an accepted socket blocking without a timeout whatever the listening socket's.)
-        """
-        client, address = super().get_request()
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.settimeout(self.ae.network_timeout)
-        return client, address
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Take a slot for the peer's address, or refuse the connection at once (socketserver closes it)."""
-        address = str(client_address[0])
-        if self.peer_slots.take(address, self.max_associations_per_address):
-            return True
-        log.warning("connection from %s refused: it holds %d connections already "
-                    "(scp.max_associations_per_address)", address, self.max_associations_per_address)
-        refuse_over_limit(request)
-        return False
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Start the association's handler thread (socketserver's); if it cannot start, release the slot."""
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.peer_slots.release(str(client_address[0]))
-            raise
-
-
-class SharedSocketAssociationServer(NoDelayAssociationServer):
-    """The server of one of ``scp.processes`` > 1 processes, all accepting on one listening socket.
-
-    The first process binds and listens (``listen_socket`` None); the others are given that socket
-    (``listen_socket``, passed to them by ``node.app``) instead of binding. The socket is non-blocking
-    in every process, so a process that loses the race for a new connection goes back to waiting
-    (``accept`` raises ``BlockingIOError``, which socketserver ignores) instead of blocking in
-    ``accept``. A process already serving associations waits ``ACCEPT_BACKOFF_S`` per association
-    (at most ``ACCEPT_BACKOFF_MAX_S``) before it tries to accept, so that an idle process wins: with
-    four modalities sending at once, each of four processes takes one. (``SO_REUSEPORT`` instead
-    hashes each connection onto a process whatever its load: two of four connections land on the
-    same process more often than not.) ``max_associations`` and ``max_associations_per_address``
-    apply to each process.
-    """
-
-    listen_socket: socket.socket | None = None  # set on a subclass by shared_socket_server()
-    ACCEPT_BACKOFF_S = 0.005
-    ACCEPT_BACKOFF_MAX_S = 0.05
-    ACCEPT_BACKOFF_FULL_S = 0.25  # at max_associations: leave the connection to a process with room
-
-    def server_bind(self) -> None:
-        """Bind as pynetdicom does, or take the given listening socket; non-blocking either way."""
-        if self.listen_socket is None:
-            super().server_bind()
-        else:
-            cast(socket.socket, self.socket).close()  # the unbound socket socketserver made
-            self.socket = self.listen_socket
-            self.server_address = self.socket.getsockname()
-        cast(socket.socket, self.socket).setblocking(False)
-
-    def server_activate(self) -> None:
-        if self.listen_socket is None:  # the given socket listens already
-            super().server_activate()
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        busy = len(self.active_associations)
-        if busy >= self.ae.maximum_associations:
-            time.sleep(self.ACCEPT_BACKOFF_FULL_S)
-        elif busy:
-            time.sleep(min(self.ACCEPT_BACKOFF_S * busy, self.ACCEPT_BACKOFF_MAX_S))
-        return super().get_request()  # BlockingIOError: another process was first
-
-    def server_close(self) -> None:
-        """Close this process's copy of the listening socket, then wait for its association threads.
-
-        Never ``shutdown(2)`` as pynetdicom's ``server_close`` does: that acts on the socket every SCP
-        process shares, and the others would refuse connections (``accept`` fails with EINVAL).
-        (Non-blocking mode is shared as well; every process sets the same, before any child exists.)
-        """
-        cast(socket.socket, self.socket).close()
-        threads = getattr(self, "_threads", None)  # socketserver.ThreadingMixIn's, as its server_close
-        if threads is not None:
-            threads.join()
-
-
-def shared_socket_server(listen_socket: socket.socket | None) -> type[SharedSocketAssociationServer]:
-    """The server class of an SCP process that accepts on ``listen_socket`` (None: bind it here)."""
-    if listen_socket is None:
-        return SharedSocketAssociationServer
-    return type("InheritedSocketAssociationServer", (SharedSocketAssociationServer,),
-                {"listen_socket": listen_socket})

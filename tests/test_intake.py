@@ -44,8 +44,11 @@ from sqlalchemy.orm import Session
 
 from node.dicom_hygiene import uid_problem
 from node.filter import FilterRules
+from node.intake import Intake
 from node.intake_check import Problem, check_layout
-from node.receive import Intake, NoDelayAssociationServer, Status, start_scp
+from node.receive import start_scp
+from node.refusals import Status, status_name
+from node.scp_server import NoDelayAssociationServer
 from storage.db import Base, Instance, InstanceConflict, Job, Result, make_engine
 from storage.queue import ConflictingInstance, ResultRecord, Store
 from tests.pg_fixture import postgres_url  # noqa: F401 - the session fixture behind db_url
@@ -303,10 +306,10 @@ def test_refused_with_an_error_status_and_nothing_stored(
     files, rows = shared_node.files(), shared_node.rows()
     with caplog.at_level(logging.INFO):
         status = shared_node.send(encoded, tmp_path)
-    assert status == expected, f"{case}: expected 0x{expected:04X} {expected.name}, found 0x{status:04X}"
+    assert status == expected, f"{case}: expected 0x{expected:04X} {status_name(expected)}, found 0x{status:04X}"
     assert shared_node.files() == files and shared_node.rows().keys() == rows.keys()
     ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("node."))
-    assert f"0x{expected:04X} {expected.name}" in ours
+    assert f"0x{expected:04X} {status_name(expected)}" in ours
     assert PATIENT_NAME not in ours and PATIENT_ID not in ours
     assert "abc" not in ours and ".x." not in ours  # the invalid UIDs are not quoted
 

@@ -32,11 +32,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-import node.receive as receive
+import node.intake as intake_module
 from ai.errors import RetryableError
 from node.config import ScpSettings, Settings, StorageSettings
 from node.filter import FilterRules
-from node.receive import Intake, NoDelayAssociationServer, Status, start_scp
+from node.intake import Intake
+from node.receive import make_ae, start_scp
+from node.refusals import Status
+from node.scp_server import NoDelayAssociationServer, SharedSocketAssociationServer
+from node.transport import decode_p_data_tf
 from storage.db import Instance, Job, make_engine
 from storage.files import write_atomic
 from storage.queue import Store
@@ -250,7 +254,7 @@ def test_disk_full_answers_out_of_resources(
     node = start_node(data_dir=tiny_fs / "data")
     big = data_dir / "dicom" / "dx_pa_chest_j2k_lossless.dcm"  # 4 MB into 1 MiB
     assert dcmsend(node, [big], tmp_path) == [f"0x{Status.OUT_OF_RESOURCES:04x}"]  # refused before writing
-    monkeypatch.setattr(receive, "free_bytes", lambda path: 2**40)  # the space check passes: ENOSPC mid-write
+    monkeypatch.setattr(intake_module, "free_bytes", lambda path: 2**40)  # the space check passes: ENOSPC mid-write
     assert dcmsend(node, [big], tmp_path) == [f"0x{Status.OUT_OF_RESOURCES:04x}"]
     assert node.files() == [] and node.rows() == {}
     small = data_dir / "dicom" / "dx_thorax_canine_not_human.dcm"
@@ -391,7 +395,7 @@ def test_enospc_mid_write_is_out_of_resources(tmp_path: Path, rules: FilterRules
 
         return write_atomic(path, writer)
 
-    monkeypatch.setattr(receive, "write_atomic", half_then_full)
+    monkeypatch.setattr(intake_module, "write_atomic", half_then_full)
     intake = make_intake(tmp_path, rules)
     ds = synthetic_cr()
     assert intake.accept(fake_event(encoded(ds), ds.SOPInstanceUID)) == Status.OUT_OF_RESOURCES
@@ -410,7 +414,7 @@ def test_uid_mismatch_and_missing_series_cannot_be_understood(tmp_path: Path, ru
 def test_make_ae_settings(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, allowed_callers=(MODALITY,), max_associations=7, max_pdu=65536)
     settings = replace(settings, scp=replace(settings.scp, network_timeout_s=12.0))
-    ae = receive.make_ae(settings)
+    ae = make_ae(settings)
     assert ae.maximum_associations == 7 and ae.maximum_pdu_size == 65536
     assert ae.require_calling_aet == [MODALITY] and ae.require_called_aet is True
     assert ae.network_timeout == 12.0 and _config.STORE_RECV_CHUNKED_DATASET is True
@@ -441,7 +445,7 @@ def test_p_data_tf_decoded_in_place_as_pynetdicom_decodes_it() -> None:
     reference = P_DATA_TF()
     reference.decode(encoded)
     body = bytearray(encoded[6:])
-    ours = receive.decode_p_data_tf(body)
+    ours = decode_p_data_tf(body)
     assert [(pdv.presentation_context_id, bytes(pdv.presentation_data_value or b""))
             for pdv in ours.presentation_data_value_items] == items
     assert ours.to_primitive().presentation_data_value_list == reference.to_primitive().presentation_data_value_list
@@ -456,7 +460,7 @@ def test_p_data_tf_decoded_in_place_as_pynetdicom_decodes_it() -> None:
 ])
 def test_p_data_tf_with_bad_item_lengths_is_refused(body: bytes) -> None:
     with pytest.raises(ValueError, match="P-DATA-TF"):
-        receive.decode_p_data_tf(bytearray(body))
+        decode_p_data_tf(bytearray(body))
 
 
 @pytest.mark.integration
@@ -483,7 +487,7 @@ def test_closing_one_shared_socket_server_leaves_the_others_serving(tmp_path: Pa
     first = start_scp(settings, intake)
     second = start_scp(settings, intake, listen_socket=first.socket.dup())  # as a child process holds it
     try:
-        assert isinstance(second, receive.SharedSocketAssociationServer)
+        assert isinstance(second, SharedSocketAssociationServer)
         assert second.server_address == first.server_address
         second.shutdown()  # the child stops: pynetdicom's server_close would shutdown(2) the shared socket
         node = Node(settings, engine, settings.data_path, first)

@@ -1,4 +1,4 @@
-"""Transport: hostile peers against the node's SCP, and the pynetdicom internals node/transport.py relies on.
+"""Transport: hostile peers against the node's SCP (the pynetdicom internals relied on: test_pynetdicom_contract.py).
 
 The SCP runs in this process (``node.receive.start_scp`` with a real Intake and SQLite Store) on a free
 loopback port. Hostile peers are raw sockets, some bound to 127.0.0.2 (loopback, another source
@@ -8,12 +8,10 @@ test must send part of a DIMSE message and then break the association.
 
 from __future__ import annotations
 
-import inspect
 import os
 import socket
 import struct
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,27 +20,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pynetdicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config, dimse_messages, evt, fsm
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from node import transport
+from node import incoming, scp_server
 from node.config import ConfigError, ScpSettings, Settings, StorageSettings, load_settings
 from node.filter import FilterRules
-from node.receive import INCOMING_DIR, Intake, Status, start_scp
-from node.transport import NoDelayAssociationServer
+from node.incoming import INCOMING_DIR
+from node.intake import Intake
+from node.receive import start_scp
+from node.refusals import Status
+from node.scp_server import NoDelayAssociationServer
 from storage.db import Instance, make_engine
 from storage.queue import Store
 from tests.conftest import free_port, require_tool
@@ -331,7 +329,7 @@ def test_connections_over_the_address_limit_are_refused_at_once(
     start_node: Callable[..., Node], caplog: pytest.LogCaptureFixture, processes: int
 ) -> None:
     node = start_node(max_associations=16, max_associations_per_address=2, artim_timeout_s=5.0, processes=processes)
-    assert isinstance(node.server, transport.SharedSocketAssociationServer) == (processes > 1)
+    assert isinstance(node.server, scp_server.SharedSocketAssociationServer) == (processes > 1)
     held = [connect(node) for _ in range(2)]
     try:
         assert wait_until(lambda: node.server.peer_slots.held(HOSTILE) == 2, 2.0) is not None
@@ -411,7 +409,7 @@ def test_start_up_sweep_of_incoming_is_kept(start_node: Callable[..., Node], tmp
     old, recent = folder / "old.part", folder / "recent.part"
     old.write_bytes(b"x")
     recent.write_bytes(b"x")
-    stale = time.time() - transport.STALE_INCOMING_S - 60
+    stale = time.time() - incoming.STALE_INCOMING_S - 60
     os.utime(old, (stale, stale))
     start_node()
     assert not old.exists() and recent.exists()
@@ -440,46 +438,3 @@ def test_transport_defaults() -> None:
     scp = load_settings(None, environ={}).scp
     assert (scp.artim_timeout_s, scp.max_associations_per_address, scp.max_associations) == (10.0, 8, 16)
     assert 4096 <= scp.max_pdu <= 4 * MB
-
-
-# --- the pynetdicom internals node/transport.py overrides or relies on ---------------------------
-
-
-def _params(function: Callable[..., Any]) -> list[str]:
-    return list(inspect.signature(function).parameters)
-
-
-def test_pynetdicom_internals_that_transport_relies_on_are_there() -> None:
-    """Fails loudly when the installed pynetdicom changes what node/transport.py overrides or relies on."""
-    assert int(pynetdicom.__version__.split(".")[0]) < 4
-    assert _params(DULServiceProvider._read_pdu_data) == ["self"]
-    assert _params(DULServiceProvider._decode_pdu) == ["self", "bytestream"]
-    assert _params(DULServiceProvider.kill_dul) == ["self"]
-    assert issubclass(DULServiceProvider, threading.Thread) and issubclass(Association, threading.Thread)
-    assert _params(AssociationSocket.recv) == ["self", "nr_bytes"]
-    assert _params(AssociationSocket.close) == ["self"]
-    assert _params(RequestHandler._create_association) == ["self"]
-    assert _params(RequestHandler.handle) == ["self"]
-    assert _params(ThreadedAssociationServer.verify_request) == ["self", "request", "client_address"]
-    assert _params(ThreadedAssociationServer.process_request) == ["self", "request", "client_address"]
-    # chunked receive: the file is made by this module-level name, closed and unlinked after the handler
-    assert callable(dimse_messages.NamedTemporaryFile)
-    assert "NamedTemporaryFile(delete=False" in inspect.getsource(DIMSEMessage.decode_msg)
-    assert "os.unlink(req._dataset_file.name)" in inspect.getsource(StorageServiceClass.SCP)
-    # the acceptor waits for the A-ASSOCIATE-RQ and ends on None, which kill_dul puts on its queue
-    reactor = inspect.getsource(Association.run_reactor)
-    assert "receive_pdu(wait=True, timeout=self.acse_timeout)" in reactor and "if primitive is None:" in reactor
-    for action in (fsm.AA_2, fsm.AA_4, fsm.AA_5, fsm.AR_5):  # the ends of a connection stop the DUL this way
-        assert "dul.kill_dul()" in inspect.getsource(action)
-    # make_ae's acse_timeout (scp.artim_timeout_s) is the association's ARTIM timer
-    assert "artim_timer.timeout = value" in inspect.getsource(inspect.getattr_static(Association, "acse_timeout").fset)
-    # attributes read on live objects
-    assoc = Association(AE(), "acceptor")
-    for name in ("artim_timer", "state_machine", "event_queue", "to_user_queue", "_recv_pdu", "socket"):
-        assert hasattr(assoc.dul, name), name
-    assert assoc._started_dul is False and assoc.is_established is False
-    assert isinstance(inspect.getattr_static(type(assoc.requestor), "address"), property)
-    assert isinstance(inspect.getattr_static(DULServiceProvider, "network_timeout"), property)
-    assert {"Sta1", "Sta2", "Sta13"} <= set(fsm.STATES)
-    assert isinstance(assoc.dul.artim_timer.remaining, float | int) and assoc.dul.artim_timer.timeout is not None
-    assert assoc.dul.state_machine.current_state == "Sta1"
