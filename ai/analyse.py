@@ -30,8 +30,9 @@ class Analysis:
     letterbox: Letterbox
 
 
-def analyse_image(image: np.ndarray, ensemble: Ensemble, gate: InputGate | None = None) -> Analysis:
-    """Check a decoded image with the input gate, preprocess and score it.
+def model_input(image: np.ndarray, ensemble: Ensemble, gate: InputGate | None = None) -> tuple[np.ndarray, Letterbox]:
+    """The gate's decision, then the one preprocessing: the ensemble's input (channels, size, size) for a decoded
+    image, with its letterbox. Site calibration scores images through this step too (``training.site``).
 
     Raises:
         ImageRefused: the gate found no usable content, or not a frontal chest radiograph.
@@ -42,8 +43,18 @@ def analyse_image(image: np.ndarray, ensemble: Ensemble, gate: InputGate | None 
         if not verdict.analysable:
             raise ImageRefused(verdict.reason, image=image)
     gray, box = preprocess_gray(image, ensemble.manifest.preprocess)
-    findings = ensemble.findings(to_model_input(gray, ensemble.manifest.preprocess))
-    return Analysis(image=image, findings=findings, letterbox=box)
+    return to_model_input(gray, ensemble.manifest.preprocess), box
+
+
+def analyse_image(image: np.ndarray, ensemble: Ensemble, gate: InputGate | None = None) -> Analysis:
+    """Check a decoded image with the input gate, preprocess and score it (:func:`model_input`).
+
+    Raises:
+        ImageRefused: the gate found no usable content, or not a frontal chest radiograph.
+        UnsupportedImage: the image cannot be preprocessed.
+    """
+    x, box = model_input(image, ensemble, gate)
+    return Analysis(image=image, findings=ensemble.findings(x), letterbox=box)
 
 
 def analyse_dataset(ds: pydicom.Dataset, ensemble: Ensemble, gate: InputGate | None = None) -> Analysis:

@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from training import audits
-from training.cli import blackout_scores, main
+from training.audits import blackout_scores
+from training.cli import main
 from training.config import save_config
-from training.evaluate import load_prediction_dir
-from training.loop import prepare_run
+from training.predictions import load_prediction_dir
+from training.prepare import prepare_run
 
 from .test_loop import tiny_config
 

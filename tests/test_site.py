@@ -9,17 +9,26 @@ import numpy as np
 import pytest
 
 from ai.ensemble import Ensemble
+from ai.gate import GATE_LABELS, GateVerdict
 from node.config import load_settings
 from node.filter import FilterRules
 from node.predict import predict_one
 from training import metrics
 from training.cli import main
+from training.data import load_cohort
 from training.evaluate import ENSEMBLE, PredictionTable, read_predictions
-from training.site import calibrate_label, crossval_threshold, floor_threshold
+from training.site import calibrate_label, crossval_threshold, floor_threshold, score_cohort
 from training.splits import grouped_stratified_kfold
 
 from .model_fixtures import build_tiny_package
 from .test_loop import make_cohort
+
+
+def gate_off(folder: Path) -> Path:
+    """A node.toml whose input gate is off: the synthetic test images are no chest radiographs."""
+    path = folder / "node_gate_off.toml"
+    path.write_text('[model]\ngate = "off"\n')
+    return path
 
 
 def _shifted_site(n_pos: int = 40, n_neg: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,7 +129,7 @@ def test_cli_scores_as_the_node_does_and_writes_a_threshold_the_node_accepts(
     cohort = make_cohort(tmp_path / "site", "site", 24, seed=5)
     out = tmp_path / "calib"
     code = main(["site-threshold", "--package", str(package), "--cohort", str(cohort), "--out", str(out),
-                 "--folds", "3", "--n-boot", "100", "--threads", "1"])
+                 "--folds", "3", "--n-boot", "100", "--threads", "1", "--node-config", str(gate_off(tmp_path))])
     assert code == 0
     printed = capsys.readouterr().out
     assert "[thresholds]" in printed and "Tuberculosis = " in printed
@@ -169,7 +178,7 @@ def test_cli_refuses_an_altered_package(tmp_path: Path, capsys: pytest.CaptureFi
 def _cli(tmp_path: Path, package: Path, cohort: Path, *extra: str) -> int:
     out = tmp_path / "o"
     return main(["site-threshold", "--package", str(package), "--cohort", str(cohort), "--out", str(out),
-                 "--n-boot", "50", "--threads", "1", *extra])
+                 "--n-boot", "50", "--threads", "1", "--node-config", str(gate_off(tmp_path)), *extra])
 
 
 def test_cli_refuses_a_too_small_sample_before_scoring_and_writes_nothing(
@@ -226,3 +235,54 @@ def test_dicom_images_pass_the_nodes_filter_first(tmp_path: Path) -> None:
     table = read_predictions(tmp_path / "o" / "scores_site.csv")
     assert len(table) == 47 and "dicom_PA.dcm" in set(table.images) and "dicom_LL.dcm" not in set(table.images)
     assert "1 image(s) left out because the node's filter" in (tmp_path / "o" / "site_threshold.md").read_text()
+
+
+def test_an_image_the_nodes_input_gate_refuses_does_not_count(tmp_path: Path) -> None:
+    """The gate that node.toml names runs before the model, as in the node: a uniform plate is refused, left
+    out of the scores and the calibration, and counted in the report."""
+    import cv2
+
+    package = build_tiny_package(tmp_path / "pkg", members=1, size=64)
+    gate = build_tiny_package(tmp_path / "gate", labels=GATE_LABELS, members=1, size=64, threshold=0.0)
+    cohort = make_cohort(tmp_path / "site", "site", 24, seed=12)
+    blank = cohort.read_text().splitlines()[3].split(",")[0]  # the CSV's line 4
+    cv2.imwrite(str(tmp_path / "site" / blank), np.full((64, 64), 128, np.uint8))
+    node_toml = tmp_path / "node.toml"
+    node_toml.write_text(f'[model]\ngate = "{gate}"\n')
+    out = tmp_path / "o"
+    assert main(["site-threshold", "--package", str(package), "--cohort", str(cohort), "--out", str(out),
+                 "--n-boot", "50", "--threads", "1", "--node-config", str(node_toml)]) == 0
+    result = json.loads((out / "site_threshold.json").read_text())
+    assert result["refused_by_gate"] == [{"line": 4, "reason": "image has no usable content (a uniform field)"}]
+    assert result["excluded_by_filter"] == [] and result["gate"] == "tiny-test 0.0.0-test"
+    assert result["labels"][0]["n"] == 47
+    table = read_predictions(out / "scores_site.csv")
+    assert len(table) == 47 and blank not in set(table.images)
+    assert "1 image(s) left out because the node's input gate refused them" in (out / "site_threshold.md").read_text()
+
+
+class _RefuseEveryThird:
+    """A stand-in for ``ai.gate.InputGate`` (same ``check(image) -> GateVerdict``): refuses the 3rd, 6th ...
+    image it is shown, as its view classifier refuses a lateral view."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def check(self, image: np.ndarray) -> GateVerdict:
+        self.calls += 1
+        if self.calls % 3:
+            return GateVerdict(analysable=True)
+        return GateVerdict(analysable=False, reason="image is not a frontal chest radiograph (p = 0.01; most "
+                                                    "likely a lateral view)")
+
+
+def test_score_cohort_counts_only_what_the_gate_lets_through(tmp_path: Path) -> None:
+    package = build_tiny_package(tmp_path / "pkg", members=1, size=64)
+    cohort = load_cohort(make_cohort(tmp_path / "site", "site", 6, seed=13))
+    gate = _RefuseEveryThird()
+    scored = score_cohort(package, cohort, ["Tuberculosis"], threads=1, gate=gate)  # type: ignore[arg-type]
+    assert gate.calls == 12
+    assert [e["line"] for e in scored.refused_by_gate] == [4, 7, 10, 13]
+    assert all("lateral view" in e["reason"] for e in scored.refused_by_gate) and scored.excluded == []
+    refused = {cohort.images[e["line"] - 2] for e in scored.refused_by_gate}
+    assert len(scored.table) == 8 and not refused & set(scored.table.images)

@@ -94,6 +94,18 @@ def test_architectures_lists_the_registry(capsys: pytest.CaptureFixture[str]) ->
     assert "tiny" in capsys.readouterr().out
 
 
+def test_python_m_training_cli_runs_every_subcommand() -> None:
+    """The ``__main__`` guard comes after every handler (it once stood before ``_architectures``: NameError)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "training.cli", "architectures", "--format", "json"], cwd=repo,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "efficientnet_lite0" in {row["name"] for row in json.loads(done.stdout)}
+
+
 def test_fit_with_invalid_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('folds = 1\n[train]\nname = "x"\ncsv = "x.csv"\n')

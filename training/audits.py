@@ -1,332 +1,246 @@
-"""Shortcut audit step: the thumbnail floor and the lung-blackout test, each with a plain verdict.
+"""Shortcut audit step over a run directory: ``cxr-train baseline`` and ``cxr-train audit-blackout``.
 
-1. **Thumbnail floor.** A 16x16 thumbnail (area averaging) plus intensity statistics of the
-   preprocessed image, fed to a standardised logistic regression trained on the *same* folds as the
-   real models. It sees no anatomy at useful resolution, so whatever it reaches comes from global
-   brightness, contrast, borders, markers, scanner and site: the floor a real model must beat (a
-   published one reaches AUROC 0.86 within Shenzhen TB). :func:`floor_report` tests model vs floor with
-   DeLong on the same images.
-2. **Lung blackout.** Score each image a second time with the lung pixels set to 0 (or to the image's
-   background value). A model that reads the lungs falls towards AUROC 0.5; one that still separates
-   the classes reads something else. The scoring function is passed in, so any model works.
-
-Both reports are dicts that :func:`training.evaluate.evaluate_cohorts` carries into the report
-(``audits=[...]``).
+:func:`baseline_run` trains the thumbnail floor on the run's folds and compares it with the OOF ensemble
+(and every external cohort); :func:`blackout_run` scores the images again with their lungs blacked out.
+Both merge their reports into the run's ``audits.json`` (:func:`merge_audits`), which ``cxr-train
+evaluate`` puts in the report. The statistics themselves live in ``training.shortcuts``; their names
+stay importable from here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
 
-from training import metrics
-from training.delong import DeLongResult, delong_test
+from ai.pixels import read_image_file
+from ai.preprocess import PreprocessSpec, preprocess_gray
+from storage.files import write_atomic
+from training.data import Cohort
+from training.fit import run_probabilities
+from training.jsonio import jsonable
+from training.predictions import ENSEMBLE, PredictionTable, load_prediction_dir
+from training.prepare import RunData, load_run_config, prepare_run
+from training.rundir import RunDir, UnitKey
+from training.shortcuts import (
+    HISTOGRAM_BINS,
+    PERCENTILES,
+    THUMBNAIL_SIZE,
+    ScoreFn,
+    ThumbnailBaseline,
+    area_downsample,
+    blackout_audit,
+    blackout_report,
+    feature_matrix,
+    floor_report,
+    intensity_statistics,
+    lung_blackout,
+    resize_nearest,
+    thumbnail_baseline,
+    thumbnail_features,
+)
+from training.unit import load_unit_model
 
-PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
-THUMBNAIL_SIZE = 16
-HISTOGRAM_BINS = 16
-ScoreFn = Callable[[Sequence[np.ndarray]], Any]
+__all__ = [
+    "AUDIT_ORDER",
+    "HISTOGRAM_BINS",
+    "PERCENTILES",
+    "THUMBNAIL_SIZE",
+    "ScoreFn",
+    "ThumbnailBaseline",
+    "area_downsample",
+    "baseline_run",
+    "blackout_audit",
+    "blackout_report",
+    "blackout_run",
+    "blackout_scores",
+    "feature_matrix",
+    "floor_report",
+    "intensity_statistics",
+    "lung_blackout",
+    "merge_audits",
+    "read_audits",
+    "resize_nearest",
+    "thumbnail_baseline",
+    "thumbnail_features",
+]
 
+log = logging.getLogger(__name__)
 
-def _area_weights(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) matrix averaging the input pixels each output pixel covers, by overlap."""
-    edges = np.linspace(0.0, n_in, n_out + 1)
-    pixel = np.arange(n_in)[None, :]
-    overlap = np.minimum(edges[1:, None], pixel + 1) - np.maximum(edges[:-1, None], pixel)
-    return np.clip(overlap, 0.0, None) / (n_in / n_out)
-
-
-def area_downsample(image: np.ndarray, size: int = THUMBNAIL_SIZE) -> np.ndarray:
-    """Resize a 2-D image to ``size`` x ``size`` by area averaging (as OpenCV's INTER_AREA).
-
-    Returns:
-        float64 array, same intensity scale as the input.
-    """
-    image = np.asarray(image, dtype=float)
-    if image.ndim != 2:
-        raise ValueError(f"expected a 2-D grey image, got shape {image.shape}")
-    return _area_weights(image.shape[0], size) @ image @ _area_weights(image.shape[1], size).T
-
-
-def intensity_statistics(image_u8: np.ndarray) -> np.ndarray:
-    """Global intensity statistics of a uint8 image on the [0, 1] scale, from its 256-level histogram.
-
-    Exact and sort-free: mean, standard deviation, percentiles (``PERCENTILES``, numpy's linear
-    method), skewness and excess kurtosis (scipy's biased defaults; 0 for a constant image), and a
-    ``HISTOGRAM_BINS``-bin histogram over [0, 1] as fractions.
-
-    Raises:
-        ValueError: The image is not uint8.
-    """
-    image = np.asarray(image_u8)
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
-    counts = np.bincount(image.ravel(), minlength=256).astype(float)
-    n = counts.sum()
-    levels = np.arange(256) / 255.0
-    mean = counts @ levels / n
-    m2, m3, m4 = (counts @ (levels - mean) ** k / n for k in (2, 3, 4))
-    moments = [m3 / m2**1.5, m4 / m2**2 - 3.0] if m2 > 1e-18 else [0.0, 0.0]
-    cdf = np.cumsum(counts)
-    pos = np.asarray(PERCENTILES) / 100 * (n - 1)
-    low = np.floor(pos)
-    v_low = np.searchsorted(cdf, low, side="right")  # order statistic k = first level with cdf > k
-    v_high = np.searchsorted(cdf, np.minimum(low + 1, n - 1), side="right")
-    percentiles = (v_low + (pos - low) * (v_high - v_low)) / 255.0
-    histogram = counts.reshape(HISTOGRAM_BINS, -1).sum(axis=1) / n
-    return np.concatenate([[mean, np.sqrt(m2)], percentiles, moments, histogram])
+AUDIT_ORDER = ("thumbnail_floor", "lung_blackout")
 
 
-def thumbnail_features(image_u8: np.ndarray, size: int = THUMBNAIL_SIZE) -> np.ndarray:
-    """Thumbnail + intensity statistics of one grey uint8 image, all on the [0, 1] scale.
-
-    Features: ``size * size`` thumbnail pixels (area averaging), then :func:`intensity_statistics`.
-    """
-    return np.concatenate([
-        area_downsample(np.asarray(image_u8, dtype=float) / 255.0, size).ravel(),
-        intensity_statistics(image_u8),
-    ])
-
-
-def feature_matrix(images_u8: Sequence[np.ndarray] | np.ndarray, size: int = THUMBNAIL_SIZE) -> np.ndarray:
-    """:func:`thumbnail_features` of every image, one row each."""
-    return np.vstack([thumbnail_features(image, size) for image in images_u8])
-
-
-def _model(C: float) -> Pipeline:
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000))
-
-
-@dataclass
-class ThumbnailBaseline:
-    """The fitted floor model and its out-of-fold scores.
-
-    Attributes:
-        oof_scores: Probability per training image from the fold model that did not see it.
-        model: Standardised logistic regression fitted on every labelled image (for external cohorts).
-        size: Thumbnail size.
-    """
-
-    oof_scores: np.ndarray
-    model: Pipeline
-    size: int = THUMBNAIL_SIZE
-
-    def score(self, images_u8: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-        """Probabilities for new images (an external cohort), preprocessed as the training images."""
-        return self.model.predict_proba(feature_matrix(images_u8, self.size))[:, 1]
-
-
-def thumbnail_baseline(
-    images_u8: Sequence[np.ndarray] | np.ndarray,
-    y: Any,
-    folds: Any,
-    C: float = 0.1,
-    size: int = THUMBNAIL_SIZE,
-) -> ThumbnailBaseline:
-    """Train the thumbnail + intensity-statistics floor on the same folds as the real models.
-
-    Args:
-        images_u8: Preprocessed grey uint8 images (the training cache's pixels).
-        y: One label per image: 1, 0 or NaN (unknown: not trained on, still scored).
-        folds: Fold id per image (the real models' split); each fold is scored by a model trained on
-            the labelled images of the other folds.
-        C: Inverse L2 regularisation strength of the logistic regression.
-        size: Thumbnail size.
+def read_audits(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The audit reports of a run directory's ``audits.json`` ([] when there is none).
 
     Raises:
-        ValueError: Length mismatch, fewer than two folds, or a training part with one class only.
+        ValueError: the file is not a JSON list.
     """
-    X = feature_matrix(images_u8, size)
-    y = np.asarray(y, dtype=float).ravel()
-    folds = np.asarray(folds).ravel()
-    if not X.shape[0] == y.size == folds.size:
-        raise ValueError(f"images, labels and folds differ in length: {X.shape[0]}, {y.size}, {folds.size}")
-    if np.unique(folds).size < 2:
-        raise ValueError(f"thumbnail baseline needs at least 2 folds, got {np.unique(folds).tolist()}")
-    known = ~np.isnan(y)
-    oof = np.full(y.size, np.nan)
-    for fold in np.unique(folds):
-        test = folds == fold
-        train = known & ~test
-        if np.unique(y[train]).size < 2:
-            raise ValueError(f"fold {fold!r}: the other folds hold one class only, cannot train the floor")
-        oof[test] = _model(C).fit(X[train], y[train]).predict_proba(X[test])[:, 1]
-    return ThumbnailBaseline(oof_scores=oof, model=_model(C).fit(X[known], y[known]), size=size)
+    path = RunDir(run_dir).audits
+    audits = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+    if not isinstance(audits, list):
+        raise ValueError(f"{path}: expected a JSON list of audit reports")
+    return audits
 
 
-def _p_text(p: float) -> str:
-    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+def merge_audits(run_dir: str | Path, kind: str, reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Replace the ``kind`` entries of ``RUN_DIR/audits.json`` by ``reports``, keep the others.
+
+    The file is written atomically; entries are ordered by kind (thumbnail floor, lung blackout, others).
+    Returns what was written.
+    """
+    merged = [a for a in read_audits(run_dir) if a.get("kind") != kind] + list(reports)
+
+    def rank(a: dict[str, Any]) -> int:
+        return AUDIT_ORDER.index(a["kind"]) if a.get("kind") in AUDIT_ORDER else len(AUDIT_ORDER)
+
+    merged.sort(key=rank)
+    text = json.dumps(jsonable(merged, nan="keep"), indent=1)
+    write_atomic(RunDir(run_dir).audits, text.encode("utf-8"))
+    return merged
 
 
-def _paired_aurocs(
-    y: Any, a: Any, b: Any, groups: Any, n_boot: int, seed: int
-) -> tuple[np.ndarray, metrics.Interval, metrics.Interval, DeLongResult]:
-    """Two scores on the same images (known label, both scores present): the labels kept, each
-    score's AUROC with its patient-bootstrap CI, and the paired DeLong test of ``a`` against ``b``."""
-    y, a, b = (np.asarray(v, dtype=float).ravel() for v in (y, a, b))
-    if not y.size == a.size == b.size:
-        raise ValueError(f"labels and the two scores differ in length: {y.size}, {a.size}, {b.size}")
-    g = np.arange(y.size) if groups is None else np.asarray(groups).ravel()
-    keep = ~(np.isnan(y) | np.isnan(a) | np.isnan(b))
-    y, a, b, g = y[keep], a[keep], b[keep], g[keep]
-    ci_a = metrics.bootstrap_ci(metrics.auroc, y, a, g, n=n_boot, seed=seed)
-    ci_b = metrics.bootstrap_ci(metrics.auroc, y, b, g, n=n_boot, seed=seed)
-    return y, ci_a, ci_b, delong_test(y, a, b)
+def baseline_run(run_dir: str | Path, n_boot: int = 2000) -> list[dict[str, Any]]:
+    """Thumbnail floor per label on the run's folds vs the OOF ensemble (and on every external cohort).
+
+    Merges the reports into ``RUN_DIR/audits.json`` (read by ``cxr-train evaluate``; earlier floor
+    entries are replaced, other audits kept) and returns them.
+    """
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    data = prepare_run(config, run_dir)
+    oof, externals = load_prediction_dir(run_dir)
+    reports = []
+    for j, label in enumerate(config.labels):
+        y = data.cohort.y[:, j]
+        if len(np.unique(y[~np.isnan(y)])) < 2:
+            log.warning("baseline: %s has one class only in %s, skipped", label, data.cohort.name)
+            continue
+        floor = thumbnail_baseline(data.images, y, data.folds)
+        reports.append(_floor_vs_model(data.cohort, oof, label, floor.oof_scores, n_boot))
+        for cohort, images in data.externals:
+            if cohort.name in externals:
+                table = externals[cohort.name]
+                reports.append(_floor_vs_model(cohort, table, label, floor.score(images), n_boot))
+    merge_audits(run_dir, "thumbnail_floor", reports)
+    return reports
 
 
-def floor_report(
-    y: Any, model_scores: Any, floor_scores: Any, groups: Any = None, cohort: str = "", label: str = "",
-    n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
+def _floor_vs_model(
+    cohort: Cohort, table: PredictionTable, label: str, floor_scores: np.ndarray, n_boot: int
 ) -> dict[str, Any]:
-    """Model vs thumbnail floor on the same images: AUROCs with bootstrap CIs, DeLong test, verdict.
-
-    Args:
-        y: Labels 1/0/NaN.
-        model_scores: The real model's scores (e.g. the OOF ensemble).
-        floor_scores: The thumbnail baseline's scores on the same images (same folds for OOF).
-        groups: Patient id per image, for the bootstrap.
-        cohort: Cohort name, for the report.
-        label: Label name, for the report.
-        n_boot: Bootstrap resamples.
-        seed: Bootstrap seed.
-        alpha: Significance level of the verdict.
-    """
-    y, model_ci, floor_ci, test = _paired_aurocs(y, model_scores, floor_scores, groups, n_boot, seed)
-    if test.p_value < alpha and test.difference > 0:
-        outcome = "above the floor"
-    elif test.p_value < alpha:
-        outcome = "BELOW the floor: image statistics alone do better than the model"
-    else:
-        outcome = "not distinguishable from the floor: no evidence the model uses more than image statistics"
-    verdict = (f"model AUROC {test.auc1:.3f} vs thumbnail floor {test.auc2:.3f}: "
-               f"DeLong {_p_text(test.p_value)}, {outcome}")
-    return {
-        "kind": "thumbnail_floor", "cohort": cohort, "label": label, "n": int(y.size), "n_pos": int(y.sum()),
-        "model_auroc": model_ci.to_dict(), "floor_auroc": floor_ci.to_dict(), "delong": test.to_dict(),
-        "verdict": verdict,
-    }
+    """Floor report on the images a prediction table scores (matched on the image key)."""
+    rows = _table_rows(cohort, table)
+    y = cohort.y[rows, cohort.labels.index(label)]
+    model = table.scores[label][ENSEMBLE]
+    groups = np.asarray(cohort.patient_ids)[rows]
+    return floor_report(y, model, floor_scores[rows], groups, cohort=table.name, label=label, n_boot=n_boot)
 
 
-def resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a 2-D mask (pixel centres mapped, no interpolation)."""
-    mask = np.asarray(mask)
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0]).astype(int), mask.shape[0] - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1]).astype(int), mask.shape[1] - 1)
-    return mask[np.ix_(rows, cols)]
+def _table_rows(cohort: Cohort, table: PredictionTable) -> np.ndarray:
+    """The cohort row of each image of a prediction table."""
+    position = {image: i for i, image in enumerate(cohort.images)}
+    return np.array([position[str(image)] for image in table.images], dtype=int)
 
 
-def lung_blackout(image_u8: np.ndarray, mask_u8: np.ndarray, fill: int | str = 0) -> np.ndarray:
-    """A copy of ``image_u8`` with the lung pixels (``mask > 0``) set to ``fill``.
+def blackout_run(run_dir: str | Path, fill: int | str = 0, n_boot: int = 2000) -> list[dict[str, Any]]:
+    """Lung-blackout audit of the run's ensemble per cohort and label (``cxr-train audit-blackout``).
 
-    The mask is resized to the image with nearest neighbour; it must outline the lungs in the same
-    geometry as the image (blacken the source image, then preprocess, or letterbox the mask alike).
-
-    Args:
-        image_u8: 2-D grey image.
-        mask_u8: 2-D lung mask (any size; an RGB mask is reduced to its maximum channel).
-        fill: A grey value, or ``"background"`` for the median of the pixels outside the lungs.
+    Only images with a ``lung_mask`` take part. The scores with the lungs are the ``ensemble`` column of
+    the run's prediction CSVs; the scores without them come from :func:`blackout_scores` (same models,
+    same member/fold assignment). Cohorts without any mask and labels with one class among the masked
+    images are skipped (logged). Merges the reports into ``RUN_DIR/audits.json`` and returns them.
 
     Raises:
-        ValueError: The image is not 2-D or ``fill`` is not understood.
+        ValueError: No image of any cohort has a lung mask, or the run is not finished.
+        FileNotFoundError: Not a run directory, or no prediction CSVs.
     """
-    image = np.asarray(image_u8)
-    if image.ndim != 2:
-        raise ValueError(f"expected a 2-D grey image, got shape {image.shape}")
-    mask = np.asarray(mask_u8)
-    mask = mask.max(axis=2) if mask.ndim == 3 else mask
-    lungs = resize_nearest(mask, image.shape) > 0
-    if fill == "background":
-        value = np.median(image[~lungs]) if (~lungs).any() else 0
-    elif isinstance(fill, int | np.integer):
-        value = fill
-    else:
-        raise ValueError(f"fill must be a grey value or 'background', got {fill!r}")
-    out = image.copy()
-    out[lungs] = value
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    oof, externals = load_prediction_dir(run_dir)
+    data = prepare_run(config, run_dir)
+    tables = [(data.cohort, oof)] + [(c, externals[c.name]) for c, _ in data.externals if c.name in externals]
+    rows = {}
+    for cohort, table in tables:
+        positions = _table_rows(cohort, table)
+        with_mask = np.array([cohort.masks[i] is not None for i in positions], dtype=bool)
+        if not with_mask.any():
+            log.warning("audit-blackout: no image of %s has a lung mask, skipped", cohort.name)
+            continue
+        rows[cohort.name] = (positions, with_mask)
+    if not rows:
+        raise ValueError("no image of any cohort has a lung mask (manifest column lung_mask): "
+                         "the blackout audit cannot run")
+    blacked = blackout_scores(run_dir, data, {name: pos[keep] for name, (pos, keep) in rows.items()}, fill)
+    reports = []
+    for cohort, table in tables:
+        if cohort.name not in rows:
+            continue
+        positions, keep = rows[cohort.name]
+        groups = np.asarray(cohort.patient_ids)[positions[keep]]
+        for label in config.labels:
+            y = table.labels[label][keep]
+            if np.unique(y[~np.isnan(y)]).size < 2:
+                log.warning("audit-blackout: %s has one class only among the masked images of %s, skipped",
+                            label, cohort.name)
+                continue
+            report = blackout_report(y, table.scores[label][ENSEMBLE][keep],
+                                     blacked[cohort.name][:, config.labels.index(label)], groups,
+                                     cohort=table.name, label=label, n_boot=n_boot)
+            report.update(n_without_mask=int(np.sum(~keep)), fill=fill)
+            reports.append(report)
+    merge_audits(run_dir, "lung_blackout", reports)
+    return reports
+
+
+def blackout_scores(
+    run_dir: Path, data: RunData, rows: dict[str, np.ndarray], fill: int | str = 0
+) -> dict[str, np.ndarray]:
+    """Ensemble probabilities ``[n, L]`` of images with their lungs blacked out, per cohort name.
+
+    ``rows[name]`` are positions in that cohort (the training cohort: ``data.cohort``; external ones:
+    ``data.externals``), each with a lung mask. Each image is read from its source file, blacked out
+    there (:func:`training.shortcuts.lung_blackout`, mask read alike) and preprocessed with the run's spec
+    (``ai.preprocess.preprocess_gray``). Training-cohort images are scored by the model of their
+    held-out fold, external ones by the mean of the fold models; then the mean over architectures.
+    """
+    config = data.config
+    cohorts = {c.name: c for c in [data.cohort, *(c for c, _ in data.externals)]}
+    done = {key for key, _ in RunDir(run_dir).finished_units()}
+    units = [UnitKey(arch, fold) for arch in config.architectures for fold in config.fold_indices()]
+    missing = [key.name for key in units if key not in done]
+    if missing:
+        raise ValueError(f"{run_dir}: unit(s) {missing} not finished; run `cxr-train fit` first")
+    pixels = {name: _blacked_pixels(cohorts[name], index, data.spec, fill, config.progress)
+              for name, index in rows.items()}
+    train = data.cohort.name
+    train_folds = data.folds[rows[train]] if train in rows else np.array([], dtype=int)
+    sums = {name: np.zeros((len(index), len(config.labels))) for name, index in rows.items()}
+    n_folds = len(config.fold_indices())
+    for key in units:
+        model = load_unit_model(run_dir, config, key, data.device)
+        for name, images in pixels.items():
+            if name != train:
+                sums[name] += run_probabilities(model, data, images, desc=f"{key.name} {name} blackout") / n_folds
+            elif np.any(held_out := train_folds == key.fold):
+                sums[name][held_out] += run_probabilities(model, data, images, np.flatnonzero(held_out),
+                                                          desc=f"{key.name} blackout")
+    return {name: total / len(config.architectures) for name, total in sums.items()}
+
+
+def _blacked_pixels(
+    cohort: Cohort, index: np.ndarray, spec: PreprocessSpec, fill: int | str, progress: bool = False
+) -> np.ndarray:
+    """uint8 ``[n, S, S]``: images ``index`` of ``cohort``, lungs blacked out in the source, then preprocessed."""
+    out = np.empty((len(index), spec.size, spec.size), dtype=np.uint8)
+    for n, i in enumerate(tqdm(index, desc=f"blackout {cohort.name}", disable=not progress, leave=False)):
+        mask = cohort.masks[i]
+        assert mask is not None  # the caller passes only images with a mask
+        blacked = lung_blackout(read_image_file(cohort.paths[i]), read_image_file(mask), fill)
+        out[n] = preprocess_gray(blacked, spec)[0]
     return out
-
-
-def blackout_report(
-    y: Any, scores_orig: Any, scores_blackout: Any, groups: Any = None, cohort: str = "", label: str = "",
-    n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
-) -> dict[str, Any]:
-    """AUROC with and without the lungs (bootstrap CIs), the paired DeLong test, and a verdict.
-
-    Args:
-        y: Labels 1/0/NaN.
-        scores_orig: Scores of the untouched images.
-        scores_blackout: Scores of the same images with the lungs blacked out (NaN: no mask).
-        groups: Patient id per image, for the bootstrap.
-        cohort: Cohort name, for the report.
-        label: Label name, for the report.
-        n_boot: Bootstrap resamples.
-        seed: Bootstrap seed.
-        alpha: Significance level of the verdict.
-    """
-    y, orig, black, test = _paired_aurocs(y, scores_orig, scores_blackout, groups, n_boot, seed)
-    if orig.low <= 0.5 <= orig.high:
-        outcome = "the model does not separate the classes even with the lungs: the test says nothing"
-    elif black.low <= 0.5 <= black.high:
-        outcome = "falls to chance: the model reads the lungs"
-    elif test.p_value < alpha and test.difference > 0:
-        outcome = "falls but stays away from chance: part of the signal lies outside the lungs"
-    else:
-        outcome = "does not fall: the model reads something other than the lungs (shortcut risk)"
-    verdict = (f"AUROC {orig.value:.3f} with the lungs, {black.value:.3f} [{black.low:.3f}, "
-               f"{black.high:.3f}] with the lungs blacked out (DeLong {_p_text(test.p_value)}): {outcome}")
-    return {
-        "kind": "lung_blackout", "cohort": cohort, "label": label, "n": int(y.size), "n_pos": int(y.sum()),
-        "auroc_original": orig.to_dict(), "auroc_blackout": black.to_dict(), "delong": test.to_dict(),
-        "verdict": verdict,
-    }
-
-
-def blackout_audit(
-    score_fn: ScoreFn,
-    images_u8: Sequence[np.ndarray],
-    masks_u8: Sequence[np.ndarray | None],
-    y: Any,
-    groups: Any = None,
-    fill: int | str = 0,
-    cohort: str = "",
-    label: str = "",
-    n_boot: int = 2000,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Score the images with and without their lungs and report (:func:`blackout_report`).
-
-    Args:
-        score_fn: ``score_fn(list of images) -> one score per image`` for ``label`` (any model).
-        images_u8: Grey uint8 images, as ``score_fn`` expects them.
-        masks_u8: Lung mask per image in the image's geometry; None where there is none (left out).
-        y: Labels 1/0/NaN.
-        groups: Patient id per image.
-        fill: Passed to :func:`lung_blackout`.
-        cohort: Cohort name, for the report.
-        label: Label name, for the report.
-        n_boot: Bootstrap resamples.
-        seed: Bootstrap seed.
-    """
-    if not len(images_u8) == len(masks_u8) == np.asarray(y).size:
-        raise ValueError(f"images, masks and labels differ in length: {len(images_u8)}, {len(masks_u8)}, "
-                         f"{np.asarray(y).size}")
-    pairs = [(i, image, mask) for i, (image, mask) in enumerate(zip(images_u8, masks_u8, strict=True))
-             if mask is not None]
-    if not pairs:
-        raise ValueError("no image has a lung mask: the blackout audit cannot run")
-    have = [i for i, _, _ in pairs]
-    kept = [image for _, image, _ in pairs]
-    blacked = [lung_blackout(image, mask, fill) for _, image, mask in pairs]
-    orig = np.asarray(score_fn(kept), dtype=float).ravel()
-    black = np.asarray(score_fn(blacked), dtype=float).ravel()
-    g = None if groups is None else np.asarray(groups)[have]
-    report = blackout_report(np.asarray(y, dtype=float)[have], orig, black, g, cohort, label, n_boot, seed)
-    report["n_without_mask"] = len(masks_u8) - len(have)
-    report["fill"] = fill
-    return report

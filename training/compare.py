@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from training.delong import delong_test
-from training.evaluate import ENSEMBLE, PredictionTable, read_predictions
+from training.predictions import ENSEMBLE, PredictionTable, read_predictions
 
 
 def _score(table: PredictionTable, label: str, column: str, path: Path) -> np.ndarray:

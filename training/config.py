@@ -23,8 +23,8 @@ from storage.files import write_atomic
 from training.augment import AugmentConfig
 from training.labels import LabelError, canonical_labels
 from training.losses import LOSSES
+from training.rundir import CONFIG_NAME as CONFIG_NAME  # the run directory owns its file names
 
-CONFIG_NAME = "config.toml"
 UNFREEZE_MODES = ("last_stage", "all", "none")
 DEVICES = ("auto", "cpu", "cuda")
 MONITORS = ("validation", "training")

@@ -15,10 +15,19 @@ For each label this step reports, on that sample:
 - the honest estimate of that rule: patient-grouped k-fold inside the sample, the threshold chosen on
   k-1 folds and applied to the held-out fold, the held-out calls pooled, Wilson 95% CIs. This is the
   sensitivity a new patient of this site can expect from the rule, and its spread across folds.
+
+Only images the node would score count: a DICOM file passes the node's tag filter first (``accept``), and
+every decoded image the node's input gate (``ai.gate``, ``gate``) before the model, as in
+``ai.analyse.analyse_image``. ``cxr-train site-threshold`` passes both in, configured as the node's
+``node.toml`` configures them; the images either refuses are left out and listed with the reason.
+
+:func:`site_threshold_run` composes the step; it writes ``scores_<cohort>.csv`` (the prediction-CSV
+format), ``site_threshold.json`` and ``site_threshold.md``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -27,14 +36,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
 
+from ai.analyse import model_input
+from ai.ensemble import Ensemble, Prediction
+from ai.errors import ImageRefused, UnsupportedImage
+from ai.gate import InputGate
+from ai.manifest import load_manifest
+from ai.pixels import dicom_to_float, is_dicom_file, read_dicom_file, read_image_file
+from storage.files import write_atomic
 from training import metrics
-from training.data import Cohort
-from training.evaluate import ENSEMBLE, PredictionTable
+from training.data import Cohort, load_cohort
+from training.jsonio import jsonable
+from training.predictions import ENSEMBLE, PredictionTable, cohort_table, write_predictions
 from training.splits import grouped_stratified_kfold
 
-Accept = Callable[[Any], tuple[bool, str]]
+Accept = Callable[[pydicom.Dataset], tuple[bool, str]]
 """Whether the node would analyse a DICOM dataset, and why (the CLI passes the node's chest filter in)."""
+
+SITE_JSON = "site_threshold.json"
+SITE_MARKDOWN = "site_threshold.md"
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +73,13 @@ class ScoredSample:
             probability (float32 mean of the members, the value it compares with the threshold).
         excluded: images the node's filter would not analyse (DICOM only), as
             ``{"line": CSV line, "reason": the filter's reason}``.
+        refused_by_gate: images the node's input gate refused (any format), as
+            ``{"line": CSV line, "reason": the gate's reason}``.
     """
 
     table: PredictionTable
     excluded: list[dict[str, Any]] = field(default_factory=list)
+    refused_by_gate: list[dict[str, Any]] = field(default_factory=list)
 
 
 def calibrated_labels(package_labels: Sequence[str], cohort: Cohort) -> list[str]:
@@ -88,76 +113,69 @@ def check_sample(cohort: Cohort, label: str, k: int, rows: np.ndarray | None = N
 
 def score_cohort(
     package_dir: str | Path, cohort: Cohort, labels: Sequence[str], accept: Accept | None = None,
-    threads: int | None = None,
+    threads: int | None = None, gate: InputGate | None = None,
 ) -> ScoredSample:
     """Score every image of ``cohort`` with the package as the node does.
 
     DICOM files first pass ``accept`` (``cxr-train site-threshold`` passes the node's chest filter with the
     node's ``[filter]`` and rules file; None: every DICOM file counts); those it refuses are excluded and
-    listed with its reason. Then the pixels go through the node's reader, preprocessing and ensemble.
+    listed with its reason. Every decoded image then passes ``gate`` (the node's input gate; None: every
+    image counts), refused ones listed likewise. Then the pixels go through the node's preprocessing and
+    ensemble.
 
     Raises:
         ModelPackageError: an invalid package.
         UnsupportedImage: an image that cannot be read, named with its manifest line (nothing is
             skipped silently).
     """
-    from ai.ensemble import Ensemble
-
     ensemble = Ensemble.load(package_dir, providers=["CPUExecutionProvider"], threads=threads)
     manifest = ensemble.manifest
     n_members = len(manifest.members)
     members = np.full((n_members, len(cohort), len(manifest.labels)), np.nan)
     mean = np.full((len(cohort), len(manifest.labels)), np.nan)
-    excluded = []
+    excluded: list[dict[str, Any]] = []
+    refused: list[dict[str, Any]] = []
     for i, path in enumerate(cohort.paths):
         where = f"{cohort.csv_path.name} line {i + 2}"
-        prediction, reason = _score_image(Path(path), ensemble, accept, where)
+        prediction, by_gate, reason = _score_image(Path(path), ensemble, accept, gate, where)
         if prediction is None:
-            excluded.append({"line": i + 2, "reason": reason})
+            (refused if by_gate else excluded).append({"line": i + 2, "reason": reason})
         else:
             members[:, i, :] = prediction.member_probabilities[:, 0, :]
             mean[i] = prediction.probabilities[0]
         if (i + 1) % 50 == 0 or i + 1 == len(cohort):
             log.info("site calibration: %d/%d images of %s done", i + 1, len(cohort), cohort.name)
+    if refused:
+        log.info("site calibration: the input gate refused %d image(s) of %s", len(refused), cohort.name)
     keep = np.flatnonzero(~np.isnan(mean[:, 0]))
     index = {label: manifest.labels.index(label) for label in labels}
-    table = PredictionTable(
-        images=np.asarray(cohort.images)[keep],
-        patient_ids=np.asarray(cohort.patient_ids)[keep],
-        labels={label: cohort.y[keep, cohort.labels.index(label)] for label in labels},
-        scores={
-            label: {**{f"member{m}": members[m, keep, j] for m in range(n_members)}, ENSEMBLE: mean[keep, j]}
-            for label, j in index.items()
-        },
-        sites=np.asarray(cohort.sites)[keep],
-        sexes=np.asarray(cohort.sexes)[keep],
-        ages=cohort.ages[keep],
-        name=cohort.name,
-    )
-    return ScoredSample(table=table, excluded=excluded)
+    table = cohort_table(cohort.subset(keep), {
+        label: {**{f"member{m}": members[m, keep, j] for m in range(n_members)}, ENSEMBLE: mean[keep, j]}
+        for label, j in index.items()
+    })
+    return ScoredSample(table=table, excluded=excluded, refused_by_gate=refused)
 
 
-def _score_image(path: Path, ensemble: Any, accept: Accept | None, where: str) -> tuple[Any, str]:
-    """(the ensemble's prediction, "") or (None, the filter's reason) for one file, as the node does."""
-    from pydicom.errors import InvalidDicomError
-
-    from ai.errors import UnsupportedImage
-    from ai.pixels import dicom_to_float, is_dicom_file, read_dicom_file, read_image_file
-    from ai.preprocess import preprocess
-
+def _score_image(
+    path: Path, ensemble: Ensemble, accept: Accept | None, gate: InputGate | None, where: str
+) -> tuple[Prediction | None, bool, str]:
+    """One file as the node handles it: (the ensemble's prediction, False, ""), or (None, False, the filter's
+    reason) for a DICOM file the filter refuses, or (None, True, the gate's reason) for an image the gate refuses."""
     try:
         if is_dicom_file(path):
             ds = read_dicom_file(path)
             accepted, reason = accept(ds) if accept is not None else (True, "")
             if not accepted:
-                return None, reason
+                return None, False, reason
             image = dicom_to_float(ds)
         else:
             image = read_image_file(path)
-        x, _ = preprocess(image, ensemble.manifest.preprocess)
+        x, _ = model_input(image, ensemble, gate)  # the node's gate decision and preprocessing
+    except ImageRefused as refused:
+        return None, True, refused.reason
     except (InvalidDicomError, OSError, ValueError, EOFError, UnsupportedImage) as exc:
         raise UnsupportedImage(f"{where}: cannot be analysed as the node would: {exc}") from exc
-    return ensemble.predict(x[np.newaxis]), ""
+    return ensemble.predict(x[np.newaxis]), False, ""
 
 
 def _check_counts(y: np.ndarray, groups: np.ndarray, what: str, k: int) -> None:
@@ -314,12 +332,16 @@ def _rate(entry: dict[str, Any]) -> str:
 
 
 def report_markdown(
-    results: Sequence[dict[str, Any]], package: dict[str, str], cohort: str, excluded: Sequence[dict[str, Any]] = ()
+    results: Sequence[dict[str, Any]], package: dict[str, str], cohort: str, excluded: Sequence[dict[str, Any]] = (),
+    refused_by_gate: Sequence[dict[str, Any]] = (),
 ) -> str:
     """A short Markdown report of :func:`calibrate_label` results."""
     out = [f"# Site calibration: {package['name']} {package['version']} on {cohort}", ""]
     if excluded:
         out += [f"{len(excluded)} image(s) left out because the node's filter would not analyse them "
+                "(`site_threshold.json` lists their manifest lines and reasons).", ""]
+    if refused_by_gate:
+        out += [f"{len(refused_by_gate)} image(s) left out because the node's input gate refused them "
                 "(`site_threshold.json` lists their manifest lines and reasons).", ""]
     for e in results:
         held, pkg, ins = e["held_out"], e["package_threshold"], e["site_threshold"]["in_sample"]
@@ -346,3 +368,46 @@ def report_markdown(
             "",
         ]
     return "\n".join(out)
+
+
+def site_threshold_run(
+    package: str | Path, cohort_csv: str | Path, out: str | Path, target: float = 0.90, k: int = 5,
+    seed: int = 0, n_boot: int = 2000, threads: int | None = None, accept: Accept | None = None,
+    gate: InputGate | None = None,
+) -> dict[str, Any]:
+    """Score a site's labelled sample with a package and calibrate each label (``cxr-train site-threshold``).
+
+    ``accept`` and ``gate`` decide, as in the node, which images count (:func:`score_cohort`).
+    Everything is checked before scoring, and the three outputs are written only when all labels are
+    calibrated: ``scores_<cohort>.csv`` (the prediction-CSV format: `evaluate` and `compare` read it),
+    ``site_threshold.json`` and ``site_threshold.md`` in ``out``. Returns the JSON's content.
+
+    Raises:
+        ValueError: an invalid target or k, an invalid manifest (CohortError), too few positive or
+            negative patients. UnsupportedImage: an image the node could not read.
+    """
+    if not 0.0 < target <= 1.0 or k < 2:
+        raise ValueError(f"--target-sensitivity must be in (0, 1] and --folds at least 2, found {target} and {k}")
+    manifest = load_manifest(package)
+    cohort = load_cohort(cohort_csv)
+    labels = calibrated_labels(manifest.labels, cohort)
+    for label in labels:
+        check_sample(cohort, label, k)
+    scored = score_cohort(package, cohort, labels, accept, threads, gate)
+    results = [
+        calibrate_label(scored.table, label, manifest.thresholds[label].value, target, k, seed, n_boot)
+        for label in labels
+    ]
+    info = {"name": manifest.name, "version": manifest.version, "path": str(package)}
+    gate_info = "off" if gate is None else f"{gate.manifest.name} {gate.manifest.version}"
+    snippet = thresholds_snippet(results, cohort.name)
+    result = {"package": info, "cohort": cohort.summary(), "excluded_by_filter": scored.excluded,
+              "gate": gate_info, "refused_by_gate": scored.refused_by_gate, "labels": results, "snippet": snippet}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = report_markdown(results, info, cohort.name, scored.excluded, scored.refused_by_gate)
+    markdown += f"\n```toml\n{snippet}```\n"
+    write_atomic(out / SITE_JSON, json.dumps(jsonable(result), indent=1).encode("utf-8"))
+    write_atomic(out / SITE_MARKDOWN, markdown.encode("utf-8"))
+    write_predictions(scored.table, out / f"scores_{cohort.name}.csv")
+    return result

@@ -1,0 +1,147 @@
+"""Prepare step of a fit: the run's configuration, cohorts, folds, pixel cache and device (``RunData``).
+
+:func:`prepare_run` is what every step over a run directory starts from (the fit, the audits): it loads
+and aligns the cohorts, makes the folds once and checks them on every later call (``folds.csv``), fills
+the preprocessing cache and writes ``cohorts.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ai.preprocess import PreprocessSpec
+from storage.files import write_atomic
+from training.config import (
+    RUN_CONFIGURATION,
+    CohortConfig,
+    ConfigError,
+    RunConfig,
+    config_differences,
+    load_config,
+    save_config,
+)
+from training.data import Cohort, PreprocessCache, load_cohort
+from training.jsonio import jsonable
+from training.rundir import RunDir, UnitKey
+from training.splits import check_folds, fold_summary, grouped_stratified_kfold, load_folds, save_folds
+
+
+@dataclass
+class RunData:
+    """What every unit of a run shares: configuration, cohorts, folds and cached pixels."""
+
+    config: RunConfig
+    run_dir: Path
+    spec: Any
+    cohort: Cohort
+    folds: np.ndarray
+    images: np.ndarray
+    externals: list[tuple[Cohort, np.ndarray]] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def paths(self) -> RunDir:
+        """The run directory's paths."""
+        return RunDir(self.run_dir)
+
+    @property
+    def amp(self) -> bool:
+        """Mixed precision: configured and on CUDA."""
+        return self.device.type == "cuda" and self.config.amp
+
+    def unit_dir(self, key: UnitKey) -> Path:
+        """The folder of one unit."""
+        return self.paths.unit(key).path
+
+
+def resolve_config(config: RunConfig | None, run_dir: Path) -> RunConfig:
+    """The configuration to run with; saves it as ``config.toml`` or checks it against the saved one."""
+    saved_path = RunDir(run_dir).config
+    saved = load_config(saved_path) if saved_path.exists() else None
+    if config is None:
+        if saved is None:
+            raise ConfigError([f"no configuration given and no {saved_path} to resume from"], RUN_CONFIGURATION)
+        return saved
+    if saved is not None:
+        changed = config_differences(saved, config)
+        if changed:
+            raise ConfigError(
+                [f"{key}: differs from the run directory's {saved_path}" for key in changed]
+                + ["use a new run directory, or resume with the saved configuration"],
+                RUN_CONFIGURATION,
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, saved_path)
+    return config
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The configuration a run directory was trained with.
+
+    Raises:
+        FileNotFoundError: no ``config.toml``: not a run directory.
+    """
+    path = RunDir(run_dir).config
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not a run directory (run `cxr-train fit` first)")
+    return load_config(path)
+
+
+def prepare_run(config: RunConfig, run_dir: Path) -> RunData:
+    """Load and align the cohorts, make or reload the folds, and cache every image's pixels."""
+    run = RunDir(run_dir)
+    spec = config.preprocess_spec()
+    cohort = load_configured_cohort(config.train, config.labels)
+    folds = _folds(config, run, cohort)
+    cache = preprocess_cache(config, run_dir, spec)
+    images = cache.load_many(cohort.paths, progress=config.progress, desc=f"cache {cohort.name}")
+    externals = []
+    for item in config.external:
+        external = load_configured_cohort(item, config.labels)
+        pixels = cache.load_many(external.paths, progress=config.progress, desc=f"cache {external.name}")
+        externals.append((external, pixels))
+    summary = {
+        "train": cohort.summary(),
+        "external": [c.summary() for c, _ in externals],
+        "folds": fold_summary(folds, cohort.y, cohort.labels),
+    }
+    write_atomic(run.cohorts, json.dumps(jsonable(summary, nan="keep"), indent=2).encode("utf-8"))
+    device = _device(config)
+    return RunData(config, run_dir, spec, cohort, folds, images, externals, device)
+
+
+def load_configured_cohort(item: CohortConfig, labels: Sequence[str]) -> Cohort:
+    """A configured cohort, its label columns aligned to the run's labels."""
+    return load_cohort(item.csv, name=item.name, root=item.root or None, labels=labels)
+
+
+def preprocess_cache(config: RunConfig, run_dir: str | Path, spec: PreprocessSpec) -> PreprocessCache:
+    """The run's preprocessing cache (``config.cache_dir``, else the run directory's)."""
+    return PreprocessCache(RunDir(run_dir).cache(config.cache_dir), spec)
+
+
+def _folds(config: RunConfig, run: RunDir, cohort: Cohort) -> np.ndarray:
+    """The saved folds of the run directory (checked again), or new ones saved there."""
+    if run.folds.exists():
+        folds = load_folds(run.folds, cohort.images)
+        check_folds(folds, cohort.patient_ids, cohort.y, config.folds, config.fold_tolerance, cohort.labels)
+        return folds
+    folds = grouped_stratified_kfold(cohort.patient_ids, cohort.y, config.folds, config.seed, config.fold_tolerance)
+    save_folds(run.folds, cohort.images, cohort.patient_ids, folds)
+    return folds
+
+
+def _device(config: RunConfig) -> torch.device:
+    """CUDA when configured or available (``auto``), else the CPU."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(["device: 'cuda' requested but CUDA is not available"], RUN_CONFIGURATION)
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")

@@ -1,0 +1,402 @@
+"""Unit step: train one (architecture, fold) unit to completion, resumable, and load its final model.
+
+A unit: phase ``head`` (backbone frozen, its BatchNorm statistics too; ``epochs_head`` epochs at
+``lr_head``), then phase ``finetune`` (``unfreeze``: the last backbone stage or all of it;
+``epochs_finetune`` epochs at ``lr_finetune``), which starts from the best weights so far. Each phase
+has its own AdamW and ReduceLROnPlateau on the monitored loss, and stops early after ``patience``
+epochs without a better monitored loss. ``monitor = "validation"`` (default) monitors the held-out
+fold's loss, compared across phases; ``"training"`` monitors the epoch's mean training loss, compared
+within a phase only (the phases' training losses are not like for like: cached features without
+augmentation, then augmented images), so the held-out fold decides nothing. With ``cache_features``
+the head phase trains the head on backbone features computed once per image without augmentation
+(exact, since the backbone is frozen).
+
+Reproducibility and resume: torch is reseeded at the start of every epoch from (seed, architecture,
+fold, epoch), the shuffling/sampling generator likewise, and each sample's augmentation draws from
+(unit seed, epoch, index) (``training.data.sample_rng``). So the random state of an epoch follows
+from its number, and a unit restarted from its checkpoint gives the same weights as an uninterrupted
+run (on the CPU; CUDA kernels may be non-deterministic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from storage.files import write_atomic
+from training.augment import Augmenter
+from training.config import RunConfig
+from training.data import CxrDataset
+from training.epoch import (
+    epoch_metrics,
+    head_forward,
+    pooled_features,
+    predict_array,
+    sampler,
+    set_train_mode,
+    train_epoch,
+)
+from training.losses import LossFn, make_loss
+from training.prepare import RunData
+from training.probability import sigmoid
+from training.rundir import RunDir, UnitDir, UnitKey
+from training.trainlog import append_log, trim_log, write_done
+
+if TYPE_CHECKING:
+    from training.models import CxrNet
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[UnitKey, dict[str, Any]], None]
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 31-bit seed from any parts (stable across processes, unlike ``hash``)."""
+    digest = hashlib.sha256("\0".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass
+class UnitState:
+    """Progress of a unit, saved in its checkpoint."""
+
+    epoch: int = 0  # epochs completed in the unit
+    phase_index: int = 0
+    phase_epoch: int = 0  # epochs completed in the current phase
+    bad_epochs: int = 0  # epochs without a better monitored loss in the current phase
+    best_val_loss: float = math.inf  # the best monitored loss (validation or training, config.monitor)
+    best_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A training phase: which parameters train, for how long, at which learning rate."""
+
+    name: str
+    epochs: int
+    lr: float
+    prepare: Callable[[CxrNet], None]
+
+
+
+def train_unit(data: RunData, key: UnitKey, on_epoch_end: EpochCallback | None = None) -> None:
+    """Train one unit to completion, resuming from its checkpoint; no-op when ``done.json`` exists."""
+    unit = data.paths.unit(key)
+    if unit.done.exists():
+        return
+    unit.path.mkdir(parents=True, exist_ok=True)
+    for stale in unit.cached_scores():  # predictions of weights this training replaces
+        stale.unlink()
+    for orphan in unit.orphans():  # left by a killed process (a unit is trained by one process)
+        orphan.unlink()
+    config = data.config
+    torch.manual_seed(derive_seed(config.seed, key.architecture, key.fold, "init"))
+    model = build_unit_model(config, key.architecture).to(data.device)
+    state, checkpoint = _resume(unit, model, data.device)
+    trim_log(unit.log, state.epoch)
+    ctx = _UnitContext(data, key, unit, model, on_epoch_end)
+    started = time.monotonic()
+    for index, phase in enumerate(_phases(config)):
+        if index < state.phase_index:
+            continue
+        if index > state.phase_index or state.phase_epoch == 0:
+            if index > 0 and unit.model.exists():
+                model.load_state_dict(torch.load(unit.model, map_location=data.device))
+            state.phase_index, state.phase_epoch, state.bad_epochs = index, 0, 0
+            checkpoint = None
+        ctx.run_phase(phase, state, checkpoint)
+        checkpoint = None
+    _finish_unit(unit, key, state, time.monotonic() - started, config.monitor)
+
+
+def build_unit_model(config: RunConfig, architecture: str, weights: bool = True) -> CxrNet:
+    """A unit's model, initialised as configured (random when ``weights`` is False: weights follow)."""
+    from training.models import build_model
+
+    return build_model(
+        architecture,
+        len(config.labels),
+        config.weights_for(architecture) if weights else None,
+        size=config.image_size,
+        drop_rate=config.drop_rate,
+    )
+
+
+def load_unit_model(run_dir: str | Path, config: RunConfig, key: UnitKey, device: torch.device | str = "cpu") -> CxrNet:
+    """A unit's model with its best weights (``model.pt``), in evaluation mode.
+
+    Raises:
+        FileNotFoundError: the unit has no ``model.pt`` (never trained).
+    """
+    path = RunDir(run_dir).unit(key).model
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: unit {key.name} has not been trained")
+    model = build_unit_model(config, key.architecture, weights=False)
+    model.load_state_dict(torch.load(path, map_location="cpu"))
+    return model.to(device).eval()
+
+
+def _phases(config: RunConfig) -> list[Phase]:
+    """The configured phases (a phase with 0 epochs is kept so that indices stay stable)."""
+    from training.models import freeze_backbone, unfreeze_last_stage
+
+    def finetune(model: CxrNet) -> None:
+        freeze_backbone(model)
+        if config.unfreeze == "all":
+            for param in model.backbone.parameters():
+                param.requires_grad_(True)
+        else:
+            unfreeze_last_stage(model)
+
+    epochs_finetune = config.epochs_finetune if config.unfreeze != "none" else 0
+    return [
+        Phase("head", config.epochs_head, config.lr_head, freeze_backbone),
+        Phase("finetune", epochs_finetune, config.lr_finetune, finetune),
+    ]
+
+
+def _resume(unit: UnitDir, model: CxrNet, device: torch.device) -> tuple[UnitState, dict | None]:
+    """The unit's saved state and checkpoint (model weights loaded), or a fresh state."""
+    if not unit.checkpoint.exists():
+        return UnitState(), None
+    checkpoint = torch.load(unit.checkpoint, map_location=device, weights_only=False)
+    model.load_state_dict(checkpoint["model"])
+    state = UnitState(**checkpoint["state"])
+    log.info("resuming %s after epoch %d", unit.path, state.epoch)
+    return state, checkpoint
+
+
+def _finish_unit(unit: UnitDir, key: UnitKey, state: UnitState, seconds: float, monitor: str) -> None:
+    """Write ``done.json``; the checkpoint is kept (it is small next to the log's value)."""
+    done = {
+        "architecture": key.architecture,
+        "fold": key.fold,
+        "epochs": state.epoch,
+        "best_epoch": state.best_epoch,
+        "monitor": monitor,
+        "best_monitored_loss": state.best_val_loss,
+        **({"best_val_loss": state.best_val_loss} if monitor == "validation" else {}),
+        "seconds_last_session": round(seconds, 2),
+    }
+    write_done(unit.done, done)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through ``write_atomic`` (an interruption never leaves half a file)."""
+    write_atomic(path, lambda handle: torch.save(obj, handle))
+
+
+class _UnitContext:
+    """The pieces one unit's epochs share: data loaders, loss, model, output files."""
+
+    def __init__(
+        self,
+        data: RunData,
+        key: UnitKey,
+        unit: UnitDir,
+        model: CxrNet,
+        on_epoch_end: EpochCallback | None,
+    ) -> None:
+        self.data, self.key, self.unit, self.model = data, key, unit, model
+        self.on_epoch_end = on_epoch_end
+        self.config = data.config
+        self.unit_seed = derive_seed(self.config.seed, key.architecture, key.fold)
+        self.train_idx = np.flatnonzero(data.folds != key.fold)
+        self.val_idx = np.flatnonzero(data.folds == key.fold)
+        y = data.cohort.y
+        self.loss_fn: LossFn = make_loss(
+            self.config.loss,
+            y[self.train_idx],
+            self.config.loss_smoothing,
+            self.config.focal_gamma,
+            self.config.focal_alpha,
+        )
+        self.amp = data.amp
+
+    def run_phase(self, phase: Phase, state: UnitState, checkpoint: dict | None) -> None:
+        """Epochs of one phase from ``state`` until its epochs are done or it stops early."""
+        if state.phase_epoch >= phase.epochs or state.bad_epochs >= self.config.patience:
+            return
+        if state.phase_epoch == 0 and self.config.monitor == "training":
+            state.best_val_loss = math.inf  # training losses are compared within a phase only
+        phase.prepare(self.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=phase.lr, weight_decay=self.config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=self.config.lr_factor, patience=self.config.lr_patience
+        )
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        if checkpoint is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            scaler.load_state_dict(checkpoint["scaler"])
+        features = self._features() if phase.name == "head" and self.config.cache_features else None
+        while state.phase_epoch < phase.epochs and state.bad_epochs < self.config.patience:
+            started = time.monotonic()
+            row = self._epoch(phase, state, optimizer, scaler, features)
+            scheduler.step(self._monitored(row))
+            row["seconds"] = round(time.monotonic() - started, 3)
+            self._record(row, state, optimizer, scheduler, scaler)
+
+    def _epoch(
+        self,
+        phase: Phase,
+        state: UnitState,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        features: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> dict[str, Any]:
+        """Train one epoch, validate, update the unit state; returns the log row (without seconds)."""
+        epoch = state.epoch + 1
+        torch.manual_seed(derive_seed(self.unit_seed, "epoch", epoch))
+        loader, forward = self._train_loader(epoch, features)
+        set_train_mode(self.model)
+        desc = f"{self.key.name} {phase.name} e{epoch}"
+        train_loss = train_epoch(
+            loader,
+            forward,
+            self.loss_fn,
+            optimizer,
+            scaler,
+            self.data.device,
+            self.amp,
+            desc,
+            self.config.progress,
+        )
+        logits = self._val_logits(features)
+        y_val = torch.from_numpy(self.data.cohort.y[self.val_idx])
+        val_loss = float(self.loss_fn(torch.from_numpy(logits), y_val))
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"{self.key.name} epoch {epoch}: training loss is {train_loss}")
+        if not math.isfinite(val_loss):
+            if self.config.monitor == "validation":
+                raise FloatingPointError(f"{self.key.name} epoch {epoch}: validation loss is {val_loss}")
+            log.warning("%s epoch %d: validation loss is %s (not monitored)", self.key.name, epoch, val_loss)
+        state.epoch, state.phase_epoch = epoch, state.phase_epoch + 1
+        row = {
+            "epoch": epoch,
+            "phase": phase.name,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+        }
+        monitored = self._monitored(row)
+        if monitored < state.best_val_loss:
+            state.best_val_loss, state.best_epoch, state.bad_epochs = monitored, epoch, 0
+            _atomic_save(self.model.state_dict(), self.unit.model)
+        else:
+            state.bad_epochs += 1
+        row.update(epoch_metrics(self.data.cohort.y[self.val_idx], sigmoid(logits)))
+        return row
+
+    def _monitored(self, row: dict[str, Any]) -> float:
+        """The loss that drives early stopping, the LR schedule and the kept epoch (``config.monitor``)."""
+        return float(row["val_loss"] if self.config.monitor == "validation" else row["train_loss"])
+
+    def _record(
+        self,
+        row: dict[str, Any],
+        state: UnitState,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        scaler: torch.amp.GradScaler,
+    ) -> None:
+        """Append the log row, write the checkpoint, call the epoch callback (in that order)."""
+        append_log(self.unit.log, row)
+        checkpoint = {
+            "format": 1,
+            "unit": {"architecture": self.key.architecture, "fold": self.key.fold},
+            "state": vars(state).copy(),
+            "model": self.model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+        }
+        _atomic_save(checkpoint, self.unit.checkpoint)
+        log.info(
+            "%s epoch %d %s: train %.4f val %.4f auroc %.3f",
+            self.key.name,
+            row["epoch"],
+            row["phase"],
+            row["train_loss"],
+            row["val_loss"],
+            row["auroc"],
+        )
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(self.key, row)
+
+    def _train_loader(self, epoch: int, features: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[Any, Any]:
+        """The epoch's loader (seeded order) and the forward function that matches its inputs."""
+        config = self.config
+        y = self.data.cohort.y[self.train_idx]
+        generator = torch.Generator().manual_seed(derive_seed(self.unit_seed, "order", epoch))
+        if features is not None:
+            dataset: Any = TensorDataset(features[0][self.train_idx], torch.from_numpy(y))
+            forward = head_forward(self.model)
+        else:
+            dataset = CxrDataset(
+                self.data.images,
+                self.data.cohort.y,
+                self.data.spec,
+                Augmenter(config.augment),
+                seed=self.unit_seed,
+                index=self.train_idx,
+            )
+            dataset.set_epoch(epoch)
+            forward = self.model
+        order = sampler(y, config.balance_sampling, generator)
+        n = len(dataset)
+        loader = DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            sampler=order,
+            num_workers=0 if features is not None else config.num_workers,
+            drop_last=n > config.batch_size and n % config.batch_size == 1,  # no BatchNorm batch of one
+            pin_memory=self.data.device.type == "cuda",
+        )
+        return loader, forward
+
+    def _features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled backbone features of every training-cohort image ([N, C] on the device), no augmentation."""
+        self.model.eval()
+        pool = pooled_features(self.model)
+        feats = predict_array(
+            pool,
+            self.data.images,
+            self.data.spec,
+            self.config.batch_size,
+            self.data.device,
+            self.amp,
+            desc=f"{self.key.name} features",
+            progress=self.config.progress,
+        )
+        tensor = torch.from_numpy(feats)
+        return tensor, torch.from_numpy(self.data.cohort.y)
+
+    def _val_logits(self, features: tuple[torch.Tensor, torch.Tensor] | None) -> np.ndarray:
+        """Validation logits [n_val, L] (evaluation mode, no augmentation)."""
+        self.model.eval()
+        if features is not None:
+            with torch.no_grad():
+                return head_forward(self.model)(features[0][self.val_idx].to(self.data.device)).float().cpu().numpy()
+        return predict_array(
+            self.model,
+            self.data.images,
+            self.data.spec,
+            self.config.batch_size,
+            self.data.device,
+            self.amp,
+            progress=False,
+            index=self.val_idx,
+        )
+
