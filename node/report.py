@@ -73,6 +73,8 @@ MAX_TEXT_CHARS = 4096
 FINDING_CODES: dict[str, Code] = {
     "tuberculosis": Code("56717001", "SCT", "Tuberculosis"),
     "pneumonia": Code("233604007", "SCT", "Pneumonia"),
+    # A label of its own (learnt from children aged 1-5, training.labels): not NIH's adult "Pneumonia".
+    "pediatricpneumonia": Code("PED_PNEUMONIA", PRIVATE_SCHEME, "Pneumonia (pediatric model)"),
     "atelectasis": Code("46621007", "SCT", "Atelectasis"),
     "cardiomegaly": codes.SCT.Cardiomegaly,  # 287272002
     "effusion": codes.SCT.PleuralEffusion,  # 60046008

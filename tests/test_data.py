@@ -175,3 +175,66 @@ def test_cache_reads_dicom_png_and_jpeg(data_dir: Path, tmp_path: Path) -> None:
     images = PreprocessCache(tmp_path / "cache", PreprocessSpec(size=64)).load_many(cohort.paths)
     assert images.shape == (4, 64, 64) and images.dtype == np.uint8
     assert all(image.std() > 10 for image in images)  # real content, not a blank canvas
+
+
+def test_pediatric_and_nih_pneumonia_are_two_labels() -> None:
+    assert canonical_label("Pediatric Pneumonia") == "Pediatric_Pneumonia"
+    assert canonical_label("paediatric_pneumonia") == "Pediatric_Pneumonia"
+    assert canonical_label("label_pneumonia") == "Pneumonia"  # the bare name stays NIH's finding
+
+
+def test_load_cohort_with_its_own_column_names(tmp_path: Path) -> None:
+    # The pediatric set's layout: no patient_id (group_hint groups a child's images), no site, label_pneumonia.
+    for i in range(3):
+        write_png(tmp_path / "img" / f"{i}.png", i)
+    csv_path = tmp_path / "ped.csv"
+    csv_path.write_text("image,label_pneumonia,group_hint,label_tb\n"
+                        "img/0.png,1,bacteria:person1,\nimg/1.png,1,bacteria:person1,1\nimg/2.png,0,normal:IM-2,0\n")
+    cohort = load_cohort(csv_path, patient_column="group_hint", site="guangzhou",
+                         label_columns={"label_pneumonia": "Pediatric_Pneumonia"})
+    assert cohort.labels == ("Pediatric_Pneumonia",)  # exactly the mapped columns: label_tb is not a label
+    assert cohort.patient_ids == ("bacteria:person1", "bacteria:person1", "normal:IM-2")
+    assert cohort.sites == ("guangzhou",) * 3
+    assert cohort.y[:, 0].tolist() == [1.0, 1.0, 0.0]
+    # NIH's bare finding columns, mapped by name.
+    nih = tmp_path / "nih.csv"
+    nih.write_text("image,patient_id,Atelectasis,Hernia\nimg/0.png,7,1,0\nimg/1.png,8,0,\n")
+    cohort = load_cohort(nih, site="nih", label_columns={"Atelectasis": "Atelectasis", "Hernia": "hernia"})
+    assert cohort.labels == ("Atelectasis", "Hernia") and math.isnan(cohort.y[1, 1])
+
+
+@pytest.mark.parametrize(
+    ("header", "kwargs", "message"),
+    [
+        ("image,label_pneumonia\n", {"patient_column": "group_hint", "site": "g"},
+         r"missing required column\(s\) \['group_hint'\]"),
+        ("image,patient_id,site,label_pneumonia\n", {"site": "g"}, "has a 'site' column and the configuration gives"),
+        ("image,patient_id,pneu\n", {"site": "g", "label_columns": {"pneumonia": "Pediatric_Pneumonia"}},
+         r"label column\(s\) \['pneumonia'\] not in the manifest"),
+        ("image,patient_id,a\n", {"site": "g", "label_columns": {"a": "Covid"}}, "'Covid' is not in the canonical"),
+        ("image,group_hint,label_pneumonia\n", {"patient_column": "group_hint", "site": "g"},
+         "line 2: empty 'group_hint'"),
+    ],
+)
+def test_column_options_name_the_problem(tmp_path: Path, header: str, kwargs: dict, message: str) -> None:
+    write_png(tmp_path / "0.png", 0)
+    csv_path = tmp_path / "c.csv"
+    first = header.strip().split(",")
+    csv_path.write_text(header + ",".join("0.png" if c == "image" else ("" if c == "group_hint" else "1")
+                                          for c in first) + "\n")
+    with pytest.raises(CohortError, match=message):
+        load_cohort(csv_path, **kwargs)
+
+
+@pytest.mark.shared_data
+def test_pediatric_and_nih_manifests(data_dir: Path) -> None:
+    pediatric = load_cohort(data_dir / "pediatric_pneumonia" / "train.csv", patient_column="group_hint",
+                            site="guangzhou", label_columns={"label_pneumonia": "Pediatric_Pneumonia"})
+    assert len(pediatric) == 5216 and pediatric.labels == ("Pediatric_Pneumonia",)
+    assert pediatric.summary()["labels"]["Pediatric_Pneumonia"]["positive"] == 3875
+    assert len(set(pediatric.patient_ids)) < len(pediatric)  # a child's images share a group
+    nih = load_cohort(data_dir / "nih14" / "nih14.csv", site="nih",
+                      label_columns={finding: finding for finding in NIH_FINDINGS})
+    assert len(nih) == 500 and nih.labels == NIH_FINDINGS
+    counts = {label: nih.summary()["labels"][label]["positive"] for label in ("Hernia", "Edema", "Pneumonia")}
+    assert counts == {"Hernia": 16, "Edema": 13, "Pneumonia": 21}

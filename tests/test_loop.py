@@ -66,7 +66,7 @@ def cohorts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def tiny_config(cohorts: tuple[Path, Path], **changes: Any) -> RunConfig:
     train_csv, external_csv = cohorts
     config = RunConfig(
-        train=CohortConfig("dev", str(train_csv)),
+        train=(CohortConfig("dev", str(train_csv)),),
         external=(CohortConfig("ext", str(external_csv)),),
         name="tiny-test",
         architectures=("tiny",),
@@ -233,7 +233,7 @@ def test_monitor_training_lets_the_held_out_fold_decide_nothing(
     rng = np.random.default_rng(1)
     for image in held_out:  # fold 0's own images, replaced by noise: only its validation loss sees them
         cv2.imwrite(str(copies["changed"].parent / image), rng.integers(0, 256, (64, 64), dtype=np.uint8))
-    fit(with_overrides(config, train=CohortConfig("dev", str(copies["changed"]))), tmp_path / "run_changed")
+    fit(with_overrides(config, train=(CohortConfig("dev", str(copies["changed"])),)), tmp_path / "run_changed")
     unit = Path("units") / "tiny" / "fold0"
     a = torch.load(tmp_path / "run_as_is" / unit / "model.pt")
     b = torch.load(tmp_path / "run_changed" / unit / "model.pt")
@@ -285,3 +285,30 @@ def test_trim_log_keeps_complete_rows_up_to_the_checkpoint(tmp_path: Path) -> No
     log.write_text("epoch,pha")  # even the header was cut: the log starts again
     _trim_log(log, 5)
     assert not log.exists()
+
+
+def test_a_cohort_with_its_own_column_names_trains_grouped_by_them(
+    cohorts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # The pediatric set's layout: group_hint groups a child's images, no site column, label_pneumonia.
+    rows = read_csv(cohorts[0])
+    ped = cohorts[0].parent / "ped.csv"
+    lines = ["image,group_hint,label_pneumonia"] + [f"{r['image']},child:{r['patient_id']},{r['label_tb']}"
+                                                   for r in rows]
+    ped.write_text("\n".join(lines) + "\n")
+    cohort = CohortConfig("ped", str(ped), patient_column="group_hint", site="guangzhou",
+                          label_columns={"label_pneumonia": "Pediatric_Pneumonia"})
+    config = tiny_config(cohorts, train=(cohort,), labels=("Pediatric_Pneumonia",), external=(),
+                         epochs_head=1, epochs_finetune=0, unfreeze="none")
+    fit(config, tmp_path / "run")
+    folds = read_csv(tmp_path / "run" / "folds.csv")
+    by_group: dict[str, set[str]] = {}
+    for row in folds:
+        by_group.setdefault(row["patient_id"], set()).add(row["fold"])
+    assert len(by_group) == N_PATIENTS and all(len(f) == 1 for f in by_group.values())  # a child in one fold
+    assert all(g.startswith("child:") for g in by_group)
+    oof = read_csv(tmp_path / "run" / "predictions_oof.csv")
+    assert len(oof) == len(rows) and "label_Pediatric_Pneumonia" in oof[0]
+    assert "score_Pediatric_Pneumonia__tiny" in oof[0]
+    summary = json.loads((tmp_path / "run" / "cohorts.json").read_text())
+    assert summary["train"]["labels"]["Pediatric_Pneumonia"]["positive"] == len(rows) // 2

@@ -521,6 +521,8 @@ def test_finding_codes() -> None:
     assert standard["Effusion"].value == "60046008"
     private = {label for label, code in standard.items() if code.scheme_designator == "99CXR"}
     assert private == {"Pleural_Thickening", "Hernia"}
+    pediatric = finding_code("Pediatric_Pneumonia")  # never the same code as NIH's adult Pneumonia
+    assert (pediatric.value, pediatric.scheme_designator) == ("PED_PNEUMONIA", "99CXR")
     unknown = finding_code("Support devices and other long label")
     assert unknown.scheme_designator == "99CXR" and len(unknown.value) <= 16
 

@@ -50,7 +50,7 @@ def test_init_config_writes_a_loadable_commented_example(tmp_path: Path, capsys:
     assert main(["init-config", str(path)]) == 0
     assert "#" in path.read_text()
     config = load_config(path)
-    assert config.train.csv == str((tmp_path / "../shared/data/tb/shenzhen.csv").resolve())
+    assert config.train[0].csv == str((tmp_path / "../shared/data/tb/shenzhen.csv").resolve())
     assert [e.name for e in config.external] == ["montgomery"]
     for key in ("architectures", "folds", "epochs_head", "epochs_finetune", "loss", "augment", "seed", "init"):
         assert getattr(config, key) == default_value(key), key
@@ -75,6 +75,28 @@ def test_config_roundtrip_and_validation(tmp_path: Path) -> None:
     assert "'Covid' is not in the canonical vocabulary" in text
     with pytest.raises(ConfigError, match="epochs_head: expected an integer"):
         config_from_dict({**data, "epochs_head": "3"}, tmp_path)
+
+
+def test_cohort_column_options_roundtrip(tmp_path: Path) -> None:
+    data = tomllib.loads(example_config_text())
+    data["labels"] = ["Pediatric_Pneumonia"]
+    data["train"] = {"name": "pediatric", "csv": "ped.csv", "patient_column": "group_hint", "site": "guangzhou",
+                     "label_columns": {"label_pneumonia": "pediatric pneumonia"}}
+    config = config_from_dict(data, tmp_path)
+    assert config.train[0].label_columns == {"label_pneumonia": "Pediatric_Pneumonia"}  # canonical spelling
+    save_config(config, tmp_path / "config.toml")
+    assert 'label_columns = { label_pneumonia = "Pediatric_Pneumonia" }' in (tmp_path / "config.toml").read_text()
+    assert load_config(tmp_path / "config.toml") == config
+    # A cohort without the options is written as before: name, csv, root.
+    plain = config_from_dict(tomllib.loads(example_config_text()), tmp_path)
+    assert set(plain.to_dict()["train"]) == {"name", "csv", "root"}
+    for bad, message in [({"label_columns": {"x": "Covid"}}, "train.label_columns: label 'Covid'"),
+                         ({"label_columns": ["label_pneumonia"]}, "train.label_columns: expected a table"),
+                         ({"patient_column": ""}, "train.patient_column: expected a non-empty string"),
+                         ({"sites": "x"}, "unknown key(s) ['sites']")]:
+        with pytest.raises(ConfigError) as info:
+            config_from_dict({**data, "train": {**data["train"], **bad}}, tmp_path)
+        assert message in str(info.value), (bad, str(info.value))
 
 
 def test_an_unregistered_architecture_or_a_misfit_size_fails_at_load(tmp_path: Path) -> None:

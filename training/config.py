@@ -35,18 +35,44 @@ RUN_CONFIGURATION = "run configuration"  # what ConfigError names when no file i
 
 @dataclass(frozen=True)
 class CohortConfig:
-    """A cohort manifest: name (used in file names), CSV path, optional root for relative image paths."""
+    """A cohort manifest: name (used in file names), CSV path, optional root for relative image paths.
+
+    A manifest written by another project may name its columns its own way: ``patient_column`` names the
+    column that groups images by patient (e.g. ``group_hint``), ``site`` is the site of every image when
+    the manifest has no ``site`` column, and ``label_columns`` maps columns to canonical labels (e.g.
+    ``{"label_pneumonia": "Pediatric_Pneumonia"}``, or ``{"Atelectasis": "Atelectasis", ...}`` for NIH's
+    bare finding columns); when given, exactly those columns are the cohort's labels.
+    """
 
     name: str
     csv: str
     root: str = ""
+    patient_column: str = "patient_id"
+    site: str = ""
+    label_columns: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``name``, ``csv``, ``root`` and the column options that differ from their defaults."""
+        out: dict[str, Any] = {"name": self.name, "csv": self.csv, "root": self.root}
+        if self.patient_column != "patient_id":
+            out["patient_column"] = self.patient_column
+        if self.site:
+            out["site"] = self.site
+        if self.label_columns:
+            out["label_columns"] = dict(self.label_columns)
+        return out
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that defines a training run (see :func:`example_config_text` for each key)."""
+    """Everything that defines a training run (see :func:`example_config_text` for each key).
 
-    train: CohortConfig
+    ``train`` holds one cohort (``[train]``) or several (``[[train]]``): each gets its own patient-grouped
+    folds, and fold k of the run is fold k of every cohort. A label may have known values in one training
+    cohort only (checked when the run is prepared): a label pooled across sources is learnt as the source.
+    """
+
+    train: tuple[CohortConfig, ...]
     name: str = "cxr"
     labels: tuple[str, ...] = ("Tuberculosis",)
     external: tuple[CohortConfig, ...] = ()
@@ -107,7 +133,11 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (tuples as lists), the shape :func:`config_from_dict` reads."""
-        return json.loads(json.dumps(asdict(self)))
+        out = asdict(self)
+        cohorts = [item.to_dict() for item in self.train]
+        out["train"] = cohorts[0] if len(cohorts) == 1 else cohorts  # [train] as it always was, or [[train]]
+        out["external"] = [item.to_dict() for item in self.external]
+        return dict(json.loads(json.dumps(out)))
 
 
 def _validate(c: RunConfig) -> list[str]:
@@ -171,13 +201,14 @@ def _validate(c: RunConfig) -> list[str]:
             c.preprocess_spec()
         except (TypeError, ValueError) as exc:
             problems.append(f"preprocess: {exc}")
-    names = [c.train.name, *(e.name for e in c.external)]
+    need(bool(c.train), "train", "one cohort table [train] or several [[train]]", c.train)
+    names = [*(t.name for t in c.train), *(e.name for e in c.external)]
     bad_names = [n for n in names if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", n)]
     need(not bad_names, "train.name/external.name", "letters, digits, '_', '.', '-' (used in file names)", bad_names)
     need(
         len(set(names)) == len(names) and "oof" not in names,
         "external",
-        "cohort names distinct from each other and from train, and not 'oof'",
+        "cohort names distinct from each other and from the training cohorts, and not 'oof'",
         names,
     )
     return problems
@@ -196,7 +227,7 @@ def config_from_dict(
     known = {f.name: f for f in fields(RunConfig)}
     problems = [f"{key}: unknown key; expected one of {', '.join(sorted(known))}" for key in data if key not in known]
     if "train" not in data:
-        problems.append("train: required table with 'name' and 'csv' is missing")
+        problems.append("train: required table with 'name' and 'csv' ([train], or [[train]] per cohort) is missing")
     values: dict[str, Any] = {}
     for key, raw in data.items():
         if key not in known:
@@ -216,7 +247,9 @@ def config_from_dict(
 def _convert(key: str, raw: Any, base: Path, default: Any) -> Any:
     """One TOML value -> the dataclass field's type (tuples, nested dataclasses, absolute paths)."""
     if key == "train":
-        return _cohort(raw, base, "train")
+        if isinstance(raw, list):
+            return tuple(_cohort(item, base, f"train[{i}]") for i, item in enumerate(raw))
+        return (_cohort(raw, base, "train"),)
     if key == "external":
         if not isinstance(raw, list):
             raise TypeError(f"expected an array of tables [[external]], found {raw!r}")
@@ -270,15 +303,34 @@ def _path_or_word(value: str, base: Path) -> str:
     return str((base / value).resolve())
 
 
+COHORT_KEYS = ("name", "csv", "root", "patient_column", "site", "label_columns")
+
+
 def _cohort(raw: Any, base: Path, key: str) -> CohortConfig:
-    """A cohort table with ``name``, ``csv`` and optional ``root`` (paths made absolute)."""
+    """A cohort table with ``name``, ``csv`` and the optional keys of :class:`CohortConfig` (paths absolute)."""
     if not isinstance(raw, Mapping) or not raw.get("name") or not raw.get("csv"):
         raise TypeError(f"{key} needs a table with 'name' and 'csv', found {raw!r}")
-    extra = sorted(set(raw) - {"name", "csv", "root"})
+    extra = sorted(set(raw) - set(COHORT_KEYS))
     if extra:
-        raise TypeError(f"{key} has unknown key(s) {extra}; expected name, csv, root")
+        raise TypeError(f"{key} has unknown key(s) {extra}; expected {', '.join(COHORT_KEYS)}")
+    for text_key in ("patient_column", "site"):
+        if text_key in raw and (not isinstance(raw[text_key], str) or (text_key == "patient_column"
+                                                                        and not raw[text_key].strip())):
+            raise TypeError(f"{key}.{text_key}: expected a non-empty string, found {raw[text_key]!r}")
+    columns = raw.get("label_columns", {})
+    if not isinstance(columns, Mapping) or not all(isinstance(k, str) and isinstance(v, str) and k.strip()
+                                                   for k, v in columns.items()):
+        raise TypeError(f"{key}.label_columns: expected a table of column = \"Label\", found {columns!r}")
+    try:
+        labels = canonical_labels(columns.values()) if columns else ()
+    except LabelError as exc:
+        raise ValueError(f"{key}.label_columns: {exc}") from None
     root = str((base / raw["root"]).resolve()) if raw.get("root") else ""
-    return CohortConfig(name=str(raw["name"]), csv=str((base / raw["csv"]).resolve()), root=root)
+    return CohortConfig(
+        name=str(raw["name"]), csv=str((base / raw["csv"]).resolve()), root=root,
+        patient_column=str(raw.get("patient_column", "patient_id")).strip(), site=str(raw.get("site", "")).strip(),
+        label_columns={str(k).strip(): label for k, label in zip(columns, labels, strict=True)},
+    )
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -328,6 +380,8 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
@@ -355,7 +409,7 @@ def _toml_key(key: str) -> str:
 
 def _is_table_list(key: str) -> bool:
     """Keys that are arrays of tables (an empty one is simply left out)."""
-    return key == "external"
+    return key in ("external", "train")
 
 
 def default_value(name: str) -> Any:
@@ -414,10 +468,16 @@ device = "auto"                 # "auto" (CUDA if present), "cpu", "cuda"
 amp = true                      # mixed precision, on CUDA only
 progress = true                 # tqdm progress bars
 
-[train]                         # the cohort folds are made from; OOF predictions come from it
+[train]                         # the cohort folds are made from; OOF predictions come from it. Several
+                                # training cohorts: one [[train]] table each, every one split into its own
+                                # patient-grouped folds and reported apart; a label may be known in one only
 name = "shenzhen"
 csv = "../shared/data/tb/shenzhen.csv"
 root = ""                       # "" = image paths relative to the CSV's folder or its parent
+# patient_column = "patient_id" # the column grouping images by patient (pediatric_pneumonia: "group_hint")
+# site = ""                     # the site of every image when the manifest has no 'site' column
+# label_columns = { label_pneumonia = "Pediatric_Pneumonia" }   # column = canonical label; when given,
+#                               # exactly these columns are labels (default: every label_* column)
 
 [[external]]                    # never used for fitting or thresholds; scored by the mean of the fold models
 name = "montgomery"

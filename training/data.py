@@ -25,7 +25,7 @@ import io
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 
 from storage.files import write_atomic
-from training.labels import LabelError, canonical_label, label_columns
+from training.labels import LabelError, canonical_label, canonical_labels, label_columns
 
 log = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = ("image", "patient_id", "site")
+REQUIRED_COLUMNS = ("image", "patient_id", "site")  # patient and site columns: see load_cohort
 _POSITIVE = {"1", "1.0"}
 _NEGATIVE = {"0", "0.0"}
 
@@ -130,12 +130,51 @@ class Cohort:
         }
 
 
+def combine_cohorts(cohorts: Sequence[Cohort]) -> tuple[Cohort, np.ndarray]:
+    """Several training cohorts as one (rows in cohort order) and the source cohort of every row.
+
+    Patient keys become ``<cohort>:<patient>`` so that two cohorts' patient numbering cannot merge
+    patients; image keys must be unique across the cohorts (they key the prediction CSVs).
+
+    Raises:
+        CohortError: cohorts with different label columns, or an image listed by two cohorts.
+    """
+    if len(cohorts) == 1:
+        return cohorts[0], np.full(len(cohorts[0]), cohorts[0].name)
+    labels = cohorts[0].labels
+    if any(c.labels != labels for c in cohorts):
+        raise CohortError(f"cohorts to combine must have the same label columns, found {[c.labels for c in cohorts]}")
+    owner: dict[str, str] = {}
+    for c in cohorts:
+        for image in c.images:
+            if image in owner:
+                raise CohortError(f"image {image!r} is listed by cohorts {owner[image]!r} and {c.name!r}")
+            owner[image] = c.name
+    combined = Cohort(
+        name="+".join(c.name for c in cohorts),
+        csv_path=cohorts[0].csv_path,
+        labels=labels,
+        images=tuple(i for c in cohorts for i in c.images),
+        paths=tuple(p for c in cohorts for p in c.paths),
+        patient_ids=tuple(f"{c.name}:{pid}" for c in cohorts for pid in c.patient_ids),
+        sites=tuple(site for c in cohorts for site in c.sites),
+        y=np.concatenate([c.y for c in cohorts]),
+        ages=np.concatenate([c.ages for c in cohorts]),
+        sexes=tuple(sex for c in cohorts for sex in c.sexes),
+        masks=tuple(m for c in cohorts for m in c.masks),
+    )
+    return combined, np.concatenate([np.full(len(c), c.name) for c in cohorts])
+
+
 def load_cohort(
     csv_path: str | Path,
     name: str | None = None,
     root: str | Path | None = None,
     labels: Sequence[str] | None = None,
     check_files: bool = True,
+    patient_column: str = "patient_id",
+    site: str = "",
+    label_columns: Mapping[str, str] | None = None,
 ) -> Cohort:
     """Read and validate a cohort manifest.
 
@@ -147,6 +186,11 @@ def load_cohort(
         labels: keep exactly these labels in this order (absent ones become unknown); default: the
             manifest's ``label_*`` columns in header order.
         check_files: require every image and lung-mask file to exist.
+        patient_column: the column that groups images by patient.
+        site: the site of every image, for a manifest without a ``site`` column (which it may not have
+            when ``site`` is given).
+        label_columns: ``{column: label}``: exactly these columns are the labels (spelled as any label
+            spelling, see ``training.labels``); default: the manifest's ``label_*`` columns.
 
     Returns:
         The validated cohort.
@@ -162,18 +206,34 @@ def load_cohort(
         reader = csv.DictReader(handle)
         header = list(reader.fieldnames or [])
         rows = list(reader)
-    columns = _check_header(csv_path, header)
+    columns = _check_header(csv_path, header, patient_column, site, label_columns)
+    if patient_column != "patient_id" or site:
+        rows = [{**row, "patient_id": row.get(patient_column) or "", **({"site": site} if site else {})}
+                for row in rows]
     bases = [Path(root).resolve()] if root is not None else [csv_path.parent, csv_path.parent.parent]
-    cohort = _parse_rows(csv_path, name or csv_path.stem, rows, columns, bases, check_files)
+    cohort = _parse_rows(csv_path, name or csv_path.stem, rows, columns, bases, check_files, patient_column)
     return cohort.with_labels(labels) if labels is not None else cohort
 
 
-def _check_header(csv_path: Path, header: list[str]) -> dict[str, str]:
+def _check_header(
+    csv_path: Path, header: list[str], patient_column: str = "patient_id", site: str = "",
+    mapping: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """Validate the header; returns ``{canonical label: column}``."""
-    missing = [column for column in REQUIRED_COLUMNS if column not in header]
+    required = ["image", patient_column, *([] if site else ["site"])]
+    missing = [column for column in required if column not in header]
     if missing:
         raise CohortError(f"{csv_path}: missing required column(s) {missing}; found columns {header}")
+    if site and "site" in header:
+        raise CohortError(f"{csv_path}: has a 'site' column and the configuration gives site {site!r}; "
+                          "remove one of them")
     try:
+        if mapping:
+            absent = [column for column in mapping if column not in header]
+            if absent:
+                raise LabelError(f"label column(s) {absent} not in the manifest; found columns {header}")
+            found = dict(zip(canonical_labels(mapping.values()), mapping, strict=True))
+            return found
         columns = label_columns(header)
     except LabelError as exc:
         raise CohortError(f"{csv_path}: {exc}") from exc
@@ -189,6 +249,7 @@ def _parse_rows(
     columns: dict[str, str],
     bases: list[Path],
     check_files: bool,
+    patient_column: str = "patient_id",
 ) -> Cohort:
     """Turn validated rows into a :class:`Cohort`, collecting every missing file before raising."""
     if not rows:
@@ -209,7 +270,7 @@ def _parse_rows(
             raise CohortError(f"{csv_path} line {line}: image {image!r} already listed on line {seen[image]}")
         seen[image] = line
         if not (row.get("patient_id") or "").strip():
-            raise CohortError(f"{csv_path} line {line}: empty 'patient_id' for image {image!r}")
+            raise CohortError(f"{csv_path} line {line}: empty {patient_column!r} for image {image!r}")
         for j, label in enumerate(labels):
             y[i, j] = _label_value(csv_path, line, columns[label], row.get(columns[label]))
         ages[i] = _age_value(csv_path, line, row.get("age"))

@@ -205,6 +205,13 @@ def evaluate_label(
     return out
 
 
+def _not_carried(table: PredictionTable, label: str) -> dict[str, Any] | None:
+    """A skip for a label another training cohort carries (its OOF rows here are all unknown), else None."""
+    if table.name.startswith(f"{OOF}:") and label in table.labels and np.isnan(table.labels[label]).all():
+        return {"skipped": f"{label} is not a label of training cohort {table.name[len(OOF) + 1:]!r}"}
+    return None
+
+
 def evaluate_cohorts(
     oof: PredictionTable,
     externals: Mapping[str, PredictionTable],
@@ -214,7 +221,11 @@ def evaluate_cohorts(
     seed: int = 0,
     audits: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Evaluate the OOF cohort and every external cohort; thresholds come from OOF only.
+    """Evaluate the OOF cohort (each training cohort apart) and every external cohort; thresholds from OOF only.
+
+    A run's OOF table has rows of several training cohorts when it trained on several; since a label is
+    known in one training cohort only (``training.prepare.check_not_pooled``), its OOF threshold is chosen
+    on that cohort's rows, and every figure is reported per cohort (``oof:<cohort>``).
 
     Args:
         oof: Out-of-fold predictions of the development cohort.
@@ -234,12 +245,14 @@ def evaluate_cohorts(
     labels = list(labels) if labels is not None else list(oof.scores)
     thresholds = {label: choose_thresholds(oof, label, target_sensitivity) for label in labels}
     cohorts: dict[str, Any] = {}
-    for name, table in {OOF: oof, **externals}.items():
+    oof_tables = oof.by_source(OOF)  # several training cohorts: each its own ("oof:<cohort>"), never pooled
+    for name, table in {**oof_tables, **externals}.items():
         log.info("evaluating cohort %s (%d images)", name, len(table))
         cohorts[name] = {
             "n_images": len(table),
             "n_patients": int(np.unique(table.patient_ids).size),
-            "labels": {label: evaluate_label(table, label, thresholds[label], n_boot, seed)
+            "labels": {label: _not_carried(table, label) or evaluate_label(table, label, thresholds[label], n_boot,
+                                                                            seed)
                        for label in labels},
         }
     results = {

@@ -66,10 +66,10 @@ def export_run(
 
 
 def real_parity_inputs(run_dir: Path, config: RunConfig, n: int = 4) -> np.ndarray:
-    """The first ``n`` images of the training cohort, preprocessed exactly as the node does: the
+    """The first ``n`` images of the (first) training cohort, preprocessed exactly as the node does: the
     torch-vs-onnxruntime parity of an export is checked on real chest X-rays, not only on noise."""
     spec = config.preprocess_spec()
-    cohort = load_configured_cohort(config.train, config.labels)
+    cohort = load_configured_cohort(config.train[0], config.labels)
     cache = preprocess_cache(config, run_dir, spec)
     return np.stack([to_model_input(cache.get(path), spec) for path in cohort.paths[:n]])
 

@@ -130,6 +130,8 @@ def write_run_predictions(data: RunData, units: Sequence[UnitKey]) -> list[Path]
     """``predictions_oof.csv`` and one ``predictions_<cohort>.csv`` per external cohort."""
     rows, scores = oof_scores(data, units)
     folds = {"fold": data.folds[rows]}
+    if data.several_cohorts and data.sources is not None:  # every figure is then reported per cohort
+        folds["cohort"] = data.sources[rows]
     paths = [write_prediction_csv(data.paths.oof_predictions, data.cohort.subset(rows), scores, folds)]
     for cohort, images in data.externals:
         path = data.paths.predictions(cohort.name)

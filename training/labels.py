@@ -5,9 +5,16 @@ module maps every spelling onto one canonical name so that cohorts align, the pr
 (``label_<Label>``, ``score_<Label>__<member>``) line up, and the model package's manifest carries
 the same names the node reports.
 
-The vocabulary is Tuberculosis plus the 14 NIH ChestX-ray14 findings in their canonical spelling
-(``Pleural_Thickening`` with an underscore, as in the NIH ``Data_Entry_2017.csv``) plus NIH's
+The vocabulary is Tuberculosis, pediatric pneumonia, the 14 NIH ChestX-ray14 findings in their canonical
+spelling (``Pleural_Thickening`` with an underscore, as in the NIH ``Data_Entry_2017.csv``) and NIH's
 ``No Finding``.
+
+``Pediatric_Pneumonia`` (the Guangzhou set's ``label_pneumonia``, children aged 1-5) and NIH's ``Pneumonia``
+(adults, mined from report text) are two labels, never one: their prevalences differ (74 % vs 4 %), so do the
+population, the definition (a clinical diagnosis, bacterial or viral, against a text-mined finding) and the
+images (224 px JPEG squashed to square against 1024 px PNG). Pooled, "pneumonia" would be learnt as "a
+child's 224 px image" and a pooled AUROC would reward it. A cohort maps its column onto one of them
+(``label_columns`` in the run configuration); the bare alias ``pneumonia`` stays NIH's finding.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ NIH_FINDINGS: tuple[str, ...] = (
 """The 14 findings of NIH ChestX-ray14, spelled as in its ``Data_Entry_2017.csv``."""
 
 NO_FINDING = "No Finding"
-CANONICAL_LABELS: tuple[str, ...] = ("Tuberculosis", *NIH_FINDINGS, NO_FINDING)
+PEDIATRIC_PNEUMONIA = "Pediatric_Pneumonia"
+CANONICAL_LABELS: tuple[str, ...] = ("Tuberculosis", PEDIATRIC_PNEUMONIA, *NIH_FINDINGS, NO_FINDING)
 """Every label a cohort, a model or a package may name, in a fixed order."""
 
 LABEL_PREFIX = "label_"
@@ -43,6 +51,8 @@ LABEL_PREFIX = "label_"
 # Extra spellings (already normalised by _normalise) -> canonical name.
 _ALIASES: dict[str, str] = {
     "tb": "Tuberculosis",
+    "paediatric_pneumonia": PEDIATRIC_PNEUMONIA,
+    "pneumonia_pediatric": PEDIATRIC_PNEUMONIA,
     "ptb": "Tuberculosis",
     "pulmonary_tuberculosis": "Tuberculosis",
     "pleural_effusion": "Effusion",

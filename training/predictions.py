@@ -13,6 +13,8 @@ per image, UTF-8, comma-separated, a header row, columns in any order:
   absent = one patient per image;
 - ``site``, ``sex`` (free text, empty = unknown), ``age`` (years, empty = unknown): optional, for
   subgroup analyses (age bands <18, 18-40, 40-60, >=60);
+- ``cohort``: the training cohort of each row, in the OOF predictions of a run with several training
+  cohorts (``[[train]]``): every figure is reported per cohort (:meth:`PredictionTable.by_source`);
 - ``label_<Label>``: ``1``, ``0`` or empty (unknown, masked out per label); ``<Label>`` is the
   canonical label name (``training.labels``), e.g. ``label_Tuberculosis``;
 - ``score_<Label>__<member>``: probability in [0, 1] of one ensemble member (an architecture, or an
@@ -59,6 +61,7 @@ class PredictionTable:
         sexes: Sex per row ("" = unknown), or None when absent.
         ages: Age in years per row (NaN = unknown), or None when absent.
         name: Cohort name.
+        sources: Training cohort per row (the ``cohort`` column), or None when absent.
     """
 
     images: np.ndarray
@@ -70,6 +73,7 @@ class PredictionTable:
     ages: np.ndarray | None = None
     name: str = ""
     ensemble_computed: set[str] = field(default_factory=set)
+    sources: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.images = np.asarray(self.images, dtype=str)
@@ -93,6 +97,9 @@ class PredictionTable:
             if value is not None and np.asarray(value).size != n:
                 size = np.asarray(value).size
                 raise ValueError(f"cohort {self.name!r}: {attr} has {size} rows, expected {n}")
+        if self.sources is not None and np.asarray(self.sources).size != n:
+            raise ValueError(f"cohort {self.name!r}: sources has {np.asarray(self.sources).size} rows, expected {n}")
+        self.sources = None if self.sources is None else np.asarray(self.sources, dtype=str)
         self.sites = None if self.sites is None else np.asarray(self.sites, dtype=str)
         self.sexes = None if self.sexes is None else np.asarray(self.sexes, dtype=str)
         self.ages = None if self.ages is None else _column(self.ages, n, "age")
@@ -103,6 +110,25 @@ class PredictionTable:
     def members(self, label: str) -> list[str]:
         """Member names for ``label``, the ensemble last."""
         return [m for m in self.scores[label] if m != ENSEMBLE] + [ENSEMBLE]
+
+    def subset(self, rows: np.ndarray, name: str) -> PredictionTable:
+        """The rows ``rows`` (indices or a mask) as a table named ``name``."""
+        def cut(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else np.asarray(values)[rows]
+        return PredictionTable(
+            images=self.images[rows], patient_ids=self.patient_ids[rows], name=name,
+            labels={k: v[rows] for k, v in self.labels.items()},
+            scores={k: {m: v[rows] for m, v in members.items()} for k, members in self.scores.items()},
+            sites=cut(self.sites), sexes=cut(self.sexes), ages=cut(self.ages), sources=cut(self.sources),
+            ensemble_computed=set(self.ensemble_computed),
+        )
+
+    def by_source(self, prefix: str) -> dict[str, PredictionTable]:
+        """One table per training cohort (``<prefix>:<cohort>``), or ``{prefix: self}`` for one source."""
+        if self.sources is None or np.unique(self.sources).size < 2:
+            return {prefix: self}
+        return {f"{prefix}:{source}": self.subset(self.sources == source, f"{prefix}:{source}")
+                for source in dict.fromkeys(self.sources.tolist())}
 
 
 def _column(values: Any, n: int, what: str) -> np.ndarray:
@@ -179,6 +205,7 @@ def read_predictions(path: str | Path, name: str | None = None) -> PredictionTab
         labels={label: column(col, {"1", "0", "1.0", "0.0"}) for label, col in label_cols.items()},
         scores={label: {m: column(col) for m, col in cols.items()} for label, cols in score_cols.items()},
         sites=text("site"), sexes=text("sex"), ages=column("age") if "age" in header else None,
+        sources=text("cohort"),
     )
 
 

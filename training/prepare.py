@@ -27,7 +27,7 @@ from training.config import (
     load_config,
     save_config,
 )
-from training.data import Cohort, PreprocessCache, load_cohort
+from training.data import Cohort, PreprocessCache, combine_cohorts, load_cohort
 from training.jsonio import jsonable
 from training.rundir import RunDir, UnitKey
 from training.splits import check_folds, fold_summary, grouped_stratified_kfold, load_folds, save_folds
@@ -45,6 +45,12 @@ class RunData:
     images: np.ndarray
     externals: list[tuple[Cohort, np.ndarray]] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    sources: np.ndarray | None = None  # the training cohort of every row of ``cohort`` (several [[train]])
+
+    @property
+    def several_cohorts(self) -> bool:
+        """The run trains on more than one cohort (its OOF rows say which)."""
+        return len(self.config.train) > 1
 
     @property
     def paths(self) -> RunDir:
@@ -98,8 +104,10 @@ def prepare_run(config: RunConfig, run_dir: Path) -> RunData:
     """Load and align the cohorts, make or reload the folds, and cache every image's pixels."""
     run = RunDir(run_dir)
     spec = config.preprocess_spec()
-    cohort = load_configured_cohort(config.train, config.labels)
-    folds = _folds(config, run, cohort)
+    parts = [load_configured_cohort(item, config.labels) for item in config.train]
+    check_not_pooled(parts)
+    cohort, sources = combine_cohorts(parts)
+    folds = _folds(config, run, cohort, sources)
     cache = preprocess_cache(config, run_dir, spec)
     images = cache.load_many(cohort.paths, progress=config.progress, desc=f"cache {cohort.name}")
     externals = []
@@ -107,19 +115,44 @@ def prepare_run(config: RunConfig, run_dir: Path) -> RunData:
         external = load_configured_cohort(item, config.labels)
         pixels = cache.load_many(external.paths, progress=config.progress, desc=f"cache {external.name}")
         externals.append((external, pixels))
-    summary = {
+    summary: dict[str, Any] = {
         "train": cohort.summary(),
         "external": [c.summary() for c, _ in externals],
         "folds": fold_summary(folds, cohort.y, cohort.labels),
     }
+    if len(parts) > 1:  # per cohort: its counts and its folds' prevalences, never pooled
+        summary["train"] = [c.summary() for c in parts]
+        summary["folds"] = {c.name: fold_summary(folds[sources == c.name], c.y, c.labels) for c in parts}
     write_atomic(run.cohorts, json.dumps(jsonable(summary, nan="keep"), indent=2).encode("utf-8"))
     device = _device(config)
-    return RunData(config, run_dir, spec, cohort, folds, images, externals, device)
+    return RunData(config, run_dir, spec, cohort, folds, images, externals, device, sources)
+
+
+def check_not_pooled(cohorts: Sequence[Cohort]) -> None:
+    """Refuse a label with known values in more than one training cohort.
+
+    Sources differ in prevalence, population, label definition and images; a label pooled across them is
+    learnt as "which source is this" and a pooled AUROC rewards that. A label of two sources is two labels
+    (``label_columns`` maps each source's column onto its own label).
+
+    Raises:
+        ConfigError: naming the label, the cohorts and their prevalences.
+    """
+    problems = []
+    for label in cohorts[0].labels if cohorts else ():
+        carriers = [(c.name, c.prevalence()[label]) for c in cohorts if not np.isnan(c.prevalence()[label])]
+        if len(carriers) > 1:
+            shown = ", ".join(f"{name} (prevalence {p:.2f})" for name, p in carriers)
+            problems.append(f"{label}: known in training cohorts {shown}; a label is learnt from one source only "
+                            "(pooled, it is learnt as the source): give each source its own label (label_columns)")
+    if problems:
+        raise ConfigError(problems, RUN_CONFIGURATION)
 
 
 def load_configured_cohort(item: CohortConfig, labels: Sequence[str]) -> Cohort:
     """A configured cohort, its label columns aligned to the run's labels."""
-    return load_cohort(item.csv, name=item.name, root=item.root or None, labels=labels)
+    return load_cohort(item.csv, name=item.name, root=item.root or None, labels=labels,
+                       patient_column=item.patient_column, site=item.site, label_columns=item.label_columns or None)
 
 
 def preprocess_cache(config: RunConfig, run_dir: str | Path, spec: PreprocessSpec) -> PreprocessCache:
@@ -127,14 +160,26 @@ def preprocess_cache(config: RunConfig, run_dir: str | Path, spec: PreprocessSpe
     return PreprocessCache(RunDir(run_dir).cache(config.cache_dir), spec)
 
 
-def _folds(config: RunConfig, run: RunDir, cohort: Cohort) -> np.ndarray:
-    """The saved folds of the run directory (checked again), or new ones saved there."""
-    if run.folds.exists():
-        folds = load_folds(run.folds, cohort.images)
-        check_folds(folds, cohort.patient_ids, cohort.y, config.folds, config.fold_tolerance, cohort.labels)
-        return folds
-    folds = grouped_stratified_kfold(cohort.patient_ids, cohort.y, config.folds, config.seed, config.fold_tolerance)
-    save_folds(run.folds, cohort.images, cohort.patient_ids, folds)
+def _folds(config: RunConfig, run: RunDir, cohort: Cohort, sources: np.ndarray) -> np.ndarray:
+    """The saved folds of the run directory (checked again), or new ones saved there.
+
+    Each training cohort is split on its own (patient-grouped, stratified on the labels it carries); fold k
+    of the run is fold k of every cohort.
+    """
+    saved = run.folds.exists()
+    folds = load_folds(run.folds, cohort.images) if saved else np.zeros(len(cohort), dtype=np.int64)
+    for name in dict.fromkeys(sources.tolist()):
+        rows = np.flatnonzero(sources == name)
+        carried = [j for j in range(len(cohort.labels)) if not np.isnan(cohort.y[rows, j]).all()]
+        ids = [cohort.patient_ids[i] for i in rows]
+        y = cohort.y[rows][:, carried]
+        names = [cohort.labels[j] for j in carried]
+        if saved:
+            check_folds(folds[rows], ids, y, config.folds, config.fold_tolerance, names)
+        else:
+            folds[rows] = grouped_stratified_kfold(ids, y, config.folds, config.seed, config.fold_tolerance)
+    if not saved:
+        save_folds(run.folds, cohort.images, cohort.patient_ids, folds)
     return folds
 
 

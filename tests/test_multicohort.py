@@ -1,0 +1,117 @@
+"""Runs over several training cohorts: folds per cohort, masked labels, per-cohort OOF figures, no pooling."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ai.manifest import load_manifest
+from training.config import CohortConfig, ConfigError
+from training.evaluate import evaluate_dir
+from training.export_run import export_run
+from training.fit import fit
+
+from .test_loop import make_cohort, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def pediatric_like(folder: Path, n_patients: int, seed: int) -> Path:
+    """A cohort in the pediatric set's layout (group_hint, no site, label_pneumonia), mostly positive."""
+    source = read_csv(make_cohort(folder, "ped", n_patients, seed))
+    lines = ["image,group_hint,label_pneumonia"]
+    for i, row in enumerate(source):
+        positive = "1" if (row["label_tb"] == "1" or i % 4 == 0) else "0"  # prevalence ~ 0.6
+        lines.append(f"{row['image']},child:{row['patient_id']},{positive}")
+    path = folder / "ped_manifest.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("multi")
+    return (make_cohort(root / "tb", "tb", 12, 0), pediatric_like(root / "ped", 15, 3),
+            make_cohort(root / "ext", "ext", 5, 1))
+
+
+def two_cohort_config(cohorts: tuple[Path, Path, Path], **changes: object):  # type: ignore[no-untyped-def]
+    tb, ped, ext = cohorts
+    train = (CohortConfig("tb", str(tb)),
+             CohortConfig("ped", str(ped), patient_column="group_hint", site="guangzhou",
+                          label_columns={"label_pneumonia": "Pediatric_Pneumonia"}))
+    return tiny_config((tb, ext), train=train, labels=("Tuberculosis", "Pediatric_Pneumonia"),
+                       epochs_head=1, epochs_finetune=1, **changes)
+
+
+def test_two_cohorts_train_one_model_and_are_reported_apart(cohorts: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    fit(two_cohort_config(cohorts), run)
+    folds = read_csv(run / "folds.csv")
+    assert len(folds) == 24 + 30
+    patients: dict[str, set[str]] = {}
+    for row in folds:
+        patients.setdefault(row["patient_id"], set()).add(row["fold"])
+    assert all(len(f) == 1 for f in patients.values())  # no patient in two folds
+    assert {p.split(":")[0] for p in patients} == {"tb", "ped"}  # patient keys carry their cohort
+    for name in ("tb", "ped"):  # every cohort is split over every fold on its own
+        assert {row["fold"] for row in folds if row["patient_id"].startswith(name + ":")} == {"0", "1", "2"}
+    summary = json.loads((run / "cohorts.json").read_text())
+    assert [c["name"] for c in summary["train"]] == ["tb", "ped"]
+    assert set(summary["folds"]) == {"tb", "ped"}
+    assert summary["folds"]["ped"][0]["Pediatric_Pneumonia"] > 0.3  # the cohort's own prevalence per fold
+
+    oof = read_csv(run / "predictions_oof.csv")
+    assert {row["cohort"] for row in oof} == {"tb", "ped"}
+    for row in oof:  # each label known only in its own cohort; the model scores both on every image
+        if row["cohort"] == "tb":
+            assert row["label_Tuberculosis"] in ("0", "1") and row["label_Pediatric_Pneumonia"] == ""
+        else:
+            assert row["label_Pediatric_Pneumonia"] in ("0", "1") and row["label_Tuberculosis"] == ""
+        assert row["score_Tuberculosis__ensemble"] and row["score_Pediatric_Pneumonia__ensemble"]
+
+    evaluate_dir(run, run / "report", n_boot=50)
+    results = json.loads((run / "report" / "results.json").read_text())
+    assert set(results["cohorts"]) == {"oof:tb", "oof:ped", "ext"}
+    tb = results["cohorts"]["oof:tb"]
+    ped = results["cohorts"]["oof:ped"]
+    assert tb["n_images"] == 24 and ped["n_images"] == 30
+    assert tb["labels"]["Tuberculosis"]["n"] == 24 and ped["labels"]["Pediatric_Pneumonia"]["n"] == 30
+    assert ped["labels"]["Pediatric_Pneumonia"]["prevalence"] == pytest.approx(
+        np.mean([row["label_pneumonia"] == "1" for row in read_csv(cohorts[1])]))
+    assert "is not a label of training cohort 'tb'" in tb["labels"]["Pediatric_Pneumonia"]["skipped"]
+    report = (run / "report" / "report.md").read_text()
+    assert "oof:tb" in report and "oof:ped" in report
+    assert "| oof:ped | tiny | 0 (0)" not in report  # no empty rows for a label the cohort does not carry
+
+    package = export_run(run, tmp_path / "pkg", version="0.0.1")
+    manifest = load_manifest(package)
+    assert manifest.labels == ("Tuberculosis", "Pediatric_Pneumonia")
+    assert set(manifest.thresholds) == {"Tuberculosis", "Pediatric_Pneumonia"}
+
+
+def test_a_label_known_in_two_training_cohorts_is_refused(cohorts: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    tb, _, ext = cohorts
+    config = tiny_config((tb, ext), train=(CohortConfig("a", str(tb)), CohortConfig("b", str(ext))))
+    with pytest.raises(ConfigError) as info:
+        fit(config, tmp_path / "run")
+    text = str(info.value)
+    assert "Tuberculosis: known in training cohorts a (prevalence 0.50), b (prevalence" in text
+    assert "own label" in text
