@@ -17,7 +17,14 @@ evaluation, and a version. ``load_manifest`` refuses anything it cannot vouch fo
      "members": [{"file": "m0.onnx", "sha256": "<64 hex>", "architecture": "resnet50",
                   "fold": 0, "weights": "imagenet"}],
      "thresholds": {"Tuberculosis": {"value": 0.42, "method": "Youden J on OOF"}},
-     "data_summary": {}, "evaluation_summary": {}}
+     "data_summary": {}, "evaluation_summary": {},
+     "reference": {"Tuberculosis": {"source": "OOF ensemble", "cohort": "shenzhen", "n": 662,
+                                    "prevalence": 0.508, "quantiles": [101 numbers], ...}}}
+
+``reference`` (optional) is the score distribution the package was validated on, per label: the OOF
+ensemble's scores on the training cohort that carries the label, as ``QUANTILE_POINTS`` quantiles (0 %,
+1 %, ..., 100 %) of all scores and of the positives' and negatives' scores, with that cohort's prevalence. A
+site's scores are compared against it (drift, label-free threshold adaptation).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +46,11 @@ FORMAT_VERSION = 1
 AGGREGATIONS = ("mean",)
 OUTPUT_KEYS = ("logits", "cam")
 REQUIRED_KEYS = ("format_version", "name", "version", "labels", "preprocess", "members", "thresholds")
-OPTIONAL_KEYS = ("aggregation", "input_name", "outputs", "data_summary", "evaluation_summary", "created")
+OPTIONAL_KEYS = ("aggregation", "input_name", "outputs", "data_summary", "evaluation_summary", "created",
+                 "reference")
+REFERENCE_KEYS = ("source", "cohort", "n", "prevalence", "quantiles", "quantiles_positive", "quantiles_negative")
+QUANTILE_POINTS = 101
+"""Quantiles of a reference distribution: 0 %, 1 %, ..., 100 %."""
 MEMBER_KEYS = ("file", "sha256", "architecture", "fold", "weights")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
@@ -79,6 +91,34 @@ class Threshold:
 
 
 @dataclass(frozen=True)
+class ScoreReference:
+    """The score distribution a package was validated on, for one label (``reference`` in the manifest).
+
+    Attributes:
+        source: which scores, e.g. ``OOF ensemble``.
+        cohort: the training cohort that carries the label.
+        n: images with a known label.
+        prevalence: the fraction of positives among them.
+        quantiles: ``QUANTILE_POINTS`` non-decreasing quantiles in [0, 1] of every image's score.
+        quantiles_positive: the same of the positives' scores.
+        quantiles_negative: the same of the negatives' scores.
+    """
+
+    source: str
+    cohort: str
+    n: int
+    prevalence: float
+    quantiles: tuple[float, ...]
+    quantiles_positive: tuple[float, ...]
+    quantiles_negative: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "cohort": self.cohort, "n": self.n, "prevalence": self.prevalence,
+                "quantiles": list(self.quantiles), "quantiles_positive": list(self.quantiles_positive),
+                "quantiles_negative": list(self.quantiles_negative)}
+
+
+@dataclass(frozen=True)
 class ModelManifest:
     """The validated content of ``manifest.json`` (see the module docstring for the file)."""
 
@@ -95,6 +135,7 @@ class ModelManifest:
     evaluation_summary: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     format_version: int = FORMAT_VERSION
+    reference: dict[str, ScoreReference] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values, in the order of the file format."""
@@ -116,6 +157,7 @@ class ModelManifest:
             "thresholds": {k: {"value": t.value, "method": t.method} for k, t in self.thresholds.items()},
             "data_summary": self.data_summary,
             "evaluation_summary": self.evaluation_summary,
+            **({"reference": {k: r.to_dict() for k, r in self.reference.items()}} if self.reference else {}),
         }
 
 
@@ -275,6 +317,7 @@ def parse_manifest(data: Any, path: Path) -> ModelManifest:
         ),
         created=str(reader.require(data, "created", str)) if "created" in data else "",
         format_version=FORMAT_VERSION,
+        reference=_parse_reference(reader, data, labels),
     )
 
 
@@ -357,3 +400,38 @@ def _parse_outputs(reader: _Reader, data: dict[str, Any]) -> dict[str, str]:
     if set(raw) != set(OUTPUT_KEYS) or not all(isinstance(v, str) and v for v in raw.values()):
         raise reader.fail("outputs", f"an object mapping {list(OUTPUT_KEYS)} to output names", raw)
     return {k: str(raw[k]) for k in OUTPUT_KEYS}
+
+
+def _parse_reference(reader: _Reader, data: dict[str, Any], labels: tuple[str, ...]) -> dict[str, ScoreReference]:
+    if "reference" not in data:
+        return {}
+    raw = reader.require(data, "reference", dict)
+    extra = sorted(set(raw) - set(labels))
+    if extra:
+        raise reader.fail("reference", f"entries for the package's labels {list(labels)}", extra)
+    out = {}
+    for label, item in raw.items():
+        where = f"reference.{label}."
+        if not isinstance(item, dict):
+            raise reader.fail(f"reference.{label}", "a JSON object", item)
+        unknown = sorted(set(item) - set(REFERENCE_KEYS))
+        if unknown:
+            raise reader.unknown(f"{where}{unknown[0]}", REFERENCE_KEYS)
+        n = reader.require(item, "n", int, where)
+        prevalence = float(reader.require(item, "prevalence", (int, float), where))
+        if n < 1 or not 0.0 <= prevalence <= 1.0:
+            raise reader.fail(f"{where}n/prevalence", "n >= 1 and a prevalence in [0, 1]", (n, prevalence))
+        curves = {}
+        for key in ("quantiles", "quantiles_positive", "quantiles_negative"):
+            values = reader.require(item, key, list, where)
+            numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+            if (len(values) != QUANTILE_POINTS or len(numbers) != len(values)
+                    or any(not 0.0 <= v <= 1.0 for v in numbers)
+                    or any(b < a for a, b in pairwise(numbers))):
+                raise reader.fail(f"{where}{key}", f"{QUANTILE_POINTS} non-decreasing numbers in [0, 1]",
+                                  values[:5] if len(values) > 5 else values)
+            curves[key] = tuple(float(v) for v in numbers)
+        out[label] = ScoreReference(reader.string(item, "source", where), reader.string(item, "cohort", where), n,
+                                    prevalence, curves["quantiles"], curves["quantiles_positive"],
+                                    curves["quantiles_negative"])
+    return out

@@ -17,9 +17,11 @@ from ai.errors import ModelPackageError
 from ai.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    QUANTILE_POINTS,
     REQUIRED_KEYS,
     Member,
     ModelManifest,
+    ScoreReference,
     Threshold,
     bundled_package_dir,
     load_manifest,
@@ -48,9 +50,16 @@ def make_package(package_dir: Path, members: int = 2) -> ModelManifest:
         data_summary={"train": {"images": 10}},
         evaluation_summary={"auroc": 0.5},
         created="2025-06-01T12:00:00Z",
+        reference={"Nodule": reference()},
     )
     write_manifest(package_dir, manifest)
     return manifest
+
+
+def reference() -> ScoreReference:
+    points = [i / (QUANTILE_POINTS - 1) for i in range(QUANTILE_POINTS)]
+    return ScoreReference("OOF ensemble", "nih14", 500, 0.142, tuple(points), tuple(0.5 + p / 2 for p in points),
+                          tuple(p / 2 for p in points))
 
 
 def edit_manifest(package_dir: Path, change: Any) -> Path:
@@ -72,15 +81,18 @@ def test_round_trip(tmp_path: Path) -> None:
     raw = json.loads((tmp_path / "pkg" / MANIFEST_NAME).read_text())
     assert raw["format_version"] == FORMAT_VERSION and raw["aggregation"] == "mean"
     assert raw["outputs"] == {"logits": "logits", "cam": "cam"} and raw["input_name"] == "image"
+    assert loaded.reference["Nodule"] == reference() and "Tuberculosis" not in loaded.reference
+    assert len(raw["reference"]["Nodule"]["quantiles"]) == QUANTILE_POINTS
 
 
 def test_optional_keys_take_their_defaults(tmp_path: Path) -> None:
     make_package(tmp_path)
-    for key in ("aggregation", "input_name", "outputs", "data_summary", "evaluation_summary", "created"):
+    for key in ("aggregation", "input_name", "outputs", "data_summary", "evaluation_summary", "created",
+                "reference"):
         edit_manifest(tmp_path, lambda d, k=key: d.pop(k))
     loaded = load_manifest(tmp_path)
     assert loaded.aggregation == "mean" and loaded.outputs == {"logits": "logits", "cam": "cam"}
-    assert loaded.data_summary == {} and loaded.created == ""
+    assert loaded.data_summary == {} and loaded.created == "" and loaded.reference == {}
 
 
 def test_missing_manifest_names_the_file(tmp_path: Path) -> None:
@@ -141,6 +153,12 @@ def test_missing_key_names_the_file_and_key(tmp_path: Path, key: str) -> None:
         (lambda d: d["preprocess"].update(size="big"), "preprocess", "big"),
         (lambda d: d["preprocess"].update(tile=8), "preprocess", "tile"),
         (lambda d: d.update(outputs={"logits": "logits"}), "outputs", "logits"),
+        (lambda d: d["reference"].update(Mass=d["reference"]["Nodule"]), "reference", "Mass"),
+        (lambda d: d["reference"]["Nodule"]["quantiles"].pop(), r"reference\.Nodule\.quantiles", None),
+        (lambda d: d["reference"]["Nodule"]["quantiles_positive"].reverse(), r"reference\.Nodule\.quantiles_positive",
+         None),
+        (lambda d: d["reference"]["Nodule"].update(prevalence=1.5), r"reference\.Nodule\.n/prevalence", "1.5"),
+        (lambda d: d["reference"]["Nodule"].update(mean=0.3), r"reference\.Nodule\.mean", None),
     ],
 )
 def test_invalid_values_name_the_file_key_and_value(tmp_path: Path, change: Any, key: str,

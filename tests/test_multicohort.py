@@ -105,6 +105,19 @@ def test_two_cohorts_train_one_model_and_are_reported_apart(cohorts: tuple[Path,
     manifest = load_manifest(package)
     assert manifest.labels == ("Tuberculosis", "Pediatric_Pneumonia")
     assert set(manifest.thresholds) == {"Tuberculosis", "Pediatric_Pneumonia"}
+    # The reference distribution of each label: its own cohort's OOF scores, the ones its threshold came from.
+    tb_ref, ped_ref = manifest.reference["Tuberculosis"], manifest.reference["Pediatric_Pneumonia"]
+    assert (tb_ref.cohort, tb_ref.n, tb_ref.prevalence) == ("tb", 24, 0.5)
+    assert (ped_ref.cohort, ped_ref.n) == ("ped", 30)
+    assert ped_ref.prevalence == pytest.approx(ped["labels"]["Pediatric_Pneumonia"]["prevalence"], abs=1e-6)
+    ped_scores = [float(r["score_Pediatric_Pneumonia__ensemble"]) for r in oof if r["cohort"] == "ped"]
+    assert ped_ref.quantiles[0] == pytest.approx(min(ped_scores), abs=1e-6)
+    assert ped_ref.quantiles[-1] == pytest.approx(max(ped_scores), abs=1e-6)
+    assert ped_ref.quantiles[50] == pytest.approx(float(np.median(ped_scores)), abs=1e-6)
+    positives = [s for s, r in zip(ped_scores, [r for r in oof if r["cohort"] == "ped"], strict=True)
+                 if r["label_Pediatric_Pneumonia"] == "1"]
+    assert ped_ref.quantiles_positive[0] == pytest.approx(min(positives), abs=1e-6)
+    assert ped_ref.source == "OOF ensemble"
 
 
 def test_a_label_known_in_two_training_cohorts_is_refused(cohorts: tuple[Path, Path, Path], tmp_path: Path) -> None:

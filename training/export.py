@@ -23,7 +23,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from ai.manifest import Member, ModelManifest, Threshold, load_manifest, sha256_file, write_manifest
+from ai.manifest import Member, ModelManifest, ScoreReference, Threshold, load_manifest, sha256_file, write_manifest
 from ai.preprocess import PreprocessSpec
 from training.models import CxrNet
 
@@ -256,6 +256,7 @@ def export_package(
     overwrite: bool = False,
     weights_dtype: str = "float32",
     parity_tolerance: float | None = None,
+    reference: Mapping[str, ScoreReference] | None = None,
 ) -> Path:
     """Write a model package: one checked ONNX graph per member + `manifest.json` (docs/contracts.md).
 
@@ -283,6 +284,7 @@ def export_package(
         parity_tolerance: the largest torch-vs-onnxruntime difference of the float32 graph accepted; None:
             `PARITY_TOLERANCE` (1e-4). With float16 storage, the rounding's own effect is measured after that
             check against `FP16_PARITY_TOLERANCE` and recorded separately in the manifest.
+        reference: per label, the score distribution the package was validated on (manifest ``reference``).
 
     Returns:
         `out_dir`.
@@ -337,6 +339,7 @@ def export_package(
             data_summary=dict(data_summary or {}),
             evaluation_summary={**dict(evaluation_summary or {}), "onnx_export": export_record},
             created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            reference=dict(reference or {}),
         )
         write_manifest(staging, manifest)
         load_manifest(staging, verify=True)

@@ -22,7 +22,7 @@ from training.export import MemberInfo, export_package
 from training.predictions import read_predictions
 from training.prepare import load_configured_cohort, load_run_config, preprocess_cache
 from training.rundir import RunDir
-from training.thresholds import choose_thresholds, ensemble_of
+from training.thresholds import choose_thresholds, ensemble_of, reference_distribution
 from training.unit import load_unit_model
 
 
@@ -53,6 +53,8 @@ def export_run(
         raise ValueError(f"{run.root}: {len(units)} finished unit(s) of {archs}, expected "
                          f"{len(archs) * len(config.fold_indices())}; run `cxr-train fit` first")
     thresholds, evaluation = oof_thresholds(run.root, config.labels, archs, threshold, target_sensitivity)
+    oof = read_predictions(run.oof_predictions)
+    reference = {label: reference_distribution(oof, label, archs, config.train[0].name) for label in config.labels}
     models = []
     for key in units:
         info = MemberInfo(fold=key.fold, weights=config.weights_for(key.architecture) or "random")
@@ -61,7 +63,7 @@ def export_run(
         models, out, name=config.name, version=version or f"{config.name}-{_today()}", labels=config.labels,
         spec=config.preprocess_spec(), thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation,
         data_summary=json.loads(run.cohorts.read_text()) if run.cohorts.exists() else {},
-        weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(run.root, config),
+        weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(run.root, config), reference=reference,
     )
 
 

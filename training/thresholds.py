@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ai.manifest import QUANTILE_POINTS, ScoreReference
 from training import metrics
 from training.predictions import ENSEMBLE, PredictionTable
 
@@ -75,3 +76,37 @@ def choose_thresholds(
             "target": target_sensitivity,
         }
     return choice
+
+
+def reference_distribution(
+    oof: PredictionTable, label: str, members: Sequence[str] | None = None, cohort: str = ""
+) -> ScoreReference:
+    """The OOF score distribution of ``label`` the package's thresholds were chosen on (manifest ``reference``).
+
+    The scores are those :func:`choose_thresholds` uses (the ensemble, or the mean of ``members``), on the
+    images whose label is known: with several training cohorts, those of the one cohort that carries it.
+
+    Args:
+        cohort: the training cohort's name, used when the table does not say (one training cohort).
+
+    Raises:
+        ValueError: no known label values, or one class only.
+    """
+    y = oof.labels[label]
+    p = oof.scores[label][ENSEMBLE] if members is None else ensemble_of(oof, label, members)
+    known = ~np.isnan(y) & ~np.isnan(p)
+    y, p = y[known], p[known]
+    if not (y == 1).any() or not (y == 0).any():
+        raise ValueError(f"{label}: the OOF predictions need both classes for a reference distribution")
+    sources = sorted(set(oof.sources[known].tolist())) if oof.sources is not None else [cohort]
+    points = np.linspace(0.0, 1.0, QUANTILE_POINTS)
+
+    def quantiles(values: np.ndarray) -> tuple[float, ...]:
+        return tuple(round(float(q), 6) for q in np.quantile(values, points))
+
+    subset = members is not None and set(members) < set(oof.members(label)) - {ENSEMBLE}
+    return ScoreReference(
+        source=f"OOF ensemble of {', '.join(members or ())}" if subset else "OOF ensemble",
+        cohort="+".join(sources), n=int(y.size), prevalence=round(float(y.mean()), 6),
+        quantiles=quantiles(p), quantiles_positive=quantiles(p[y == 1]), quantiles_negative=quantiles(p[y == 0]),
+    )
