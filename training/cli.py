@@ -33,7 +33,8 @@ from training.export_run import export_run, oof_thresholds, real_parity_inputs
 from training.fit import fit
 from training.gate import export_gate, load_gate_config
 from training.gate_eval import evaluate_gate
-from training.rundir import RunDir
+from training.pretrained import export_weights, provenance_path
+from training.rundir import RunDir, UnitKey
 from training.site import SITE_MARKDOWN, site_threshold_run
 
 __all__ = [  # the compositions that lived here, importable from here as before
@@ -55,8 +56,12 @@ WORKFLOW = """\
 workflow:
   1. manifest   one CSV per cohort: image,patient_id,site,label_<Label>,... (1, 0, empty = unknown)
                 [,age,sex,lung_mask]; image paths relative to the CSV's folder or its parent
-                (labels: Tuberculosis, the 14 NIH findings ...; label_tb is accepted)
+                (labels: Tuberculosis, Pediatric_Pneumonia, the 14 NIH findings ...; label_tb is
+                accepted; other column names: patient_column, site, label_columns in the config)
   2. config     cxr-train init-config run.toml          then edit labels, cohorts, architectures
+                (several training cohorts: one [[train]] each, folds and figures per cohort)
+                chest init: a run on chest cohorts, then cxr-train weights --run-dir runs/chest
+                --unit ARCH/fold0 --out chest.pth, and init = "chest.pth" (provenance checked)
   3. fit        cxr-train fit --config run.toml --run-dir runs/tb
                 (k-fold x architectures; interrupted? run `cxr-train fit --run-dir runs/tb` again)
   4. evaluate   cxr-train baseline --run-dir runs/tb    thumbnail floor (shortcut audit), optional
@@ -150,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill", choices=("zero", "background"), default="zero",
                    help="lung pixels become black (zero, default) or the median grey outside the lungs")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per CI (default 2000)")
+
+    p = add("weights", "a finished unit's backbone as a weights file with its provenance (chest-domain init "
+                       "for another run: init = FILE)")
+    p.add_argument("--run-dir", type=Path, required=True, help="the run that trained the unit")
+    p.add_argument("--unit", required=True, help="ARCH/foldK, e.g. efficientnet_lite0/fold0")
+    p.add_argument("--out", type=Path, required=True, help="weights file to write (FILE.provenance.json beside it)")
 
     p = add("architectures", "list the registered architectures: source, offline ImageNet weights, input size rule")
     p.add_argument("--format", choices=("text", "json"), default="text")
@@ -317,6 +328,15 @@ def _gate_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights(args: argparse.Namespace) -> int:
+    arch, _, fold = args.unit.partition("/fold")
+    if not arch or not fold.isdigit():
+        raise ValueError(f"--unit: expected ARCH/foldK (e.g. efficientnet_lite0/fold0), found {args.unit!r}")
+    out = export_weights(args.run_dir, UnitKey(arch, int(fold)), args.out)
+    print(f"weights: {out}\nprovenance: {provenance_path(out)}\nnext: init = \"{out}\" in a run configuration")
+    return 0
+
+
 def _architectures(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps([{"name": a.name, "source": a.source, "imagenet_offline": a.imagenet is not None,
@@ -339,6 +359,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "baseline": _baseline,
     "audit-blackout": _audit_blackout,
     "site-threshold": _site_threshold,
+    "weights": _weights,
     "architectures": _architectures,
     "gate": _gate,
     "gate-eval": _gate_eval,

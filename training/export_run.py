@@ -21,6 +21,7 @@ from training.config import RunConfig
 from training.export import MemberInfo, export_package
 from training.predictions import read_predictions
 from training.prepare import load_configured_cohort, load_run_config, preprocess_cache
+from training.pretrained import weights_record
 from training.rundir import RunDir
 from training.thresholds import choose_thresholds, ensemble_of, reference_distribution
 from training.unit import load_unit_model
@@ -57,7 +58,7 @@ def export_run(
     reference = {label: reference_distribution(oof, label, archs, config.train[0].name) for label in config.labels}
     models = []
     for key in units:
-        info = MemberInfo(fold=key.fold, weights=config.weights_for(key.architecture) or "random")
+        info = MemberInfo(fold=key.fold, weights=weights_record(config.weights_for(key.architecture) or "random"))
         models.append((load_unit_model(run.root, config, key), info))
     return export_package(
         models, out, name=config.name, version=version or f"{config.name}-{_today()}", labels=config.labels,

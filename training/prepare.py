@@ -29,6 +29,7 @@ from training.config import (
 )
 from training.data import Cohort, PreprocessCache, combine_cohorts, load_cohort
 from training.jsonio import jsonable
+from training.pretrained import check_init_cohorts
 from training.rundir import RunDir, UnitKey
 from training.splits import check_folds, fold_summary, grouped_stratified_kfold, load_folds, save_folds
 
@@ -104,6 +105,7 @@ def prepare_run(config: RunConfig, run_dir: Path) -> RunData:
     """Load and align the cohorts, make or reload the folds, and cache every image's pixels."""
     run = RunDir(run_dir)
     spec = config.preprocess_spec()
+    provenances = check_init_cohorts(config)
     parts = [load_configured_cohort(item, config.labels) for item in config.train]
     check_not_pooled(parts)
     cohort, sources = combine_cohorts(parts)
@@ -120,6 +122,9 @@ def prepare_run(config: RunConfig, run_dir: Path) -> RunData:
         "external": [c.summary() for c, _ in externals],
         "folds": fold_summary(folds, cohort.y, cohort.labels),
     }
+    if provenances:  # where the initial weights came from (the package's data summary carries it on)
+        summary["init_weights"] = {arch: {k: p[k] for k in ("file", "sha256", "made_from", "cohorts") if k in p}
+                                   for arch, p in provenances.items()}
     if len(parts) > 1:  # per cohort: its counts and its folds' prevalences, never pooled
         summary["train"] = [c.summary() for c in parts]
         summary["folds"] = {c.name: fold_summary(folds[sources == c.name], c.y, c.labels) for c in parts}
