@@ -19,6 +19,9 @@ class Finding:
         threshold_method: how the threshold was chosen, e.g. ``Youden J on OOF`` or ``site override``.
         heatmap: class activation map on the model's input grid (size x size, float32 in [0, 1]),
             or None when the model provides none.
+        not_applicable: why the label does not apply to this patient (``ai.applicability``: a label learnt
+            from one age group, a patient outside it or of unknown age), or "" when it applies. A label
+            that does not apply is never positive, and the SR states the reason instead of a score.
     """
 
     label: str
@@ -27,3 +30,4 @@ class Finding:
     positive: bool
     threshold_method: str
     heatmap: np.ndarray | None = None
+    not_applicable: str = ""

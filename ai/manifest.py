@@ -25,6 +25,11 @@ evaluation, and a version. ``load_manifest`` refuses anything it cannot vouch fo
 ensemble's scores on the training cohort that carries the label, as ``QUANTILE_POINTS`` quantiles (0 %,
 1 %, ..., 100 %) of all scores and of the positives' and negatives' scores, with that cohort's prevalence. A
 site's scores are compared against it (drift, label-free threshold adaptation).
+
+``ages`` (optional) names the labels learnt from one age group only, e.g. ``{"Pediatric_Pneumonia":
+{"from_years": 1, "below_years": 6, "population": "children aged 1-5 (Guangzhou pediatric set)"}}``: the node
+reports such a label only for a patient whose age is known and in ``[from_years, below_years)``, and says in
+the SR that it did not apply otherwise (``ai.applicability``).
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ AGGREGATIONS = ("mean",)
 OUTPUT_KEYS = ("logits", "cam")
 REQUIRED_KEYS = ("format_version", "name", "version", "labels", "preprocess", "members", "thresholds")
 OPTIONAL_KEYS = ("aggregation", "input_name", "outputs", "data_summary", "evaluation_summary", "created",
-                 "reference")
+                 "reference", "ages")
+AGE_KEYS = ("from_years", "below_years", "population")
 REFERENCE_KEYS = ("source", "cohort", "n", "prevalence", "quantiles", "quantiles_positive", "quantiles_negative")
 QUANTILE_POINTS = 101
 """Quantiles of a reference distribution: 0 %, 1 %, ..., 100 %."""
@@ -119,6 +125,27 @@ class ScoreReference:
 
 
 @dataclass(frozen=True)
+class AgeRange:
+    """The patients a label was learnt from (``ages`` in the manifest): ages in ``[from_years, below_years)``.
+
+    Attributes:
+        from_years: the youngest age, in years, the label applies to.
+        below_years: the first age, in years, it no longer applies to.
+        population: who the training images came from, in words (said in the SR when the label does not apply).
+    """
+
+    from_years: float
+    below_years: float
+    population: str
+
+    def contains(self, age_years: float) -> bool:
+        return self.from_years <= age_years < self.below_years
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"from_years": self.from_years, "below_years": self.below_years, "population": self.population}
+
+
+@dataclass(frozen=True)
 class ModelManifest:
     """The validated content of ``manifest.json`` (see the module docstring for the file)."""
 
@@ -136,6 +163,7 @@ class ModelManifest:
     created: str = ""
     format_version: int = FORMAT_VERSION
     reference: dict[str, ScoreReference] = field(default_factory=dict)
+    ages: dict[str, AgeRange] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values, in the order of the file format."""
@@ -158,6 +186,7 @@ class ModelManifest:
             "data_summary": self.data_summary,
             "evaluation_summary": self.evaluation_summary,
             **({"reference": {k: r.to_dict() for k, r in self.reference.items()}} if self.reference else {}),
+            **({"ages": {k: a.to_dict() for k, a in self.ages.items()}} if self.ages else {}),
         }
 
 
@@ -318,6 +347,7 @@ def parse_manifest(data: Any, path: Path) -> ModelManifest:
         created=str(reader.require(data, "created", str)) if "created" in data else "",
         format_version=FORMAT_VERSION,
         reference=_parse_reference(reader, data, labels),
+        ages=_parse_ages(reader, data, labels),
     )
 
 
@@ -434,4 +464,27 @@ def _parse_reference(reader: _Reader, data: dict[str, Any], labels: tuple[str, .
         out[label] = ScoreReference(reader.string(item, "source", where), reader.string(item, "cohort", where), n,
                                     prevalence, curves["quantiles"], curves["quantiles_positive"],
                                     curves["quantiles_negative"])
+    return out
+
+
+def _parse_ages(reader: _Reader, data: dict[str, Any], labels: tuple[str, ...]) -> dict[str, AgeRange]:
+    if "ages" not in data:
+        return {}
+    raw = reader.require(data, "ages", dict)
+    extra = sorted(set(raw) - set(labels))
+    if extra:
+        raise reader.fail("ages", f"entries for the package's labels {list(labels)}", extra)
+    out = {}
+    for label, item in raw.items():
+        where = f"ages.{label}."
+        if not isinstance(item, dict):
+            raise reader.fail(f"ages.{label}", "a JSON object", item)
+        unknown = sorted(set(item) - set(AGE_KEYS))
+        if unknown:
+            raise reader.unknown(f"{where}{unknown[0]}", AGE_KEYS)
+        low = reader.require(item, "from_years", (int, float), where)
+        high = reader.require(item, "below_years", (int, float), where)
+        if isinstance(low, bool) or isinstance(high, bool) or not 0 <= low < high <= 150:
+            raise reader.fail(f"{where}from_years/below_years", "0 <= from_years < below_years <= 150", (low, high))
+        out[label] = AgeRange(float(low), float(high), reader.string(item, "population", where))
     return out

@@ -182,10 +182,16 @@ def report_summary(row: dict[str, Any]) -> dict[str, Any]:
     out["model"] = f"{report.algorithm.name} {report.algorithm.version}"
     if report.not_analysed is not None:
         return {**out, "result": f"not analysed: {report.not_analysed.reason}"}
-    out["findings"] = {f.label: {"probability": round(f.probability, 4), "threshold": round(f.threshold, 4),
-                                 "present": f.positive} for f in report.findings}
+    out["findings"] = {
+        f.label: {"not_applicable": f.not_applicable} if f.probability is None else
+        {"probability": round(f.probability, 4), "threshold": round(f.threshold, 4), "present": f.positive}
+        for f in report.findings
+    }
     flagged = [f.label for f in report.findings if f.positive]
     out["result"] = f"analysed: {'POSITIVE (' + ', '.join(flagged) + ')' if flagged else 'negative'}"
+    skipped = [f.label for f in report.findings if f.not_applicable]
+    if skipped:
+        out["result"] += f"; not applicable (patient age): {', '.join(skipped)}"
     return out
 
 
@@ -206,7 +212,7 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("recent results:")
         for r in status["recent_results"]:
             scores = ", ".join(f"{label} {f['probability']:.3f} {'>=' if f['present'] else '<'} {f['threshold']:.3f}"
-                               for label, f in r.get("findings", {}).items())
+                               for label, f in r.get("findings", {}).items() if "probability" in f)
             lines.append(f"  job {r['job_id']} {r['at']}: {r['result']}{' (' + scores + ')' if scores else ''}")
     for key in ("job_failures", "send_failures"):
         failures = status.get(key) or []
@@ -230,7 +236,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _predict_line(row: dict[str, Any]) -> str:
     if row["status"] != "analysed":
         return f"{row['path']}: {row['status']} ({row['reason']})"
-    parts = [f"{label} {p:.3f}{' POSITIVE' if row['positive'][label] else ''}" for label, p in row["scores"].items()]
+    not_applicable = row.get("not_applicable", {})
+    parts = [f"{label} {p:.3f}{' POSITIVE' if row['positive'][label] else ''}"
+             f"{' (not applicable: ' + not_applicable[label] + ')' if label in not_applicable else ''}"
+             for label, p in row["scores"].items()]
     return f"{row['path']}: " + ", ".join(parts)
 
 

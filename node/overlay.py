@@ -267,21 +267,26 @@ def _model_line(algorithm: ModelIdentity) -> str:
 
 
 def banner_text(findings: Sequence[Finding], algorithm: ModelIdentity) -> BannerText:
-    """The result banner: headline, "not for diagnostic use", then probability, threshold and model."""
+    """The result banner: headline, "not for diagnostic use", then probability, threshold and model. A label that
+    does not apply to the patient (``Finding.not_applicable``) is listed last as "n/a", without a score."""
     positive = sorted((f for f in findings if f.positive), key=lambda f: -f.probability)
     kind: BannerKind = "positive" if positive else "negative"
-    if len(findings) == 1:
+    applicable = [f for f in findings if not f.not_applicable]
+    not_applicable = [f for f in findings if f.not_applicable]
+    if len(findings) == 1 and applicable:
         f = findings[0]
         headline = f"{short_label(f.label)}: {'POSITIVE' if f.positive else 'negative'} {f.probability:.2f}"
         relation = ">=" if f.positive else "<"
         details = [f"p {f.probability:.2f} {relation} threshold {f.threshold:.2f} ({f.threshold_method})"]
     else:
-        headline = f"AI: POSITIVE ({len(positive)} of {len(findings)})" if positive else (
-            f"AI: negative ({len(findings)} findings)")
-        ordered = positive + [f for f in findings if not f.positive]
+        headline = f"AI: POSITIVE ({len(positive)} of {len(applicable)})" if positive else (
+            f"AI: negative ({len(applicable)} findings)" if applicable else "AI: no finding applies to this patient")
+        ordered = positive + [f for f in applicable if not f.positive]
         details = [
             f"{'POS' if f.positive else 'neg'} {f.label} {f.probability:.2f} (thr {f.threshold:.2f})" for f in ordered
         ]
+    if not_applicable:
+        details.append("n/a (patient age): " + ", ".join(short_label(f.label) for f in not_applicable))
     lines: list[tuple[str, TextSize]] = [(ascii_text(headline), "headline"), (NOT_FOR_DIAGNOSIS, "line")]
     lines += [(ascii_text(text), "detail") for text in details]
     lines.append((_model_line(algorithm), "detail"))

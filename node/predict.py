@@ -3,6 +3,9 @@
 DICOM files pass the same chest filter as received images (a lateral or a canine thorax is
 ``skipped`` with the filter's reason); PNG and JPEG files carry no tags. Every image then passes the node's
 input gate (``ai.gate``): one that is not a frontal chest radiograph is ``not analysed`` with the gate's reason.
+Every label is printed; one that does not apply to the patient (``ai.applicability``: a label learnt from
+children, a DICOM of an adult or of unknown age, and every PNG or JPEG, which carry no age) keeps its score with
+``not applicable`` and the reason, and is never positive.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def _row(path: Path, status: str, reason: str, findings: Sequence[Any] = ()) -> 
         "scores": {f.label: round(float(f.probability), 6) for f in findings},
         "positive": {f.label: bool(f.positive) for f in findings},
         "thresholds": {f.label: round(float(f.threshold), 6) for f in findings},
+        "not_applicable": {f.label: f.not_applicable for f in findings if f.not_applicable},
     }
 
 

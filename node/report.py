@@ -10,7 +10,10 @@ A report about one image holds, under the TID 1500 root:
   (TID 4019: name, version, parameters ``threshold=`` and ``threshold_method=``), the source image,
   the probability as a NUM (DCM 111225 "Probability", UCUM ``1``) and the decision at the threshold as
   a qualitative evaluation (TID 1501 row 11): concept name = the finding type, value (52101004, SCT,
-  "Present") or (272519000, SCT, "Absent") from CID 241 "Present-Absent Only".
+  "Present") or (272519000, SCT, "Absent") from CID 241 "Present-Absent Only". A label that does not apply
+  to the patient (``ai.applicability``: learnt from children, an adult or a patient of unknown age) has no
+  probability; its decision is (385432009, SCT, "Not applicable") and the parameter ``not_applicable=``
+  says why.
 * For an image that was not analysed, one TID 1501 group with the finding type ``99CXR NOT_ANALYSED``
   (:class:`NotAnalysedResult`), the algorithm and the source image.
 * The report-level qualitative evaluations (TID 1500 rows 12-14, container (C0034375, UMLS,
@@ -58,6 +61,8 @@ PRIVATE_SCHEME = "99CXR"
 #: CID 241 "Present-Absent Only" of the current DICOM standard: SCT 272519000 (2667000 was replaced).
 PRESENT = codes.SCT.Present  # 52101004
 ABSENT = codes.SCT.Absent  # 272519000
+#: The decision of a label that does not apply to the patient (SNOMED CT qualifier value).
+NOT_APPLICABLE = Code("385432009", "SCT", "Not applicable")
 TRIAGE_FLAG = Code("TRIAGE", PRIVATE_SCHEME, "AI triage flag (any finding at or above its threshold)")
 NOT_ANALYSED = Code("NOT_ANALYSED", PRIVATE_SCHEME, "Image not analysed by the AI model")
 NOT_ANALYSED_REASON = Code("NOT_ANALYSED_WHY", PRIVATE_SCHEME, "Reason the image was not analysed")
@@ -194,20 +199,25 @@ class FindingResult:
 
     Attributes:
         label: the canonical label, also the group's tracking identifier.
-        probability: in [0, 1] (NUM, unit ``1``).
+        probability: in [0, 1] (NUM, unit ``1``); None when the label does not apply (no score is stated).
         threshold: the threshold in force, as the SR states it (6 significant digits).
         threshold_method: how that threshold was chosen.
-        positive: the decision, Present (True) or Absent (False).
+        positive: the decision, Present (True) or Absent (False); False when the label does not apply.
+        not_applicable: why the label does not apply to the patient, or "" when it does.
     """
 
     label: str
-    probability: float
+    probability: float | None
     threshold: float
     threshold_method: str
     positive: bool
+    not_applicable: str = ""
 
     @classmethod
     def from_finding(cls, finding: Finding) -> FindingResult:
+        if finding.not_applicable:
+            return cls(finding.label, None, float(finding.threshold), finding.threshold_method, False,
+                       finding.not_applicable)
         return cls(finding.label, float(finding.probability), float(finding.threshold),
                    finding.threshold_method, bool(finding.positive))
 
@@ -215,12 +225,20 @@ class FindingResult:
     def finding_type(self) -> Code:
         return finding_code(self.label)
 
-    def parameters(self) -> tuple[str, str]:
+    def parameters(self) -> tuple[str, ...]:
         """The TID 4019 Algorithm Parameters of this label's group."""
-        return f"threshold={self.threshold:.6g}", f"threshold_method={self.threshold_method}"
+        stated = (f"threshold={self.threshold:.6g}", f"threshold_method={self.threshold_method}")
+        return (*stated, f"not_applicable={self.not_applicable}") if self.not_applicable else stated
 
     def to_group(self, context: GroupContext, tracking_uid: str) -> MeasurementsAndQualitativeEvaluations:
-        """TID 1501: probability (NUM), decision (CODE finding type = Present/Absent), TID 4019."""
+        """TID 1501: probability (NUM), decision (CODE finding type = Present/Absent), TID 4019; a label that does
+        not apply: no probability, the decision Not applicable."""
+        if self.not_applicable:
+            decision = QualitativeEvaluation(name=self.finding_type, value=NOT_APPLICABLE)
+            return context.group(self.label, tracking_uid, self.finding_type, self.parameters(),
+                                 evaluations=[decision])
+        if self.probability is None:
+            raise ValueError(f"finding {self.label!r}: a label that applies must have a probability")
         probability = Measurement(name=codes.DCM.Probability, value=self.probability, unit=codes.UCUM.NoUnits)
         decision = QualitativeEvaluation(name=self.finding_type, value=PRESENT if self.positive else ABSENT)
         return context.group(self.label, tracking_uid, self.finding_type, self.parameters(),
@@ -235,19 +253,30 @@ class FindingResult:
             raise ReportReadError("a finding group must have a tracking identifier and a finding type")
         probabilities = group.get_measurements(name=codes.DCM.Probability)
         decisions = group.get_qualitative_evaluations(name=finding_type)
-        if len(probabilities) != 1 or len(decisions) != 1:
+        if len(decisions) != 1:
+            raise ReportReadError(f"finding group {label!r} must hold one decision, got {len(decisions)}")
+        value = decisions[0].value
+        expected = 0 if value == NOT_APPLICABLE else 1
+        if len(probabilities) != expected:
+            meaning = getattr(value, "meaning", value)
             raise ReportReadError(
-                f"finding group {label!r} must hold one Probability and one decision, got "
-                f"{len(probabilities)} and {len(decisions)}"
+                f"finding group {label!r} must hold {expected} Probability with decision {meaning!r}, "
+                f"got {len(probabilities)}"
             )
         algorithm = AlgorithmRef.from_group(group[0])
         threshold = algorithm.parameter("threshold")
         method = algorithm.parameter("threshold_method")
         if threshold is None or method is None:
             raise ReportReadError(f"finding group {label!r} must state threshold= and threshold_method=")
-        value = decisions[0].value
+        if value == NOT_APPLICABLE:
+            why = algorithm.parameter("not_applicable")
+            if not why:
+                raise ReportReadError(f"finding group {label!r} is not applicable but does not state why")
+            return cls(str(label), None, float(threshold), method, False, why)
         if value not in (PRESENT, ABSENT):
-            raise ReportReadError(f"finding group {label!r}: decision must be Present or Absent, got {value}")
+            raise ReportReadError(
+                f"finding group {label!r}: decision must be Present, Absent or Not applicable, got {value}"
+            )
         return cls(str(label), float(probabilities[0].value), float(threshold), method, value == PRESENT)
 
 

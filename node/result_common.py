@@ -196,11 +196,16 @@ def copy_patient_study(target: Dataset, evidence: Dataset) -> None:
 
 
 def check_finding(finding: Finding) -> None:
-    """Refuse a finding whose probability or threshold is outside [0, 1] or whose ``positive`` disagrees."""
+    """Refuse a finding whose probability or threshold is outside [0, 1] or whose ``positive`` disagrees (a label
+    that does not apply to the patient is never positive)."""
     for name in ("probability", "threshold"):
         value = getattr(finding, name)
         if not isinstance(value, int | float) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
             raise ResultBuildError(f"Finding {finding.label!r}: {name} must be in [0, 1], got {value!r}")
+    if finding.not_applicable:
+        if finding.positive:
+            raise ResultBuildError(f"Finding {finding.label!r}: a label that does not apply cannot be positive")
+        return
     if bool(finding.positive) != (finding.probability >= finding.threshold):
         raise ResultBuildError(
             f"Finding {finding.label!r}: positive must equal probability >= threshold, got "

@@ -6,11 +6,12 @@ under a second per member, without any training or data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from ai.manifest import AgeRange
 from ai.preprocess import PreprocessSpec
 from training.export import MemberInfo, export_package
 from training.models import build_model
@@ -25,6 +26,7 @@ def build_tiny_package(
     size: int = 64,
     seed: int = 0,
     threshold: float = 0.5,
+    ages: Mapping[str, AgeRange] | None = None,
 ) -> Path:
     """Export `members` untrained tiny networks (seeds `seed`, `seed + 1`, ...) as a model package.
 
@@ -35,6 +37,7 @@ def build_tiny_package(
         size: input size (`PreprocessSpec.size`).
         seed: torch seed of the first member.
         threshold: the operating threshold of every label.
+        ages: labels learnt from one age group only (manifest ``ages``).
 
     Returns:
         The package folder.
@@ -56,6 +59,7 @@ def build_tiny_package(
             thresholds={label: (threshold, "fixed for tests") for label in labels},
             data_summary={"note": "untrained tiny test network"},
             evaluation_summary={},
+            ages=ages,
         )
     finally:
         torch.set_num_threads(threads)

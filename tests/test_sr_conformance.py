@@ -1,6 +1,7 @@
 """Every SR the node makes passes both validators: PixelMed's DicomSRValidator (templates) and dciodvfy (IOD).
 
-The SRs: analysed (one positive finding, one negative, the 14 NIH labels), not analysed (several reasons,
+The SRs: analysed (one positive finding, one negative, the 14 NIH labels, a child-only label that does not
+apply to an adult), not analysed (several reasons,
 on RG1, on the hostile headers of ``tests/test_results_delivery.py`` and on hostile-suite sources that end
 not analysed), and the Comprehensive SR (88.33) fallback copy of each kind that ``node.send`` makes for a
 PACS that refuses 88.34. Each SR is validated once (a module fixture; PixelMed validates all of them in
@@ -35,7 +36,9 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
+from ai.applicability import apply_ages
 from ai.findings import Finding
+from ai.manifest import AgeRange
 from node.report import read_report
 from node.results import AlgorithmInfo, as_comprehensive_sr, build_failure_sr, build_sr
 from tests.conftest import require_tool
@@ -124,6 +127,10 @@ KINDS: dict[str, Kind] = {
     "analysed-nih14": Kind(lambda: build_sr(rg1(), [finding(label, 0.05 + 0.07 * i)
                                                     for i, label in enumerate(NIH_FINDINGS)], ALGORITHM,
                                             device_ae="CXRNODE")),
+    "analysed-child-label-not-applicable": Kind(lambda: build_sr(
+        rg1(), apply_ages([finding("Tuberculosis", 0.9), finding("Pediatric_Pneumonia", 0.8)],
+                          {"Pediatric_Pneumonia": AgeRange(1.0, 6.0, "children aged 1-5")}, 40.0),
+        ALGORITHM, device_ae="CXRNODE")),
     "not-analysed-field": Kind(_failure(rg1, "field not found")),
     "not-analysed-decode": Kind(_failure(rg1, "cannot decode pixel data: invalid literal for int() with base 10")),
     "not-analysed-everything-hostile": Kind(_failure(_hostile_header("everything"), "decode failed")),
@@ -143,7 +150,7 @@ KINDS: dict[str, Kind] = {
     "not-analysed-leading-zero-uids": Kind(_failure(leading_zero_source, "decode failed"), source_uid_errors=True),
 }
 #: The 88.33 fallback copy (node.send) of these kinds.
-FALLBACK_OF = ("analysed-nih14", "analysed-negative", "not-analysed-field")
+FALLBACK_OF = ("analysed-nih14", "analysed-negative", "not-analysed-field", "analysed-child-label-not-applicable")
 NAMES = [*KINDS, *(f"{name}-88.33" for name in FALLBACK_OF)]
 
 
@@ -216,4 +223,5 @@ def test_pixelmed_counts_the_decisions_it_cannot_place(validated: dict[str, Vali
     """One warning per finding (its decision), none for a not-analysed SR: what the docstring says."""
     assert len(validated["analysed-nih14"].pixelmed) == len(NIH_FINDINGS)
     assert len(validated["analysed-positive"].pixelmed) == 1
+    assert len(validated["analysed-child-label-not-applicable"].pixelmed) == 2  # Present and Not applicable
     assert validated["not-analysed-field"].pixelmed == []

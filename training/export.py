@@ -23,7 +23,16 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from ai.manifest import Member, ModelManifest, ScoreReference, Threshold, load_manifest, sha256_file, write_manifest
+from ai.manifest import (
+    AgeRange,
+    Member,
+    ModelManifest,
+    ScoreReference,
+    Threshold,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
 from ai.preprocess import PreprocessSpec
 from training.models import CxrNet
 
@@ -257,6 +266,7 @@ def export_package(
     weights_dtype: str = "float32",
     parity_tolerance: float | None = None,
     reference: Mapping[str, ScoreReference] | None = None,
+    ages: Mapping[str, AgeRange] | None = None,
 ) -> Path:
     """Write a model package: one checked ONNX graph per member + `manifest.json` (docs/contracts.md).
 
@@ -285,6 +295,7 @@ def export_package(
             `PARITY_TOLERANCE` (1e-4). With float16 storage, the rounding's own effect is measured after that
             check against `FP16_PARITY_TOLERANCE` and recorded separately in the manifest.
         reference: per label, the score distribution the package was validated on (manifest ``reference``).
+        ages: the labels learnt from one age group only, with that range (manifest ``ages``).
 
     Returns:
         `out_dir`.
@@ -340,6 +351,7 @@ def export_package(
             evaluation_summary={**dict(evaluation_summary or {}), "onnx_export": export_record},
             created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             reference=dict(reference or {}),
+            ages=dict(ages or {}),
         )
         write_manifest(staging, manifest)
         load_manifest(staging, verify=True)

@@ -19,6 +19,7 @@ from ai.preprocess import to_model_input
 from training import metrics
 from training.config import RunConfig
 from training.export import MemberInfo, export_package
+from training.labels import LABEL_AGES
 from training.predictions import read_predictions
 from training.prepare import load_configured_cohort, load_run_config, preprocess_cache
 from training.pretrained import weights_record
@@ -65,6 +66,7 @@ def export_run(
         spec=config.preprocess_spec(), thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation,
         data_summary=json.loads(run.cohorts.read_text()) if run.cohorts.exists() else {},
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(run.root, config), reference=reference,
+        ages={label: LABEL_AGES[label] for label in config.labels if label in LABEL_AGES},
     )
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from ai.manifest import AgeRange
+
 NIH_FINDINGS: tuple[str, ...] = (
     "Atelectasis",
     "Cardiomegaly",
@@ -44,6 +46,12 @@ NO_FINDING = "No Finding"
 PEDIATRIC_PNEUMONIA = "Pediatric_Pneumonia"
 CANONICAL_LABELS: tuple[str, ...] = ("Tuberculosis", PEDIATRIC_PNEUMONIA, *NIH_FINDINGS, NO_FINDING)
 """Every label a cohort, a model or a package may name, in a fixed order."""
+
+LABEL_AGES: dict[str, AgeRange] = {
+    PEDIATRIC_PNEUMONIA: AgeRange(1.0, 6.0, "children aged 1-5 (Guangzhou pediatric set, Kermany et al. 2018)"),
+}
+"""Labels learnt from one age group only: a package carrying one says so (manifest ``ages``), and the node
+reports it only for patients of a known age inside the range (``ai.applicability``)."""
 
 LABEL_PREFIX = "label_"
 """Prefix of a label column in cohort manifests and prediction CSVs (``label_Tuberculosis``)."""

@@ -1,0 +1,80 @@
+"""Applicability step: which labels apply to the patient of an image, from the patient's age.
+
+A label learnt from one age group only (the package's ``ages``, e.g. ``Pediatric_Pneumonia``: children aged
+1-5) is reported only for a patient whose age is known and inside that range. The rule is strict: a patient
+of unknown age does not get the label either, because a child-trained pneumonia score on an adult is the
+harm the rule exists to prevent. Such a finding keeps its score for the engineer (``cxr-node predict``) but
+is never positive, and the SR states the reason instead of a probability and a decision.
+
+The age comes from the DICOM header: Patient's Age (0010,1010, ``nnnD``/``W``/``M``/``Y``), else Patient's
+Birth Date (0010,0030) against the first of Study, Series, Acquisition and Content Date. The reasons never
+contain the age itself (no patient values in logs, lists or the console).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from datetime import date
+
+import pydicom
+
+from ai.findings import Finding
+from ai.manifest import AgeRange
+
+_AGE_STRING = re.compile(r"^(\d{3})([DWMY])$")
+_DAYS_PER = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
+_EXAM_DATES = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
+
+
+def _da(value: object) -> date | None:
+    text = str(value or "").strip()
+    if not re.fullmatch(r"\d{8}", text):
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
+
+
+def patient_age_years(ds: pydicom.Dataset) -> float | None:
+    """The patient's age in years at the examination, or None when the header does not say (or says nonsense)."""
+    match = _AGE_STRING.match(str(ds.get("PatientAge", "") or "").strip().upper())
+    if match:
+        return int(match.group(1)) * _DAYS_PER[match.group(2)] / 365.25
+    born = _da(ds.get("PatientBirthDate"))
+    if born is None:
+        return None
+    for keyword in _EXAM_DATES:
+        seen = _da(ds.get(keyword))
+        if seen is not None:
+            days = (seen - born).days
+            return days / 365.25 if 0 <= days <= 150 * 365.25 else None
+    return None
+
+
+def _years(value: float) -> str:
+    return f"{value:g}"
+
+
+def not_applicable_reason(ages: AgeRange, age_years: float | None) -> str:
+    """Why a label limited to ``ages`` does not apply to a patient of ``age_years``, or "" when it applies."""
+    learnt = (f"learnt from {ages.population} (ages {_years(ages.from_years)} to under "
+              f"{_years(ages.below_years)} years)")
+    if age_years is None:
+        return f"patient age unknown (no Patient's Age or Birth Date); {learnt}"
+    if ages.contains(age_years):
+        return ""
+    return f"patient age outside the label's range; {learnt}"
+
+
+def apply_ages(findings: Sequence[Finding], ages: Mapping[str, AgeRange], age_years: float | None) -> list[Finding]:
+    """The findings, each label limited to an age range marked not applicable (never positive) when the
+    patient is outside it or of unknown age; labels without a range are unchanged."""
+    out = []
+    for finding in findings:
+        limit = ages.get(finding.label)
+        reason = not_applicable_reason(limit, age_years) if limit is not None else ""
+        out.append(dataclasses.replace(finding, positive=False, not_applicable=reason) if reason else finding)
+    return out

@@ -1,0 +1,209 @@
+"""A label learnt from children is reported for children only: the age read from the header, the package's
+``ages``, the SR's "Not applicable" decision with its reason, the banner, ``cxr-node predict`` and the worker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from ai.applicability import apply_ages, not_applicable_reason, patient_age_years
+from ai.errors import ModelPackageError
+from ai.findings import Finding
+from ai.manifest import AgeRange, load_manifest, parse_manifest
+from node.overlay import banner_text
+from node.report import NOT_APPLICABLE, read_report
+from node.result_common import AlgorithmInfo, ResultBuildError
+from node.results import build_sr
+from node.sr_build import as_comprehensive_sr
+
+CHILDREN = AgeRange(1.0, 6.0, "children aged 1-5 (test set)")
+PED = "Pediatric_Pneumonia"
+ALGORITHM = AlgorithmInfo(name="cxr-multi", version="2.0.0")
+
+
+def header(**values: str) -> Dataset:
+    ds = Dataset()
+    for key, value in values.items():
+        setattr(ds, key, value)
+    return ds
+
+
+@pytest.mark.parametrize(("values", "years"), [
+    ({"PatientAge": "004Y"}, 4.0),
+    ({"PatientAge": "018M"}, 1.5),
+    ({"PatientAge": "052W"}, 52 * 7 / 365.25),
+    ({"PatientAge": "010D"}, 10 / 365.25),
+    ({"PatientAge": "034Y", "PatientBirthDate": "20200101", "StudyDate": "20230101"}, 34.0),  # Patient's Age first
+    ({"PatientBirthDate": "20200101", "StudyDate": "20230101"}, 1096 / 365.25),
+    ({"PatientBirthDate": "20200101", "ContentDate": "20210101"}, 366 / 365.25),  # the first exam date present
+    ({"PatientAge": "4 years", "PatientBirthDate": "20200101", "SeriesDate": "20220101"}, 731 / 365.25),
+])
+def test_patient_age_from_the_header(values: dict[str, str], years: float) -> None:
+    assert patient_age_years(header(**values)) == pytest.approx(years)
+
+
+@pytest.mark.parametrize("values", [
+    {}, {"PatientAge": ""}, {"PatientAge": "4 years"}, {"PatientBirthDate": "20200101"},
+    {"PatientBirthDate": "20230101", "StudyDate": "20200101"},  # born after the exam
+    {"PatientBirthDate": "20201301", "StudyDate": "20230101"},  # no such month
+    {"PatientBirthDate": "2020", "StudyDate": "20230101"},
+])
+def test_an_age_the_header_does_not_give_is_unknown(values: dict[str, str]) -> None:
+    assert patient_age_years(header(**values)) is None
+
+
+def finding(label: str, probability: float, threshold: float = 0.5) -> Finding:
+    return Finding(label, probability, threshold, probability >= threshold, "fixed for tests")
+
+
+def test_a_child_gets_the_label_an_adult_and_an_unknown_age_do_not() -> None:
+    scored = [finding("Tuberculosis", 0.9), finding(PED, 0.8)]
+    child = apply_ages(scored, {PED: CHILDREN}, 3.0)
+    assert child == scored
+    for age in (0.5, 6.0, 34.0, None):
+        out = apply_ages(scored, {PED: CHILDREN}, age)
+        assert out[0] == scored[0]  # a label without a range is untouched
+        assert out[1].positive is False and out[1].probability == 0.8 and out[1].not_applicable
+        assert "children aged 1-5 (test set)" in out[1].not_applicable
+        assert ("unknown" in out[1].not_applicable) == (age is None)
+    assert "34" not in not_applicable_reason(CHILDREN, 34.0)  # the age itself is never written out
+
+
+def test_the_manifest_carries_ages_and_refuses_bad_ones(tmp_path: Path) -> None:
+    pytest.importorskip("torch", reason="building a test model package needs the train extra")
+    from tests.model_fixtures import build_tiny_package
+
+    package = build_tiny_package(tmp_path / "pkg", labels=("Tuberculosis", PED), members=1, ages={PED: CHILDREN})
+    manifest = load_manifest(package)
+    assert manifest.ages == {PED: CHILDREN}
+    data = json.loads((package / "manifest.json").read_text())
+    assert data["ages"] == {PED: {"from_years": 1.0, "below_years": 6.0, "population": "children aged 1-5 (test set)"}}
+    for bad, message in [
+        ({"Hernia": CHILDREN.to_dict()}, "entries for the package's labels"),
+        ({PED: {**CHILDREN.to_dict(), "below_years": 1}}, "0 <= from_years < below_years <= 150"),
+        ({PED: {**CHILDREN.to_dict(), "upper": 3}}, "upper"),
+        ({PED: {**CHILDREN.to_dict(), "population": " "}}, "a non-empty string"),
+    ]:
+        with pytest.raises(ModelPackageError, match=message):
+            parse_manifest({**data, "ages": bad}, package / "manifest.json")
+
+
+def rg1() -> Dataset:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("RG1_UNCR.dcm")
+    if path is None:
+        pytest.skip("pydicom-data is not installed (test extra)")
+    return pydicom.dcmread(path)
+
+
+def test_the_sr_says_not_applicable_and_why_without_a_probability() -> None:
+    findings = apply_ages([finding("Tuberculosis", 0.2), finding(PED, 0.95)], {PED: CHILDREN}, 40.0)
+    sr_3d = build_sr(rg1(), findings, ALGORITHM, device_ae="CXRNODE")
+    for sr in (sr_3d, as_comprehensive_sr(sr_3d)):
+        report = read_report(sr)
+        tb, ped = report.finding("Tuberculosis"), report.finding(PED)
+        assert tb.probability == pytest.approx(0.2) and tb.not_applicable == ""
+        assert ped.probability is None and ped.positive is False
+        assert ped.not_applicable == findings[1].not_applicable
+        assert report.triage is not None and report.triage.positive is False  # 0.95 from a child model flags nothing
+        groups = next(g for g in sr.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "126010")
+        ped_group = next(item for item in groups.ContentSequence
+                         if any(str(getattr(c, "TextValue", "")) == PED for c in item.ContentSequence))
+        kinds = [c.ConceptNameCodeSequence[0].CodeValue for c in ped_group.ContentSequence]
+        assert "111225" not in kinds  # no Probability NUM
+        values = [c.ConceptCodeSequence[0].CodeValue for c in ped_group.ContentSequence if "ConceptCodeSequence" in c]
+        assert NOT_APPLICABLE.value in values
+
+
+def test_a_not_applicable_label_is_never_positive_in_a_result() -> None:
+    bad = Finding(PED, 0.9, 0.5, True, "fixed for tests", not_applicable="patient age unknown")
+    with pytest.raises(ResultBuildError, match="cannot be positive"):
+        build_sr(rg1(), [bad], ALGORITHM, device_ae="CXRNODE")
+
+
+def test_the_banner_lists_what_did_not_apply() -> None:
+    findings = apply_ages([finding("Tuberculosis", 0.9), finding(PED, 0.95)], {PED: CHILDREN}, None)
+    text = [line for line, _ in banner_text(findings, ALGORITHM).lines]
+    assert text[0] == "AI: POSITIVE (1 of 1)"
+    assert "n/a (patient age): Pediatric_Pneumonia" in text
+    only = banner_text(findings[1:], ALGORITHM)
+    assert only.kind == "negative" and only.lines[0][0] == "AI: no finding applies to this patient"
+
+
+@pytest.fixture(scope="module")
+def two_label_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch", reason="building a test model package needs the train extra")
+    from tests.model_fixtures import build_tiny_package
+
+    return build_tiny_package(tmp_path_factory.mktemp("m") / "pkg", labels=("Tuberculosis", PED), size=64,
+                              threshold=0.0, ages={PED: CHILDREN})
+
+
+def test_predict_prints_every_label_and_what_did_not_apply(tmp_path: Path, two_label_package: Path) -> None:
+    from tests.test_cli import cli, config
+
+    files = {}
+    for name, age in (("child", "003Y"), ("adult", "041Y"), ("unknown", "")):
+        ds = rg1()
+        ds.PatientAge, ds.PatientBirthDate = age, ""  # RG1's own birth date would give an age
+        files[name] = tmp_path / f"{name}.dcm"
+        ds.save_as(files[name])
+    out = cli("predict", "--format", "jsonl", "--config", str(config(tmp_path, two_label_package)),
+              *map(str, files.values()))
+    assert out.returncode == 0, out.stderr
+    child, adult, unknown = (json.loads(line) for line in out.stdout.splitlines())
+    for row in (child, adult, unknown):
+        assert set(row["scores"]) == {"Tuberculosis", PED} and row["positive"]["Tuberculosis"] is True  # threshold 0
+    assert child["not_applicable"] == {} and child["positive"][PED] is True
+    assert adult["positive"][PED] is False and "outside the label's range" in adult["not_applicable"][PED]
+    assert unknown["positive"][PED] is False and "unknown" in unknown["not_applicable"][PED]
+    text = cli("predict", "--config", str(config(tmp_path, two_label_package)), str(files["adult"]))
+    assert f"{PED} " in text.stdout and "(not applicable: patient age outside" in text.stdout
+
+
+def test_the_worker_reports_the_child_label_for_children_only(tmp_path: Path, two_label_package: Path) -> None:
+    from ai.ensemble import Ensemble
+    from node.config import Destination, Settings, StorageSettings
+    from node.worker import Worker
+    from storage.db import make_engine
+    from storage.queue import Store
+    from tests.test_worker import chest, enqueue
+
+    settings = Settings(storage=StorageSettings(data_dir=str(tmp_path / "var")),
+                        destinations=(Destination("pacs", "PACS", "127.0.0.1", 104),))
+    store = Store(make_engine(f"sqlite:///{tmp_path / 'q.sqlite'}"), max_attempts=2)
+    worker = Worker(store, Ensemble.load(two_label_package, threads=1), settings, owner="test:1:1")
+    ages = {"4-year-old": ("", "20200301", "20240615"), "adult": ("063Y", "", ""), "unknown": ("", "", "")}
+    uids = {}
+    for name, (age, born, seen) in ages.items():
+        ds = chest()
+        ds.PatientAge, ds.PatientBirthDate, ds.StudyDate = age, born, seen
+        uids[ds.SOPInstanceUID] = name
+        enqueue(store, settings.data_path, ds)
+    while worker.run_once():
+        pass
+    reports, paths = {}, {}
+    for path in (settings.data_path / "results").rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        if ds.Modality == "SR":
+            report = read_report(ds)
+            reports[uids[report.source_sop_instance_uids[0]]] = report
+            paths[uids[report.source_sop_instance_uids[0]]] = path
+    assert set(reports) == set(ages)
+    assert reports["4-year-old"].finding(PED).positive is True
+    for name in ("adult", "unknown"):
+        ped = reports[name].finding(PED)
+        assert ped.probability is None and ped.not_applicable and ped.positive is False
+        assert reports[name].finding("Tuberculosis").positive is True
+
+    # what `cxr-node status` lists for the adult's result
+    from node.cli import report_summary
+
+    summary = report_summary({"job_id": 2, "at": "now", "path": str(paths["adult"])})
+    assert summary["result"] == f"analysed: POSITIVE (Tuberculosis); not applicable (patient age): {PED}"
+    assert summary["findings"][PED] == {"not_applicable": reports["adult"].finding(PED).not_applicable}
