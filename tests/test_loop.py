@@ -20,6 +20,7 @@ from training.loop import (
     balance_weights,
     epoch_metrics,
     fit,
+    load_unit_model,
     prepare_run,
     read_log,
     unit_probabilities,
@@ -312,3 +313,18 @@ def test_a_cohort_with_its_own_column_names_trains_grouped_by_them(
     assert "score_Pediatric_Pneumonia__tiny" in oof[0]
     summary = json.loads((tmp_path / "run" / "cohorts.json").read_text())
     assert summary["train"]["labels"]["Pediatric_Pneumonia"]["positive"] == len(rows) // 2
+
+
+def test_a_cbam_head_run_trains_end_to_end_and_refuses_cached_features(
+    cohorts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=r"cache_features: expected false with head = \"cbam\""):
+        tiny_config(cohorts, head="cbam", cache_features=True)
+    with pytest.raises(ConfigError, match="head: expected one of linear, cbam"):
+        tiny_config(cohorts, head="mlp")
+    config = tiny_config(cohorts, head="cbam", epochs_head=1, epochs_finetune=1, loss_smoothing=0.1)
+    fit(config, tmp_path / "run")
+    model = load_unit_model(tmp_path / "run", config, UnitKey("tiny", 0))
+    assert type(model.head).__name__ == "CbamHead"
+    oof = read_csv(tmp_path / "run" / "predictions_oof.csv")
+    assert len(oof) == 2 * N_PATIENTS and all(0.0 <= float(r["score_Tuberculosis__ensemble"]) <= 1.0 for r in oof)

@@ -20,6 +20,7 @@ from training.export import check_parity, export_member
 from training.models import (
     ARCHITECTURES,
     LITE_PACKAGES,
+    CbamHead,
     WeightsError,
     backbone_stages,
     build_model,
@@ -371,3 +372,50 @@ def test_the_seed_configuration_is_13_architectures_by_5_folds() -> None:
     assert config.weights_for("efficientnet_lite0") == "imagenet"
     assert all(config.weights_for(name) is None for name in SEED_ARCHITECTURES)
     assert config.device == "auto" and config.amp
+
+
+def test_cbam_head_attends_then_classifies_and_its_map_is_where() -> None:
+    torch.manual_seed(0)
+    model = build_model("tiny", num_labels=3, size=SIZE, drop_rate=0.3, head="cbam").eval()
+    assert isinstance(model.head, CbamHead) and model.num_labels == 3
+    x = _images(2)
+    with torch.no_grad():
+        logits = model(x)
+        logits_cam, cam = model.forward_with_cam(x)
+        fmap = model.features(x)
+        attended = model.head.attend(fmap)
+        by_hand = model.head.out(model.head.dense(attended.mean((2, 3))))
+    torch.testing.assert_close(logits_cam, logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(by_hand, logits, rtol=0, atol=1e-6)
+    assert cam.shape == (2, 3, *fmap.shape[2:])
+    # attention only rescales: every attended value lies between 0 and the feature value itself
+    assert torch.all(attended.abs() <= fmap.abs() + 1e-6)
+    # the map at one position is the dense stack applied to that attended position
+    position = attended[0, :, 1, 2]
+    torch.testing.assert_close(cam[0, :, 1, 2], model.head.out(model.head.dense(position)), rtol=0, atol=1e-5)
+    # dropout in the dense layers is active in training mode only
+    model.train()
+    assert not torch.equal(model(x), model(x))
+
+
+def test_cbam_head_exports_with_parity_and_loads_its_own_weights(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("tiny", num_labels=2, size=SIZE, head="cbam").eval()
+    export_member(model, tmp_path / "cbam.onnx", SIZE)
+    check_parity(model, tmp_path / "cbam.onnx", _images(2))
+    torch.save(model.state_dict(), tmp_path / "cbam.pt")
+    same = build_model("tiny", 2, weights=tmp_path / "cbam.pt", head="cbam")
+    torch.testing.assert_close(same.head.out.weight, model.head.out.weight)
+    linear = build_model("tiny", 2, weights=tmp_path / "cbam.pt")  # the backbone only: the heads differ
+    torch.testing.assert_close(linear.backbone.body.stem[0].weight, model.backbone.body.stem[0].weight)
+    with pytest.raises(ValueError, match="head must be one of"):
+        build_model("tiny", 2, head="mlp")
+
+
+def test_the_seed_nih_recipe_and_ours_share_cohort_labels_and_folds() -> None:
+    seed, own = load_config(CONFIGS / "nih_seed_cbam.toml"), load_config(CONFIGS / "nih_own_320.toml")
+    assert seed.head == "cbam" and seed.loss == "dynamic_bce" and seed.loss_smoothing == 0.1
+    assert (seed.batch_size, seed.patience, seed.lr_patience, seed.lr_factor, seed.drop_rate) == (16, 10, 3, 0.5, 0.3)
+    assert own.head == "linear" and own.image_size == 320
+    assert seed.train == own.train and seed.labels == own.labels and len(seed.labels) == 14
+    assert (seed.folds, seed.seed, seed.fold_tolerance) == (own.folds, own.seed, own.fold_tolerance)

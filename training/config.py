@@ -92,6 +92,7 @@ class RunConfig:
     weight_decay: float = 1e-4
     batch_size: int = 16
     drop_rate: float = 0.0
+    head: str = "linear"
     loss: str = "bce"
     loss_smoothing: float = 0.05
     focal_gamma: float = 2.0
@@ -185,6 +186,9 @@ def _validate(c: RunConfig) -> list[str]:
         need(math.isfinite(getattr(c, key)) and getattr(c, key) > 0, key, "a number > 0", getattr(c, key))
     need(c.weight_decay >= 0, "weight_decay", "a number >= 0", c.weight_decay)
     need(0 <= c.drop_rate < 1, "drop_rate", "a number in [0, 1)", c.drop_rate)
+    need(c.head in ("linear", "cbam"), "head", "one of linear, cbam", c.head)
+    need(not (c.head == "cbam" and c.cache_features), "cache_features",
+         "false with head = \"cbam\" (its attention needs the feature map, not pooled features)", c.cache_features)
     need(0 < c.lr_factor < 1, "lr_factor", "a number in (0, 1)", c.lr_factor)
     need(c.loss in LOSSES, "loss", f"one of {', '.join(LOSSES)}", c.loss)
     need(0 <= c.loss_smoothing < 1, "loss_smoothing", "a number in [0, 1)", c.loss_smoothing)
@@ -447,7 +451,9 @@ lr_head = 0.001                 # AdamW learning rate, phase 1
 lr_finetune = 0.0001            # AdamW learning rate, phase 2
 weight_decay = 0.0001
 batch_size = 16
-drop_rate = 0.0                 # dropout before the head
+drop_rate = 0.0                 # dropout before the head (a CBAM head: in its dense layers)
+head = "linear"                 # "linear" (GAP -> linear, exact CAM) or "cbam" (the seed's NIH head: CBAM
+                                # attention, dense 128/64 with dropout; needs cache_features = false)
 loss = "bce"                    # "bce", "weighted_bce", "dynamic_bce" (seed's, label smoothing), "focal"
 loss_smoothing = 0.05           # dynamic_bce label smoothing eps: t = y (1 - eps) + eps / 2
 focal_gamma = 2.0

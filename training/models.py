@@ -7,6 +7,11 @@ from here), random-initialised or from local weights (never downloaded). A `CxrN
 The head is global average pooling -> dropout -> linear. Because the head is linear after a mean,
 the class activation map (the head applied at every position of the last feature map, plus the bias)
 has a spatial mean equal to the logits: CAM needs no hooks (DESIGN.md, "Known traps").
+
+``head = "cbam"`` is the seed study's NIH head instead (`CbamHead`): CBAM channel and spatial attention on the
+feature map, global average pooling, dense 128 and 64 (ReLU, dropout), linear. Its map is the same dense stack
+applied at every attended position: it shows where, but its spatial mean is not the logit (the stack is not
+linear).
 """
 
 from __future__ import annotations
@@ -40,10 +45,12 @@ from training.architectures import (
 
 __all__ = [
     "ARCHITECTURES",
+    "HEADS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LITE_PACKAGES",
     "ArchSpec",
+    "CbamHead",
     "ConvNeXtFeatureMap",
     "CxrNet",
     "FeatureMap",
@@ -68,6 +75,51 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+HEADS = ("linear", "cbam")
+"""Heads a ``CxrNet`` can have (run configuration ``head``)."""
+
+
+class CbamHead(nn.Module):
+    """The seed's NIH head: CBAM (Woo et al. 2018) -> GAP -> dense 128 -> dense 64 -> linear.
+
+    Channel attention: a shared 1x1-conv MLP (reduction 16) on the average- and max-pooled map, summed, sigmoid.
+    Spatial attention: a 7x7 convolution over the channel mean and max, sigmoid. Both multiply the map.
+    """
+
+    def __init__(self, channels: int, num_labels: int, drop_rate: float, reduction: int = 16,
+                 hidden: tuple[int, int] = (128, 64)) -> None:
+        super().__init__()
+        squeezed = max(channels // reduction, 1)
+        self.channel = nn.Sequential(nn.Conv2d(channels, squeezed, 1), nn.ReLU(), nn.Conv2d(squeezed, channels, 1))
+        self.spatial = nn.Conv2d(2, 1, 7, padding=3)
+        self.dense = nn.Sequential(
+            nn.Linear(channels, hidden[0]), nn.ReLU(), nn.Dropout(drop_rate),
+            nn.Linear(hidden[0], hidden[1]), nn.ReLU(), nn.Dropout(drop_rate),
+        )
+        self.out = nn.Linear(hidden[1], num_labels)
+
+    @property
+    def out_features(self) -> int:
+        return self.out.out_features
+
+    def attend(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The feature map [N, C, h, w] weighted by channel, then spatial attention."""
+        avg = torch.mean(fmap, dim=(2, 3), keepdim=True)
+        peak = torch.amax(fmap, dim=(2, 3), keepdim=True)
+        fmap = fmap * torch.sigmoid(self.channel(avg) + self.channel(peak))
+        pooled = torch.cat([fmap.mean(1, keepdim=True), fmap.amax(1, keepdim=True)], dim=1)
+        return fmap * torch.sigmoid(self.spatial(pooled))
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Logits [N, L] of a feature map [N, C, h, w]."""
+        return self.out(self.dense(self.attend(fmap).mean((2, 3))))
+
+    def cam(self, fmap: torch.Tensor) -> torch.Tensor:
+        """[N, L, h, w]: the dense stack and output layer at every attended position."""
+        positions = self.attend(fmap).permute(0, 2, 3, 1)
+        return self.out(self.dense(positions)).permute(0, 3, 1, 2)
+
+
 class CxrNet(nn.Module):
     """Backbone feature map -> global average pool -> dropout -> linear, normalisation inside.
 
@@ -75,27 +127,37 @@ class CxrNet(nn.Module):
         arch: the registered architecture.
         backbone: its `FeatureMap`.
         num_labels: outputs of the head (one logit per label).
-        drop_rate: dropout before the head (active in training mode only).
+        drop_rate: dropout before the head (active in training mode only); in the dense layers of a CBAM head.
+        head: "linear" (GAP -> dropout -> linear, exact CAM) or "cbam" (`CbamHead`).
     """
 
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, arch: ArchSpec, backbone: FeatureMap, num_labels: int, drop_rate: float = 0.0) -> None:
+    def __init__(self, arch: ArchSpec, backbone: FeatureMap, num_labels: int, drop_rate: float = 0.0,
+                 head: str = "linear") -> None:
         super().__init__()
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {list(HEADS)}, got {head!r}")
         self.arch = arch.name
         self.weights = "random"
+        self.head_kind = head
         self.register_buffer("mean", torch.tensor(arch.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(arch.std).view(1, 3, 1, 1), persistent=False)
         self.backbone = backbone
-        self.dropout = nn.Dropout(drop_rate)
-        self.head = nn.Linear(backbone.num_features, num_labels)
+        if head == "cbam":
+            self.dropout = nn.Dropout(0.0)
+            self.head: nn.Module = CbamHead(backbone.num_features, num_labels, drop_rate)
+        else:
+            self.dropout = nn.Dropout(drop_rate)
+            self.head = nn.Linear(backbone.num_features, num_labels)
 
     @property
     def num_labels(self) -> int:
-        return self.head.out_features
+        head = self.head
+        return head.out_features if isinstance(head, nn.Linear | CbamHead) else 0
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Last feature map [N, C, h, w] of images `x` [N, 3, S, S] in [0, 1]."""
@@ -103,12 +165,18 @@ class CxrNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [N, L] of images `x` [N, 3, S, S] in [0, 1]."""
+        if isinstance(self.head, CbamHead):
+            return self.head(self.features(x))
         return self.head(self.dropout(self.features(x).mean((2, 3))))
 
     def forward_with_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [N, L] and CAM [N, L, h, w]: the head at every position, so cam.mean((2, 3)) == logits."""
+        """Logits [N, L] and CAM [N, L, h, w]: the head at every position (linear head: cam.mean((2, 3)) ==
+        logits)."""
         fmap = self.features(x)
+        if isinstance(self.head, CbamHead):
+            return self.head(fmap), self.head.cam(fmap)
         logits = self.head(self.dropout(fmap.mean((2, 3))))
+        assert isinstance(self.head, nn.Linear)
         cam = torch.einsum("nchw,lc->nlhw", fmap, self.head.weight) + self.head.bias.view(1, -1, 1, 1)
         return logits, cam
 
@@ -120,6 +188,7 @@ def build_model(
     *,
     size: int | None = None,
     drop_rate: float = 0.0,
+    head: str = "linear",
     **kwargs: Any,
 ) -> CxrNet:
     """Build a registered architecture as a `CxrNet`.
@@ -130,7 +199,8 @@ def build_model(
         weights: None (random initialisation), "imagenet" (only where the architecture ships offline
             ImageNet weights: efficientnet_lite0/1/2), or a local weights file (see `load_weights`).
         size: the input size the model will run at; ViT builds its position grid for it.
-        drop_rate: dropout before the head.
+        drop_rate: dropout before the head (in a CBAM head's dense layers).
+        head: "linear" or "cbam" (`HEADS`).
         **kwargs: passed to the network constructor (e.g. timm's `drop_path_rate`).
 
     Raises:
@@ -142,7 +212,7 @@ def build_model(
     arch = ARCHITECTURES[name]
     if size is not None and size % arch.size_multiple:
         raise ValueError(f"{name} needs a size that is a multiple of {arch.size_multiple}, got {size}")
-    model = CxrNet(arch, arch.make(size=size, **kwargs), num_labels, drop_rate)
+    model = CxrNet(arch, arch.make(size=size, **kwargs), num_labels, drop_rate, head)
     if weights is None:
         return model
     if str(weights) == "imagenet":
@@ -233,7 +303,8 @@ def load_state_into(model: CxrNet, state: Mapping[str, torch.Tensor], source: st
     body = model.backbone.body
     _resample_pos_embed(body, state)
     _load_strict(body, state, source)
-    if head and tuple(head.get("weight", torch.empty(0)).shape) == tuple(model.head.weight.shape):
+    own = model.head.state_dict()
+    if head and head.keys() == own.keys() and all(head[k].shape == own[k].shape for k in own):
         model.head.load_state_dict(head)
         log.info("%s: loaded backbone and head from %s", model.arch, source)
     else:

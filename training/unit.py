@@ -129,6 +129,7 @@ def build_unit_model(config: RunConfig, architecture: str, weights: bool = True)
         config.weights_for(architecture) if weights else None,
         size=config.image_size,
         drop_rate=config.drop_rate,
+        head=config.head,
     )
 
 
