@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ai.ensemble import Ensemble
 from ai.manifest import load_manifest
 from training.config import CohortConfig, ConfigError
 from training.evaluate import evaluate_dir
@@ -119,6 +120,19 @@ def test_two_cohorts_train_one_model_and_are_reported_apart(cohorts: tuple[Path,
     assert ped_ref.quantiles_positive[0] == pytest.approx(min(positives), abs=1e-6)
     assert ped_ref.source == "OOF ensemble"
 
+    # A package may carry a subset of the run's labels: the others are cut from every member's output layer.
+    subset = export_run(run, tmp_path / "pkg-ped", version="0.0.2", labels=["Pediatric_Pneumonia"])
+    cut = load_manifest(subset)
+    assert cut.labels == ("Pediatric_Pneumonia",) and set(cut.reference) == {"Pediatric_Pneumonia"}
+    assert cut.evaluation_summary["left_out"] == ["Tuberculosis"]
+    assert cut.thresholds["Pediatric_Pneumonia"] == manifest.thresholds["Pediatric_Pneumonia"]
+    batch = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+    full_prediction, cut_prediction = Ensemble.load(package).predict(batch), Ensemble.load(subset).predict(batch)
+    np.testing.assert_allclose(cut_prediction.probabilities[:, 0], full_prediction.probabilities[:, 1], atol=1e-6)
+    np.testing.assert_allclose(cut_prediction.cams[:, 0], full_prediction.cams[:, 1], atol=1e-5)
+    with pytest.raises(ValueError, match="not among the run's labels"):
+        export_run(run, tmp_path / "pkg-bad", labels=["Hernia"])
+
 
 def test_a_label_known_in_two_training_cohorts_is_refused(cohorts: tuple[Path, Path, Path], tmp_path: Path) -> None:
     tb, _, ext = cohorts
@@ -128,3 +142,4 @@ def test_a_label_known_in_two_training_cohorts_is_refused(cohorts: tuple[Path, P
     text = str(info.value)
     assert "Tuberculosis: known in training cohorts a (prevalence 0.50), b (prevalence" in text
     assert "own label" in text
+

@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
     p.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32",
                    help="store member weights as float16: half the disk, float32 compute")
+    p.add_argument("--labels", nargs="+", help="the run's labels the package carries (default: all); the others "
+                   "are cut from the members' output layers and named in the manifest")
 
     p = add("baseline", "thumbnail + intensity floor on the same folds (shortcut audit) -> RUN_DIR/audits.json")
     p.add_argument("--run-dir", type=Path, required=True)
@@ -270,7 +272,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     package = export_run(args.run_dir, args.out, args.members, args.version, args.threshold,
-                         args.target_sensitivity, args.overwrite, args.weights_dtype)
+                         args.target_sensitivity, args.overwrite, args.weights_dtype, args.labels)
     print(f'package: {package}\nnext: set [model] package = "{package}" in node.toml and restart cxr-node')
     return 0
 

@@ -20,6 +20,7 @@ from training import metrics
 from training.config import RunConfig
 from training.export import MemberInfo, export_package
 from training.labels import LABEL_AGES
+from training.models import keep_labels
 from training.predictions import read_predictions
 from training.prepare import load_configured_cohort, load_run_config, preprocess_cache
 from training.pretrained import weights_record
@@ -31,7 +32,7 @@ from training.unit import load_unit_model
 def export_run(
     run_dir: str | Path, out: str | Path, members: Sequence[str] | None = None, version: str = "",
     threshold: str = "youden", target_sensitivity: float = 0.90, overwrite: bool = False,
-    weights_dtype: str = "float32",
+    weights_dtype: str = "float32", labels: Sequence[str] | None = None,
 ) -> Path:
     """Export the finished units of ``members`` (architectures) as a model package.
 
@@ -39,6 +40,8 @@ def export_run(
     equals the mean over architectures of their fold means). Thresholds are chosen on the OOF ensemble
     of the selected architectures (Youden J, or the highest threshold reaching ``target_sensitivity``).
     ``weights_dtype="float16"`` stores the members' weights at half the size (float32 compute).
+    ``labels``: the run's labels the package carries (default: all), in the run's order; the others are cut
+    from every member's output layer and named in the manifest's evaluation summary (``left_out``).
 
     Raises:
         ValueError: an unknown or unfinished architecture.
@@ -54,19 +57,28 @@ def export_run(
     if len(units) != len(archs) * len(config.fold_indices()):
         raise ValueError(f"{run.root}: {len(units)} finished unit(s) of {archs}, expected "
                          f"{len(archs) * len(config.fold_indices())}; run `cxr-train fit` first")
-    thresholds, evaluation = oof_thresholds(run.root, config.labels, archs, threshold, target_sensitivity)
+    foreign = sorted(set(labels or ()) - set(config.labels))
+    if foreign:
+        raise ValueError(f"--labels {foreign} not among the run's labels {list(config.labels)}")
+    carried = tuple(label for label in config.labels if labels is None or label in labels)
+    thresholds, evaluation = oof_thresholds(run.root, carried, archs, threshold, target_sensitivity)
+    left_out = [label for label in config.labels if label not in carried]
+    if left_out:
+        evaluation["left_out"] = left_out
     oof = read_predictions(run.oof_predictions)
-    reference = {label: reference_distribution(oof, label, archs, config.train[0].name) for label in config.labels}
+    reference = {label: reference_distribution(oof, label, archs, config.train[0].name) for label in carried}
+    indices = [config.labels.index(label) for label in carried]
     models = []
     for key in units:
         info = MemberInfo(fold=key.fold, weights=weights_record(config.weights_for(key.architecture) or "random"))
-        models.append((load_unit_model(run.root, config, key), info))
+        model = load_unit_model(run.root, config, key)
+        models.append((keep_labels(model, indices) if left_out else model, info))
     return export_package(
-        models, out, name=config.name, version=version or f"{config.name}-{_today()}", labels=config.labels,
+        models, out, name=config.name, version=version or f"{config.name}-{_today()}", labels=carried,
         spec=config.preprocess_spec(), thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation,
         data_summary=json.loads(run.cohorts.read_text()) if run.cohorts.exists() else {},
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(run.root, config), reference=reference,
-        ages={label: LABEL_AGES[label] for label in config.labels if label in LABEL_AGES},
+        ages={label: LABEL_AGES[label] for label in carried if label in LABEL_AGES},
     )
 
 

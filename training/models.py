@@ -17,7 +17,7 @@ linear).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ __all__ = [
     "backbone_stages",
     "build_model",
     "freeze_backbone",
+    "keep_labels",
     "lite_checkpoint_path",
     "lite_imagenet_state_dict",
     "load_state_into",
@@ -179,6 +180,26 @@ class CxrNet(nn.Module):
         assert isinstance(self.head, nn.Linear)
         cam = torch.einsum("nchw,lc->nlhw", fmap, self.head.weight) + self.head.bias.view(1, -1, 1, 1)
         return logits, cam
+
+
+def keep_labels(model: CxrNet, indices: Sequence[int]) -> CxrNet:
+    """``model`` with only the outputs ``indices`` (in that order), its head's output layer sliced in place: the
+    kept labels' logits and maps are exactly the full model's (a package may leave a label out)."""
+    head = model.head
+    layer = head.out if isinstance(head, CbamHead) else head
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"no output layer to slice in {type(head).__name__}")
+    if not indices or len(set(indices)) != len(indices) or not all(0 <= i < layer.out_features for i in indices):
+        raise ValueError(f"indices must be distinct outputs in 0..{layer.out_features - 1}, got {list(indices)}")
+    kept = nn.Linear(layer.in_features, len(indices))
+    with torch.no_grad():
+        kept.weight.copy_(layer.weight[list(indices)])
+        kept.bias.copy_(layer.bias[list(indices)])
+    if isinstance(head, CbamHead):
+        head.out = kept
+    else:
+        model.head = kept
+    return model
 
 
 def build_model(
