@@ -7,7 +7,8 @@ installs the same module), then CPU. ``providers`` reports what the sessions rea
 falls back to CPU when CUDA cannot start).
 
 Aggregation (the manifest's ``mean``): the probability of a label is the mean over members of
-``sigmoid(logits)``. The class activation map of a label is the mean over members of their ``cam``
+``sigmoid(logits)``, over the members that output the label when members carry different labels
+(``Member.labels``). The class activation map of a label is the mean over those members of their ``cam``
 output (logit space; its spatial mean is the member's logit), each resized bilinearly to the input
 grid (size x size). ``Finding.heatmap`` maps that onto [0, 1] with the sigmoid: an absolute scale
 (0.5 = no evidence either way) that is comparable across images, so a clearly negative image yields
@@ -45,7 +46,8 @@ class Prediction:
     Attributes:
         probabilities: [N, L] float32, mean over members of sigmoid(logits).
         cams: [N, L, S, S] float32, mean over members of the CAM (logit space) resized to S x S.
-        member_probabilities: [M, N, L] float32, each member's sigmoid(logits), in manifest order.
+        member_probabilities: [M, N, L] float32, each member's sigmoid(logits), in manifest order (NaN for a
+            label the member does not output).
     """
 
     probabilities: np.ndarray
@@ -177,20 +179,26 @@ class Ensemble:
             want = ", ".join(map(str, expected))
             raise ValueError(f"batch must have shape [N, {want}], got {list(x.shape)}")
         names = [self.manifest.outputs["logits"], self.manifest.outputs["cam"]]
-        member_probs: list[np.ndarray] = []
-        cam_sums: dict[tuple[int, ...], np.ndarray] = {}  # members grouped by CAM grid: resize once per grid
-        for member, session in zip(self.manifest.members, self._sessions, strict=True):
+        labels = self.manifest.labels
+        n = x.shape[0]
+        probs = np.full((len(self._sessions), n, len(labels)), np.nan, np.float32)
+        counts = np.zeros(len(labels), np.int64)
+        # members grouped by CAM grid and output labels: each group's sum is resized once
+        cam_sums: dict[tuple[tuple[int, ...], tuple[int, ...]], np.ndarray] = {}
+        for m, (member, session) in enumerate(zip(self.manifest.members, self._sessions, strict=True)):
+            columns = tuple(labels.index(label) for label in member.outputs(labels))
             logits, cam = session.run(names, {self.manifest.input_name: x})
-            self._check_outputs(member.file, logits, cam, x.shape[0])
-            member_probs.append(sigmoid(logits))
-            key = tuple(cam.shape[2:])
+            self._check_outputs(member.file, logits, cam, n, len(columns))
+            probs[m][:, columns] = sigmoid(logits)
+            counts[list(columns)] += 1
+            key = (tuple(cam.shape[2:]), columns)
             cam_sums[key] = cam_sums[key] + cam if key in cam_sums else cam.astype(np.float64)
-        cams = np.zeros((x.shape[0], len(self.manifest.labels), spec.size, spec.size), np.float64)
-        for total in cam_sums.values():
-            cams += _resize_maps(total, spec.size)
-        cams /= len(self._sessions)
-        probs = np.stack(member_probs)
-        mean = probs.mean(axis=0, dtype=np.float64).astype(np.float32)
+        cams = np.zeros((n, len(labels), spec.size, spec.size), np.float64)
+        for (_, columns), total_cam in cam_sums.items():
+            cams[:, list(columns)] += _resize_maps(total_cam, spec.size)
+        cams /= counts.reshape(1, -1, 1, 1)
+        total = np.where(np.isnan(probs), 0.0, probs).sum(axis=0, dtype=np.float64)
+        mean = (total / counts.reshape(1, -1)).astype(np.float32)
         return Prediction(probabilities=mean, cams=cams.astype(np.float32), member_probabilities=probs)
 
     def findings(self, image_chw: np.ndarray) -> list[Finding]:
@@ -215,8 +223,7 @@ class Ensemble:
             )
         return out
 
-    def _check_outputs(self, file: str, logits: np.ndarray, cam: np.ndarray, n: int) -> None:
-        labels = len(self.manifest.labels)
+    def _check_outputs(self, file: str, logits: np.ndarray, cam: np.ndarray, n: int, labels: int) -> None:
         if logits.shape != (n, labels) or cam.ndim != 4 or cam.shape[:2] != (n, labels):
             raise ModelPackageError(
                 f"{self.package_dir / file}: expected logits [{n}, {labels}] and cam [{n}, {labels}, h, w], "

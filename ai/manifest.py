@@ -15,7 +15,7 @@ evaluation, and a version. ``load_manifest`` refuses anything it cannot vouch fo
      "input_name": "image", "outputs": {"logits": "logits", "cam": "cam"},
      "aggregation": "mean",
      "members": [{"file": "m0.onnx", "sha256": "<64 hex>", "architecture": "resnet50",
-                  "fold": 0, "weights": "imagenet"}],
+                  "fold": 0, "weights": "imagenet"}],   # optional per member: "labels": [its outputs]
      "thresholds": {"Tuberculosis": {"value": 0.42, "method": "Youden J on OOF"}},
      "data_summary": {}, "evaluation_summary": {},
      "reference": {"Tuberculosis": {"source": "OOF ensemble", "cohort": "shenzhen", "n": 662,
@@ -57,7 +57,7 @@ AGE_KEYS = ("from_years", "below_years", "population")
 REFERENCE_KEYS = ("source", "cohort", "n", "prevalence", "quantiles", "quantiles_positive", "quantiles_negative")
 QUANTILE_POINTS = 101
 """Quantiles of a reference distribution: 0 %, 1 %, ..., 100 %."""
-MEMBER_KEYS = ("file", "sha256", "architecture", "fold", "weights")
+MEMBER_KEYS = ("file", "sha256", "architecture", "fold", "weights", "labels")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
 JSON_TYPE_NAMES = {str: "string", int: "integer", float: "number", list: "array", dict: "object",
@@ -74,6 +74,9 @@ class Member:
         architecture: the architecture's registry name, e.g. ``resnet50``.
         fold: the cross-validation fold it was trained without, or None (trained on all data).
         weights: where the initial weights came from, e.g. ``imagenet`` or ``random``.
+        labels: the package labels this member outputs, in its output order; None: all of them, in the
+            package's order. A package may combine members of several runs (a TB-only member beside
+            multi-label ones): a label's probability is the mean over the members that output it.
     """
 
     file: str
@@ -81,6 +84,16 @@ class Member:
     architecture: str
     fold: int | None
     weights: str
+    labels: tuple[str, ...] | None = None
+
+    def outputs(self, package_labels: tuple[str, ...]) -> tuple[str, ...]:
+        """The labels of this member's outputs, in order."""
+        return self.labels if self.labels is not None else package_labels
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"file": self.file, "sha256": self.sha256, "architecture": self.architecture,
+                               "fold": self.fold, "weights": self.weights}
+        return {**out, "labels": list(self.labels)} if self.labels is not None else out
 
 
 @dataclass(frozen=True)
@@ -177,11 +190,7 @@ class ModelManifest:
             "input_name": self.input_name,
             "outputs": dict(self.outputs),
             "aggregation": self.aggregation,
-            "members": [
-                {"file": m.file, "sha256": m.sha256, "architecture": m.architecture, "fold": m.fold,
-                 "weights": m.weights}
-                for m in self.members
-            ],
+            "members": [m.to_dict() for m in self.members],
             "thresholds": {k: {"value": t.value, "method": t.method} for k, t in self.thresholds.items()},
             "data_summary": self.data_summary,
             "evaluation_summary": self.evaluation_summary,
@@ -335,7 +344,7 @@ def parse_manifest(data: Any, path: Path) -> ModelManifest:
         version=reader.string(data, "version"),
         labels=labels,
         preprocess=_parse_preprocess(reader, data),
-        members=_parse_members(reader, data),
+        members=_parse_members(reader, data, labels),
         aggregation=_parse_aggregation(reader, data),
         thresholds=_parse_thresholds(reader, data, labels),
         input_name=reader.string(data, "input_name") if "input_name" in data else "image",
@@ -368,7 +377,7 @@ def _parse_preprocess(reader: _Reader, data: dict[str, Any]) -> PreprocessSpec:
         raise ModelPackageError(f"{reader.path}: key 'preprocess': {exc}") from exc
 
 
-def _parse_members(reader: _Reader, data: dict[str, Any]) -> tuple[Member, ...]:
+def _parse_members(reader: _Reader, data: dict[str, Any], labels: tuple[str, ...]) -> tuple[Member, ...]:
     raw = reader.require(data, "members", list)
     if not raw:
         raise reader.fail("members", "at least one member", raw)
@@ -387,11 +396,21 @@ def _parse_members(reader: _Reader, data: dict[str, Any]) -> tuple[Member, ...]:
         if not SHA256_RE.match(sha):
             raise reader.fail(f"{where}sha256", "64 lower-case hex characters", sha)
         fold = reader.require(item, "fold", (int, type(None)), where)
+        outputs = None
+        if "labels" in item:
+            raw_labels = reader.require(item, "labels", list, where)
+            if (not raw_labels or len(set(map(str, raw_labels))) != len(raw_labels)
+                    or not all(isinstance(x, str) and x in labels for x in raw_labels)):
+                raise reader.fail(f"{where}labels", f"distinct labels of the package {list(labels)}", raw_labels)
+            outputs = tuple(raw_labels)
         members.append(Member(file, sha, reader.string(item, "architecture", where), fold,
-                              reader.string(item, "weights", where)))
+                              reader.string(item, "weights", where), outputs))
     files = [m.file for m in members]
     if len(set(files)) != len(files):
         raise reader.fail("members", "distinct member files", files)
+    orphans = [label for label in labels if not any(label in m.outputs(labels) for m in members)]
+    if orphans:
+        raise reader.fail("members", "every label output by at least one member", f"none outputs {orphans}")
     return tuple(members)
 
 

@@ -159,6 +159,9 @@ def test_missing_key_names_the_file_and_key(tmp_path: Path, key: str) -> None:
          None),
         (lambda d: d["reference"]["Nodule"].update(prevalence=1.5), r"reference\.Nodule\.n/prevalence", "1.5"),
         (lambda d: d["reference"]["Nodule"].update(mean=0.3), r"reference\.Nodule\.mean", None),
+        (lambda d: d["members"][0].update(labels=["Mass"]), r"members\[0\]\.labels", "Mass"),
+        (lambda d: d["members"][0].update(labels=["Nodule", "Nodule"]), r"members\[0\]\.labels", None),
+        (lambda d: [m.update(labels=["Nodule"]) for m in d["members"]], "members", "none outputs .'Tuberculosis'."),
     ],
 )
 def test_invalid_values_name_the_file_key_and_value(tmp_path: Path, change: Any, key: str,
@@ -201,3 +204,15 @@ def test_ai_package_imports_without_torch() -> None:
     code = ("import sys, ai.pixels, ai.preprocess, ai.manifest, ai.ensemble, ai.findings; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_members_may_output_a_subset_of_the_labels(tmp_path: Path) -> None:
+    make_package(tmp_path)
+    edit_manifest(tmp_path, lambda d: d["members"][0].update(labels=["Nodule"]))
+    manifest = load_manifest(tmp_path)
+    assert manifest.members[0].labels == ("Nodule",) and manifest.members[1].labels is None
+    assert manifest.members[0].outputs(manifest.labels) == ("Nodule",)
+    assert manifest.members[1].outputs(manifest.labels) == ("Tuberculosis", "Nodule")
+    write_manifest(tmp_path, manifest)  # written back as read
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["members"][0]["labels"] == ["Nodule"]
+    assert "labels" not in json.loads((tmp_path / MANIFEST_NAME).read_text())["members"][1]

@@ -143,3 +143,47 @@ def test_a_label_known_in_two_training_cohorts_is_refused(cohorts: tuple[Path, P
     assert "Tuberculosis: known in training cohorts a (prevalence 0.50), b (prevalence" in text
     assert "own label" in text
 
+
+
+def test_a_package_combines_the_members_of_two_runs(cohorts: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A TB-only run and a TB + pediatric run in one package: each member outputs its own run's labels, a label's
+    score is the mean over the members that output it, and its threshold comes from the same mean of the runs'
+    OOF ensembles."""
+    tb, _, ext = cohorts
+    tb_only = tiny_config((tb, ext), name="tb-only", epochs_head=1, epochs_finetune=0, unfreeze="none")
+    both = two_cohort_config(cohorts, name="tb-ped")
+    fit(tb_only, tmp_path / "a")
+    fit(both, tmp_path / "b")
+    package = export_run([tmp_path / "a", tmp_path / "b"], tmp_path / "pkg", version="0.1", threshold="sensitivity")
+    manifest = load_manifest(package)
+    assert manifest.name == "tb-only+tb-ped" and manifest.labels == ("Tuberculosis", "Pediatric_Pneumonia")
+    assert [m.labels for m in manifest.members] == [("Tuberculosis",)] * 3 + [
+        ("Tuberculosis", "Pediatric_Pneumonia")] * 3
+    assert manifest.members[0].file == "tb-only_tiny_fold0.onnx"
+    alone_a = export_run(tmp_path / "a", tmp_path / "pkg-a", version="0.1")
+    alone_b = export_run(tmp_path / "b", tmp_path / "pkg-b", version="0.1")
+    batch = np.random.default_rng(1).random((2, 3, 64, 64), dtype=np.float32)
+    together = Ensemble.load(package).predict(batch)
+    a, b = Ensemble.load(alone_a).predict(batch), Ensemble.load(alone_b).predict(batch)
+    np.testing.assert_allclose(together.probabilities[:, 0], (a.probabilities[:, 0] + b.probabilities[:, 0]) / 2,
+                               atol=1e-6)
+    np.testing.assert_allclose(together.probabilities[:, 1], b.probabilities[:, 1], atol=1e-6)
+    np.testing.assert_allclose(together.cams[:, 1], b.cams[:, 1], atol=1e-5)
+    assert np.isnan(together.member_probabilities[0, :, 1]).all()  # a TB-only member says nothing of the other
+
+    oof_a, oof_b = read_csv(tmp_path / "a" / "predictions_oof.csv"), read_csv(tmp_path / "b" / "predictions_oof.csv")
+    score_b = {r["image"]: float(r["score_Tuberculosis__ensemble"]) for r in oof_b if r["label_Tuberculosis"]}
+    mean = {r["image"]: (float(r["score_Tuberculosis__ensemble"]) + score_b[r["image"]]) / 2 for r in oof_a}
+    y = {r["image"]: int(r["label_Tuberculosis"]) for r in oof_a}
+    positives = sorted((mean[i] for i in mean if y[i] == 1), reverse=True)
+    expected = positives[int(np.ceil(0.9 * len(positives))) - 1]  # the highest threshold reaching sensitivity 0.90
+    assert manifest.thresholds["Tuberculosis"].value == pytest.approx(expected, abs=1e-6)
+    assert manifest.reference["Tuberculosis"].n == len(mean)
+    assert manifest.evaluation_summary["oof"]["Tuberculosis"]["runs"] == ["tb-only", "tb-ped"]
+
+    fit(tiny_config((tb, ext), name="tb-96", image_size=96, epochs_head=1, epochs_finetune=0, unfreeze="none"),
+        tmp_path / "c")
+    with pytest.raises(ValueError, match="preprocess differently"):
+        export_run([tmp_path / "a", tmp_path / "c"], tmp_path / "pkg-c")
+    with pytest.raises(ValueError, match="distinct names"):
+        export_run([tmp_path / "a", tmp_path / "a"], tmp_path / "pkg-d")

@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--member-b", help="member of B (default: same as A)")
 
     p = add("export", "ONNX members + manifest (thresholds from the OOF predictions) for the node")
-    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--run-dir", type=Path, required=True, action="append",
+                   help="the run; repeat to combine several runs' members in one package (same preprocessing)")
     p.add_argument("--out", type=Path, required=True, help="package folder to write")
     p.add_argument("--members", nargs="+", help="architectures to include (default: all trained)")
     p.add_argument("--version", default="", help="package version (default: the run name + date)")

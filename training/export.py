@@ -224,12 +224,14 @@ class MemberInfo:
         weights: where its initial weights came from; None: the model's own record (`CxrNet.weights`).
         file: the `.onnx` file name in the package; None: `<architecture>_fold<k>.onnx` (or `_all`).
         architecture: the registry name; None: the model's own (`CxrNet.arch`), which it must equal.
+        labels: the package labels of the model's outputs, in order; None: all of the package's, in its order.
     """
 
     fold: int | None = None
     weights: str | None = None
     file: str | None = None
     architecture: str | None = None
+    labels: tuple[str, ...] | None = None
 
     def resolve(self, model: CxrNet) -> Member:
         """The manifest entry for `model` (sha256 still empty), every None filled in from `model`.
@@ -246,6 +248,7 @@ class MemberInfo:
             architecture=model.arch,
             fold=self.fold,
             weights=self.weights or model.weights,
+            labels=self.labels,
         )
 
 
@@ -377,8 +380,15 @@ def _resolve_members(
         raise ValueError(f"members take 3-channel images; PreprocessSpec.channels is {spec.channels}")
     resolved = [(model, info.resolve(model)) for model, info in members]
     for model, entry in resolved:
-        if model.num_labels != len(labels):
-            raise ValueError(f"member {entry.file} has {model.num_labels} outputs for {len(labels)} labels")
+        outputs = entry.outputs(labels)
+        if model.num_labels != len(outputs):
+            raise ValueError(f"member {entry.file} has {model.num_labels} outputs for {len(outputs)} labels")
+        foreign = sorted(set(outputs) - set(labels))
+        if foreign or len(set(outputs)) != len(outputs):
+            raise ValueError(f"member {entry.file}: labels {list(outputs)} must be distinct labels of {list(labels)}")
+    orphans = [label for label in labels if not any(label in entry.outputs(labels) for _, entry in resolved)]
+    if orphans:
+        raise ValueError(f"no member outputs {orphans}")
     files = [entry.file for _, entry in resolved]
     if len(set(files)) != len(files):
         raise ValueError(f"member files must be distinct, got {files}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,20 +22,46 @@ from training.config import RunConfig
 from training.export import MemberInfo, export_package
 from training.labels import LABEL_AGES
 from training.models import keep_labels
-from training.predictions import read_predictions
+from training.predictions import ENSEMBLE, PredictionTable, read_predictions
 from training.prepare import load_configured_cohort, load_run_config, preprocess_cache
 from training.pretrained import weights_record
 from training.rundir import RunDir
 from training.thresholds import choose_thresholds, ensemble_of, reference_distribution
-from training.unit import load_unit_model
+from training.unit import UnitKey, load_unit_model
+
+
+@dataclass
+class _RunPart:
+    """One run's share of a package: its configuration, the exported architectures and their finished units."""
+
+    run: RunDir
+    config: RunConfig
+    archs: list[str]
+    units: list[UnitKey]
+
+
+def _run_part(run_dir: str | Path, members: Sequence[str] | None, several: bool) -> _RunPart:
+    run = RunDir(run_dir)
+    config = load_run_config(run.root)
+    archs = [a for a in (members or config.architectures) if a in config.architectures] if several else list(
+        members or config.architectures)
+    unknown = sorted(set(archs) - set(config.architectures))
+    if unknown or not archs:
+        raise ValueError(f"--members {unknown or list(members or ())} not in the run's architectures "
+                         f"{list(config.architectures)}")
+    units = [key for key, _ in run.finished_units() if key.architecture in archs]
+    if len(units) != len(archs) * len(config.fold_indices()):
+        raise ValueError(f"{run.root}: {len(units)} finished unit(s) of {archs}, expected "
+                         f"{len(archs) * len(config.fold_indices())}; run `cxr-train fit` first")
+    return _RunPart(run, config, archs, units)
 
 
 def export_run(
-    run_dir: str | Path, out: str | Path, members: Sequence[str] | None = None, version: str = "",
-    threshold: str = "youden", target_sensitivity: float = 0.90, overwrite: bool = False,
+    run_dir: str | Path | Sequence[str | Path], out: str | Path, members: Sequence[str] | None = None,
+    version: str = "", threshold: str = "youden", target_sensitivity: float = 0.90, overwrite: bool = False,
     weights_dtype: str = "float32", labels: Sequence[str] | None = None,
 ) -> Path:
-    """Export the finished units of ``members`` (architectures) as a model package.
+    """Export the finished units of ``members`` (architectures) of one run, or of several runs, as a model package.
 
     Every fold model of each selected architecture becomes a member (the node averages them all, which
     equals the mean over architectures of their fold means). Thresholds are chosen on the OOF ensemble
@@ -43,24 +70,28 @@ def export_run(
     ``labels``: the run's labels the package carries (default: all), in the run's order; the others are cut
     from every member's output layer and named in the manifest's evaluation summary (``left_out``).
 
+    Several runs (``run_dir`` a sequence; the same preprocessing): the package carries the union of their
+    labels, each member its own run's (``Member.labels``), and a label's score is the mean over the members
+    that output it. Its OOF score is the same mean over the runs' OOF ensembles, weighted by their member
+    counts: every run must have scored the same images of that label. Member files are prefixed with the
+    run's name. ``members`` then selects architectures in whichever runs have them.
+
     Raises:
-        ValueError: an unknown or unfinished architecture.
+        ValueError: an unknown or unfinished architecture, runs with different preprocessing, or runs that
+            scored different images for a label they share.
         FileNotFoundError: no ``config.toml`` or ``predictions_oof.csv`` in the run directory.
     """
-    run = RunDir(run_dir)
-    config = load_run_config(run.root)
-    archs = list(members or config.architectures)
-    unknown = sorted(set(archs) - set(config.architectures))
-    if unknown:
-        raise ValueError(f"--members {unknown} not in the run's architectures {list(config.architectures)}")
-    units = [key for key, _ in run.finished_units() if key.architecture in archs]
-    if len(units) != len(archs) * len(config.fold_indices()):
-        raise ValueError(f"{run.root}: {len(units)} finished unit(s) of {archs}, expected "
-                         f"{len(archs) * len(config.fold_indices())}; run `cxr-train fit` first")
-    foreign = sorted(set(labels or ()) - set(config.labels))
+    dirs = [run_dir] if isinstance(run_dir, str | Path) else list(run_dir)
+    parts = [_run_part(d, members, len(dirs) > 1) for d in dirs]
+    union = tuple(dict.fromkeys(label for part in parts for label in part.config.labels))
+    foreign = sorted(set(labels or ()) - set(union))
     if foreign:
-        raise ValueError(f"--labels {foreign} not among the run's labels {list(config.labels)}")
-    carried = tuple(label for label in config.labels if labels is None or label in labels)
+        raise ValueError(f"--labels {foreign} not among the run's labels {list(union)}")
+    carried = tuple(label for label in union if labels is None or label in labels)
+    if len(parts) > 1:
+        return _export_runs(parts, out, carried, version, threshold, target_sensitivity, overwrite, weights_dtype)
+    (part,) = parts
+    run, config, archs, units = part.run, part.config, part.archs, part.units
     thresholds, evaluation = oof_thresholds(run.root, carried, archs, threshold, target_sensitivity)
     left_out = [label for label in config.labels if label not in carried]
     if left_out:
@@ -80,6 +111,92 @@ def export_run(
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(run.root, config), reference=reference,
         ages={label: LABEL_AGES[label] for label in carried if label in LABEL_AGES},
     )
+
+
+def _export_runs(
+    parts: list[_RunPart], out: str | Path, carried: tuple[str, ...], version: str, threshold: str,
+    target_sensitivity: float, overwrite: bool, weights_dtype: str,
+) -> Path:
+    """The package of several runs (see :func:`export_run`)."""
+    spec = parts[0].config.preprocess_spec()
+    for part in parts[1:]:
+        if part.config.preprocess_spec() != spec:
+            raise ValueError(f"runs {parts[0].run.root} and {part.run.root} preprocess differently "
+                             f"({spec} vs {part.config.preprocess_spec()}): one package has one preprocessing")
+    names = [part.config.name for part in parts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the runs must have distinct names (member files are prefixed with them), got {names}")
+    thresholds: dict[str, tuple[float, str]] = {}
+    evaluation: dict[str, Any] = {"runs": {p.config.name: {"ensemble_of": p.archs, "members": len(p.units)}
+                                           for p in parts}, "oof": {}}
+    reference = {}
+    for label in carried:
+        table = combined_oof(parts, label)
+        point = choose_thresholds(table, label, target_sensitivity, kinds=(threshold,))[threshold]
+        thresholds[label] = (float(point["value"]), point["method"])
+        y, p = table.labels[label], table.scores[label][ENSEMBLE]
+        evaluation["oof"][label] = {"auroc": float(metrics.auroc(y, p)), "n": int(np.sum(~np.isnan(y))),
+                                    "runs": [n for n in table.scores[label] if n != ENSEMBLE]}
+        reference[label] = reference_distribution(table, label)
+    left_out = [label for part in parts for label in part.config.labels if label not in carried]
+    if left_out:
+        evaluation["left_out"] = list(dict.fromkeys(left_out))
+    models = []
+    for part in parts:
+        config = part.config
+        outputs = tuple(label for label in config.labels if label in carried)
+        if not outputs:
+            continue
+        indices = [config.labels.index(label) for label in outputs]
+        for key in part.units:
+            model = load_unit_model(part.run.root, config, key)
+            if len(outputs) < len(config.labels):
+                model = keep_labels(model, indices)
+            info = MemberInfo(fold=key.fold, weights=weights_record(config.weights_for(key.architecture) or "random"),
+                              file=f"{config.name}_{key.architecture}_fold{key.fold}.onnx", labels=outputs)
+            models.append((model, info))
+    name = "+".join(names)
+    return export_package(
+        models, out, name=name, version=version or f"{name}-{_today()}", labels=carried, spec=spec,
+        thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation,
+        data_summary={p.config.name: json.loads(p.run.cohorts.read_text()) if p.run.cohorts.exists() else {}
+                      for p in parts},
+        weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(parts[0].run.root, parts[0].config),
+        reference=reference, ages={label: LABEL_AGES[label] for label in carried if label in LABEL_AGES},
+    )
+
+
+def combined_oof(parts: Sequence[_RunPart], label: str) -> PredictionTable:
+    """``label``'s OOF scores of several runs as one table: a column per run (its OOF ensemble of the exported
+    architectures) and ``ensemble``, their mean weighted by member count, as the node averages the members.
+
+    Raises:
+        ValueError: the runs carrying ``label`` scored different images, or disagree on a label value.
+    """
+    carrying = [part for part in parts if label in part.config.labels]
+    first: PredictionTable | None = None
+    columns: dict[str, np.ndarray] = {}
+    weights: list[float] = []
+    for part in carrying:
+        oof = read_predictions(part.run.oof_predictions)
+        known = ~np.isnan(oof.labels[label])
+        table = oof.subset(np.flatnonzero(known)[np.argsort(oof.images[known])], part.config.name)
+        if first is None:
+            first = table
+        elif not np.array_equal(table.images, first.images) or not np.array_equal(table.labels[label],
+                                                                            first.labels[label]):
+            raise ValueError(f"{label}: runs {carrying[0].config.name} and {part.config.name} scored different "
+                             f"images or labels; a shared label needs the same OOF images in every run")
+        columns[part.config.name] = ensemble_of(table, label, part.archs)
+        weights.append(float(len(part.units)))
+    assert first is not None
+    stacked = np.vstack(list(columns.values()))
+    combined = (np.asarray(weights)[:, None] * stacked).sum(axis=0) / sum(weights)
+    sources = first.sources if first.sources is not None else np.full(first.images.size,
+                                                                      carrying[0].config.train[0].name)
+    return PredictionTable(images=first.images, patient_ids=first.patient_ids, name="combined OOF",
+                           labels={label: first.labels[label]}, scores={label: {**columns, ENSEMBLE: combined}},
+                           sources=sources)
 
 
 def real_parity_inputs(run_dir: Path, config: RunConfig, n: int = 4) -> np.ndarray:
