@@ -137,11 +137,46 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = store.status(recent=args.recent)
     status["conflicts"] = store.conflicts(recent=args.recent)
     status["recent_results"] = [report_summary(row) for row in store.recent_reports(recent=args.recent)]
+    status["drift_alerts"] = _drift_alerts(settings, store)
     if args.format == "json":
         print(json.dumps(status, indent=2, default=str))
     else:
         print(format_status(status))
     return EXIT_OK
+
+
+def cmd_sites(args: argparse.Namespace) -> int:
+    from ai.ensemble import effective_thresholds
+    from ai.manifest import load_manifest
+    from node.packages import model_package_dir
+    from node.sites import format_sites, site_reports
+    from storage.db import make_engine
+    from storage.queue import Store
+
+    settings = _settings(args)
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    store = Store(make_engine(settings.database_url))
+    manifest = load_manifest(model_package_dir(settings), verify=False)
+    thresholds = effective_thresholds(manifest, settings.thresholds)
+    reports = site_reports(store, manifest, thresholds, settings.sites.drift_alert)
+    print(json.dumps(reports, indent=2) if args.format == "json" else format_sites(reports, settings.sites.drift_alert))
+    return EXIT_OK
+
+
+def _drift_alerts(settings: Settings, store: Any) -> list[str]:
+    """The sites whose scores drift (``cxr-node sites`` has the figures); none when the package is unreadable."""
+    from ai.ensemble import effective_thresholds
+    from ai.manifest import load_manifest
+    from node.packages import model_package_dir
+    from node.sites import drift_alerts, site_reports
+
+    try:
+        manifest = load_manifest(model_package_dir(settings), verify=False)
+        thresholds = effective_thresholds(manifest, settings.thresholds)
+    except (ModelPackageError, ValueError):
+        return []
+    level = settings.sites.drift_alert
+    return drift_alerts(site_reports(store, manifest, thresholds, level), level)
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -198,6 +233,7 @@ def report_summary(row: dict[str, Any]) -> dict[str, Any]:
 def format_status(status: dict[str, Any]) -> str:
     """Human-readable status: queue counts, outbox per destination, recent failures."""
     lines = ["jobs:    " + ", ".join(f"{k} {v}" for k, v in sorted(status.get("jobs", {}).items()))]
+    lines.extend(f"ALERT:   {line}" for line in status.get("drift_alerts", []))
     if status.get("waiting_for_disk"):
         lines.append(f"ALERT:   {status['waiting_for_disk']} job(s) wait for disk space to write their results")
     for dest, counts in sorted(status.get("outbox", {}).items()):
@@ -274,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--recent", type=int, default=10, help="how many recent failures to list")
     p.set_defaults(func=cmd_status)
+    p = add("sites", "per site: analysed images, score distribution and drift against the package's reference, "
+                     "threshold in force")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_sites)
     p = add("health", "does the running node work: SCP answers C-ECHO, a worker is alive, the queue moves")
     p.add_argument("--role", choices=("all", "scp", "worker"), default="all", help="the role the node runs")
     p.add_argument("--max-beat-age", type=float, default=30.0, help="seconds a worker heartbeat may be old")

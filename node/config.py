@@ -108,6 +108,20 @@ class ModelSettings:
     gate: str = ""  # the input gate package (ai/gate.py); empty: the bundled one; "off": every image is scored
 
 
+SITE_KEYS = ("calling_ae", "station_name", "institution_name", "device")
+SITE_ADAPT = ("suggest", "auto", "off")
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """What a site is (the per-site score history, drift and site thresholds: node/sites.py)."""
+
+    key: str = "calling_ae"  # calling_ae, station_name, institution_name or device (manufacturer + model)
+    min_images: int = 200  # analysed images of a site before a label-free threshold is suggested
+    adapt: str = "suggest"  # suggest (an administrator accepts), auto (applied, audited) or off
+    drift_alert: float = 0.1  # prevalence-adjusted KS distance above which a site's scores alert
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """The process: who the node runs as once its port is bound (see node/privileges.py)."""
@@ -128,6 +142,7 @@ class Settings:
     destinations: tuple[Destination, ...] = ()
     model: ModelSettings = field(default_factory=ModelSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
+    sites: SiteSettings = field(default_factory=SiteSettings)
     thresholds: Mapping[str, float] = field(default_factory=dict)  # per-label overrides
     base_dir: str = "."  # relative paths are resolved against this (the config file's folder)
 
@@ -163,6 +178,7 @@ class Settings:
             "thresholds": dict(self.thresholds),
             "no_view_policy": self.filter.no_view_policy,
             "service_user": self.service.user or "(as started)",
+            "sites": {"key": self.sites.key, "adapt": self.sites.adapt},
         }
 
 
@@ -174,6 +190,7 @@ _SECTIONS: dict[str, type] = {
     "send": SendSettings,
     "model": ModelSettings,
     "service": ServiceSettings,
+    "sites": SiteSettings,
 }
 
 
@@ -328,6 +345,14 @@ def _validate(s: Settings, problems: list[str]) -> None:
             "send.retry_initial_s/retry_max_s: expected 0 < retry_initial_s <= retry_max_s, "
             f"found {s.send.retry_initial_s} and {s.send.retry_max_s}"
         )
+    if s.sites.key not in SITE_KEYS:
+        problems.append(f"sites.key: expected one of {', '.join(SITE_KEYS)}, found {s.sites.key!r}")
+    if s.sites.adapt not in SITE_ADAPT:
+        problems.append(f"sites.adapt: expected one of {', '.join(SITE_ADAPT)}, found {s.sites.adapt!r}")
+    if s.sites.min_images < 20:
+        problems.append(f"sites.min_images: expected >= 20, found {s.sites.min_images}")
+    if not 0.0 < s.sites.drift_alert < 1.0:
+        problems.append(f"sites.drift_alert: expected a number in (0, 1), found {s.sites.drift_alert}")
     if s.storage.retention_days < 0:
         problems.append(f"storage.retention_days: expected >= 0, found {s.storage.retention_days}")
     names = [d.name for d in s.destinations]
@@ -397,7 +422,7 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
     for key in raw:
         if key not in (*_SECTIONS, "destinations", "thresholds"):
             problems.append(f"{key}: unknown section (expected scp, storage, filter, worker, send, "
-                            "destinations, model, service, thresholds)")
+                            "destinations, model, service, sites, thresholds)")
     sections = {name: _section(name, raw.get(name), problems) for name in _SECTIONS}
     settings = Settings(
         destinations=_destinations(raw.get("destinations"), problems),

@@ -55,9 +55,10 @@ from node.results import (
     build_sr,
     scrub_reason,
 )
+from node.sites import score_records, site_of
 from storage.db import INCIDENT_CRASH, INCIDENT_MEMORY, INCIDENT_STALL
 from storage.files import DiskFull, free_bytes, result_path, write_atomic
-from storage.queue import Incident, LeasedJob, ResultRecord, Store
+from storage.queue import Incident, LeasedJob, ResultRecord, ScoreRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ class Worker:
     def process(self, job: LeasedJob) -> list[str]:
         """Run one job end to end and record its results; returns the result kinds produced."""
         ds = read_source(job)
+        scores: list[ScoreRecord] = []  # the site's score history: analysed images only
         try:
             analysis = analyse_dataset(ds, self.ensemble, self.gate)
         except ImageRefused as exc:
@@ -201,8 +203,10 @@ class Worker:
             objects = [("failure_sr", build_failure_sr(ds, reason, self.algorithm, device_ae=self.device_ae))]
         else:
             objects = self._build_results(ds, analysis)
+            site = site_of(ds, job.calling_ae, self.settings.sites.key)
+            scores = score_records(site, self.ensemble.manifest, analysis.findings)
         records = [self._write(kind, obj) for kind, obj in objects]
-        self.store.complete_job(job.job_id, records, self.destinations)
+        self.store.complete_job(job.job_id, records, self.destinations, scores)
         return [kind for kind, _ in objects]
 
     def _build_results(self, ds: pydicom.Dataset, analysis: Analysis) -> list[tuple[str, pydicom.Dataset]]:

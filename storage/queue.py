@@ -14,6 +14,7 @@ connection lost, a deadlock) is raised as ``RetryableError``.
   ``release_claims``);
 - ``storage.status``: ``status``, ``recent_reports``, heartbeats and ``liveness``;
 - ``storage.retention``: ``purge_before``;
+- ``storage.scores``: the per-site score history (``score_sites``, ``site_scores``; written by ``complete_job``);
 
 on ``storage.store_base.StoreBase`` (engine, clock, transactions), with the records of ``storage.records``.
 
@@ -34,8 +35,11 @@ from storage.records import (
     OutboxEntry,
     ReceivedInstance,
     ResultRecord,
+    ScoreRecord,
+    SiteScore,
 )
 from storage.retention import RetentionStore
+from storage.scores import ScoreStore
 from storage.status import StatusStore
 
 __all__ = [
@@ -47,11 +51,13 @@ __all__ = [
     "OutboxEntry",
     "ReceivedInstance",
     "ResultRecord",
+    "ScoreRecord",
+    "SiteScore",
     "Store",
 ]
 
 
-class Store(InstanceStore, JobStore, OutboxStore, StatusStore, RetentionStore):
+class Store(InstanceStore, JobStore, OutboxStore, StatusStore, RetentionStore, ScoreStore):
     """The queue and outbox on one engine (built once in the composition root and shared).
 
     Args:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ai.manifest import AgeRange
+from ai.manifest import AgeRange, ScoreReference
 from ai.preprocess import PreprocessSpec
 from training.export import MemberInfo, export_package
 from training.models import build_model
@@ -27,6 +27,7 @@ def build_tiny_package(
     seed: int = 0,
     threshold: float = 0.5,
     ages: Mapping[str, AgeRange] | None = None,
+    reference: Mapping[str, ScoreReference] | None = None,
 ) -> Path:
     """Export `members` untrained tiny networks (seeds `seed`, `seed + 1`, ...) as a model package.
 
@@ -37,6 +38,7 @@ def build_tiny_package(
         size: input size (`PreprocessSpec.size`).
         seed: torch seed of the first member.
         threshold: the operating threshold of every label.
+        reference: per label, the reference score distribution the manifest carries.
         ages: labels learnt from one age group only (manifest ``ages``).
 
     Returns:
@@ -60,6 +62,7 @@ def build_tiny_package(
             data_summary={"note": "untrained tiny test network"},
             evaluation_summary={},
             ages=ages,
+            reference=reference,
         )
     finally:
         torch.set_num_threads(threads)

@@ -1,0 +1,46 @@
+"""The per-site score history: what each site's analysed images scored, per model version and label.
+
+Written by ``JobStore.complete_job`` (one ``storage.db.Score`` row per label of an analysed image, in the
+job's transaction); read here by drift monitoring and the site commands (``node.sites``). A site is what
+``[sites] key`` makes of an image (its calling AE title by default); no patient values are stored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import func, select
+
+from storage.db import Score
+from storage.records import SiteScore
+from storage.store_base import StoreBase
+
+
+class ScoreStore(StoreBase):
+    """The score-history methods of ``storage.queue.Store``."""
+
+    def score_sites(self, model_version: str) -> dict[str, int]:
+        """Sites with scores of ``model_version``, each with its number of analysed images (the most scores of
+        one label: a label that did not apply to some patients has fewer; purged jobs still count)."""
+        with self._tx("score_sites", read_only=True) as s:
+            rows = s.execute(
+                select(Score.site, Score.label, func.count(Score.id))
+                .where(Score.model_version == model_version)
+                .group_by(Score.site, Score.label)
+            ).all()
+        out: dict[str, int] = {}
+        for site, _, n in rows:
+            out[site] = max(out.get(site, 0), int(n))
+        return dict(sorted(out.items()))
+
+    def site_scores(self, site: str, model_version: str, label: str,
+                    since: dt.datetime | None = None) -> list[SiteScore]:
+        """The scores of one site, model version and label, oldest first (``since``: from then on)."""
+        query = select(Score.at, Score.score, Score.positive, Score.threshold, Score.threshold_method).where(
+            Score.site == site, Score.model_version == model_version, Score.label == label)
+        if since is not None:
+            query = query.where(Score.at >= since)
+        with self._tx("site_scores", read_only=True) as s:
+            rows = s.execute(query.order_by(Score.at, Score.id)).all()
+        return [SiteScore(at, float(score), bool(positive), float(threshold), method)
+                for at, score, positive, threshold, method in rows]

@@ -1,0 +1,140 @@
+"""Per-site score history and drift: what a site is, the prevalence-adjusted drift statistic, the worker
+recording every analysed image's scores, and `cxr-node sites` / `status` showing them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from ai.drift import drift, ks_critical, reference_cdf
+from ai.manifest import QUANTILE_POINTS, ScoreReference
+from node.sites import UNKNOWN_SITE, site_of
+
+LEVELS = np.linspace(0.0, 1.0, QUANTILE_POINTS)
+
+
+def beta_reference(n: int = 662, prevalence: float = 0.5) -> ScoreReference:
+    """A reference like a trained model's: positives' scores Beta(5, 2), negatives' Beta(2, 5)."""
+    rng = np.random.default_rng(0)
+    pos, neg = rng.beta(5, 2, 200_000), rng.beta(2, 5, 200_000)
+    mixed = np.concatenate([pos[: int(prevalence * 200_000)], neg[: int((1 - prevalence) * 200_000)]])
+
+    def q(values: np.ndarray) -> tuple[float, ...]:
+        return tuple(float(v) for v in np.quantile(values, LEVELS))
+
+    return ScoreReference("OOF ensemble", "test", n, prevalence, q(mixed), q(pos), q(neg))
+
+
+def site_sample(n: int, prevalence: float, seed: int, shift: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    k = rng.binomial(n, prevalence)
+    return np.clip(np.concatenate([rng.beta(5, 2, k), rng.beta(2, 5, n - k)]) * shift, 0.0, 1.0)
+
+
+def test_reference_cdf_inverts_the_quantiles_and_survives_ties() -> None:
+    ref = beta_reference()
+    np.testing.assert_allclose(reference_cdf(ref.quantiles, np.asarray(ref.quantiles)[1:-1]), LEVELS[1:-1],
+                               atol=1e-9)
+    tied = (0.0,) * 50 + tuple(np.linspace(0.0, 1.0, 51))
+    values = reference_cdf(tied, np.array([0.0, 0.5, 1.0]))
+    assert values[0] == pytest.approx(0.5) and values[-1] == 1.0 and np.all(np.diff(values) >= 0)
+
+
+@pytest.mark.parametrize("prevalence", [0.1, 0.25, 0.42])
+def test_a_change_of_prevalence_alone_is_not_drift(prevalence: float) -> None:
+    ref = beta_reference()
+    result = drift(site_sample(400, prevalence, seed=int(prevalence * 100)), ref, level=0.1)
+    assert result.prevalence == pytest.approx(prevalence, abs=0.07)
+    assert result.statistic < result.critical and not result.alert
+    assert result.unadjusted > result.statistic  # the plain comparison would have called it a shift
+
+
+def test_scores_that_moved_are_drift_and_alert() -> None:
+    ref = beta_reference()
+    result = drift(site_sample(400, 0.3, seed=1, shift=0.6), ref, level=0.1)  # every score pulled down
+    assert result.alert and result.statistic > max(0.1, result.critical)
+    few = drift(site_sample(10, 0.3, seed=2, shift=0.6), ref, level=0.1)
+    assert few.critical == pytest.approx(ks_critical(10, 662)) and few.critical > 0.5  # ten images say little
+
+
+def test_drift_refuses_what_is_not_a_set_of_probabilities() -> None:
+    with pytest.raises(ValueError, match="non-empty set of probabilities"):
+        drift(np.array([]), beta_reference(), 0.1)
+    with pytest.raises(ValueError, match="non-empty set of probabilities"):
+        drift(np.array([0.5, 1.5]), beta_reference(), 0.1)
+
+
+def header(**values: str) -> Dataset:
+    ds = Dataset()
+    for key, value in values.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def test_what_a_site_is() -> None:
+    ds = header(StationName="DX ROOM 2", InstitutionName="St  Elsewhere", Manufacturer="Acme",
+                ManufacturerModelName="Rad 5")
+    assert site_of(ds, "DX2", "calling_ae") == "DX2"
+    assert site_of(ds, "DX2", "station_name") == "DX ROOM 2"
+    assert site_of(ds, "DX2", "institution_name") == "St Elsewhere"
+    assert site_of(ds, "DX2", "device") == "Acme Rad 5"
+    assert site_of(header(), "", "calling_ae") == site_of(header(), "DX2", "device") == UNKNOWN_SITE
+    with pytest.raises(ValueError, match="unknown site key"):
+        site_of(ds, "DX2", "ward")
+
+
+def test_the_worker_records_each_sites_scores_and_the_commands_show_their_drift(tmp_path: Path) -> None:
+    pytest.importorskip("torch", reason="building a test model package needs the train extra")
+    from ai.ensemble import Ensemble
+    from node.config import Destination, Settings, SiteSettings, StorageSettings
+    from node.worker import Worker
+    from storage.db import make_engine
+    from storage.files import instance_path, write_atomic
+    from storage.queue import ReceivedInstance, Store
+    from tests.model_fixtures import build_tiny_package
+    from tests.test_cli import cli
+    from tests.test_worker import chest
+
+    # an untrained network scores every image about alike: far from a trained model's reference
+    package = build_tiny_package(tmp_path / "pkg", size=64, members=1, reference={"Tuberculosis": beta_reference()})
+    settings = Settings(storage=StorageSettings(data_dir=str(tmp_path / "var")),
+                        destinations=(Destination("pacs", "PACS", "127.0.0.1", 104),),
+                        sites=SiteSettings(key="station_name"))
+    settings.data_path.mkdir(parents=True)
+    store = Store(make_engine(settings.database_url))
+    worker = Worker(store, Ensemble.load(package, threads=1), settings, owner="test:1:1")
+    for i in range(30):
+        ds = chest()
+        ds.StationName = "ROOM A" if i < 24 else "ROOM B"
+        path = instance_path(settings.data_path, ds.StudyInstanceUID, ds.SOPInstanceUID)
+        write_atomic(path, lambda f, ds=ds: ds.save_as(f, enforce_file_format=True))
+        store.record_instance(ReceivedInstance(ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                               ds.SOPClassUID, "MOD", path, path.stat().st_size), True, "test")
+    while worker.run_once():
+        pass
+    assert store.score_sites("0.0.0-test") == {"ROOM A": 24, "ROOM B": 6}
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\ndata_dir = "var"\n[model]\npackage = "{package}"\n[sites]\nkey = "station_name"\n')
+    out = cli("sites", "--format", "json", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    reports = {r["site"]: r for r in json.loads(out.stdout)}
+    assert set(reports) == {"ROOM A", "ROOM B"} and reports["ROOM A"]["images"] == 24
+    tb = reports["ROOM A"]["labels"]["Tuberculosis"]
+    assert (tb["threshold"], tb["threshold_method"]) == (0.5, "fixed for tests")
+    assert tb["suggested_threshold"] is None and tb["suggested_method"] is None
+    assert tb["drift"]["n"] == 24 and tb["drift"]["alert"] is True  # scores bunched where the reference is thin
+    assert tb["weeks"][0]["images"] == 24 and tb["weeks"][0]["drift"]["n"] == 24
+    assert reports["ROOM B"]["labels"]["Tuberculosis"]["weeks"][0]["drift"] is None  # 6 images: too few for a week
+    text = cli("sites", "--config", str(config)).stdout
+    assert "site ROOM A: 24 analysed images (tiny-test 0.0.0-test)" in text and "ALERT" in text
+    status = cli("status", "--config", str(config)).stdout
+    assert "ALERT:   site ROOM A: Tuberculosis scores drift from the package's reference" in status
+    sr_files = list((settings.data_path / "results").rglob("*.dcm"))
+    assert sr_files and all("ROOM" not in str(p) for p in sr_files)  # nothing of the site leaks into paths
+    assert pydicom.dcmread(sr_files[0]).SOPClassUID  # results were written as usual
