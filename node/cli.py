@@ -158,7 +158,9 @@ def cmd_sites(args: argparse.Namespace) -> int:
     store = Store(make_engine(settings.database_url))
     manifest = load_manifest(model_package_dir(settings), verify=False)
     thresholds = effective_thresholds(manifest, settings.thresholds)
-    reports = site_reports(store, manifest, thresholds, settings.sites.drift_alert)
+    reports = site_reports(store, manifest, thresholds, settings.sites.drift_alert,
+                           min_images=None if settings.sites.adapt == "off" else settings.sites.min_images,
+                           prevalence=settings.site_prevalence)
     print(json.dumps(reports, indent=2) if args.format == "json" else format_sites(reports, settings.sites.drift_alert))
     return EXIT_OK
 

@@ -144,6 +144,7 @@ class Settings:
     service: ServiceSettings = field(default_factory=ServiceSettings)
     sites: SiteSettings = field(default_factory=SiteSettings)
     thresholds: Mapping[str, float] = field(default_factory=dict)  # per-label overrides
+    site_prevalence: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # site -> label -> stated
     base_dir: str = "."  # relative paths are resolved against this (the config file's folder)
 
     def resolve(self, path: str) -> Path:
@@ -288,6 +289,27 @@ def _thresholds(raw: Any, problems: list[str]) -> dict[str, float]:
     return out
 
 
+def _site_prevalence(raw: Any, problems: list[str]) -> dict[str, dict[str, float]]:
+    """``[site_prevalence]``: per site a table of label = the prevalence an administrator states for it."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(f"[site_prevalence]: expected a table of site = {{ Label = prevalence }}, found {raw!r}")
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for site, labels in raw.items():
+        if not isinstance(labels, dict):
+            problems.append(f"site_prevalence.{site}: expected a table of label = prevalence, found {labels!r}")
+            continue
+        for label, value in labels.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value < 1.0:
+                problems.append(f"site_prevalence.{site}.{label}: expected a prevalence between 0 and 1 "
+                                f"(exclusive), found {value!r}")
+            else:
+                out.setdefault(str(site), {})[str(label)] = float(value)
+    return out
+
+
 MAX_PDU_RANGE = (4096, 4 * 1024 * 1024)  # scp.max_pdu: dcmtk's minimum; each association may hold one such buffer
 
 
@@ -420,13 +442,14 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
     problems: list[str] = []
     _env_overrides(raw, environ, problems)
     for key in raw:
-        if key not in (*_SECTIONS, "destinations", "thresholds"):
+        if key not in (*_SECTIONS, "destinations", "thresholds", "site_prevalence"):
             problems.append(f"{key}: unknown section (expected scp, storage, filter, worker, send, "
-                            "destinations, model, service, sites, thresholds)")
+                            "destinations, model, service, sites, site_prevalence, thresholds)")
     sections = {name: _section(name, raw.get(name), problems) for name in _SECTIONS}
     settings = Settings(
         destinations=_destinations(raw.get("destinations"), problems),
         thresholds=_thresholds(raw.get("thresholds"), problems),
+        site_prevalence=_site_prevalence(raw.get("site_prevalence"), problems),
         base_dir=base_dir,
         **sections,
     )

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from ai.adapt import suggest
 from ai.drift import drift
 from ai.findings import Finding
 from ai.manifest import ModelManifest, Threshold
@@ -31,6 +32,8 @@ MIN_WEEK_SCORES = 20
 RECENT_DAYS = 28
 #: The weekly figures go back 12 weeks.
 HISTORY_WEEKS = 12
+#: A suggestion uses the site's most recent scores, at most this many.
+SUGGESTION_IMAGES = 1000
 
 
 def _text(ds: pydicom.Dataset | None, keyword: str) -> str:
@@ -72,8 +75,11 @@ def _week(at: dt.datetime) -> str:
 
 
 def label_report(history: Sequence[SiteScore], manifest: ModelManifest, label: str, threshold: Threshold,
-                 level: float, now: dt.datetime) -> dict[str, Any]:
-    """One site's figures for one label: overall over the last ``RECENT_DAYS``, weekly over ``history``."""
+                 level: float, now: dt.datetime, *, latest: Sequence[SiteScore] = (),
+                 min_images: int | None = 200, prevalence: float | None = None) -> dict[str, Any]:
+    """One site's figures for one label: overall over the last ``RECENT_DAYS``, weekly over ``history``, and the
+    label-free suggestion (``ai.adapt``) from ``latest`` once it holds ``min_images`` scores (None: adaptation
+    is off)."""
     scores = [s for s in history if s.at >= now - dt.timedelta(days=RECENT_DAYS)]
     values = np.array([s.score for s in scores], dtype=np.float64)
     out: dict[str, Any] = {
@@ -93,6 +99,16 @@ def label_report(history: Sequence[SiteScore], manifest: ModelManifest, label: s
         out["drift_note"] = "the package carries no reference distribution for this label"
         return out
     out["drift"] = drift(values, reference, level).to_dict() if values.size else None
+    if min_images is None:
+        out["suggestion_note"] = "site adaptation is off ([sites] adapt)"
+    elif len(latest) >= min_images:
+        suggestion = suggest(np.array([s.score for s in latest]), reference, manifest.thresholds[label].value,
+                             prevalence, level)
+        out["suggested_threshold"] = round(suggestion.threshold, 6)
+        out["suggested_method"] = suggestion.method
+        out["suggestion"] = suggestion.to_dict()
+    else:
+        out["suggestion_note"] = f"{len(latest)} of the {min_images} images a suggestion needs"
     weeks: dict[str, list[SiteScore]] = {}
     for s in history:
         weeks.setdefault(_week(s.at), []).append(s)
@@ -107,15 +123,21 @@ def label_report(history: Sequence[SiteScore], manifest: ModelManifest, label: s
 
 
 def site_reports(store: Store, manifest: ModelManifest, thresholds: Mapping[str, Threshold],
-                 level: float, now: dt.datetime | None = None) -> list[dict[str, Any]]:
-    """Per site with scores of this package version: its images (all time) and per label :func:`label_report`."""
+                 level: float, now: dt.datetime | None = None, min_images: int | None = 200,
+                 prevalence: Mapping[str, Mapping[str, float]] | None = None) -> list[dict[str, Any]]:
+    """Per site with scores of this package version: its images (all time) and per label :func:`label_report`
+    (``prevalence``: per site and label the prevalence an administrator stated)."""
     now = now or store.clock()
     since = now - dt.timedelta(weeks=HISTORY_WEEKS)
+    stated = prevalence or {}
     reports = []
     for site, images in store.score_sites(manifest.version).items():
-        labels = {label: label_report(store.site_scores(site, manifest.version, label, since), manifest, label,
-                                      thresholds[label], level, now)
-                  for label in manifest.labels}
+        labels = {}
+        for label in manifest.labels:
+            latest = store.site_scores(site, manifest.version, label, latest=SUGGESTION_IMAGES)
+            labels[label] = label_report(store.site_scores(site, manifest.version, label, since), manifest, label,
+                                         thresholds[label], level, now, latest=latest, min_images=min_images,
+                                         prevalence=stated.get(site, {}).get(label))
         reports.append({"site": site, "images": images, "model": f"{manifest.name} {manifest.version}",
                         "labels": labels})
     return reports

@@ -34,13 +34,20 @@ class ScoreStore(StoreBase):
         return dict(sorted(out.items()))
 
     def site_scores(self, site: str, model_version: str, label: str,
-                    since: dt.datetime | None = None) -> list[SiteScore]:
-        """The scores of one site, model version and label, oldest first (``since``: from then on)."""
+                    since: dt.datetime | None = None, latest: int | None = None) -> list[SiteScore]:
+        """The scores of one site, model version and label, oldest first (``since``: from then on; ``latest``:
+        only the most recent so many)."""
         query = select(Score.at, Score.score, Score.positive, Score.threshold, Score.threshold_method).where(
             Score.site == site, Score.model_version == model_version, Score.label == label)
         if since is not None:
             query = query.where(Score.at >= since)
+        if latest is not None:
+            query = query.order_by(Score.at.desc(), Score.id.desc()).limit(latest)
+        else:
+            query = query.order_by(Score.at, Score.id)
         with self._tx("site_scores", read_only=True) as s:
-            rows = s.execute(query.order_by(Score.at, Score.id)).all()
+            rows = s.execute(query).all()
+        if latest is not None:
+            rows = rows[::-1]
         return [SiteScore(at, float(score), bool(positive), float(threshold), method)
                 for at, score, positive, threshold, method in rows]

@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from ai.adapt import aligned_threshold, suggest
 from ai.drift import drift, ks_critical, reference_cdf
 from ai.manifest import QUANTILE_POINTS, ScoreReference
 from node.sites import UNKNOWN_SITE, site_of
@@ -120,14 +121,20 @@ def test_the_worker_records_each_sites_scores_and_the_commands_show_their_drift(
     assert store.score_sites("0.0.0-test") == {"ROOM A": 24, "ROOM B": 6}
 
     config = tmp_path / "node.toml"
-    config.write_text(f'[storage]\ndata_dir = "var"\n[model]\npackage = "{package}"\n[sites]\nkey = "station_name"\n')
+    config.write_text(f'[storage]\ndata_dir = "var"\n[model]\npackage = "{package}"\n'
+                      '[sites]\nkey = "station_name"\nmin_images = 20\n'
+                      '[site_prevalence]\n"ROOM A" = { Tuberculosis = 0.2 }\n')
     out = cli("sites", "--format", "json", "--config", str(config))
     assert out.returncode == 0, out.stderr
     reports = {r["site"]: r for r in json.loads(out.stdout)}
     assert set(reports) == {"ROOM A", "ROOM B"} and reports["ROOM A"]["images"] == 24
     tb = reports["ROOM A"]["labels"]["Tuberculosis"]
     assert (tb["threshold"], tb["threshold_method"]) == (0.5, "fixed for tests")
-    assert tb["suggested_threshold"] is None and tb["suggested_method"] is None
+    assert tb["suggestion"]["prevalence"] == 0.2 and tb["suggestion"]["prevalence_source"] == "stated"
+    assert tb["suggested_method"].startswith("prediction alignment") and 0 <= tb["suggested_threshold"] <= 1
+    room_b = reports["ROOM B"]["labels"]["Tuberculosis"]
+    assert room_b["suggested_threshold"] is None
+    assert room_b["suggestion_note"] == "6 of the 20 images a suggestion needs"
     assert tb["drift"]["n"] == 24 and tb["drift"]["alert"] is True  # scores bunched where the reference is thin
     assert tb["weeks"][0]["images"] == 24 and tb["weeks"][0]["drift"]["n"] == 24
     assert reports["ROOM B"]["labels"]["Tuberculosis"]["weeks"][0]["drift"] is None  # 6 images: too few for a week
@@ -138,3 +145,40 @@ def test_the_worker_records_each_sites_scores_and_the_commands_show_their_drift(
     sr_files = list((settings.data_path / "results").rglob("*.dcm"))
     assert sr_files and all("ROOM" not in str(p) for p in sr_files)  # nothing of the site leaks into paths
     assert pydicom.dcmread(sr_files[0]).SOPClassUID  # results were written as usual
+
+
+def labelled_site(n: int, prevalence: float, seed: int, move: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """A site's scores with their labels; ``move`` < 1 is an acquisition change: every score raised to a power,
+    sick and healthy alike (monotone)."""
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < prevalence
+    scores = np.where(y, rng.beta(5, 2, n), rng.beta(2, 5, n))
+    return scores ** (1.0 / move), y
+
+
+def rates(scores: np.ndarray, y: np.ndarray, t: float) -> tuple[float, float]:
+    return float(np.mean(scores[y] >= t)), float(np.mean(scores[~y] < t))
+
+
+def test_alignment_leaves_an_unmoved_site_alone_and_undoes_an_acquisition_change() -> None:
+    ref = beta_reference()
+    t = 0.45  # the package threshold, chosen on the reference
+    reference_rates = (1 - reference_cdf(ref.quantiles_positive, np.array([t]))[0],
+                       reference_cdf(ref.quantiles_negative, np.array([t]))[0])
+    same, y = labelled_site(3000, 0.15, seed=3)
+    assert aligned_threshold(same, ref, t, 0.15) == pytest.approx(t, abs=0.03)
+    moved, y = labelled_site(3000, 0.15, seed=4, move=0.5)  # scores squared: the sick score lower
+    fixed = rates(moved, y, t)
+    adapted_t = aligned_threshold(moved, ref, t, 0.15)
+    adapted = rates(moved, y, adapted_t)
+    assert fixed[0] < reference_rates[0] - 0.15  # the fixed threshold misses many more sick patients
+    assert adapted[0] == pytest.approx(reference_rates[0], abs=0.04)  # alignment restores both rates
+    assert adapted[1] == pytest.approx(reference_rates[1], abs=0.04)
+    stated = suggest(moved, ref, t, prevalence=0.15)
+    assert stated.threshold == pytest.approx(adapted_t) and stated.prevalence_source == "stated"
+    assert "prevalence 0.15 (stated)" in stated.method and stated.images == 3000
+    guessed = suggest(same, ref, t)  # unmoved: the estimated prevalence is right and the threshold stays
+    assert guessed.prevalence_source == "estimated" and guessed.prevalence == pytest.approx(0.15, abs=0.05)
+    assert guessed.threshold == pytest.approx(t, abs=0.05)
+    with pytest.raises(ValueError, match="prevalence in"):
+        aligned_threshold(same, ref, t, 1.5)
