@@ -154,6 +154,9 @@ def cmd_sites(args: argparse.Namespace) -> int:
     from storage.queue import Store
 
     settings = _settings(args)
+    if args.action == "accept" and not args.site:
+        print("cxr-node sites accept: name the site (as `cxr-node sites` lists it)", file=sys.stderr)
+        return EXIT_CONFIG
     settings.data_path.mkdir(parents=True, exist_ok=True)
     store = Store(make_engine(settings.database_url))
     manifest = load_manifest(model_package_dir(settings), verify=False)
@@ -161,7 +164,40 @@ def cmd_sites(args: argparse.Namespace) -> int:
     reports = site_reports(store, manifest, thresholds, settings.sites.drift_alert,
                            min_images=None if settings.sites.adapt == "off" else settings.sites.min_images,
                            prevalence=settings.site_prevalence)
+    if args.action == "accept":
+        return _accept_site(store, manifest, reports, args.site, args.label)
     print(json.dumps(reports, indent=2) if args.format == "json" else format_sites(reports, settings.sites.drift_alert))
+    return EXIT_OK
+
+
+def _accept_site(store: Any, manifest: Any, reports: list[dict[str, Any]], site: str | None,
+                 label: str | None) -> int:
+    """``cxr-node sites accept SITE [--label LABEL]``: the site's current suggestions put in force."""
+    report = next((r for r in reports if r["site"] == site), None)
+    if report is None:
+        known = ", ".join(repr(r["site"]) for r in reports) or "none yet"
+        print(f"no site {site!r} has analysed images with {manifest.name} {manifest.version} (sites: {known})",
+              file=sys.stderr)
+        return EXIT_FAILED
+    if label is not None and label not in report["labels"]:
+        print(f"label {label!r} is not one of the package's {list(report['labels'])}", file=sys.stderr)
+        return EXIT_FAILED
+    chosen = [label] if label else list(report["labels"])
+    missing = [name for name in chosen if report["labels"][name]["suggested_threshold"] is None]
+    if missing:
+        why = "; ".join(f"{name}: {report['labels'][name].get('suggestion_note', 'no suggestion')}" for name in missing)
+        print(f"site {site!r} has no suggestion to accept for {', '.join(missing)} ({why})", file=sys.stderr)
+        return EXIT_FAILED
+    for name in chosen:
+        figures = report["labels"][name]
+        accepted = store.accept_site_threshold(site, name, manifest.name, manifest.version,
+                                               figures["suggested_threshold"], figures["suggested_method"],
+                                               "administrator")
+        log.info("site threshold accepted: site %s, %s %.6f (v%d, model %s)", site, name, accepted.threshold,
+                 accepted.version, manifest.version)
+        print(f"site {site}: {name} threshold {accepted.threshold:.6f} in force (v{accepted.version} for "
+              f"{manifest.name} {manifest.version}; was {figures['threshold']:.6f}, {figures['threshold_method']})")
+    print("the worker uses it from the next image on; no restart needed")
     return EXIT_OK
 
 
@@ -314,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
     p = add("sites", "per site: analysed images, score distribution and drift against the package's reference, "
                      "threshold in force")
+    p.add_argument("action", nargs="?", choices=("list", "accept"), default="list",
+                   help="list (default), or accept: put a site's suggested thresholds in force")
+    p.add_argument("site", nargs="?", help="with accept: the site (as `cxr-node sites` names it)")
+    p.add_argument("--label", default=None, help="with accept: only this label (default: every label)")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_sites)
     p = add("health", "does the running node work: SCP answers C-ECHO, a worker is alive, the queue moves")

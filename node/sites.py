@@ -9,6 +9,7 @@ force, the drift against the package's reference distribution (``ai.drift``) ove
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ from ai.adapt import suggest
 from ai.drift import drift
 from ai.findings import Finding
 from ai.manifest import ModelManifest, Threshold
-from storage.queue import ScoreRecord, SiteScore, Store
+from storage.queue import AcceptedThreshold, ScoreRecord, SiteScore, Store
 
 UNKNOWN_SITE = "(unknown)"
 MAX_SITE_CHARS = 128
@@ -67,6 +68,30 @@ def score_records(site: str, manifest: ModelManifest, findings: Sequence[Finding
                         score=float(f.probability), threshold=float(f.threshold),
                         threshold_method=f.threshold_method, positive=bool(f.positive))
             for f in findings if not f.not_applicable]
+
+
+def site_method(accepted: AcceptedThreshold) -> str:
+    """How a site threshold was chosen, as the SR and the site list state it."""
+    return (f"site threshold v{accepted.version} for {accepted.site} (accepted by {accepted.accepted_by} "
+            f"{accepted.accepted_at:%Y-%m-%d}): {accepted.method}")
+
+
+def apply_site_thresholds(findings: Sequence[Finding], site: str,
+                          accepted: Mapping[tuple[str, str], AcceptedThreshold]) -> list[Finding]:
+    """The findings with the site's accepted thresholds in force (a label that does not apply stays negative).
+
+    A site threshold is more specific than a ``[thresholds]`` override of the whole node, so it wins over it.
+    """
+    out = []
+    for f in findings:
+        own = accepted.get((site, f.label))
+        if own is None:
+            out.append(f)
+            continue
+        positive = (not f.not_applicable) and f.probability >= own.threshold
+        out.append(dataclasses.replace(f, threshold=own.threshold, positive=positive,
+                                       threshold_method=site_method(own)))
+    return out
 
 
 def _week(at: dt.datetime) -> str:
@@ -130,13 +155,16 @@ def site_reports(store: Store, manifest: ModelManifest, thresholds: Mapping[str,
     now = now or store.clock()
     since = now - dt.timedelta(weeks=HISTORY_WEEKS)
     stated = prevalence or {}
+    accepted = store.site_thresholds(manifest.version)
     reports = []
     for site, images in store.score_sites(manifest.version).items():
         labels = {}
         for label in manifest.labels:
             latest = store.site_scores(site, manifest.version, label, latest=SUGGESTION_IMAGES)
+            own = accepted.get((site, label))
+            in_force = thresholds[label] if own is None else Threshold(own.threshold, site_method(own))
             labels[label] = label_report(store.site_scores(site, manifest.version, label, since), manifest, label,
-                                         thresholds[label], level, now, latest=latest, min_images=min_images,
+                                         in_force, level, now, latest=latest, min_images=min_images,
                                          prevalence=stated.get(site, {}).get(label))
         reports.append({"site": site, "images": images, "model": f"{manifest.name} {manifest.version}",
                         "labels": labels})

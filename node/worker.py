@@ -25,6 +25,7 @@ it is failed with a "not analysed" SR made from its header alone.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import errno
 import logging
@@ -55,7 +56,7 @@ from node.results import (
     build_sr,
     scrub_reason,
 )
-from node.sites import score_records, site_of
+from node.sites import apply_site_thresholds, score_records, site_of
 from storage.db import INCIDENT_CRASH, INCIDENT_MEMORY, INCIDENT_STALL
 from storage.files import DiskFull, free_bytes, result_path, write_atomic
 from storage.queue import Incident, LeasedJob, ResultRecord, ScoreRecord, Store
@@ -202,9 +203,14 @@ class Worker:
             log.warning("job %d: %s not analysable: %s", job.job_id, job.sop_instance_uid, reason)
             objects = [("failure_sr", build_failure_sr(ds, reason, self.algorithm, device_ae=self.device_ae))]
         else:
-            objects = self._build_results(ds, analysis)
             site = site_of(ds, job.calling_ae, self.settings.sites.key)
-            scores = score_records(site, self.ensemble.manifest, analysis.findings)
+            manifest = self.ensemble.manifest
+            accepted = self.store.site_thresholds(manifest.version, site)
+            if accepted:  # the site's own thresholds, accepted for this model version
+                analysis = dataclasses.replace(
+                    analysis, findings=apply_site_thresholds(analysis.findings, site, accepted))
+            objects = self._build_results(ds, analysis)
+            scores = score_records(site, manifest, analysis.findings)
         records = [self._write(kind, obj) for kind, obj in objects]
         self.store.complete_job(job.job_id, records, self.destinations, scores)
         return [kind for kind, _ in objects]

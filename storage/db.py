@@ -226,6 +226,30 @@ class Score(Base):
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
+class SiteThreshold(Base):
+    """A site's own threshold for one label of one model version, as accepted (append-only: the row with the
+    highest ``version`` for a site, label and model version is in force; a new model version starts over).
+
+    A table of its own (``create_all`` adds it to an existing database; it never adds columns).
+    """
+
+    __tablename__ = "site_thresholds"
+    __table_args__ = (
+        UniqueConstraint("site", "label", "model_version", "version", name="uq_site_threshold_version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site: Mapped[str] = mapped_column(String(128))
+    label: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)  # 1, 2, ... per site, label and model version
+    threshold: Mapped[float] = mapped_column(Float)
+    method: Mapped[str] = mapped_column(Text)  # how it was chosen (the suggestion's method)
+    accepted_by: Mapped[str] = mapped_column(String(64))  # "administrator" (cxr-node sites accept) or "auto"
+    accepted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
 # Kinds of job incidents: how the analysis process ended while running a job
 INCIDENT_CRASH = "crash"  # the process died (a signal, a native crash, the kernel's OOM killer)
 INCIDENT_STALL = "stall"  # killed by its supervisor: the job ran longer than worker.job_timeout_s

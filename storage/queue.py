@@ -14,7 +14,8 @@ connection lost, a deadlock) is raised as ``RetryableError``.
   ``release_claims``);
 - ``storage.status``: ``status``, ``recent_reports``, heartbeats and ``liveness``;
 - ``storage.retention``: ``purge_before``;
-- ``storage.scores``: the per-site score history (``score_sites``, ``site_scores``; written by ``complete_job``);
+- ``storage.scores``: the per-site score history (``score_sites``, ``site_scores``; written by ``complete_job``)
+  and the site thresholds in force (``accept_site_threshold``, ``site_thresholds``);
 
 on ``storage.store_base.StoreBase`` (engine, clock, transactions), with the records of ``storage.records``.
 
@@ -29,6 +30,7 @@ from storage.jobs import DISK_WAIT_ERROR, JobStore
 from storage.outbox import OutboxStore
 from storage.records import (
     MAX_ERROR_CHARS,
+    AcceptedThreshold,
     ConflictingInstance,
     Incident,
     LeasedJob,
@@ -45,6 +47,7 @@ from storage.status import StatusStore
 __all__ = [
     "DISK_WAIT_ERROR",
     "MAX_ERROR_CHARS",
+    "AcceptedThreshold",
     "ConflictingInstance",
     "Incident",
     "LeasedJob",

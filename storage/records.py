@@ -110,6 +110,20 @@ class SiteScore:
     threshold_method: str
 
 
+@dataclass(frozen=True)
+class AcceptedThreshold:
+    """A site threshold in force (``storage.db.SiteThreshold``)."""
+
+    site: str
+    label: str
+    model_version: str
+    version: int
+    threshold: float
+    method: str
+    accepted_by: str
+    accepted_at: dt.datetime
+
+
 def clip_error(text: str) -> str:
     """``text`` cut to ``MAX_ERROR_CHARS`` (an ellipsis marks the cut)."""
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."

@@ -11,8 +11,8 @@ import datetime as dt
 
 from sqlalchemy import func, select
 
-from storage.db import Score
-from storage.records import SiteScore
+from storage.db import Score, SiteThreshold
+from storage.records import AcceptedThreshold, SiteScore
 from storage.store_base import StoreBase
 
 
@@ -51,3 +51,36 @@ class ScoreStore(StoreBase):
             rows = rows[::-1]
         return [SiteScore(at, float(score), bool(positive), float(threshold), method)
                 for at, score, positive, threshold, method in rows]
+
+    def accept_site_threshold(self, site: str, label: str, model_name: str, model_version: str, threshold: float,
+                              method: str, accepted_by: str) -> AcceptedThreshold:
+        """Put a site threshold in force for ``site``, ``label`` and ``model_version`` (its next version).
+
+        Raises:
+            ValueError: a threshold outside [0, 1].
+        """
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"a site threshold must be in [0, 1], got {threshold}")
+        now = self.clock()
+        with self._tx("accept_site_threshold") as s:
+            latest = s.scalar(select(func.max(SiteThreshold.version)).where(
+                SiteThreshold.site == site, SiteThreshold.label == label, SiteThreshold.model_version == model_version))
+            row = SiteThreshold(site=site, label=label, model_name=model_name, model_version=model_version,
+                                version=(latest or 0) + 1, threshold=float(threshold), method=method,
+                                accepted_by=accepted_by, accepted_at=now)
+            s.add(row)
+        return _accepted(row)
+
+    def site_thresholds(self, model_version: str, site: str | None = None) -> dict[tuple[str, str], AcceptedThreshold]:
+        """The site thresholds in force for ``model_version`` (of one site, or all), keyed by (site, label)."""
+        query = select(SiteThreshold).where(SiteThreshold.model_version == model_version)
+        if site is not None:
+            query = query.where(SiteThreshold.site == site)
+        with self._tx("site_thresholds", read_only=True) as s:
+            rows = s.scalars(query.order_by(SiteThreshold.version)).all()
+            return {(row.site, row.label): _accepted(row) for row in rows}  # the highest version wins
+
+
+def _accepted(row: SiteThreshold) -> AcceptedThreshold:
+    return AcceptedThreshold(row.site, row.label, row.model_version, row.version, row.threshold, row.method,
+                             row.accepted_by, row.accepted_at)

@@ -28,6 +28,7 @@ def build_tiny_package(
     threshold: float = 0.5,
     ages: Mapping[str, AgeRange] | None = None,
     reference: Mapping[str, ScoreReference] | None = None,
+    version: str = TINY_VERSION,
 ) -> Path:
     """Export `members` untrained tiny networks (seeds `seed`, `seed + 1`, ...) as a model package.
 
@@ -39,6 +40,7 @@ def build_tiny_package(
         seed: torch seed of the first member.
         threshold: the operating threshold of every label.
         reference: per label, the reference score distribution the manifest carries.
+        version: the package version.
         ages: labels learnt from one age group only (manifest ``ages``).
 
     Returns:
@@ -55,7 +57,7 @@ def build_tiny_package(
             models,
             out_dir,
             name="tiny-test",
-            version=TINY_VERSION,
+            version=version,
             labels=tuple(labels),
             spec=PreprocessSpec(size=size),
             thresholds={label: (threshold, "fixed for tests") for label in labels},

@@ -182,3 +182,86 @@ def test_alignment_leaves_an_unmoved_site_alone_and_undoes_an_acquisition_change
     assert guessed.threshold == pytest.approx(t, abs=0.05)
     with pytest.raises(ValueError, match="prevalence in"):
         aligned_threshold(same, ref, t, 1.5)
+
+
+def test_an_accepted_site_threshold_is_in_the_next_sr_survives_a_restart_and_resets_with_a_new_model(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("torch", reason="building a test model package needs the train extra")
+    from tests.model_fixtures import build_tiny_package
+    from tests.test_cli import cli
+
+    reference = {"Tuberculosis": beta_reference()}
+    package = build_tiny_package(tmp_path / "pkg", size=64, members=1, reference=reference)
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\ndata_dir = "var"\n[model]\npackage = "{package}"\n'
+                      '[sites]\nkey = "station_name"\nmin_images = 20\n')
+    run_worker(tmp_path, package, {"ROOM A": 24, "ROOM B": 3})
+    refused = cli("sites", "accept", "ROOM B", "--config", str(config))
+    assert refused.returncode == 1 and "no suggestion to accept for Tuberculosis (Tuberculosis: 3 of the 20" in (
+        refused.stderr)
+    assert cli("sites", "accept", "ROOM C", "--config", str(config)).returncode == 1
+    assert cli("sites", "accept", "--config", str(config)).returncode == 2
+    suggested = json.loads(cli("sites", "--format", "json", "--config", str(config)).stdout)[0]
+    value = suggested["labels"]["Tuberculosis"]["suggested_threshold"]
+    accepted = cli("sites", "accept", "ROOM A", "--label", "Tuberculosis", "--config", str(config))
+    assert accepted.returncode == 0, accepted.stderr
+    assert f"site ROOM A: Tuberculosis threshold {value:.6f} in force (v1 for tiny-test 0.0.0-test" in accepted.stdout
+
+    # the next images, by a worker started afresh (a restart): ROOM A's SR states its own threshold
+    reports = run_worker(tmp_path, package, {"ROOM A": 1, "ROOM B": 1})
+    room_a, room_b = reports["ROOM A"][-1].finding("Tuberculosis"), reports["ROOM B"][-1].finding("Tuberculosis")
+    assert room_a.threshold == pytest.approx(value, abs=1e-6)
+    assert room_a.threshold_method.startswith("site threshold v1 for ROOM A (accepted by administrator")
+    assert "prediction alignment" in room_a.threshold_method
+    assert room_a.positive == (room_a.probability >= value)
+    assert (room_b.threshold, room_b.threshold_method) == (0.5, "fixed for tests")
+    listed = json.loads(cli("sites", "--format", "json", "--config", str(config)).stdout)
+    in_force = {r["site"]: r["labels"]["Tuberculosis"]["threshold_method"] for r in listed}
+    assert in_force["ROOM A"].startswith("site threshold v1") and in_force["ROOM B"] == "fixed for tests"
+
+    # a new model version starts the site over with the package's thresholds
+    newer = build_tiny_package(tmp_path / "pkg2", size=64, members=1, reference=reference, version="0.0.1-test")
+    reports = run_worker(tmp_path, newer, {"ROOM A": 1})
+    assert reports["ROOM A"][-1].finding("Tuberculosis").threshold_method == "fixed for tests"
+
+
+def run_worker(tmp_path: Path, package: Path, images: dict[str, int]) -> dict[str, list]:  # type: ignore[type-arg]
+    """Receive ``images`` per station into the node's folder and run a fresh worker until the queue is empty;
+    the SRs of this run per station, read back."""
+    from ai.ensemble import Ensemble
+    from node.config import Destination, Settings, SiteSettings, StorageSettings
+    from node.report import read_report
+    from node.worker import Worker
+    from storage.db import make_engine
+    from storage.files import instance_path, write_atomic
+    from storage.queue import ReceivedInstance, Store
+    from tests.test_worker import chest
+
+    settings = Settings(storage=StorageSettings(data_dir=str(tmp_path / "var")),
+                        destinations=(Destination("pacs", "PACS", "127.0.0.1", 104),),
+                        sites=SiteSettings(key="station_name", min_images=20))
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    store = Store(make_engine(settings.database_url))
+    worker = Worker(store, Ensemble.load(package, threads=1), settings, owner="test:1:1")
+    sources: dict[str, str] = {}
+    for station, count in images.items():
+        for _ in range(count):
+            ds = chest()
+            ds.StationName = station
+            sources[ds.SOPInstanceUID] = station
+            path = instance_path(settings.data_path, ds.StudyInstanceUID, ds.SOPInstanceUID)
+            write_atomic(path, lambda f, ds=ds: ds.save_as(f, enforce_file_format=True))
+            store.record_instance(ReceivedInstance(ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                                   ds.SOPClassUID, "MOD", path, path.stat().st_size), True, "test")
+    while worker.run_once():
+        pass
+    out: dict[str, list] = {}  # type: ignore[type-arg]
+    for path in (settings.data_path / "results").rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        if ds.Modality == "SR":
+            report = read_report(ds)
+            station = sources.get(report.source_sop_instance_uids[0])
+            if station is not None:
+                out.setdefault(station, []).append(report)
+    return out
