@@ -201,6 +201,26 @@ def _accept_site(store: Any, manifest: Any, reports: list[dict[str, Any]], site:
     return EXIT_OK
 
 
+def cmd_shadow(args: argparse.Namespace) -> int:
+    from ai.manifest import load_manifest
+    from node.packages import model_package_dir
+    from node.shadow import format_shadow, shadow_report
+    from storage.db import make_engine
+    from storage.queue import Store
+
+    settings = _settings(args)
+    if not settings.model.shadow_package:
+        print("no shadow package: set [model] shadow_package in the configuration", file=sys.stderr)
+        return EXIT_CONFIG
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    store = Store(make_engine(settings.database_url))
+    live = load_manifest(model_package_dir(settings), verify=False)
+    shadow = load_manifest(settings.resolve(settings.model.shadow_package), verify=False)
+    report = shadow_report(store, live, shadow)
+    print(json.dumps(report, indent=2) if args.format == "json" else format_shadow(report))
+    return EXIT_OK
+
+
 def _drift_alerts(settings: Settings, store: Any) -> list[str]:
     """The sites whose scores drift (``cxr-node sites`` has the figures); none when the package is unreadable."""
     from ai.ensemble import effective_thresholds
@@ -356,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default=None, help="with accept: only this label (default: every label)")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_sites)
+    p = add("shadow", "the shadow package against the live one on the same images: agreement, flips, scores")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_shadow)
     p = add("health", "does the running node work: SCP answers C-ECHO, a worker is alive, the queue moves")
     p.add_argument("--role", choices=("all", "scp", "worker"), default="all", help="the role the node runs")
     p.add_argument("--max-beat-age", type=float, default=30.0, help="seconds a worker heartbeat may be old")

@@ -92,6 +92,7 @@ class Destination:
     host: str
     port: int
     calling_ae: str = ""  # our AE title towards this destination; empty: scp.ae_title
+    shadow: bool = False  # a validation period: results for it are stored, never sent
 
     def our_ae_title(self, node_ae_title: str) -> str:
         """The calling AE title we use towards this destination: its own ``calling_ae``, else the node's."""
@@ -106,6 +107,7 @@ class ModelSettings:
     providers: tuple[str, ...] = ()  # empty: CUDA when present, else CPU
     heatmap: bool = True  # produce the Secondary Capture overlay
     gate: str = ""  # the input gate package (ai/gate.py); empty: the bundled one; "off": every image is scored
+    shadow_package: str = ""  # a candidate package run beside the live one: results stored, never sent
 
 
 SITE_KEYS = ("calling_ae", "station_name", "institution_name", "device")
@@ -120,6 +122,7 @@ class SiteSettings:
     min_images: int = 200  # analysed images of a site before a label-free threshold is suggested
     adapt: str = "suggest"  # suggest (an administrator accepts), auto (applied, audited) or off
     drift_alert: float = 0.1  # prevalence-adjusted KS distance above which a site's scores alert
+    shadow: tuple[str, ...] = ()  # sites in a validation period: their results are stored, never sent
 
 
 @dataclass(frozen=True)
@@ -173,9 +176,11 @@ class Settings:
                     "max_pdu": self.scp.max_pdu, "artim_timeout_s": self.scp.artim_timeout_s},
             "database": url,
             "data_dir": str(self.data_path),
-            "destinations": [f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in self.destinations],
+            "destinations": [f"{d.name}={d.ae_title}@{d.host}:{d.port}{' (shadow)' if d.shadow else ''}"
+                             for d in self.destinations],
             "model": self.model.package or "(bundled)",
             "gate": self.model.gate or "(bundled)",
+            "shadow_package": self.model.shadow_package or "(none)",
             "thresholds": dict(self.thresholds),
             "no_view_policy": self.filter.no_view_policy,
             "service_user": self.service.user or "(as started)",
@@ -260,8 +265,9 @@ def _destinations(raw: Any, problems: list[str]) -> tuple[Destination, ...]:
             continue
         before = len(problems)
         for key in item:
-            if key not in (*required, "calling_ae"):
-                problems.append(f"{where}.{key}: unknown key (expected name, ae_title, host, port, calling_ae)")
+            if key not in (*required, "calling_ae", "shadow"):
+                problems.append(f"{where}.{key}: unknown key (expected name, ae_title, host, port, calling_ae, "
+                                "shadow)")
         for key, default in required.items():
             if key not in item:
                 problems.append(f"{where}.{key}: required, found nothing")
@@ -269,8 +275,10 @@ def _destinations(raw: Any, problems: list[str]) -> tuple[Destination, ...]:
                 _coerce(f"{where}.{key}", item[key], default, problems)
         calling = item.get("calling_ae", "")
         _coerce(f"{where}.calling_ae", calling, "", problems)
+        shadow = item.get("shadow", False)
+        _coerce(f"{where}.shadow", shadow, False, problems)
         if len(problems) == before:
-            out.append(Destination(item["name"], item["ae_title"], item["host"], item["port"], calling))
+            out.append(Destination(item["name"], item["ae_title"], item["host"], item["port"], calling, shadow))
     return tuple(out)
 
 

@@ -39,7 +39,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from ai.analyse import Analysis, analyse_dataset
+from ai.analyse import Analysis, analyse_dataset, analyse_image
+from ai.applicability import patient_age_years
 from ai.ensemble import Ensemble
 from ai.errors import PROCESS_EXITS, ImageRefused, PermanentError, UnsupportedImage
 from ai.gate import InputGate
@@ -79,6 +80,8 @@ class Worker:
         on_done: called after a job ends, done or failed, when it may have recorded results (wakes the sender).
         heartbeat: where the current job and signs of life are published for a supervisor (None: nowhere).
         gate: the input gate run before the model (None: every decodable image is scored).
+        shadow: a candidate package run beside the live one on every analysed image (``[model] shadow_package``):
+            its SR and scores are stored, never sent; a failure of it never touches the live result.
     """
 
     def __init__(
@@ -90,8 +93,10 @@ class Worker:
         on_done: Callable[[], None] | None = None,
         heartbeat: JobHeartbeat | None = None,
         gate: InputGate | None = None,
+        shadow: Ensemble | None = None,
     ) -> None:
         self.store = store
+        self.shadow = shadow
         self.gate = gate
         self.on_done = on_done
         self.heartbeat = heartbeat
@@ -101,7 +106,8 @@ class Worker:
         self.data_dir = settings.data_path
         manifest = ensemble.manifest
         self.algorithm = AlgorithmInfo(name=manifest.name, version=manifest.version)
-        self.destinations = [d.name for d in settings.destinations]
+        self.destinations = [d.name for d in settings.destinations if not d.shadow]  # shadow ones: kept, not sent
+        self.shadow_sites = set(settings.sites.shadow)
         self.device_ae = settings.scp.ae_title
 
     def run_once(self) -> bool:
@@ -188,6 +194,9 @@ class Worker:
         """Run one job end to end and record its results; returns the result kinds produced."""
         ds = read_source(job)
         scores: list[ScoreRecord] = []  # the site's score history: analysed images only
+        site = site_of(ds, job.calling_ae, self.settings.sites.key)
+        # a site in its validation period ([sites] shadow): its results are kept, not delivered
+        destinations = [] if site in self.shadow_sites else self.destinations
         try:
             analysis = analyse_dataset(ds, self.ensemble, self.gate)
         except ImageRefused as exc:
@@ -203,7 +212,6 @@ class Worker:
             log.warning("job %d: %s not analysable: %s", job.job_id, job.sop_instance_uid, reason)
             objects = [("failure_sr", build_failure_sr(ds, reason, self.algorithm, device_ae=self.device_ae))]
         else:
-            site = site_of(ds, job.calling_ae, self.settings.sites.key)
             manifest = self.ensemble.manifest
             accepted = self.store.site_thresholds(manifest.version, site)
             if accepted:  # the site's own thresholds, accepted for this model version
@@ -211,9 +219,30 @@ class Worker:
                     analysis, findings=apply_site_thresholds(analysis.findings, site, accepted))
             objects = self._build_results(ds, analysis)
             scores = score_records(site, manifest, analysis.findings)
+            shadow = self._shadow(job, ds, analysis, site)
+            if shadow is not None:
+                objects.append(("shadow_sr", shadow[0]))
+                scores += shadow[1]
         records = [self._write(kind, obj) for kind, obj in objects]
-        self.store.complete_job(job.job_id, records, self.destinations, scores)
+        self.store.complete_job(job.job_id, records, destinations, scores)
         return [kind for kind, _ in objects]
+
+    def _shadow(self, job: LeasedJob, ds: pydicom.Dataset, analysis: Analysis,
+                site: str) -> tuple[pydicom.Dataset, list[ScoreRecord]] | None:
+        """The shadow package's SR and scores for an image the live package analysed, or None (no shadow, or it
+        failed: logged, and the live result goes on alone)."""
+        if self.shadow is None:
+            return None
+        manifest = self.shadow.manifest
+        try:
+            findings = analyse_image(analysis.image, self.shadow, None, patient_age_years(ds)).findings
+            algorithm = AlgorithmInfo(name=manifest.name, version=manifest.version)
+            sr = build_sr(ds, findings, algorithm, device_ae=self.device_ae)
+        except Exception as exc:  # the shadow is a candidate under observation: it never fails the live job
+            log.warning("job %d: shadow package %s %s failed: %s", job.job_id, manifest.name, manifest.version,
+                        describe(exc))
+            return None
+        return sr, score_records(site, manifest, findings)
 
     def _build_results(self, ds: pydicom.Dataset, analysis: Analysis) -> list[tuple[str, pydicom.Dataset]]:
         sr = build_sr(ds, analysis.findings, self.algorithm, device_ae=self.device_ae)

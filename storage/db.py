@@ -53,7 +53,9 @@ OUTBOX_REJECTED = "rejected"  # permanent, never retried
 OUTBOX_STATES = (OUTBOX_PENDING, OUTBOX_SENT, OUTBOX_FAILED, OUTBOX_REJECTED)
 
 # Result kinds
-RESULT_KINDS = ("sr", "sc", "failure_sr", "failure_sc")  # failure_sc: the NOT ANALYSED overlay of a refused image
+RESULT_KINDS = ("sr", "sc", "failure_sr", "failure_sc", "shadow_sr")  # failure_sc: the NOT ANALYSED overlay of a
+# refused image; shadow_sr: the SR of the shadow package ([model] shadow_package), stored and never sent
+UNSENT_KINDS = ("shadow_sr",)
 
 
 def utcnow() -> dt.datetime:

@@ -24,6 +24,7 @@ from storage.db import (
     JOB_RUNNING,
     OUTBOX_PENDING,
     RESULT_KINDS,
+    UNSENT_KINDS,
     Instance,
     Job,
     JobIncident,
@@ -123,9 +124,12 @@ class JobStore(StoreBase):
         self, s: Session, job_id: int, results: Sequence[ResultRecord], destinations: Sequence[str],
         now: dt.datetime,
     ) -> None:
-        """Upsert the results of a job with one pending outbox row per destination that has none."""
+        """Upsert the results of a job with one pending outbox row per destination that has none (none for a kind
+        that is never sent: the shadow package's SR)."""
         for record in results:
             result_id = self._upsert_result(s, job_id, record, now)
+            if record.kind in UNSENT_KINDS:
+                continue
             have = set(s.scalars(select(OutboxItem.destination).where(OutboxItem.result_id == result_id)))
             for name in destinations:
                 if name not in have:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import aliased
 
 from storage.db import Score, SiteThreshold
 from storage.records import AcceptedThreshold, SiteScore
@@ -51,6 +52,20 @@ class ScoreStore(StoreBase):
             rows = rows[::-1]
         return [SiteScore(at, float(score), bool(positive), float(threshold), method)
                 for at, score, positive, threshold, method in rows]
+
+    def paired_scores(self, version_a: str, version_b: str, label: str) -> list[tuple[float, bool, float, bool]]:
+        """(score, positive) of ``version_a`` and of ``version_b`` for ``label`` on the images both scored (the live
+        and the shadow package on the same jobs), oldest first."""
+        a, b = aliased(Score), aliased(Score)
+        with self._tx("paired_scores", read_only=True) as s:
+            rows = s.execute(
+                select(a.score, a.positive, b.score, b.positive)
+                .join(b, (a.job_id == b.job_id) & (b.label == a.label))
+                .where(a.model_version == version_a, b.model_version == version_b, a.label == label,
+                       a.job_id.is_not(None))
+                .order_by(a.at, a.id)
+            ).all()
+        return [(float(x), bool(px), float(y), bool(py)) for x, px, y, py in rows]
 
     def accept_site_threshold(self, site: str, label: str, model_name: str, model_version: str, threshold: float,
                               method: str, accepted_by: str) -> AcceptedThreshold:
