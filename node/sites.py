@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ from ai.drift import drift
 from ai.findings import Finding
 from ai.manifest import ModelManifest, Threshold
 from storage.queue import AcceptedThreshold, ScoreRecord, SiteScore, Store
+
+log = logging.getLogger(__name__)
 
 UNKNOWN_SITE = "(unknown)"
 MAX_SITE_CHARS = 128
@@ -207,3 +210,29 @@ def format_sites(reports: Sequence[Mapping[str, Any]], level: float) -> str:
         lines.append("ALERTS:")
         lines.extend(f"  {line}" for line in alerts)
     return "\n".join(lines)
+
+
+def auto_accept(store: Store, manifest: ModelManifest, site: str, min_images: int,
+                prevalence: Mapping[str, Mapping[str, float]] | None = None, level: float = 0.1
+                ) -> list[AcceptedThreshold]:
+    """``[sites] adapt = "auto"``: put the suggestion in force for each label of ``site`` that has none yet for
+    this model version, once the site has ``min_images`` scores of it. Each acceptance is logged as an AUDIT line
+    (no patient values). Returns what was accepted."""
+    accepted = store.site_thresholds(manifest.version, site)
+    out = []
+    for label in manifest.labels:
+        reference = manifest.reference.get(label)
+        if reference is None or (site, label) in accepted:
+            continue
+        latest = store.site_scores(site, manifest.version, label, latest=SUGGESTION_IMAGES)
+        if len(latest) < min_images:
+            continue
+        suggestion = suggest(np.array([s.score for s in latest]), reference, manifest.thresholds[label].value,
+                             (prevalence or {}).get(site, {}).get(label), level)
+        entry = store.accept_site_threshold(site, label, manifest.name, manifest.version, suggestion.threshold,
+                                            suggestion.method, "auto")
+        log.warning("AUDIT site threshold accepted automatically ([sites] adapt = auto): site %s, %s %.6f "
+                    "(v%d for %s %s; package threshold %.6f): %s", site, label, entry.threshold, entry.version,
+                    manifest.name, manifest.version, manifest.thresholds[label].value, suggestion.method)
+        out.append(entry)
+    return out

@@ -57,7 +57,7 @@ from node.results import (
     build_sr,
     scrub_reason,
 )
-from node.sites import apply_site_thresholds, score_records, site_of
+from node.sites import apply_site_thresholds, auto_accept, score_records, site_of
 from storage.db import INCIDENT_CRASH, INCIDENT_MEMORY, INCIDENT_STALL
 from storage.files import DiskFull, free_bytes, result_path, write_atomic
 from storage.queue import Incident, LeasedJob, ResultRecord, ScoreRecord, Store
@@ -225,7 +225,19 @@ class Worker:
                 scores += shadow[1]
         records = [self._write(kind, obj) for kind, obj in objects]
         self.store.complete_job(job.job_id, records, destinations, scores)
+        if scores and self.settings.sites.adapt == "auto":
+            self._auto_adapt(site)
         return [kind for kind, _ in objects]
+
+    def _auto_adapt(self, site: str) -> None:
+        """``[sites] adapt = "auto"``: the site's suggestions put in force once it has enough images (audited);
+        a failure here is logged and never touches the finished job."""
+        sites = self.settings.sites
+        try:
+            auto_accept(self.store, self.ensemble.manifest, site, sites.min_images, self.settings.site_prevalence,
+                        sites.drift_alert)
+        except Exception as exc:
+            log.warning("site %s: automatic site threshold not computed: %s", site, describe(exc))
 
     def _shadow(self, job: LeasedJob, ds: pydicom.Dataset, analysis: Analysis,
                 site: str) -> tuple[pydicom.Dataset, list[ScoreRecord]] | None:

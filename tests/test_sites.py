@@ -265,3 +265,45 @@ def run_worker(tmp_path: Path, package: Path, images: dict[str, int]) -> dict[st
             if station is not None:
                 out.setdefault(station, []).append(report)
     return out
+
+
+def test_adapt_auto_puts_the_suggestion_in_force_once_with_an_audit_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("torch", reason="building a test model package needs the train extra")
+    import logging
+
+    from ai.ensemble import Ensemble
+    from node.config import Destination, Settings, SiteSettings, StorageSettings
+    from node.worker import Worker
+    from storage.db import make_engine
+    from storage.files import instance_path, write_atomic
+    from storage.queue import ReceivedInstance, Store
+    from tests.model_fixtures import build_tiny_package
+    from tests.test_worker import chest
+
+    package = build_tiny_package(tmp_path / "pkg", size=64, members=1, reference={"Tuberculosis": beta_reference()})
+    settings = Settings(storage=StorageSettings(data_dir=str(tmp_path / "var")),
+                        destinations=(Destination("pacs", "PACS", "127.0.0.1", 104),),
+                        sites=SiteSettings(key="calling_ae", min_images=20, adapt="auto"),
+                        site_prevalence={"DX2": {"Tuberculosis": 0.3}})
+    settings.data_path.mkdir(parents=True)
+    store = Store(make_engine(settings.database_url))
+    worker = Worker(store, Ensemble.load(package, threads=1), settings, owner="test:1:1")
+    caplog.set_level(logging.WARNING, logger="node.sites")
+    for _ in range(25):
+        ds = chest()
+        path = instance_path(settings.data_path, ds.StudyInstanceUID, ds.SOPInstanceUID)
+        write_atomic(path, lambda f, ds=ds: ds.save_as(f, enforce_file_format=True))
+        store.record_instance(ReceivedInstance(ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                               ds.SOPClassUID, "DX2", path, path.stat().st_size), True, "test")
+    while worker.run_once():
+        pass
+    accepted = store.site_thresholds("0.0.0-test")
+    assert list(accepted) == [("DX2", "Tuberculosis")]  # once, at the 20th image; not again after
+    entry = accepted[("DX2", "Tuberculosis")]
+    assert entry.version == 1 and entry.accepted_by == "auto" and "prevalence 0.3 (stated)" in entry.method
+    audits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("AUDIT")]
+    assert len(audits) == 1 and "site DX2, Tuberculosis" in audits[0]
+    history = store.site_scores("DX2", "0.0.0-test", "Tuberculosis")
+    assert [h.threshold_method.startswith("site threshold v1") for h in history] == [False] * 20 + [True] * 5
