@@ -137,11 +137,104 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = store.status(recent=args.recent)
     status["conflicts"] = store.conflicts(recent=args.recent)
     status["recent_results"] = [report_summary(row) for row in store.recent_reports(recent=args.recent)]
+    status["drift_alerts"] = _drift_alerts(settings, store)
     if args.format == "json":
         print(json.dumps(status, indent=2, default=str))
     else:
         print(format_status(status))
     return EXIT_OK
+
+
+def cmd_sites(args: argparse.Namespace) -> int:
+    from ai.ensemble import effective_thresholds
+    from ai.manifest import load_manifest
+    from node.packages import model_package_dir
+    from node.sites import format_sites, site_reports
+    from storage.db import make_engine
+    from storage.queue import Store
+
+    settings = _settings(args)
+    if args.action == "accept" and not args.site:
+        print("cxr-node sites accept: name the site (as `cxr-node sites` lists it)", file=sys.stderr)
+        return EXIT_CONFIG
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    store = Store(make_engine(settings.database_url))
+    manifest = load_manifest(model_package_dir(settings), verify=False)
+    thresholds = effective_thresholds(manifest, settings.thresholds)
+    reports = site_reports(store, manifest, thresholds, settings.sites.drift_alert,
+                           min_images=None if settings.sites.adapt == "off" else settings.sites.min_images,
+                           prevalence=settings.site_prevalence)
+    if args.action == "accept":
+        return _accept_site(store, manifest, reports, args.site, args.label)
+    print(json.dumps(reports, indent=2) if args.format == "json" else format_sites(reports, settings.sites.drift_alert))
+    return EXIT_OK
+
+
+def _accept_site(store: Any, manifest: Any, reports: list[dict[str, Any]], site: str | None,
+                 label: str | None) -> int:
+    """``cxr-node sites accept SITE [--label LABEL]``: the site's current suggestions put in force."""
+    report = next((r for r in reports if r["site"] == site), None)
+    if report is None:
+        known = ", ".join(repr(r["site"]) for r in reports) or "none yet"
+        print(f"no site {site!r} has analysed images with {manifest.name} {manifest.version} (sites: {known})",
+              file=sys.stderr)
+        return EXIT_FAILED
+    if label is not None and label not in report["labels"]:
+        print(f"label {label!r} is not one of the package's {list(report['labels'])}", file=sys.stderr)
+        return EXIT_FAILED
+    chosen = [label] if label else list(report["labels"])
+    missing = [name for name in chosen if report["labels"][name]["suggested_threshold"] is None]
+    if missing:
+        why = "; ".join(f"{name}: {report['labels'][name].get('suggestion_note', 'no suggestion')}" for name in missing)
+        print(f"site {site!r} has no suggestion to accept for {', '.join(missing)} ({why})", file=sys.stderr)
+        return EXIT_FAILED
+    for name in chosen:
+        figures = report["labels"][name]
+        accepted = store.accept_site_threshold(site, name, manifest.name, manifest.version,
+                                               figures["suggested_threshold"], figures["suggested_method"],
+                                               "administrator")
+        log.info("site threshold accepted: site %s, %s %.6f (v%d, model %s)", site, name, accepted.threshold,
+                 accepted.version, manifest.version)
+        print(f"site {site}: {name} threshold {accepted.threshold:.6f} in force (v{accepted.version} for "
+              f"{manifest.name} {manifest.version}; was {figures['threshold']:.6f}, {figures['threshold_method']})")
+    print("the worker uses it from the next image on; no restart needed")
+    return EXIT_OK
+
+
+def cmd_shadow(args: argparse.Namespace) -> int:
+    from ai.manifest import load_manifest
+    from node.packages import model_package_dir
+    from node.shadow import format_shadow, shadow_report
+    from storage.db import make_engine
+    from storage.queue import Store
+
+    settings = _settings(args)
+    if not settings.model.shadow_package:
+        print("no shadow package: set [model] shadow_package in the configuration", file=sys.stderr)
+        return EXIT_CONFIG
+    settings.data_path.mkdir(parents=True, exist_ok=True)
+    store = Store(make_engine(settings.database_url))
+    live = load_manifest(model_package_dir(settings), verify=False)
+    shadow = load_manifest(settings.resolve(settings.model.shadow_package), verify=False)
+    report = shadow_report(store, live, shadow)
+    print(json.dumps(report, indent=2) if args.format == "json" else format_shadow(report))
+    return EXIT_OK
+
+
+def _drift_alerts(settings: Settings, store: Any) -> list[str]:
+    """The sites whose scores drift (``cxr-node sites`` has the figures); none when the package is unreadable."""
+    from ai.ensemble import effective_thresholds
+    from ai.manifest import load_manifest
+    from node.packages import model_package_dir
+    from node.sites import drift_alerts, site_reports
+
+    try:
+        manifest = load_manifest(model_package_dir(settings), verify=False)
+        thresholds = effective_thresholds(manifest, settings.thresholds)
+    except (ModelPackageError, ValueError):
+        return []
+    level = settings.sites.drift_alert
+    return drift_alerts(site_reports(store, manifest, thresholds, level), level)
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -198,6 +291,7 @@ def report_summary(row: dict[str, Any]) -> dict[str, Any]:
 def format_status(status: dict[str, Any]) -> str:
     """Human-readable status: queue counts, outbox per destination, recent failures."""
     lines = ["jobs:    " + ", ".join(f"{k} {v}" for k, v in sorted(status.get("jobs", {}).items()))]
+    lines.extend(f"ALERT:   {line}" for line in status.get("drift_alerts", []))
     if status.get("waiting_for_disk"):
         lines.append(f"ALERT:   {status['waiting_for_disk']} job(s) wait for disk space to write their results")
     for dest, counts in sorted(status.get("outbox", {}).items()):
@@ -274,6 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--recent", type=int, default=10, help="how many recent failures to list")
     p.set_defaults(func=cmd_status)
+    p = add("sites", "per site: analysed images, score distribution and drift against the package's reference, "
+                     "threshold in force")
+    p.add_argument("action", nargs="?", choices=("list", "accept"), default="list",
+                   help="list (default), or accept: put a site's suggested thresholds in force")
+    p.add_argument("site", nargs="?", help="with accept: the site (as `cxr-node sites` names it)")
+    p.add_argument("--label", default=None, help="with accept: only this label (default: every label)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_sites)
+    p = add("shadow", "the shadow package against the live one on the same images: agreement, flips, scores")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_shadow)
     p = add("health", "does the running node work: SCP answers C-ECHO, a worker is alive, the queue moves")
     p.add_argument("--role", choices=("all", "scp", "worker"), default="all", help="the role the node runs")
     p.add_argument("--max-beat-age", type=float, default=30.0, help="seconds a worker heartbeat may be old")

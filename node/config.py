@@ -92,6 +92,7 @@ class Destination:
     host: str
     port: int
     calling_ae: str = ""  # our AE title towards this destination; empty: scp.ae_title
+    shadow: bool = False  # a validation period: results for it are stored, never sent
 
     def our_ae_title(self, node_ae_title: str) -> str:
         """The calling AE title we use towards this destination: its own ``calling_ae``, else the node's."""
@@ -106,6 +107,22 @@ class ModelSettings:
     providers: tuple[str, ...] = ()  # empty: CUDA when present, else CPU
     heatmap: bool = True  # produce the Secondary Capture overlay
     gate: str = ""  # the input gate package (ai/gate.py); empty: the bundled one; "off": every image is scored
+    shadow_package: str = ""  # a candidate package run beside the live one: results stored, never sent
+
+
+SITE_KEYS = ("calling_ae", "station_name", "institution_name", "device")
+SITE_ADAPT = ("suggest", "auto", "off")
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """What a site is (the per-site score history, drift and site thresholds: node/sites.py)."""
+
+    key: str = "calling_ae"  # calling_ae, station_name, institution_name or device (manufacturer + model)
+    min_images: int = 200  # analysed images of a site before a label-free threshold is suggested
+    adapt: str = "suggest"  # suggest (an administrator accepts), auto (applied, audited) or off
+    drift_alert: float = 0.1  # prevalence-adjusted KS distance above which a site's scores alert
+    shadow: tuple[str, ...] = ()  # sites in a validation period: their results are stored, never sent
 
 
 @dataclass(frozen=True)
@@ -128,7 +145,9 @@ class Settings:
     destinations: tuple[Destination, ...] = ()
     model: ModelSettings = field(default_factory=ModelSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
+    sites: SiteSettings = field(default_factory=SiteSettings)
     thresholds: Mapping[str, float] = field(default_factory=dict)  # per-label overrides
+    site_prevalence: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # site -> label -> stated
     base_dir: str = "."  # relative paths are resolved against this (the config file's folder)
 
     def resolve(self, path: str) -> Path:
@@ -157,12 +176,15 @@ class Settings:
                     "max_pdu": self.scp.max_pdu, "artim_timeout_s": self.scp.artim_timeout_s},
             "database": url,
             "data_dir": str(self.data_path),
-            "destinations": [f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in self.destinations],
+            "destinations": [f"{d.name}={d.ae_title}@{d.host}:{d.port}{' (shadow)' if d.shadow else ''}"
+                             for d in self.destinations],
             "model": self.model.package or "(bundled)",
             "gate": self.model.gate or "(bundled)",
+            "shadow_package": self.model.shadow_package or "(none)",
             "thresholds": dict(self.thresholds),
             "no_view_policy": self.filter.no_view_policy,
             "service_user": self.service.user or "(as started)",
+            "sites": {"key": self.sites.key, "adapt": self.sites.adapt},
         }
 
 
@@ -174,6 +196,7 @@ _SECTIONS: dict[str, type] = {
     "send": SendSettings,
     "model": ModelSettings,
     "service": ServiceSettings,
+    "sites": SiteSettings,
 }
 
 
@@ -242,8 +265,9 @@ def _destinations(raw: Any, problems: list[str]) -> tuple[Destination, ...]:
             continue
         before = len(problems)
         for key in item:
-            if key not in (*required, "calling_ae"):
-                problems.append(f"{where}.{key}: unknown key (expected name, ae_title, host, port, calling_ae)")
+            if key not in (*required, "calling_ae", "shadow"):
+                problems.append(f"{where}.{key}: unknown key (expected name, ae_title, host, port, calling_ae, "
+                                "shadow)")
         for key, default in required.items():
             if key not in item:
                 problems.append(f"{where}.{key}: required, found nothing")
@@ -251,8 +275,10 @@ def _destinations(raw: Any, problems: list[str]) -> tuple[Destination, ...]:
                 _coerce(f"{where}.{key}", item[key], default, problems)
         calling = item.get("calling_ae", "")
         _coerce(f"{where}.calling_ae", calling, "", problems)
+        shadow = item.get("shadow", False)
+        _coerce(f"{where}.shadow", shadow, False, problems)
         if len(problems) == before:
-            out.append(Destination(item["name"], item["ae_title"], item["host"], item["port"], calling))
+            out.append(Destination(item["name"], item["ae_title"], item["host"], item["port"], calling, shadow))
     return tuple(out)
 
 
@@ -268,6 +294,27 @@ def _thresholds(raw: Any, problems: list[str]) -> dict[str, float]:
             problems.append(f"thresholds.{label}: expected a probability between 0 and 1, found {value!r}")
         else:
             out[label] = float(value)
+    return out
+
+
+def _site_prevalence(raw: Any, problems: list[str]) -> dict[str, dict[str, float]]:
+    """``[site_prevalence]``: per site a table of label = the prevalence an administrator states for it."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(f"[site_prevalence]: expected a table of site = {{ Label = prevalence }}, found {raw!r}")
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for site, labels in raw.items():
+        if not isinstance(labels, dict):
+            problems.append(f"site_prevalence.{site}: expected a table of label = prevalence, found {labels!r}")
+            continue
+        for label, value in labels.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value < 1.0:
+                problems.append(f"site_prevalence.{site}.{label}: expected a prevalence between 0 and 1 "
+                                f"(exclusive), found {value!r}")
+            else:
+                out.setdefault(str(site), {})[str(label)] = float(value)
     return out
 
 
@@ -328,6 +375,14 @@ def _validate(s: Settings, problems: list[str]) -> None:
             "send.retry_initial_s/retry_max_s: expected 0 < retry_initial_s <= retry_max_s, "
             f"found {s.send.retry_initial_s} and {s.send.retry_max_s}"
         )
+    if s.sites.key not in SITE_KEYS:
+        problems.append(f"sites.key: expected one of {', '.join(SITE_KEYS)}, found {s.sites.key!r}")
+    if s.sites.adapt not in SITE_ADAPT:
+        problems.append(f"sites.adapt: expected one of {', '.join(SITE_ADAPT)}, found {s.sites.adapt!r}")
+    if s.sites.min_images < 20:
+        problems.append(f"sites.min_images: expected >= 20, found {s.sites.min_images}")
+    if not 0.0 < s.sites.drift_alert < 1.0:
+        problems.append(f"sites.drift_alert: expected a number in (0, 1), found {s.sites.drift_alert}")
     if s.storage.retention_days < 0:
         problems.append(f"storage.retention_days: expected >= 0, found {s.storage.retention_days}")
     names = [d.name for d in s.destinations]
@@ -395,13 +450,14 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
     problems: list[str] = []
     _env_overrides(raw, environ, problems)
     for key in raw:
-        if key not in (*_SECTIONS, "destinations", "thresholds"):
+        if key not in (*_SECTIONS, "destinations", "thresholds", "site_prevalence"):
             problems.append(f"{key}: unknown section (expected scp, storage, filter, worker, send, "
-                            "destinations, model, service, thresholds)")
+                            "destinations, model, service, sites, site_prevalence, thresholds)")
     sections = {name: _section(name, raw.get(name), problems) for name in _SECTIONS}
     settings = Settings(
         destinations=_destinations(raw.get("destinations"), problems),
         thresholds=_thresholds(raw.get("thresholds"), problems),
+        site_prevalence=_site_prevalence(raw.get("site_prevalence"), problems),
         base_dir=base_dir,
         **sections,
     )

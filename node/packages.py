@@ -34,6 +34,16 @@ def load_ensemble(settings: Settings) -> Ensemble:
                          threshold_overrides=settings.thresholds)
 
 
+def load_shadow(settings: Settings) -> Ensemble | None:
+    """The shadow package (``[model] shadow_package``), or None. Its own thresholds only: the node's ``[thresholds]``
+    overrides are for the live package."""
+    if not settings.model.shadow_package:
+        return None
+    from ai.ensemble import Ensemble
+
+    return Ensemble.load(settings.resolve(settings.model.shadow_package), providers=settings.model.providers)
+
+
 def gate_package_dir(settings: Settings) -> Path | None:
     """The configured input-gate package folder (the bundled one when ``model.gate`` is empty), None when "off"."""
     if settings.model.gate == GATE_OFF:
@@ -66,4 +76,6 @@ def check_model_package(settings: Settings) -> ModelManifest:
     gate = gate_package_dir(settings)
     if gate is not None:
         load_manifest(gate, verify=True)
+    if settings.model.shadow_package:
+        load_manifest(settings.resolve(settings.model.shadow_package), verify=True)
     return manifest

@@ -123,7 +123,7 @@ def run_worker_child(
     if parent is not None and parent.pid is not None:
         die_with_parent(parent.pid)
     from node.logs import setup_logging
-    from node.packages import load_ensemble, load_gate
+    from node.packages import load_ensemble, load_gate, load_shadow
     from node.worker import Worker
     from storage.db import make_engine
 
@@ -136,6 +136,7 @@ def run_worker_child(
     try:
         ensemble = load_ensemble(settings)
         gate = load_gate(settings)
+        shadow = load_shadow(settings)
     except ModelPackageError as exc:
         conn.send(("model", str(exc)))
         sys.exit(EXIT_MODEL)
@@ -144,7 +145,7 @@ def run_worker_child(
         sys.exit(1)
     store = Store(make_engine(settings.database_url), max_attempts=settings.worker.max_attempts)
     worker = Worker(store, ensemble, settings, owner=process_owner(os.getpid()), on_done=results.set,
-                    heartbeat=heartbeat, gate=gate)
+                    heartbeat=heartbeat, gate=gate, shadow=shadow)
     manifest = ensemble.manifest
     heartbeat.beat()
     conn.send(("ready", f"{manifest.name} {manifest.version} on {', '.join(ensemble.providers)}"))

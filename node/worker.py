@@ -25,6 +25,7 @@ it is failed with a "not analysed" SR made from its header alone.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import errno
 import logging
@@ -38,7 +39,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from ai.analyse import Analysis, analyse_dataset
+from ai.analyse import Analysis, analyse_dataset, analyse_image
+from ai.applicability import patient_age_years
 from ai.ensemble import Ensemble
 from ai.errors import PROCESS_EXITS, ImageRefused, PermanentError, UnsupportedImage
 from ai.gate import InputGate
@@ -55,9 +57,10 @@ from node.results import (
     build_sr,
     scrub_reason,
 )
+from node.sites import apply_site_thresholds, auto_accept, score_records, site_of
 from storage.db import INCIDENT_CRASH, INCIDENT_MEMORY, INCIDENT_STALL
 from storage.files import DiskFull, free_bytes, result_path, write_atomic
-from storage.queue import Incident, LeasedJob, ResultRecord, Store
+from storage.queue import Incident, LeasedJob, ResultRecord, ScoreRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ class Worker:
         on_done: called after a job ends, done or failed, when it may have recorded results (wakes the sender).
         heartbeat: where the current job and signs of life are published for a supervisor (None: nowhere).
         gate: the input gate run before the model (None: every decodable image is scored).
+        shadow: a candidate package run beside the live one on every analysed image (``[model] shadow_package``):
+            its SR and scores are stored, never sent; a failure of it never touches the live result.
     """
 
     def __init__(
@@ -88,8 +93,10 @@ class Worker:
         on_done: Callable[[], None] | None = None,
         heartbeat: JobHeartbeat | None = None,
         gate: InputGate | None = None,
+        shadow: Ensemble | None = None,
     ) -> None:
         self.store = store
+        self.shadow = shadow
         self.gate = gate
         self.on_done = on_done
         self.heartbeat = heartbeat
@@ -99,7 +106,8 @@ class Worker:
         self.data_dir = settings.data_path
         manifest = ensemble.manifest
         self.algorithm = AlgorithmInfo(name=manifest.name, version=manifest.version)
-        self.destinations = [d.name for d in settings.destinations]
+        self.destinations = [d.name for d in settings.destinations if not d.shadow]  # shadow ones: kept, not sent
+        self.shadow_sites = set(settings.sites.shadow)
         self.device_ae = settings.scp.ae_title
 
     def run_once(self) -> bool:
@@ -185,6 +193,10 @@ class Worker:
     def process(self, job: LeasedJob) -> list[str]:
         """Run one job end to end and record its results; returns the result kinds produced."""
         ds = read_source(job)
+        scores: list[ScoreRecord] = []  # the site's score history: analysed images only
+        site = site_of(ds, job.calling_ae, self.settings.sites.key)
+        # a site in its validation period ([sites] shadow): its results are kept, not delivered
+        destinations = [] if site in self.shadow_sites else self.destinations
         try:
             analysis = analyse_dataset(ds, self.ensemble, self.gate)
         except ImageRefused as exc:
@@ -200,10 +212,49 @@ class Worker:
             log.warning("job %d: %s not analysable: %s", job.job_id, job.sop_instance_uid, reason)
             objects = [("failure_sr", build_failure_sr(ds, reason, self.algorithm, device_ae=self.device_ae))]
         else:
+            manifest = self.ensemble.manifest
+            accepted = self.store.site_thresholds(manifest.version, site)
+            if accepted:  # the site's own thresholds, accepted for this model version
+                analysis = dataclasses.replace(
+                    analysis, findings=apply_site_thresholds(analysis.findings, site, accepted))
             objects = self._build_results(ds, analysis)
+            scores = score_records(site, manifest, analysis.findings)
+            shadow = self._shadow(job, ds, analysis, site)
+            if shadow is not None:
+                objects.append(("shadow_sr", shadow[0]))
+                scores += shadow[1]
         records = [self._write(kind, obj) for kind, obj in objects]
-        self.store.complete_job(job.job_id, records, self.destinations)
+        self.store.complete_job(job.job_id, records, destinations, scores)
+        if scores and self.settings.sites.adapt == "auto":
+            self._auto_adapt(site)
         return [kind for kind, _ in objects]
+
+    def _auto_adapt(self, site: str) -> None:
+        """``[sites] adapt = "auto"``: the site's suggestions put in force once it has enough images (audited);
+        a failure here is logged and never touches the finished job."""
+        sites = self.settings.sites
+        try:
+            auto_accept(self.store, self.ensemble.manifest, site, sites.min_images, self.settings.site_prevalence,
+                        sites.drift_alert)
+        except Exception as exc:
+            log.warning("site %s: automatic site threshold not computed: %s", site, describe(exc))
+
+    def _shadow(self, job: LeasedJob, ds: pydicom.Dataset, analysis: Analysis,
+                site: str) -> tuple[pydicom.Dataset, list[ScoreRecord]] | None:
+        """The shadow package's SR and scores for an image the live package analysed, or None (no shadow, or it
+        failed: logged, and the live result goes on alone)."""
+        if self.shadow is None:
+            return None
+        manifest = self.shadow.manifest
+        try:
+            findings = analyse_image(analysis.image, self.shadow, None, patient_age_years(ds)).findings
+            algorithm = AlgorithmInfo(name=manifest.name, version=manifest.version)
+            sr = build_sr(ds, findings, algorithm, device_ae=self.device_ae)
+        except Exception as exc:  # the shadow is a candidate under observation: it never fails the live job
+            log.warning("job %d: shadow package %s %s failed: %s", job.job_id, manifest.name, manifest.version,
+                        describe(exc))
+            return None
+        return sr, score_records(site, manifest, findings)
 
     def _build_results(self, ds: pydicom.Dataset, analysis: Analysis) -> list[tuple[str, pydicom.Dataset]]:
         sr = build_sr(ds, analysis.findings, self.algorithm, device_ae=self.device_ae)

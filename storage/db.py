@@ -20,6 +20,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Engine,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -52,7 +53,9 @@ OUTBOX_REJECTED = "rejected"  # permanent, never retried
 OUTBOX_STATES = (OUTBOX_PENDING, OUTBOX_SENT, OUTBOX_FAILED, OUTBOX_REJECTED)
 
 # Result kinds
-RESULT_KINDS = ("sr", "sc", "failure_sr", "failure_sc")  # failure_sc: the NOT ANALYSED overlay of a refused image
+RESULT_KINDS = ("sr", "sc", "failure_sr", "failure_sc", "shadow_sr")  # failure_sc: the NOT ANALYSED overlay of a
+# refused image; shadow_sr: the SR of the shadow package ([model] shadow_package), stored and never sent
+UNSENT_KINDS = ("shadow_sr",)
 
 
 def utcnow() -> dt.datetime:
@@ -196,6 +199,57 @@ class Heartbeat(Base):
     role: Mapped[str] = mapped_column(String(16))  # "worker"
     beat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
     job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the job it is running, if any
+
+
+class Score(Base):
+    """One label's score of one analysed image, with the site it came from and the model that gave it: the
+    per-site score history that drift monitoring and label-free site thresholds read. No patient values.
+
+    A table of its own (``create_all`` adds it to an existing database; it never adds columns).
+    """
+
+    __tablename__ = "scores"
+    __table_args__ = (
+        UniqueConstraint("job_id", "model_version", "label", name="uq_score_job_model_label"),
+        Index("ix_scores_site_model_label_at", "site", "model_version", "label", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # the job, until retention purges it: the score outlives it (it holds no patient value)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
+    site: Mapped[str] = mapped_column(String(128))  # per [sites] key: calling AE, station, institution, device
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(128))
+    label: Mapped[str] = mapped_column(String(64))
+    score: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)  # in force when the image was scored
+    threshold_method: Mapped[str] = mapped_column(Text)
+    positive: Mapped[bool] = mapped_column(Boolean)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class SiteThreshold(Base):
+    """A site's own threshold for one label of one model version, as accepted (append-only: the row with the
+    highest ``version`` for a site, label and model version is in force; a new model version starts over).
+
+    A table of its own (``create_all`` adds it to an existing database; it never adds columns).
+    """
+
+    __tablename__ = "site_thresholds"
+    __table_args__ = (
+        UniqueConstraint("site", "label", "model_version", "version", name="uq_site_threshold_version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site: Mapped[str] = mapped_column(String(128))
+    label: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)  # 1, 2, ... per site, label and model version
+    threshold: Mapped[float] = mapped_column(Float)
+    method: Mapped[str] = mapped_column(Text)  # how it was chosen (the suggestion's method)
+    accepted_by: Mapped[str] = mapped_column(String(64))  # "administrator" (cxr-node sites accept) or "auto"
+    accepted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 # Kinds of job incidents: how the analysis process ended while running a job

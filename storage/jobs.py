@@ -24,13 +24,15 @@ from storage.db import (
     JOB_RUNNING,
     OUTBOX_PENDING,
     RESULT_KINDS,
+    UNSENT_KINDS,
     Instance,
     Job,
     JobIncident,
     OutboxItem,
     Result,
+    Score,
 )
-from storage.records import Incident, LeasedJob, ResultRecord, clip_error
+from storage.records import Incident, LeasedJob, ResultRecord, ScoreRecord, clip_error
 from storage.store_base import StoreBase
 
 log = logging.getLogger("storage.queue")  # the queue's log lines keep their logger name
@@ -79,7 +81,7 @@ class JobStore(StoreBase):
                 job_id=job.id, instance_id=inst.id, sop_instance_uid=inst.sop_instance_uid,
                 study_instance_uid=inst.study_instance_uid, series_instance_uid=inst.series_instance_uid,
                 sop_class_uid=inst.sop_class_uid, path=Path(inst.path), attempts=job.attempts,
-                lease_owner=owner, lease_expires_at=expires,
+                lease_owner=owner, lease_expires_at=expires, calling_ae=inst.calling_ae,
             )
 
     def renew_lease(self, job_id: int, owner: str, lease_s: float) -> bool:
@@ -93,11 +95,14 @@ class JobStore(StoreBase):
             )
             return bool(result.rowcount)
 
-    def complete_job(self, job_id: int, results: Sequence[ResultRecord], destinations: Sequence[str]) -> None:
-        """Mark a job done and record its results with one pending outbox row per destination.
+    def complete_job(self, job_id: int, results: Sequence[ResultRecord], destinations: Sequence[str],
+                     scores: Sequence[ScoreRecord] = ()) -> None:
+        """Mark a job done and record its results with one pending outbox row per destination, and its
+        scores per label (the site's score history).
 
         One transaction. Idempotent: calling it again with the same result UIDs adds no rows (a
-        result's path is updated; outbox rows are added only for destinations that had none).
+        result's path is updated; outbox rows are added only for destinations that had none; a score of
+        the same model version and label replaces the earlier one).
 
         Raises:
             ValueError: unknown job, unknown result kind, or a result UID owned by another job.
@@ -108,6 +113,7 @@ class JobStore(StoreBase):
             if job.state != JOB_RUNNING:
                 log.warning("complete_job: job %d was %s, not running; marking it done", job_id, job.state)
             self._record_results(s, job_id, results, destinations, now)
+            self._record_scores(s, job_id, scores, now)
             waited = _waited_for_disk(job)
             job.state, job.finished_at, job.updated_at = JOB_DONE, now, now
             job.lease_owner = job.lease_expires_at = job.last_error = None
@@ -118,14 +124,29 @@ class JobStore(StoreBase):
         self, s: Session, job_id: int, results: Sequence[ResultRecord], destinations: Sequence[str],
         now: dt.datetime,
     ) -> None:
-        """Upsert the results of a job with one pending outbox row per destination that has none."""
+        """Upsert the results of a job with one pending outbox row per destination that has none (none for a kind
+        that is never sent: the shadow package's SR)."""
         for record in results:
             result_id = self._upsert_result(s, job_id, record, now)
+            if record.kind in UNSENT_KINDS:
+                continue
             have = set(s.scalars(select(OutboxItem.destination).where(OutboxItem.result_id == result_id)))
             for name in destinations:
                 if name not in have:
                     s.add(OutboxItem(result_id=result_id, destination=name, state=OUTBOX_PENDING,
                                      attempts=0, next_attempt_at=now, created_at=now, updated_at=now))
+
+    @staticmethod
+    def _record_scores(s: Session, job_id: int, scores: Sequence[ScoreRecord], now: dt.datetime) -> None:
+        for record in scores:
+            row = s.scalars(select(Score).where(Score.job_id == job_id, Score.label == record.label,
+                                                Score.model_version == record.model_version)).first()
+            if row is None:
+                row = Score(job_id=job_id, model_version=record.model_version, label=record.label)
+                s.add(row)
+            row.site, row.model_name, row.score = record.site, record.model_name, float(record.score)
+            row.threshold, row.threshold_method = float(record.threshold), record.threshold_method
+            row.positive, row.at = bool(record.positive), now
 
     @staticmethod
     def _log_disk_episode_end(s: Session) -> None:

@@ -14,6 +14,8 @@ connection lost, a deadlock) is raised as ``RetryableError``.
   ``release_claims``);
 - ``storage.status``: ``status``, ``recent_reports``, heartbeats and ``liveness``;
 - ``storage.retention``: ``purge_before``;
+- ``storage.scores``: the per-site score history (``score_sites``, ``site_scores``; written by ``complete_job``)
+  and the site thresholds in force (``accept_site_threshold``, ``site_thresholds``);
 
 on ``storage.store_base.StoreBase`` (engine, clock, transactions), with the records of ``storage.records``.
 
@@ -28,30 +30,37 @@ from storage.jobs import DISK_WAIT_ERROR, JobStore
 from storage.outbox import OutboxStore
 from storage.records import (
     MAX_ERROR_CHARS,
+    AcceptedThreshold,
     ConflictingInstance,
     Incident,
     LeasedJob,
     OutboxEntry,
     ReceivedInstance,
     ResultRecord,
+    ScoreRecord,
+    SiteScore,
 )
 from storage.retention import RetentionStore
+from storage.scores import ScoreStore
 from storage.status import StatusStore
 
 __all__ = [
     "DISK_WAIT_ERROR",
     "MAX_ERROR_CHARS",
+    "AcceptedThreshold",
     "ConflictingInstance",
     "Incident",
     "LeasedJob",
     "OutboxEntry",
     "ReceivedInstance",
     "ResultRecord",
+    "ScoreRecord",
+    "SiteScore",
     "Store",
 ]
 
 
-class Store(InstanceStore, JobStore, OutboxStore, StatusStore, RetentionStore):
+class Store(InstanceStore, JobStore, OutboxStore, StatusStore, RetentionStore, ScoreStore):
     """The queue and outbox on one engine (built once in the composition root and shared).
 
     Args:

@@ -47,6 +47,7 @@ class LeasedJob:
     attempts: int  # including this one
     lease_owner: str
     lease_expires_at: dt.datetime
+    calling_ae: str = ""  # of the association that delivered the instance
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,45 @@ class OutboxEntry:
     next_attempt_at: dt.datetime
     last_error: str | None
 
+
+
+@dataclass(frozen=True)
+class ScoreRecord:
+    """One label's score of an analysed image (``storage.db.Score``), recorded with the job's results."""
+
+    site: str
+    model_name: str
+    model_version: str
+    label: str
+    score: float
+    threshold: float
+    threshold_method: str
+    positive: bool
+
+
+@dataclass(frozen=True)
+class SiteScore:
+    """One recorded score as the site history returns it."""
+
+    at: dt.datetime
+    score: float
+    positive: bool
+    threshold: float
+    threshold_method: str
+
+
+@dataclass(frozen=True)
+class AcceptedThreshold:
+    """A site threshold in force (``storage.db.SiteThreshold``)."""
+
+    site: str
+    label: str
+    model_version: str
+    version: int
+    threshold: float
+    method: str
+    accepted_by: str
+    accepted_at: dt.datetime
 
 
 def clip_error(text: str) -> str:

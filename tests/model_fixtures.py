@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ai.manifest import AgeRange
+from ai.manifest import AgeRange, ScoreReference
 from ai.preprocess import PreprocessSpec
 from training.export import MemberInfo, export_package
 from training.models import build_model
@@ -27,6 +27,8 @@ def build_tiny_package(
     seed: int = 0,
     threshold: float = 0.5,
     ages: Mapping[str, AgeRange] | None = None,
+    reference: Mapping[str, ScoreReference] | None = None,
+    version: str = TINY_VERSION,
 ) -> Path:
     """Export `members` untrained tiny networks (seeds `seed`, `seed + 1`, ...) as a model package.
 
@@ -37,6 +39,8 @@ def build_tiny_package(
         size: input size (`PreprocessSpec.size`).
         seed: torch seed of the first member.
         threshold: the operating threshold of every label.
+        reference: per label, the reference score distribution the manifest carries.
+        version: the package version.
         ages: labels learnt from one age group only (manifest ``ages``).
 
     Returns:
@@ -53,13 +57,14 @@ def build_tiny_package(
             models,
             out_dir,
             name="tiny-test",
-            version=TINY_VERSION,
+            version=version,
             labels=tuple(labels),
             spec=PreprocessSpec(size=size),
             thresholds={label: (threshold, "fixed for tests") for label in labels},
             data_summary={"note": "untrained tiny test network"},
             evaluation_summary={},
             ages=ages,
+            reference=reference,
         )
     finally:
         torch.set_num_threads(threads)

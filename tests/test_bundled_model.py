@@ -24,6 +24,8 @@ def test_bundled_package_loads_and_verifies() -> None:
     threshold = manifest.thresholds["Tuberculosis"]
     assert 0.0 < threshold.value < 1.0 and "OOF" in threshold.method
     assert len(manifest.members) >= 2 and manifest.aggregation == "mean"
+    reference = manifest.reference["Tuberculosis"]  # what drift monitoring and site suggestions compare with
+    assert (reference.cohort, reference.n) == ("shenzhen", 662) and 0.45 < reference.prevalence < 0.55
     size = sum(f.stat().st_size for f in package.iterdir() if f.is_file())
     assert size <= 60e6, f"the bundled package must stay <= 60 MB on disk, it is {size / 1e6:.1f} MB"
 

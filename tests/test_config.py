@@ -96,3 +96,22 @@ def test_toml_syntax_error_is_reported(tmp_path: Path) -> None:
 def test_missing_file_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load_settings(tmp_path / "nope.toml", environ={})
+
+
+def test_sites_and_site_prevalence_are_validated(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[sites]\nkey = "device"\nadapt = "off"\n[site_prevalence]\n"DX 2" = { Tuberculosis = 0.08 }\n')
+    settings = load_settings(good, environ={})
+    assert settings.sites.key == "device" and settings.sites.adapt == "off"
+    assert settings.site_prevalence == {"DX 2": {"Tuberculosis": 0.08}}
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[sites]\nkey = "ward"\nadapt = "always"\nmin_images = 5\ndrift_alert = 1.5\n'
+                   '[site_prevalence]\nDX2 = { Tuberculosis = 1.0 }\nCT = 3\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(bad, environ={})
+    text = str(info.value)
+    for part in ("sites.key: expected one of calling_ae, station_name, institution_name, device, found 'ward'",
+                 "sites.adapt: expected one of suggest, auto, off", "sites.min_images: expected >= 20",
+                 "sites.drift_alert: expected a number in (0, 1)", "site_prevalence.DX2.Tuberculosis",
+                 "site_prevalence.CT: expected a table"):
+        assert part in text, text

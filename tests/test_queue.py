@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine, func, select
 
-from storage.db import UTC, Base, Instance, Job, OutboxItem, Result, make_engine
-from storage.queue import ReceivedInstance, ResultRecord, Store
+from storage.db import UTC, Base, Instance, Job, OutboxItem, Result, Score, make_engine
+from storage.queue import ReceivedInstance, ResultRecord, ScoreRecord, Store
 from tests.pg_fixture import postgres_url  # noqa: F401 - the session fixture used via getfixturevalue
 
 T0 = dt.datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -313,3 +313,30 @@ def test_naive_datetimes_are_refused(store: Store) -> None:
     store.lease_job("w", 60)
     with pytest.raises(Exception, match="timezone-aware"):
         store.fail_job(job_id, "x", retryable=True, retry_at=dt.datetime(2025, 1, 1))
+
+
+def score(label: str, value: float, site: str = "MODALITY", version: str = "1.0") -> ScoreRecord:
+    return ScoreRecord(site, "tb", version, label, value, 0.4, "sensitivity 0.90 on OOF", value >= 0.4)
+
+
+def test_scores_are_the_sites_history_and_outlive_the_purge(store: Store, engine: Engine, clock: Clock) -> None:
+    store.record_instance(meta(1), True, "")
+    store.record_instance(meta(2), True, "")
+    first = store.lease_job("w", 60)
+    assert first is not None and first.calling_ae == "MODALITY"  # the site a worker records it under
+    store.complete_job(first.job_id, results_for(1), [], [score("Tuberculosis", 0.7), score("Nodule", 0.1)])
+    store.complete_job(first.job_id, results_for(1), [], [score("Tuberculosis", 0.8)])  # a re-run replaces
+    clock.advance(3600)
+    second = store.lease_job("w", 60)
+    assert second is not None
+    store.complete_job(second.job_id, results_for(2), [], [score("Tuberculosis", 0.2, site="DX2"),
+                                                           score("Tuberculosis", 0.3, site="DX2", version="2.0")])
+    assert count(engine, Score) == 4
+    assert store.score_sites("1.0") == {"DX2": 1, "MODALITY": 1} and store.score_sites("2.0") == {"DX2": 1}
+    history = store.site_scores("MODALITY", "1.0", "Tuberculosis")
+    assert [(h.score, h.positive, h.threshold) for h in history] == [(0.8, True, 0.4)]
+    assert store.site_scores("DX2", "1.0", "Tuberculosis", since=T0 + dt.timedelta(hours=2)) == []
+    clock.advance(86400)
+    assert store.purge_before(clock.now)  # both jobs delivered nowhere: purged with their instances
+    assert count(engine, Job) == 0 and count(engine, Score) == 4
+    assert store.score_sites("1.0") == {"DX2": 1, "MODALITY": 1}  # the history stays (it holds no patient value)

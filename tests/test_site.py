@@ -286,3 +286,46 @@ def test_score_cohort_counts_only_what_the_gate_lets_through(tmp_path: Path) -> 
     assert all("lateral view" in e["reason"] for e in scored.refused_by_gate) and scored.excluded == []
     refused = {cohort.images[e["line"] - 2] for e in scored.refused_by_gate}
     assert len(scored.table) == 8 and not refused & set(scored.table.images)
+
+
+def test_unlabelled_site_images_get_the_suggestion_the_node_would_make(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ai.adapt import suggest
+    from tests.test_sites import beta_reference
+    from training.site_unlabelled import MIN_IMAGES
+
+    cohort = make_cohort(tmp_path / "site", "site", 30, 4)  # 60 images; their labels are never read
+    folder = cohort.parent
+    bare = build_tiny_package(tmp_path / "bare", size=64, members=1)
+    package = build_tiny_package(tmp_path / "pkg", size=64, members=1, reference={"Tuberculosis": beta_reference()})
+    args = ["site-threshold", "--package", str(package), "--unlabelled", str(folder), "--threads", "1",
+            "--node-config", str(gate_off(tmp_path))]
+    assert main([*args, "--out", str(tmp_path / "stated"), "--prevalence", "Tuberculosis=0.2"]) == 0
+    stated = json.loads((tmp_path / "stated" / "site_suggestion.json").read_text())
+    assert stated["scored"] == stated["images"] == 60 and stated["skipped"] == []
+    entry = stated["labels"][0]["suggestion"]
+    assert entry["prevalence"] == 0.2 and entry["prevalence_source"] == "stated"
+    scores = np.loadtxt(tmp_path / "stated" / "scores_unlabelled.csv", delimiter=",", skiprows=1, usecols=1)
+    expected = suggest(scores, beta_reference(), 0.5, prevalence=0.2)
+    assert entry["threshold"] == pytest.approx(expected.threshold, abs=1e-6)  # what cxr-node sites computes
+    assert "suggested" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "guessed")]) == 0
+    guessed = json.loads((tmp_path / "guessed" / "site_suggestion.json").read_text())
+    assert guessed["labels"][0]["suggestion"]["prevalence_source"] == "estimated"
+    assert "prediction alignment" in (tmp_path / "guessed" / "site_suggestion.md").read_text()
+
+    for extra, message in [(["--prevalence", "Mass=0.1"], "expected labels of the package"),
+                           (["--prevalence", "Tuberculosis=1.2"], "expected labels of the package")]:
+        assert main([*args, "--out", str(tmp_path / "bad"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["site-threshold", "--package", str(bare), "--unlabelled", str(folder), "--out",
+                 str(tmp_path / "bad"), "--node-config", str(gate_off(tmp_path))]) == 2
+    assert "carries no reference score distribution" in capsys.readouterr().err
+    few = tmp_path / "few"
+    few.mkdir()
+    for png in sorted(folder.rglob("*.png"))[: MIN_IMAGES - 1]:
+        (few / png.name).write_bytes(png.read_bytes())
+    assert main([*args[:4], str(few), *args[5:], "--out", str(tmp_path / "bad")]) == 2
+    assert f"{MIN_IMAGES - 1} of {MIN_IMAGES - 1} images could be scored" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

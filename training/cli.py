@@ -20,6 +20,7 @@ from pathlib import Path
 import pydicom
 
 from ai.errors import CxrError
+from ai.gate import InputGate
 from node.config import load_settings
 from node.filter import FilterRules, decide
 from node.packages import load_gate
@@ -36,6 +37,7 @@ from training.gate_eval import evaluate_gate
 from training.pretrained import export_weights, provenance_path
 from training.rundir import RunDir, UnitKey
 from training.site import SITE_MARKDOWN, site_threshold_run
+from training.site_unlabelled import SUGGESTION_MARKDOWN, unlabelled_run
 
 __all__ = [  # the compositions that lived here, importable from here as before
     "baseline_run",
@@ -137,7 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("site-threshold", "a site's own operating threshold from its labelled sample, scored by the package "
                               "as the node scores it, with a held-out estimate -> node.toml [thresholds]")
     p.add_argument("--package", type=Path, required=True, help="the model package the node runs")
-    p.add_argument("--cohort", type=Path, required=True, help="the site's labelled sample (cohort manifest CSV)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cohort", type=Path, help="the site's labelled sample (cohort manifest CSV)")
+    source.add_argument("--unlabelled", type=Path,
+                        help="a folder (or a CSV with an image column) of the site's images without labels: the "
+                             "label-free suggestion the node would make (needs the package's reference)")
+    p.add_argument("--prevalence", action="append", default=[], metavar="LABEL=P",
+                   help="with --unlabelled: the site's prevalence of a label (else estimated from the scores)")
     p.add_argument("--out", type=Path, required=True, help="folder for scores, site_threshold.json and .md")
     p.add_argument("--target-sensitivity", type=float, default=0.90)
     p.add_argument("--folds", type=int, default=5, help="k of the held-out estimate (default 5)")
@@ -303,6 +311,8 @@ def _site_threshold(args: argparse.Namespace) -> int:
         decision = decide(ds, settings.filter, rules)
         return decision.accepted, decision.reason
 
+    if args.unlabelled is not None:
+        return _site_unlabelled(args, accept, load_gate(settings))
     result = site_threshold_run(args.package, args.cohort, args.out, args.target_sensitivity, args.folds,
                                 args.seed, args.n_boot, args.threads, accept, load_gate(settings))
     for entry in result["labels"]:
@@ -315,6 +325,25 @@ def _site_threshold(args: argparse.Namespace) -> int:
         print(f"{len(result['refused_by_gate'])} image(s) refused by the node's input gate, not counted")
     print(f"report: {args.out / SITE_MARKDOWN}\nto apply it, put into node.toml and restart cxr-node:\n")
     print(result["snippet"], end="")
+    return 0
+
+
+def _site_unlabelled(args: argparse.Namespace, accept: Callable[[pydicom.Dataset], tuple[bool, str]],
+                     gate: InputGate | None) -> int:
+    """``cxr-train site-threshold --unlabelled``: the label-free suggestion per label."""
+    prevalence = {}
+    for item in args.prevalence:
+        label, sep, value = item.partition("=")
+        try:
+            prevalence[label.strip()] = float(value) if sep else float("nan")
+        except ValueError:
+            prevalence[label.strip()] = float("nan")
+    result = unlabelled_run(args.package, args.unlabelled, args.out, prevalence, accept, gate, args.threads)
+    for entry in result["labels"]:
+        s = entry.get("suggestion")
+        print(f"{entry['label']}: package threshold {entry['package_threshold']:.4f}; "
+              + (f"suggested {s['threshold']:.4f} ({s['method']})" if s else entry["note"]))
+    print(f"{result['scored']} of {result['images']} images scored; report: {args.out / SUGGESTION_MARKDOWN}")
     return 0
 
 

@@ -1,0 +1,69 @@
+"""Shadow step: a candidate package beside the live one, compared on the same images.
+
+With ``[model] shadow_package`` the worker runs the candidate on every image the live package analyses: its SR
+is stored (result kind ``shadow_sr``, never sent) and its scores join the score history under its own version.
+:func:`shadow_report` compares the two per label on the images both scored: agreement of the decisions, the
+decisions that would flip (live positive -> shadow negative and back), and both score distributions. This is
+what ``cxr-node shadow`` prints; no patient values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ai.manifest import ModelManifest
+from storage.queue import Store
+
+SHOWN_QUANTILES = (0.05, 0.5, 0.95)
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {}
+    return {f"p{round(q * 100):02d}": round(float(v), 4)
+            for q, v in zip(SHOWN_QUANTILES, np.quantile(values, SHOWN_QUANTILES), strict=True)}
+
+
+def shadow_report(store: Store, live: ModelManifest, shadow: ModelManifest) -> dict[str, Any]:
+    """Per label both packages carry: images both scored, agreement, flips, score quantiles of each."""
+    labels: dict[str, Any] = {}
+    for label in live.labels:
+        if label not in shadow.labels:
+            continue
+        pairs = store.paired_scores(live.version, shadow.version, label)
+        a = np.array([p[0] for p in pairs], dtype=np.float64)
+        b = np.array([p[2] for p in pairs], dtype=np.float64)
+        pa = np.array([p[1] for p in pairs], dtype=bool)
+        pb = np.array([p[3] for p in pairs], dtype=bool)
+        n = len(pairs)
+        labels[label] = {
+            "images": n,
+            "agreement": round(float(np.mean(pa == pb)), 4) if n else None,
+            "flips_positive_to_negative": int(np.sum(pa & ~pb)),
+            "flips_negative_to_positive": int(np.sum(~pa & pb)),
+            "live_positive": int(pa.sum()), "shadow_positive": int(pb.sum()),
+            "mean_abs_score_difference": round(float(np.mean(np.abs(a - b))), 4) if n else None,
+            "live_scores": _quantiles(a), "shadow_scores": _quantiles(b),
+        }
+    return {"live": f"{live.name} {live.version}", "shadow": f"{shadow.name} {shadow.version}",
+            "labels": labels, "only_live": [x for x in live.labels if x not in shadow.labels],
+            "only_shadow": [x for x in shadow.labels if x not in live.labels]}
+
+
+def format_shadow(report: Mapping[str, Any]) -> str:
+    lines = [f"live {report['live']} / shadow {report['shadow']}"]
+    for label, f in report["labels"].items():
+        if not f["images"]:
+            lines.append(f"  {label}: no image scored by both yet")
+            continue
+        lines.append(f"  {label}: {f['images']} images, agreement {f['agreement']:.1%}; would flip "
+                     f"{f['flips_positive_to_negative']} positive -> negative and {f['flips_negative_to_positive']} "
+                     f"negative -> positive; positive live {f['live_positive']}, shadow {f['shadow_positive']}; "
+                     f"median score live {f['live_scores']['p50']:.3f}, shadow {f['shadow_scores']['p50']:.3f}")
+    for key, what in (("only_live", "only the live package has"), ("only_shadow", "only the shadow package has")):
+        if report[key]:
+            lines.append(f"  labels {what}: {', '.join(report[key])}")
+    return "\n".join(lines)
