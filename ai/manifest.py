@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -451,21 +452,28 @@ def _parse_outputs(reader: _Reader, data: dict[str, Any]) -> dict[str, str]:
     return {k: str(raw[k]) for k in OUTPUT_KEYS}
 
 
-def _parse_reference(reader: _Reader, data: dict[str, Any], labels: tuple[str, ...]) -> dict[str, ScoreReference]:
-    if "reference" not in data:
-        return {}
-    raw = reader.require(data, "reference", dict)
+def _label_entries(reader: _Reader, data: dict[str, Any], key: str, labels: tuple[str, ...],
+                   keys: tuple[str, ...]) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """(label, its JSON object, the key path for errors) of an optional per-label table such as ``reference``:
+    entries for the package's labels only, each an object of ``keys``."""
+    if key not in data:
+        return
+    raw = reader.require(data, key, dict)
     extra = sorted(set(raw) - set(labels))
     if extra:
-        raise reader.fail("reference", f"entries for the package's labels {list(labels)}", extra)
-    out = {}
+        raise reader.fail(key, f"entries for the package's labels {list(labels)}", extra)
     for label, item in raw.items():
-        where = f"reference.{label}."
         if not isinstance(item, dict):
-            raise reader.fail(f"reference.{label}", "a JSON object", item)
-        unknown = sorted(set(item) - set(REFERENCE_KEYS))
+            raise reader.fail(f"{key}.{label}", "a JSON object", item)
+        unknown = sorted(set(item) - set(keys))
         if unknown:
-            raise reader.unknown(f"{where}{unknown[0]}", REFERENCE_KEYS)
+            raise reader.unknown(f"{key}.{label}.{unknown[0]}", keys)
+        yield label, item, f"{key}.{label}."
+
+
+def _parse_reference(reader: _Reader, data: dict[str, Any], labels: tuple[str, ...]) -> dict[str, ScoreReference]:
+    out = {}
+    for label, item, where in _label_entries(reader, data, "reference", labels, REFERENCE_KEYS):
         n = reader.require(item, "n", int, where)
         prevalence = float(reader.require(item, "prevalence", (int, float), where))
         if n < 1 or not 0.0 <= prevalence <= 1.0:
@@ -487,20 +495,8 @@ def _parse_reference(reader: _Reader, data: dict[str, Any], labels: tuple[str, .
 
 
 def _parse_ages(reader: _Reader, data: dict[str, Any], labels: tuple[str, ...]) -> dict[str, AgeRange]:
-    if "ages" not in data:
-        return {}
-    raw = reader.require(data, "ages", dict)
-    extra = sorted(set(raw) - set(labels))
-    if extra:
-        raise reader.fail("ages", f"entries for the package's labels {list(labels)}", extra)
     out = {}
-    for label, item in raw.items():
-        where = f"ages.{label}."
-        if not isinstance(item, dict):
-            raise reader.fail(f"ages.{label}", "a JSON object", item)
-        unknown = sorted(set(item) - set(AGE_KEYS))
-        if unknown:
-            raise reader.unknown(f"{where}{unknown[0]}", AGE_KEYS)
+    for label, item, where in _label_entries(reader, data, "ages", labels, AGE_KEYS):
         low = reader.require(item, "from_years", (int, float), where)
         high = reader.require(item, "below_years", (int, float), where)
         if isinstance(low, bool) or isinstance(high, bool) or not 0 <= low < high <= 150:

@@ -66,6 +66,17 @@ def free_port() -> int:
 
 
 @pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for the test: the shared CPU stays free and the arithmetic reproducible. Modules that
+    train use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    torch = pytest.importorskip("torch", reason="training needs the train extra")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def port() -> int:
     return free_port()
 

@@ -10,13 +10,11 @@ before the letterbox.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from training import audits
 from training.audits import blackout_scores
@@ -33,12 +31,7 @@ RIGHT_LUNG = (8, 52, 36, 58)
 DISC = ((17, 30), 7)  # centre (x, y) and radius: inside the left lung
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _mask(lungs: tuple[tuple[int, int, int, int], ...]) -> np.ndarray:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from ai.ensemble import Ensemble
 from ai.manifest import load_manifest
@@ -20,13 +18,7 @@ from training.fit import fit
 
 from .test_loop import make_cohort, tiny_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -11,10 +11,9 @@ import pytest
 
 from node.config import Destination, ModelSettings, SendSettings, Settings, SiteSettings, StorageSettings
 from storage.db import make_engine
-from storage.files import instance_path, write_atomic
-from storage.queue import ReceivedInstance, Store
+from storage.queue import Store
 from tests.test_send import received, storescp
-from tests.test_worker import chest
+from tests.test_worker import chest, enqueue
 
 pytestmark = pytest.mark.integration
 
@@ -24,10 +23,7 @@ def receive(settings: Settings, store: Store, station: str, count: int) -> list[
     for _ in range(count):
         ds = chest()
         ds.StationName = station
-        path = instance_path(settings.data_path, ds.StudyInstanceUID, ds.SOPInstanceUID)
-        write_atomic(path, lambda f, ds=ds: ds.save_as(f, enforce_file_format=True))
-        store.record_instance(ReceivedInstance(ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                               ds.SOPClassUID, "MOD", path, path.stat().st_size), True, "test")
+        enqueue(store, settings.data_path, ds)
         uids.append(ds.SOPInstanceUID)
     return uids
 

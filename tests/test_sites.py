@@ -95,11 +95,10 @@ def test_the_worker_records_each_sites_scores_and_the_commands_show_their_drift(
     from node.config import Destination, Settings, SiteSettings, StorageSettings
     from node.worker import Worker
     from storage.db import make_engine
-    from storage.files import instance_path, write_atomic
-    from storage.queue import ReceivedInstance, Store
+    from storage.queue import Store
     from tests.model_fixtures import build_tiny_package
     from tests.test_cli import cli
-    from tests.test_worker import chest
+    from tests.test_worker import chest, enqueue
 
     # an untrained network scores every image about alike: far from a trained model's reference
     package = build_tiny_package(tmp_path / "pkg", size=64, members=1, reference={"Tuberculosis": beta_reference()})
@@ -112,10 +111,7 @@ def test_the_worker_records_each_sites_scores_and_the_commands_show_their_drift(
     for i in range(30):
         ds = chest()
         ds.StationName = "ROOM A" if i < 24 else "ROOM B"
-        path = instance_path(settings.data_path, ds.StudyInstanceUID, ds.SOPInstanceUID)
-        write_atomic(path, lambda f, ds=ds: ds.save_as(f, enforce_file_format=True))
-        store.record_instance(ReceivedInstance(ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                               ds.SOPClassUID, "MOD", path, path.stat().st_size), True, "test")
+        enqueue(store, settings.data_path, ds)
     while worker.run_once():
         pass
     assert store.score_sites("0.0.0-test") == {"ROOM A": 24, "ROOM B": 6}
@@ -234,9 +230,8 @@ def run_worker(tmp_path: Path, package: Path, images: dict[str, int]) -> dict[st
     from node.report import read_report
     from node.worker import Worker
     from storage.db import make_engine
-    from storage.files import instance_path, write_atomic
-    from storage.queue import ReceivedInstance, Store
-    from tests.test_worker import chest
+    from storage.queue import Store
+    from tests.test_worker import chest, enqueue
 
     settings = Settings(storage=StorageSettings(data_dir=str(tmp_path / "var")),
                         destinations=(Destination("pacs", "PACS", "127.0.0.1", 104),),
@@ -250,10 +245,7 @@ def run_worker(tmp_path: Path, package: Path, images: dict[str, int]) -> dict[st
             ds = chest()
             ds.StationName = station
             sources[ds.SOPInstanceUID] = station
-            path = instance_path(settings.data_path, ds.StudyInstanceUID, ds.SOPInstanceUID)
-            write_atomic(path, lambda f, ds=ds: ds.save_as(f, enforce_file_format=True))
-            store.record_instance(ReceivedInstance(ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                                   ds.SOPClassUID, "MOD", path, path.stat().st_size), True, "test")
+            enqueue(store, settings.data_path, ds)
     while worker.run_once():
         pass
     out: dict[str, list] = {}  # type: ignore[type-arg]
@@ -277,10 +269,9 @@ def test_adapt_auto_puts_the_suggestion_in_force_once_with_an_audit_line(
     from node.config import Destination, Settings, SiteSettings, StorageSettings
     from node.worker import Worker
     from storage.db import make_engine
-    from storage.files import instance_path, write_atomic
-    from storage.queue import ReceivedInstance, Store
+    from storage.queue import Store
     from tests.model_fixtures import build_tiny_package
-    from tests.test_worker import chest
+    from tests.test_worker import chest, enqueue
 
     package = build_tiny_package(tmp_path / "pkg", size=64, members=1, reference={"Tuberculosis": beta_reference()})
     settings = Settings(storage=StorageSettings(data_dir=str(tmp_path / "var")),
@@ -293,10 +284,7 @@ def test_adapt_auto_puts_the_suggestion_in_force_once_with_an_audit_line(
     caplog.set_level(logging.WARNING, logger="node.sites")
     for _ in range(25):
         ds = chest()
-        path = instance_path(settings.data_path, ds.StudyInstanceUID, ds.SOPInstanceUID)
-        write_atomic(path, lambda f, ds=ds: ds.save_as(f, enforce_file_format=True))
-        store.record_instance(ReceivedInstance(ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                               ds.SOPClassUID, "DX2", path, path.stat().st_size), True, "test")
+        enqueue(store, settings.data_path, ds, "DX2")
     while worker.run_once():
         pass
     accepted = store.site_thresholds("0.0.0-test")

@@ -6,11 +6,9 @@ import csv
 import json
 import os
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from training.cli import main
 from training.config import (
@@ -25,13 +23,7 @@ from training.config import (
 
 from .test_loop import make_cohort, tiny_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_help_shows_the_whole_workflow(capsys: pytest.CaptureFixture[str]) -> None:

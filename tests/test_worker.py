@@ -62,11 +62,12 @@ def nonzero(counts: dict[str, int]) -> dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
 
-def enqueue(store: Store, data_dir: Path, ds: Dataset) -> int:
+def enqueue(store: Store, data_dir: Path, ds: Dataset, calling_ae: str = "MOD") -> int:
+    """``ds`` received as the intake stores an image: the file in place, its instance and queued job recorded."""
     path = instance_path(data_dir, ds.StudyInstanceUID, ds.SOPInstanceUID)
     write_atomic(path, lambda f: ds.save_as(f, enforce_file_format=True))
     meta = ReceivedInstance(ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPClassUID,
-                            "MOD", path, path.stat().st_size)
+                            calling_ae, path, path.stat().st_size)
     return store.record_instance(meta, True, "accepted: test")
 
 
