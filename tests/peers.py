@@ -45,6 +45,12 @@ class Orthanc:
     def tags(self, orthanc_id: str) -> dict[str, Any]:
         return dict(self.rest(f"/instances/{orthanc_id}/simplified-tags"))
 
+    def file(self, orthanc_id: str) -> bytes:
+        """The stored DICOM file of one instance, as the PACS holds it."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/instances/{orthanc_id}/file",
+                                    timeout=10) as r:
+            return bytes(r.read())
+
     def start(self) -> None:
         binary = require_tool("Orthanc")
         config = {
