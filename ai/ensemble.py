@@ -30,13 +30,18 @@ import onnxruntime as ort
 
 from ai.errors import ModelPackageError
 from ai.findings import Finding
-from ai.manifest import ModelManifest, Threshold, load_manifest, member_path
+from ai.manifest import (  # effective_thresholds and SITE_OVERRIDE live with the manifest, importable from here
+    ModelManifest,
+    Threshold,
+    effective_thresholds,
+    load_manifest,
+    member_path,
+)
 
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-SITE_OVERRIDE = "site override"
 
 
 @dataclass(frozen=True)
@@ -82,24 +87,6 @@ def session_options(threads: int) -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     return options
-
-
-def effective_thresholds(manifest: ModelManifest, overrides: Mapping[str, float]) -> dict[str, Threshold]:
-    """The package's thresholds with the site's overrides applied (method ``site override``).
-
-    Raises:
-        ValueError: an override for a label the package does not have, or outside [0, 1].
-    """
-    out = dict(manifest.thresholds)
-    for label, value in overrides.items():
-        if label not in manifest.labels:
-            raise ValueError(
-                f"threshold override for unknown label {label!r}: expected one of {list(manifest.labels)}"
-            )
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"threshold override for {label!r}: expected a number in [0, 1], got {value!r}")
-        out[label] = Threshold(float(value), SITE_OVERRIDE)
-    return out
 
 
 class Ensemble:

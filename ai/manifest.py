@@ -38,7 +38,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -198,6 +198,27 @@ class ModelManifest:
             **({"reference": {k: r.to_dict() for k, r in self.reference.items()}} if self.reference else {}),
             **({"ages": {k: a.to_dict() for k, a in self.ages.items()}} if self.ages else {}),
         }
+
+
+SITE_OVERRIDE = "site override"
+
+
+def effective_thresholds(manifest: ModelManifest, overrides: Mapping[str, float]) -> dict[str, Threshold]:
+    """The package's thresholds with the site's overrides applied (method ``site override``).
+
+    Raises:
+        ValueError: an override for a label the package does not have, or outside [0, 1].
+    """
+    out = dict(manifest.thresholds)
+    for label, value in overrides.items():
+        if label not in manifest.labels:
+            raise ValueError(
+                f"threshold override for unknown label {label!r}: expected one of {list(manifest.labels)}"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"threshold override for {label!r}: expected a number in [0, 1], got {value!r}")
+        out[label] = Threshold(float(value), SITE_OVERRIDE)
+    return out
 
 
 def sha256_file(path: str | Path) -> str:

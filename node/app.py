@@ -103,7 +103,7 @@ class Node:
             if released:
                 log.warning("start-up: %d result(s) claimed by a dead sender are due again", released)
             outbox = Outbox(self.store, list(s.destinations), s.send, s.scp.ae_title)
-            self._scheduler = NodeScheduler(self.store, s, outbox.run_due)
+            self._scheduler = NodeScheduler(self.store, s, outbox.run_due, self.manifest)
             self._supervisor = WorkerSupervisor(s, self.store, self._scheduler.kick_send,
                                                 logging.getLogger().getEffectiveLevel())
             self._supervisor.start()  # returns once the worker process has loaded the model

@@ -146,8 +146,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sites(args: argparse.Namespace) -> int:
-    from ai.ensemble import effective_thresholds
-    from ai.manifest import load_manifest
+    from ai.manifest import effective_thresholds, load_manifest
     from node.packages import model_package_dir
     from node.sites import format_sites, site_reports
     from storage.db import make_engine
@@ -223,8 +222,7 @@ def cmd_shadow(args: argparse.Namespace) -> int:
 
 def _drift_alerts(settings: Settings, store: Any) -> list[str]:
     """The sites whose scores drift (``cxr-node sites`` has the figures); none when the package is unreadable."""
-    from ai.ensemble import effective_thresholds
-    from ai.manifest import load_manifest
+    from ai.manifest import effective_thresholds, load_manifest
     from node.packages import model_package_dir
     from node.sites import drift_alerts, site_reports
 

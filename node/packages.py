@@ -69,7 +69,7 @@ def check_model_package(settings: Settings) -> ModelManifest:
         ModelPackageError: naming the file that is missing, altered or invalid.
         ValueError: a threshold override for a label the package lacks, or outside [0, 1].
     """
-    from ai.ensemble import effective_thresholds
+    from ai.manifest import effective_thresholds
 
     manifest = load_manifest(model_package_dir(settings), verify=True)
     effective_thresholds(manifest, settings.thresholds)

@@ -5,6 +5,8 @@
   worker wakes this job as soon as a result is recorded, so delivery does not wait for the interval.
 - ``reap``: return jobs whose worker died (expired lease) to the queue.
 - ``retention``: purge received instances and results older than ``storage.retention_days``.
+- ``drift``: every hour, each site's scores against the package's reference (``node.sites``): a WARNING
+  "ALERT" line when a site and label start to drift, an INFO line when they stop.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from ai.manifest import ModelManifest, effective_thresholds
 from node.config import Settings
 from node.leases import owner_is_dead
 from storage.queue import Store
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 SEND_INTERVAL_S = 2.0
 REAP_INTERVAL_S = 30.0
 RETENTION_INTERVAL_H = 6.0
+DRIFT_INTERVAL_MIN = 60.0
 
 
 class NodeScheduler:
@@ -34,11 +38,15 @@ class NodeScheduler:
         store: the queue and outbox.
         settings: node settings (retention).
         send_due: sends every due outbox entry and returns how many it tried (``Outbox.run_due``).
+        manifest: the live package's manifest (None: no drift job).
     """
 
-    def __init__(self, store: Store, settings: Settings, send_due: Callable[[], int] | None) -> None:
+    def __init__(self, store: Store, settings: Settings, send_due: Callable[[], int] | None,
+                 manifest: ModelManifest | None = None) -> None:
         self.store = store
         self.settings = settings
+        self.manifest = manifest
+        self.drifting: set[str] = set()
         self.scheduler = BackgroundScheduler(
             timezone=dt.UTC, job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
         )
@@ -49,6 +57,9 @@ class NodeScheduler:
         if settings.storage.retention_days > 0:
             self.scheduler.add_job(self.purge, "interval", hours=RETENTION_INTERVAL_H, id="retention",
                                    next_run_time=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1))
+        if manifest is not None:
+            self.scheduler.add_job(self.check_drift, "interval", minutes=DRIFT_INTERVAL_MIN, id="drift",
+                                   next_run_time=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5))
 
     def start(self) -> None:
         self.scheduler.start()
@@ -70,6 +81,23 @@ class NodeScheduler:
             log.warning("returned %d job(s) with expired leases to the queue", n)
         self.store.release_claims(owner_is_dead)
         return n
+
+    def check_drift(self) -> list[str]:
+        """Log each site and label whose scores start to drift (WARNING, once) or stop (INFO); returns the
+        alert lines in force."""
+        from node.sites import drift_alerts, site_reports
+
+        assert self.manifest is not None
+        level = self.settings.sites.drift_alert
+        thresholds = effective_thresholds(self.manifest, self.settings.thresholds)
+        alerts = drift_alerts(site_reports(self.store, self.manifest, thresholds, level, min_images=None), level)
+        now = {line.split(" scores drift")[0]: line for line in alerts}
+        for key in sorted(set(now) - self.drifting):
+            log.warning("ALERT: %s", now[key])
+        for key in sorted(self.drifting - set(now)):
+            log.info("drift alert over: %s scores are back near the package's reference", key)
+        self.drifting = set(now)
+        return alerts
 
     def purge(self, batch: int = 1000) -> int:
         """Delete instances and results older than the retention period, ``batch`` rows per transaction

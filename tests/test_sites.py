@@ -295,3 +295,41 @@ def test_adapt_auto_puts_the_suggestion_in_force_once_with_an_audit_line(
     assert len(audits) == 1 and "site DX2, Tuberculosis" in audits[0]
     history = store.site_scores("DX2", "0.0.0-test", "Tuberculosis")
     assert [h.threshold_method.startswith("site threshold v1") for h in history] == [False] * 20 + [True] * 5
+
+
+def test_the_running_node_logs_when_a_site_starts_and_stops_drifting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import itertools
+    import logging
+
+    from node.config import Settings, StorageSettings
+    from node.scheduler import NodeScheduler
+    from storage.db import make_engine
+    from storage.queue import ReceivedInstance, ScoreRecord, Store
+    from tests.test_manifest import make_package
+
+    manifest = make_package(tmp_path / "pkg")  # carries a reference for Nodule: Beta-like spread on [0, 1]
+    settings = Settings(storage=StorageSettings(data_dir=str(tmp_path / "var")))
+    store = Store(make_engine(f"sqlite:///{tmp_path / 'q.sqlite'}"))
+    scheduler = NodeScheduler(store, settings, None, manifest)
+    assert scheduler.scheduler.get_job("drift") is not None
+    caplog.set_level(logging.INFO, logger="node.scheduler")
+
+    received = itertools.count(1)
+
+    def analysed(values: list[float]) -> None:
+        for value in values:
+            meta = ReceivedInstance(f"1.2.3.{next(received)}", "1.2", "1.2.1", "1.2.840.10008.5.1.4.1.1.1", "DX2",
+                                    tmp_path / "x.dcm", 1)
+            job = store.record_instance(meta, True, "test")
+            store.complete_job(job, [], [], [ScoreRecord("DX2", manifest.name, manifest.version, "Nodule", value,
+                                                         0.3, "x", value >= 0.3)])
+
+    analysed([0.02] * 60)  # every score bunched near 0: far from the reference at any prevalence
+    assert scheduler.check_drift() and "ALERT: site DX2: Nodule scores drift" in caplog.text
+    caplog.clear()
+    assert scheduler.check_drift() and "ALERT" not in caplog.text  # said once, not every hour
+    analysed([i / 2000 for i in range(1000)])  # then scores spread as the reference's negatives are
+    assert scheduler.check_drift() == []
+    assert "drift alert over: site DX2: Nodule scores are back near the package's reference" in caplog.text
