@@ -8,7 +8,7 @@ A report about one image holds, under the TID 1500 root:
 * Per label, a TID 1501 measurement group (:class:`FindingResult`): tracking identifier and UID, the
   finding type (SNOMED CT where a code exists, else the private scheme ``99CXR``), the algorithm
   (TID 4019: name, version, parameters ``threshold=`` and ``threshold_method=``), the source image,
-  the probability as a NUM (DCM 111225 "Probability", UCUM ``1``) and the decision at the threshold as
+  the probability as a NUM (DCM 122157 "Probability", UCUM ``1``) and the decision at the threshold as
   a qualitative evaluation (TID 1501 row 11): concept name = the finding type, value (52101004, SCT,
   "Present") or (272519000, SCT, "Absent") from CID 241 "Present-Absent Only". A label that does not apply
   to the patient (``ai.applicability``: learnt from children, an adult or a patient of unknown age) has no

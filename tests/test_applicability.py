@@ -9,6 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 
 from ai.applicability import apply_ages, not_applicable_reason, patient_age_years
 from ai.errors import ModelPackageError
@@ -115,7 +116,10 @@ def test_the_sr_says_not_applicable_and_why_without_a_probability() -> None:
         ped_group = next(item for item in groups.ContentSequence
                          if any(str(getattr(c, "TextValue", "")) == PED for c in item.ContentSequence))
         kinds = [c.ConceptNameCodeSequence[0].CodeValue for c in ped_group.ContentSequence]
-        assert "111225" not in kinds  # no Probability NUM
+        tb_group = next(item for item in groups.ContentSequence
+                        if any(str(getattr(c, "TextValue", "")) == "Tuberculosis" for c in item.ContentSequence))
+        assert codes.DCM.Probability.value in [c.ConceptNameCodeSequence[0].CodeValue for c in tb_group.ContentSequence]
+        assert codes.DCM.Probability.value not in kinds  # the label that does not apply states no probability
         values = [c.ConceptCodeSequence[0].CodeValue for c in ped_group.ContentSequence if "ConceptCodeSequence" in c]
         assert NOT_APPLICABLE.value in values
 
