@@ -52,7 +52,9 @@ def evt_handlers(intake: Intake) -> list[EventHandlerType]:
 # pydicom inflates whole in memory before anything can be checked (about 1000:1, so a 10 MB upload
 # becomes 10 GB in the receiving process). No radiography device needs them; a sender falls back to
 # another proposed syntax, and one that proposes only these is refused at association.
-DEFLATED_TRANSFER_SYNTAXES = frozenset({DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.4.95"})  # + JPIP
+# JPIP Referenced Deflate (.95) and JPIP HTJ2K Referenced Deflate (.205) carry a deflated data set too.
+DEFLATED_TRANSFER_SYNTAXES = frozenset({DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.4.95",
+                                        "1.2.840.10008.1.2.4.205"})
 ACCEPTED_TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in DEFLATED_TRANSFER_SYNTAXES]
 
 
