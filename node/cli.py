@@ -222,17 +222,15 @@ def cmd_shadow(args: argparse.Namespace) -> int:
 
 def _drift_alerts(settings: Settings, store: Any) -> list[str]:
     """The sites whose scores drift (``cxr-node sites`` has the figures); none when the package is unreadable."""
-    from ai.manifest import effective_thresholds, load_manifest
+    from ai.manifest import load_manifest
     from node.packages import model_package_dir
-    from node.sites import drift_alerts, site_reports
+    from node.sites import current_drift_alerts
 
     try:
         manifest = load_manifest(model_package_dir(settings), verify=False)
-        thresholds = effective_thresholds(manifest, settings.thresholds)
+        return current_drift_alerts(store, manifest, settings.thresholds, settings.sites.drift_alert)
     except (ModelPackageError, ValueError):
         return []
-    level = settings.sites.drift_alert
-    return drift_alerts(site_reports(store, manifest, thresholds, level), level)
 
 
 def cmd_health(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from ai.manifest import ModelManifest, effective_thresholds
+from ai.manifest import ModelManifest
 from node.config import Settings
 from node.leases import owner_is_dead
 from storage.queue import Store
@@ -85,12 +85,11 @@ class NodeScheduler:
     def check_drift(self) -> list[str]:
         """Log each site and label whose scores start to drift (WARNING, once) or stop (INFO); returns the
         alert lines in force."""
-        from node.sites import drift_alerts, site_reports
+        from node.sites import current_drift_alerts
 
         assert self.manifest is not None
-        level = self.settings.sites.drift_alert
-        thresholds = effective_thresholds(self.manifest, self.settings.thresholds)
-        alerts = drift_alerts(site_reports(self.store, self.manifest, thresholds, level, min_images=None), level)
+        alerts = current_drift_alerts(self.store, self.manifest, self.settings.thresholds,
+                                      self.settings.sites.drift_alert)
         now = {line.split(" scores drift")[0]: line for line in alerts}
         for key in sorted(set(now) - self.drifting):
             log.warning("ALERT: %s", now[key])

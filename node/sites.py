@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from ai.adapt import suggest
+from ai.adapt import Suggestion, suggest
 from ai.drift import drift
 from ai.findings import Finding
-from ai.manifest import ModelManifest, Threshold
+from ai.manifest import ModelManifest, Threshold, effective_thresholds
 from storage.queue import AcceptedThreshold, ScoreRecord, SiteScore, Store
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,14 @@ def apply_site_thresholds(findings: Sequence[Finding], site: str,
     return out
 
 
+def site_suggestion(latest: Sequence[SiteScore], manifest: ModelManifest, label: str, prevalence: float | None,
+                    level: float) -> Suggestion:
+    """The label-free suggestion (``ai.adapt``) from a site's latest scores of ``label``; the package must carry
+    the label's reference."""
+    return suggest(np.array([s.score for s in latest]), manifest.reference[label], manifest.thresholds[label].value,
+                   prevalence, level)
+
+
 def _week(at: dt.datetime) -> str:
     year, week, _ = at.isocalendar()
     return f"{year}-W{week:02d}"
@@ -104,10 +112,11 @@ def _week(at: dt.datetime) -> str:
 
 def label_report(history: Sequence[SiteScore], manifest: ModelManifest, label: str, threshold: Threshold,
                  level: float, now: dt.datetime, *, latest: Sequence[SiteScore] = (),
-                 min_images: int | None = 200, prevalence: float | None = None) -> dict[str, Any]:
-    """One site's figures for one label: overall over the last ``RECENT_DAYS``, weekly over ``history``, and the
-    label-free suggestion (``ai.adapt``) from ``latest`` once it holds ``min_images`` scores (None: adaptation
-    is off)."""
+                 min_images: int | None = None, prevalence: float | None = None,
+                 weekly: bool = True) -> dict[str, Any]:
+    """One site's figures for one label: overall over the last ``RECENT_DAYS``, weekly over ``history`` (unless
+    ``weekly`` is False), and the label-free suggestion (``ai.adapt``) from ``latest`` once it holds ``min_images``
+    scores (None: no suggestion, adaptation is off)."""
     scores = [s for s in history if s.at >= now - dt.timedelta(days=RECENT_DAYS)]
     values = np.array([s.score for s in scores], dtype=np.float64)
     out: dict[str, Any] = {
@@ -130,13 +139,14 @@ def label_report(history: Sequence[SiteScore], manifest: ModelManifest, label: s
     if min_images is None:
         out["suggestion_note"] = "site adaptation is off ([sites] adapt)"
     elif len(latest) >= min_images:
-        suggestion = suggest(np.array([s.score for s in latest]), reference, manifest.thresholds[label].value,
-                             prevalence, level)
+        suggestion = site_suggestion(latest, manifest, label, prevalence, level)
         out["suggested_threshold"] = round(suggestion.threshold, 6)
         out["suggested_method"] = suggestion.method
         out["suggestion"] = suggestion.to_dict()
     else:
         out["suggestion_note"] = f"{len(latest)} of the {min_images} images a suggestion needs"
+    if not weekly:
+        return out
     weeks: dict[str, list[SiteScore]] = {}
     for s in history:
         weeks.setdefault(_week(s.at), []).append(s)
@@ -151,24 +161,27 @@ def label_report(history: Sequence[SiteScore], manifest: ModelManifest, label: s
 
 
 def site_reports(store: Store, manifest: ModelManifest, thresholds: Mapping[str, Threshold],
-                 level: float, now: dt.datetime | None = None, min_images: int | None = 200,
-                 prevalence: Mapping[str, Mapping[str, float]] | None = None) -> list[dict[str, Any]]:
+                 level: float, now: dt.datetime | None = None, min_images: int | None = None,
+                 prevalence: Mapping[str, Mapping[str, float]] | None = None,
+                 weekly: bool = True) -> list[dict[str, Any]]:
     """Per site with scores of this package version: its images (all time) and per label :func:`label_report`
-    (``prevalence``: per site and label the prevalence an administrator stated)."""
+    (``min_images`` None: no suggestions; ``prevalence``: per site and label the prevalence an administrator
+    stated; ``weekly`` False: the overall figures only)."""
     now = now or store.clock()
-    since = now - dt.timedelta(weeks=HISTORY_WEEKS)
+    since = now - (dt.timedelta(weeks=HISTORY_WEEKS) if weekly else dt.timedelta(days=RECENT_DAYS))
     stated = prevalence or {}
     accepted = store.site_thresholds(manifest.version)
     reports = []
     for site, images in store.score_sites(manifest.version).items():
         labels = {}
         for label in manifest.labels:
-            latest = store.site_scores(site, manifest.version, label, latest=SUGGESTION_IMAGES)
+            suggests = min_images is not None and label in manifest.reference
+            latest = store.site_scores(site, manifest.version, label, latest=SUGGESTION_IMAGES) if suggests else []
             own = accepted.get((site, label))
             in_force = thresholds[label] if own is None else Threshold(own.threshold, site_method(own))
             labels[label] = label_report(store.site_scores(site, manifest.version, label, since), manifest, label,
                                          in_force, level, now, latest=latest, min_images=min_images,
-                                         prevalence=stated.get(site, {}).get(label))
+                                         prevalence=stated.get(site, {}).get(label), weekly=weekly)
         reports.append({"site": site, "images": images, "model": f"{manifest.name} {manifest.version}",
                         "labels": labels})
     return reports
@@ -185,6 +198,18 @@ def drift_alerts(reports: Sequence[Mapping[str, Any]], level: float) -> list[str
                              f"(prevalence-adjusted KS {d['statistic']:.3f} > {max(level, d['critical']):.3f}, "
                              f"best-fitting prevalence {d['prevalence']:.2f}, {d['n']} images)")
     return lines
+
+
+def current_drift_alerts(store: Store, manifest: ModelManifest, overrides: Mapping[str, float],
+                         level: float) -> list[str]:
+    """The alert lines of the sites whose last ``RECENT_DAYS`` drift (for ``status`` and the node's hourly check):
+    the overall figures only, no suggestion, no weekly figures.
+
+    Raises:
+        ValueError: an override for a label the package lacks, or outside [0, 1].
+    """
+    reports = site_reports(store, manifest, effective_thresholds(manifest, overrides), level, weekly=False)
+    return drift_alerts(reports, level)
 
 
 def format_sites(reports: Sequence[Mapping[str, Any]], level: float) -> str:
@@ -227,8 +252,7 @@ def auto_accept(store: Store, manifest: ModelManifest, site: str, min_images: in
         latest = store.site_scores(site, manifest.version, label, latest=SUGGESTION_IMAGES)
         if len(latest) < min_images:
             continue
-        suggestion = suggest(np.array([s.score for s in latest]), reference, manifest.thresholds[label].value,
-                             (prevalence or {}).get(site, {}).get(label), level)
+        suggestion = site_suggestion(latest, manifest, label, (prevalence or {}).get(site, {}).get(label), level)
         entry = store.accept_site_threshold(site, label, manifest.name, manifest.version, suggestion.threshold,
                                             suggestion.method, "auto")
         log.warning("AUDIT site threshold accepted automatically ([sites] adapt = auto): site %s, %s %.6f "
