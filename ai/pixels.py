@@ -302,6 +302,10 @@ def _is_inverted(ds: Dataset) -> bool:
     return pi == "MONOCHROME1" or shape == "INVERSE"
 
 
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+"""The suffixes of the plain image files the node scores besides DICOM (``read_image_file``)."""
+
+
 def is_dicom_file(path: str | Path) -> bool:
     """The one rule for "is this file DICOM": a ``DICM`` preamble, or a ``.dcm`` suffix (a dataset written
     without the preamble and file meta, which pydicom reads with ``force``)."""

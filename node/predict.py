@@ -20,13 +20,11 @@ from ai.analyse import analyse_dataset, analyse_image
 from ai.ensemble import Ensemble
 from ai.errors import CxrError, ImageRefused
 from ai.gate import InputGate
-from ai.pixels import is_dicom_file, read_dicom_file, read_image_file
+from ai.pixels import IMAGE_SUFFIXES, is_dicom_file, read_dicom_file, read_image_file
 from node.config import Settings
 from node.filter import FilterRules, decide
 from node.packages import load_ensemble, load_gate
 from node.worker import analysable_paths
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 def _row(path: Path, status: str, reason: str, findings: Sequence[Any] = ()) -> dict[str, Any]:

@@ -26,12 +26,12 @@ from ai.adapt import suggest
 from ai.ensemble import Ensemble
 from ai.gate import InputGate
 from ai.manifest import load_manifest
-from ai.pixels import is_dicom_file
+from ai.pixels import IMAGE_SUFFIXES, is_dicom_file
 from storage.files import write_atomic
+from training.data import _resolve
 from training.jsonio import jsonable
 from training.site import Accept, _score_image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SUGGESTION_JSON = "site_suggestion.json"
 SUGGESTION_MARKDOWN = "site_suggestion.md"
 #: Fewer scored images than this give no suggestion (the node's own floor is [sites] min_images, 200 by default).
@@ -54,14 +54,13 @@ def image_paths(source: str | Path) -> list[Path]:
             rows = list(csv.DictReader(handle))
         if not rows or "image" not in rows[0]:
             raise ValueError(f"{source}: expected a CSV with an 'image' column")
+        bases = [source.parent, source.parent.parent]
         paths = []
         for line, row in enumerate(rows, start=2):
-            relative = Path(row["image"])
-            found = next((b / relative for b in (source.parent, source.parent.parent) if (b / relative).is_file()),
-                         relative if relative.is_absolute() and relative.is_file() else None)
-            if found is None:
+            missing: list[str] = []
+            paths.append(_resolve(row["image"], bases, True, missing))  # as a cohort manifest's paths resolve
+            if missing:
                 raise ValueError(f"{source} line {line}: image {row['image']!r} not found")
-            paths.append(found)
     if not paths:
         raise ValueError(f"{source}: no DICOM, PNG or JPEG images found")
     return paths
