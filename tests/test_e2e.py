@@ -93,6 +93,9 @@ def corpus(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def node_config(tmp: Path, pacs_port: int, package: Path, **extra: str) -> Path:
+    """A node.toml for a node beside a PACS on ``pacs_port``. ``extra``: ``database_url``, ``lease_s``, ``gate``
+    (default the bundled one) and ``thresholds`` (the ``[thresholds]`` table's lines; default every image positive:
+    ``Tuberculosis = 0.0``)."""
     port = free_port()
     text = f"""
 [scp]
@@ -108,8 +111,8 @@ retry_initial_s = 1
 [send]
 retry_initial_s = 1
 retry_max_s = 2
-{pacs_and_model_toml(pacs_port, package)}[thresholds]
-Tuberculosis = 0.0
+{pacs_and_model_toml(pacs_port, package, gate=extra.get("gate", ""))}[thresholds]
+{extra.get("thresholds", "Tuberculosis = 0.0")}
 """
     cfg = tmp / "node.toml"
     cfg.write_text(text)

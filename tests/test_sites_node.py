@@ -15,8 +15,8 @@ import pytest
 
 from node.report import ReportContent, read_report
 from tests.conftest import REPO
-from tests.peers import Orthanc, dcmsend, orthanc, pacs_and_model_toml, wait_for
-from tests.test_e2e import NodeProcess, node_proc, scp_port  # noqa: F401 - node_proc: the fixture
+from tests.peers import Orthanc, dcmsend, orthanc, wait_for
+from tests.test_e2e import NodeProcess, node_config, node_proc, scp_port  # noqa: F401 - node_proc: the fixture
 from tests.test_sites import beta_reference
 
 pytestmark = pytest.mark.integration
@@ -39,18 +39,8 @@ def copies(folder: Path, n: int) -> list[Path]:
 
 
 def config(tmp_path: Path, pacs: Orthanc, package: Path) -> Path:
-    from tests.conftest import free_port
-
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(f"""[scp]
-ae_title = "CXR-AI"
-port = {free_port()}
-[storage]
-data_dir = "var"
-[worker]
-poll_s = 0.1
-{pacs_and_model_toml(pacs.dicom_port, package, gate="off")}""")
-    return cfg
+    """The node beside the PACS, with the package's own thresholds and the input gate off (synthetic images)."""
+    return node_config(tmp_path, pacs.dicom_port, package, gate="off", thresholds="")
 
 
 def cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
