@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from ai.adapt import suggest
 from ai.manifest import ScoreReference, load_manifest
+from training import metrics
 from training.predictions import ENSEMBLE, read_predictions
 from training.thresholds import reference_distribution
 
@@ -34,22 +34,15 @@ Z = 1.959964
 
 
 def wilson_half_width(k: int, n: int) -> float:
-    """Half the width of the 95 % Wilson interval of k successes in n."""
-    if n == 0:
-        return 1.0
-    p = k / n
-    return Z * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n)) / (1 + Z * Z / n)
+    """Half the width of the 95 % Wilson interval of k successes in n (``training.metrics.wilson_ci``)."""
+    low, high = metrics.wilson_ci(k, n, z=Z)
+    return (high - low) / 2
 
 
 def rates(scores: np.ndarray, y: np.ndarray, t: float) -> tuple[float, float, int, int]:
     """Sensitivity, specificity, true positives, positives at threshold ``t``."""
     tp = int(np.sum(scores[y] >= t))
     return tp / y.sum(), float(np.mean(scores[~y] < t)), tp, int(y.sum())
-
-
-def oracle_threshold(scores: np.ndarray, y: np.ndarray, target: float = 0.90) -> float:
-    positives = np.sort(scores[y])[::-1]
-    return float(positives[max(math.ceil(target * positives.size) - 1, 0)])
 
 
 def simulate(scores: np.ndarray, y: np.ndarray, reference: ScoreReference, threshold: float, reps: int,
@@ -70,7 +63,7 @@ def simulate(scores: np.ndarray, y: np.ndarray, reference: ScoreReference, thres
                 stated = suggest(s, reference, threshold, prevalence=prevalence)
                 guessed = suggest(s, reference, threshold)
                 candidates = {"fixed": threshold, "stated": stated.threshold, "estimated": guessed.threshold,
-                              "oracle": oracle_threshold(s, yy)}
+                              "oracle": metrics.threshold_for_sensitivity(yy, s, 0.90)}
                 for name, t in candidates.items():
                     sens, spec, _, _ = rates(s, yy, t)
                     rows[name].append((sens, spec))
