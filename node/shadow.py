@@ -15,16 +15,10 @@ from typing import Any
 import numpy as np
 
 from ai.manifest import ModelManifest
+from node.sites import score_quantiles
 from storage.queue import Store
 
 SHOWN_QUANTILES = (0.05, 0.5, 0.95)
-
-
-def _quantiles(values: np.ndarray) -> dict[str, float]:
-    if values.size == 0:
-        return {}
-    return {f"p{round(q * 100):02d}": round(float(v), 4)
-            for q, v in zip(SHOWN_QUANTILES, np.quantile(values, SHOWN_QUANTILES), strict=True)}
 
 
 def shadow_report(store: Store, live: ModelManifest, shadow: ModelManifest) -> dict[str, Any]:
@@ -46,7 +40,7 @@ def shadow_report(store: Store, live: ModelManifest, shadow: ModelManifest) -> d
             "flips_negative_to_positive": int(np.sum(~pa & pb)),
             "live_positive": int(pa.sum()), "shadow_positive": int(pb.sum()),
             "mean_abs_score_difference": round(float(np.mean(np.abs(a - b))), 4) if n else None,
-            "live_scores": _quantiles(a), "shadow_scores": _quantiles(b),
+            "live_scores": score_quantiles(a, SHOWN_QUANTILES), "shadow_scores": score_quantiles(b, SHOWN_QUANTILES),
         }
     return {"live": f"{live.name} {live.version}", "shadow": f"{shadow.name} {shadow.version}",
             "labels": labels, "only_live": [x for x in live.labels if x not in shadow.labels],

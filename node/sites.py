@@ -105,6 +105,14 @@ def site_suggestion(latest: Sequence[SiteScore], manifest: ModelManifest, label:
                    prevalence, level)
 
 
+def score_quantiles(values: np.ndarray, points: Sequence[float]) -> dict[str, float]:
+    """``{"p05": ..., "p50": ...}``: the scores' quantiles at ``points`` (rounded to 4 places); {} without scores."""
+    if values.size == 0:
+        return {}
+    return {f"p{round(q * 100):02d}": round(float(v), 4)
+            for q, v in zip(points, np.quantile(values, points), strict=True)}
+
+
 def _week(at: dt.datetime) -> str:
     year, week, _ = at.isocalendar()
     return f"{year}-W{week:02d}"
@@ -126,9 +134,7 @@ def label_report(history: Sequence[SiteScore], manifest: ModelManifest, label: s
         "suggested_threshold": None,
         "suggested_method": None,
         "flagged_share": round(float(np.mean([s.positive for s in scores])), 4) if scores else None,
-        "quantiles": ({f"p{round(q * 100):02d}": round(float(v), 4)
-                       for q, v in zip(SHOWN_QUANTILES, np.quantile(values, SHOWN_QUANTILES), strict=True)}
-                      if values.size else {}),
+        "quantiles": score_quantiles(values, SHOWN_QUANTILES),
     }
     reference = manifest.reference.get(label)
     if reference is None:
