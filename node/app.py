@@ -41,15 +41,18 @@ from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any, cast
 
 from ai.manifest import ModelManifest
+from node.audit import AuditTrail
 from node.config import Settings
 from node.filter import FilterRules
 from node.intake import Intake
 from node.leases import owner_is_dead
+from node.live import LiveSettings, overlay
 from node.packages import check_model_package
 from node.receive import start_scp
 from node.scheduler import NodeScheduler
 from node.send import Outbox
 from node.supervisor import WorkerProcessError, WorkerSupervisor
+from node.web.server import WebError
 from storage.db import make_engine
 from storage.queue import Store
 
@@ -81,6 +84,9 @@ class Node:
     listen_socket: socket.socket | None = None  # a child's: the parent's listening socket
     failed: str = ""  # why the node stopped on its own (a dead SCP child); serve exits non-zero
     _children: list[BaseProcess] = field(default_factory=list)
+    _web: Any = None
+    live: LiveSettings = field(init=False)
+    audit: AuditTrail = field(init=False)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -88,6 +94,11 @@ class Node:
         self.settings.data_path.mkdir(parents=True, exist_ok=True)
         engine = make_engine(self.settings.database_url)
         self.store = Store(engine, max_attempts=self.settings.worker.max_attempts)
+        # the console's changes (node.live): those that need a restart take effect now, at the start
+        self.settings = overlay(self.settings, self.store.config_overrides(), include_restart=True)
+        self.live = LiveSettings(self.settings, self.store)
+        self.live.refresh()
+        self.audit = AuditTrail(self.store, self.settings.audit.syslog)
         if self.role in ("all", "worker") and self.manifest is None:
             self.manifest = check_model_package(self.settings)  # refuses to start on a bad package
 
@@ -102,7 +113,8 @@ class Node:
             released = self.store.release_claims(owner_is_dead)
             if released:
                 log.warning("start-up: %d result(s) claimed by a dead sender are due again", released)
-            outbox = Outbox(self.store, list(s.destinations), s.send, s.scp.ae_title)
+            outbox = Outbox(self.store, list(s.destinations), s.send, s.scp.ae_title, live=self.live,
+                            audit=self.audit)
             self._scheduler = NodeScheduler(self.store, s, outbox.run_due, self.manifest)
             self._supervisor = WorkerSupervisor(s, self.store, self._scheduler.kick_send,
                                                 logging.getLogger().getEffectiveLevel())
@@ -111,10 +123,35 @@ class Node:
         if self.role in ("all", "scp"):
             rules = FilterRules.for_settings(s)
             intake = Intake(s.data_path, self.store, s, rules)
-            self._server = start_scp(s, intake, listen_socket=self.listen_socket)
+            self._server = start_scp(s, intake, listen_socket=self.listen_socket, live=self.live, audit=self.audit)
             log.info("SCP %s listening on %s:%d", s.scp.ae_title, s.scp.bind_address, self.port)
             if s.scp.processes > 1 and not self.scp_child:
                 self._start_children()
+        if s.web.enabled and not self.scp_child:
+            self._start_web()
+
+    def _start_web(self) -> None:
+        """The console (``[web]``): a first admin user when there is none (``node.users.first_admin``)."""
+        from node.users import first_admin
+        from node.web.api import build_app
+        from node.web.console import Console
+        from node.web.server import WebServer
+
+        first_admin(self.store, self.settings.data_path, self.audit)
+        supervisor, scheduler = self._supervisor, self._scheduler
+        console = Console(
+            self.live, self.store, self.audit, manifest=self.manifest,
+            model_loaded=(lambda: supervisor.pid is not None) if supervisor is not None else (lambda: None),
+            scp_listening=(lambda: self._server is not None) if self.role in ("all", "scp") else (lambda: None),
+            scheduler_running=(lambda: scheduler.scheduler.running) if scheduler is not None else (lambda: None),
+            kick_send=scheduler.kick_send if scheduler is not None else None)
+        self._web = WebServer(build_app(console), self.settings)
+        self._web.start()
+
+    @property
+    def web_url(self) -> str | None:
+        """The console's address (useful with ``[web] port = 0``), or None when it does not run."""
+        return self._web.url if self._web is not None else None
 
     def _start_children(self) -> None:
         """Start ``scp.processes`` - 1 SCP-only processes on the bound port; return once all listen."""
@@ -155,6 +192,9 @@ class Node:
     def stop(self) -> None:
         """Stop receiving first, then the worker, then the scheduler."""
         self.stop_event.set()
+        if self._web is not None:
+            self._web.stop()
+            self._web = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -177,7 +217,7 @@ class Node:
         try:
             self.start()
             self.stop_event.wait()
-        except WorkerProcessError as exc:
+        except (WorkerProcessError, WebError) as exc:
             self.failed = str(exc)
         finally:
             self.stop()

@@ -1,4 +1,5 @@
-"""Command line: ``cxr-node serve | predict | echo | status | check-config``."""
+"""Command line: ``cxr-node serve | predict | echo | status | sites | shadow | health | users | audit | config export |
+check-config``."""
 
 from __future__ import annotations
 
@@ -39,19 +40,114 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from node.app import Node, ScpProcessError
-
     settings = _settings(args)
     try:
         listen_socket = _drop_privileges(settings, args.role)
     except (PrivilegeError, OSError) as exc:
         print(f"cxr-node serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    _metrics_dir(settings)
+    from node.app import Node, ScpProcessError  # after _metrics_dir: its modules create the metrics
+
     try:
         Node(settings, role=args.role, listen_socket=listen_socket).serve_forever()
     except ScpProcessError as exc:
         log.error("cxr-node stopped: %s", exc)
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def _metrics_dir(settings: Settings) -> None:
+    """Counters of every node process in ``<data_dir>/metrics`` (``node.metrics``): set before any of them imports
+    prometheus_client, emptied so that a restarted node's counters start at zero."""
+    import shutil
+
+    folder = settings.data_path / "metrics"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+
+
+def _store(settings: Settings) -> Any:
+    from storage.db import make_engine
+    from storage.queue import Store
+
+    settings.data_path.mkdir(parents=True, exist_ok=True)  # a node that never ran: an empty database
+    return Store(make_engine(settings.database_url))
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    from node.audit import AuditTrail
+    from node.users import DuplicateUser, UserError, add_user
+
+    settings = _settings(args)
+    store = _store(settings)
+    audit = AuditTrail(store, settings.audit.syslog)
+    actor = f"command line ({os.environ.get('USER') or os.getuid()})"
+    if args.action == "list":
+        users = store.users()
+        if args.format == "json":
+            print(json.dumps([dataclasses.asdict(u) for u in users], indent=2, default=str))
+        else:
+            for u in users:
+                locked = f", locked until {u.locked_until:%Y-%m-%d %H:%M:%S} UTC" if u.locked_until else ""
+                print(f"{u.name}\t{u.role}\tcreated {u.created_at:%Y-%m-%d %H:%M:%S} UTC{locked}")
+            if not users:
+                print("no users (the node creates 'admin' at its first start with the console on)")
+        return EXIT_OK
+    if not args.name:
+        print(f"cxr-node users {args.action}: name the user", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.action == "remove":
+        if not store.remove_user(args.name):
+            print(f"no user named {args.name!r}", file=sys.stderr)
+            return EXIT_FAILED
+        audit.record("user_removed", "success", actor, user=args.name)
+        print(f"user {args.name} removed")
+        return EXIT_OK
+    if not args.password_stdin:
+        print("cxr-node users add: give the password on standard input with --password-stdin (never as an "
+              "argument: it would show in the process list and the shell history)", file=sys.stderr)
+        return EXIT_CONFIG
+    password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        add_user(store, args.name, args.role, password, audit, by=actor)
+    except (UserError, DuplicateUser) as exc:
+        print(f"cxr-node users add: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"user {args.name} ({args.role}) added")
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    store = _store(_settings(args))
+    events = store.audit_events(limit=args.limit, event=args.event)
+    if args.format == "json":
+        print(json.dumps([{"id": e.id, "at": e.at.isoformat(), "event": e.event, "outcome": e.outcome,
+                           "actor": e.actor, "address": e.address, "detail": e.detail} for e in events], indent=2))
+    else:
+        for e in reversed(events):
+            detail = " ".join(f"{k}={v}" for k, v in e.detail.items())
+            print(f"{e.at:%Y-%m-%d %H:%M:%S} {e.event} {e.outcome} {e.actor}"
+                  f"{' from ' + e.address if e.address else ''}{' ' + detail if detail else ''}")
+    return EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from node.live import LiveSettings, overlay
+    from node.toml_export import settings_toml
+
+    settings = _settings(args)
+    store = _store(settings)
+    live = LiveSettings(overlay(settings, store.config_overrides(), include_restart=True), store)
+    live.refresh()
+    text = settings_toml(live.current, live.sources())
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"effective configuration written to {args.output}")
+    else:
+        print(text, end="")
     return EXIT_OK
 
 
@@ -383,6 +479,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the C-ECHO")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_health)
+    p = add("users", "console users: add (password on standard input), remove, list")
+    p.add_argument("action", choices=("add", "remove", "list"))
+    p.add_argument("name", nargs="?", help="the user's name (add, remove)")
+    p.add_argument("--role", choices=("admin", "viewer"), default="viewer",
+                   help="admin changes settings and retries work; viewer reads (default viewer)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input (add)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_users)
+    p = add("audit", "the audit trail: associations, sends, configuration changes, logins (latest last)")
+    p.add_argument("--limit", type=int, default=100, help="how many of the latest events (default 100)")
+    p.add_argument("--event", default=None, help="only this event (association, result_sent, config_change, ...)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_audit)
+    p = add("config", "config export: the effective configuration (node.toml + console changes) as TOML")
+    p.add_argument("action", choices=("export",))
+    p.add_argument("--output", default=None, help="write to this file (default: standard output)")
+    p.set_defaults(func=cmd_config)
     p = add("check-config", "validate a configuration file (every bad key is named)")
     p.set_defaults(func=cmd_check_config)
     return parser

@@ -134,6 +134,25 @@ class ServiceSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """The console: the page, the REST API under /api/v1, /healthz and /metrics (node/web)."""
+
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"  # the console is for this machine unless an administrator opens it
+    port: int = 8080
+    cert_file: str = ""  # with key_file: HTTPS (PEM); empty: plain HTTP (keep bind_address on loopback then)
+    key_file: str = ""
+    metrics_auth: str = "auto"  # /metrics needs a login: "auto" (only when not bound to loopback), "on", "off"
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The audit trail (node/audit.py): always in the database; optionally to syslog as well."""
+
+    syslog: str = ""  # udp://host:514 or tcp://host:601 (RFC 5424); empty: the database only
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole node configuration."""
 
@@ -146,6 +165,8 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
     sites: SiteSettings = field(default_factory=SiteSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     thresholds: Mapping[str, float] = field(default_factory=dict)  # per-label overrides
     site_prevalence: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # site -> label -> stated
     base_dir: str = "."  # relative paths are resolved against this (the config file's folder)
@@ -185,6 +206,9 @@ class Settings:
             "no_view_policy": self.filter.no_view_policy,
             "service_user": self.service.user or "(as started)",
             "sites": {"key": self.sites.key, "adapt": self.sites.adapt},
+            "web": (f"{'https' if self.web.cert_file else 'http'}://{self.web.bind_address}:{self.web.port}"
+                    if self.web.enabled else "(off)"),
+            "audit_syslog": self.audit.syslog or "(database only)",
         }
 
 
@@ -197,6 +221,8 @@ _SECTIONS: dict[str, type] = {
     "model": ModelSettings,
     "service": ServiceSettings,
     "sites": SiteSettings,
+    "web": WebSettings,
+    "audit": AuditSettings,
 }
 
 
@@ -353,6 +379,23 @@ def _validate_worker(w: WorkerSettings, problems: list[str]) -> None:
                         f"found {w.max_memory_mb}")
 
 
+def _validate_web(s: Settings, problems: list[str]) -> None:
+    web = s.web
+    if not 0 <= web.port <= 65535:
+        problems.append(f"web.port: expected 0-65535, found {web.port}")
+    if web.metrics_auth not in ("auto", "on", "off"):
+        problems.append(f"web.metrics_auth: expected 'auto', 'on' or 'off', found {web.metrics_auth!r}")
+    if bool(web.cert_file) != bool(web.key_file):
+        problems.append("web.cert_file/key_file: expected both (HTTPS) or neither, found only "
+                        f"{'cert_file' if web.cert_file else 'key_file'}")
+    for key in ("cert_file", "key_file"):
+        path = getattr(web, key)
+        if web.enabled and path and not s.resolve(path).is_file():
+            problems.append(f"web.{key}: expected a PEM file, found nothing at {s.resolve(path)}")
+    if s.audit.syslog and not re.match(r"^(udp|tcp)://[^:/]+(:\d+)?$", s.audit.syslog):
+        problems.append(f"audit.syslog: expected udp://host:port or tcp://host:port, found {s.audit.syslog!r}")
+
+
 def _validate(s: Settings, problems: list[str]) -> None:
     """Cross-field and range checks."""
     if not AE_TITLE_RE.match(s.scp.ae_title) or not s.scp.ae_title.strip():
@@ -383,6 +426,7 @@ def _validate(s: Settings, problems: list[str]) -> None:
         problems.append(f"sites.min_images: expected >= 20, found {s.sites.min_images}")
     if not 0.0 < s.sites.drift_alert < 1.0:
         problems.append(f"sites.drift_alert: expected a number in (0, 1), found {s.sites.drift_alert}")
+    _validate_web(s, problems)
     if s.storage.retention_days < 0:
         problems.append(f"storage.retention_days: expected >= 0, found {s.storage.retention_days}")
     names = [d.name for d in s.destinations]
@@ -452,7 +496,7 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
     for key in raw:
         if key not in (*_SECTIONS, "destinations", "thresholds", "site_prevalence"):
             problems.append(f"{key}: unknown section (expected scp, storage, filter, worker, send, "
-                            "destinations, model, service, sites, site_prevalence, thresholds)")
+                            "destinations, model, service, sites, web, audit, site_prevalence, thresholds)")
     sections = {name: _section(name, raw.get(name), problems) for name in _SECTIONS}
     settings = Settings(
         destinations=_destinations(raw.get("destinations"), problems),

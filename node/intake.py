@@ -54,6 +54,7 @@ from node.config import Settings
 from node.filter import Decision, FilterRules, decide
 from node.incoming import INCOMING_DIR, receive_error
 from node.intake_check import DatasetCheckError, read_file_meta
+from node.metrics import IMAGES_RECEIVED
 from node.refusals import (
     ERROR_COMMENTS,
     Payload,
@@ -182,12 +183,15 @@ class Intake:
         except RefusalError as refusal:
             log.warning("C-STORE %s from %s refused (0x%04X %s): %s",
                         shown_uid(sop_uid), calling_ae, refusal.status, status_name(refusal.status), refusal)
+            IMAGES_RECEIVED.labels(calling_ae, "refused").inc()
             return refusal.status
         except Exception:  # the boundary: whatever failed, never answer Success
             log.exception("C-STORE %s from %s failed: processing failure (0x%04X)",
                           shown_uid(sop_uid), calling_ae, Status.PROCESSING_FAILURE)
+            IMAGES_RECEIVED.labels(calling_ae, "refused").inc()
             return Status.PROCESSING_FAILURE
         log.info("stored %s from %s: %s", sop_uid, calling_ae, decision.reason)
+        IMAGES_RECEIVED.labels(calling_ae, "analyse" if decision.accepted else "stored").inc()
         return Status.SUCCESS
 
     def _check_space(self, size: int, sop_uid: str) -> None:

@@ -32,20 +32,71 @@ from typing import cast
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-from pynetdicom.events import EventHandlerType
+from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node.audit import AuditTrail
 from node.config import Settings
 from node.incoming import INCOMING_DIR, STALE_INCOMING_S, receive_into, remove_stale_incoming
 from node.intake import Intake, handle_echo, handle_store
+from node.live import LiveSettings
+from node.metrics import ASSOCIATIONS
 from node.scp_server import NoDelayAssociationServer, shared_socket_server
 
 log = logging.getLogger(__name__)
 
 
-def evt_handlers(intake: Intake) -> list[EventHandlerType]:
-    """The handlers bound to the server, with their dependencies."""
-    return [(evt.EVT_C_STORE, handle_store, [intake]), (evt.EVT_C_ECHO, handle_echo)]
+def evt_handlers(intake: Intake, live: LiveSettings | None = None,
+                 audit: AuditTrail | None = None) -> list[EventHandlerType]:
+    """The handlers bound to the server, with their dependencies: C-STORE and C-ECHO; with ``live``, the console's
+    changes read as each connection opens; with ``audit``, every association accepted or refused in the trail."""
+    handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, handle_store, [intake]), (evt.EVT_C_ECHO, handle_echo)]
+    if live is not None:
+        handlers.append((evt.EVT_CONN_OPEN, _refresh_live, [live]))
+    handlers += [(evt.EVT_ACCEPTED, _association_accepted, [audit]),
+                 (evt.EVT_REJECTED, _association_rejected, [audit])]
+    return handlers
+
+
+def _refresh_live(event: Event, live: LiveSettings) -> None:
+    """A connection opened: read the console's changes before its A-ASSOCIATE-RQ is judged (one cheap query)."""
+    live.refresh()
+
+
+def apply_receiving(ae: AE, settings: Settings) -> None:
+    """Put the receiving keys that change without a restart into the running AE (read at each association)."""
+    ae.require_calling_aet = list(settings.scp.allowed_callers)  # empty: any caller
+    ae.require_called_aet = settings.scp.require_called_ae
+    ae.maximum_associations = settings.scp.max_associations
+
+
+def _peer(event: Event) -> tuple[str, str]:
+    requestor = event.assoc.requestor
+    return str(requestor.ae_title).strip(), str(requestor.address or "")
+
+
+def _association_accepted(event: Event, audit: AuditTrail | None) -> None:
+    calling, address = _peer(event)
+    ASSOCIATIONS.labels("accepted").inc()
+    if audit is not None:
+        audit.record("association", "success", calling, address, called=str(event.assoc.acceptor.ae_title).strip())
+
+
+def _association_rejected(event: Event, audit: AuditTrail | None) -> None:
+    calling, address = _peer(event)
+    ae = event.assoc.ae
+    called = str(event.assoc.acceptor.ae_title).strip()
+    allowed = [a.strip() for a in ae.require_calling_aet]
+    if allowed and calling not in allowed:
+        reason = "calling AE title not recognised (not in scp.allowed_callers)"
+    elif ae.require_called_aet and called != str(ae.ae_title).strip():
+        reason = f"called AE title {called!r} is not this node's ({str(ae.ae_title).strip()!r})"
+    else:
+        reason = f"no free association (scp.max_associations = {ae.maximum_associations}) or no acceptable context"
+    ASSOCIATIONS.labels("rejected").inc()
+    log.warning("association from %s (%s) refused: %s", calling, address, reason)
+    if audit is not None:
+        audit.record("association", "failure", calling, address, called=called, reason=reason)
 
 
 # Every syntax pynetdicom knows except the deflated ones: a deflated data set is one zlib stream that
@@ -68,9 +119,7 @@ def make_ae(settings: Settings) -> AE:
     _config.STORE_RECV_CHUNKED_DATASET = True
     receive_into(settings.data_path / INCOMING_DIR)
     ae = AE(ae_title=scp.ae_title)
-    ae.require_called_aet = scp.require_called_ae
-    ae.require_calling_aet = list(scp.allowed_callers)  # empty: any caller
-    ae.maximum_associations = scp.max_associations
+    apply_receiving(ae, settings)
     ae.maximum_pdu_size = scp.max_pdu
     ae.network_timeout = scp.network_timeout_s
     ae.dimse_timeout = scp.network_timeout_s
@@ -82,7 +131,8 @@ def make_ae(settings: Settings) -> AE:
 
 
 def start_scp(
-    settings: Settings, intake: Intake, ae: AE | None = None, listen_socket: socket.socket | None = None
+    settings: Settings, intake: Intake, ae: AE | None = None, listen_socket: socket.socket | None = None,
+    live: LiveSettings | None = None, audit: AuditTrail | None = None,
 ) -> NoDelayAssociationServer:
     """Start the SCP in a background thread; stop it with ``server.shutdown()``.
 
@@ -93,11 +143,17 @@ def start_scp(
         listen_socket: a listening socket bound already: the node's first SCP process's (with
             ``scp.processes`` > 1), or the one bound before dropping root (``node.privileges``);
             None: bind here.
+        live: the live settings: allowed callers, the called-AE check and the association limit follow the
+            console's changes (read as each connection opens); None: ``settings`` as they are.
+        audit: the audit trail of associations accepted and refused; None: none kept.
 
     Returns:
         The running server; ``server.server_address`` holds the bound port (useful with port 0).
     """
     ae = ae or make_ae(settings)
+    if live is not None:
+        apply_receiving(ae, live.current)
+        live.on_change(lambda current: apply_receiving(ae, current))
     stale = remove_stale_incoming(settings.data_path / INCOMING_DIR)
     if stale:
         log.warning("start-up: removed %d partly received file(s) older than %.0f s from %s",
@@ -106,7 +162,7 @@ def start_scp(
     server_class = (shared_socket_server(listen_socket)
                     if settings.scp.processes > 1 or listen_socket is not None else NoDelayAssociationServer)
     server = cast(NoDelayAssociationServer, ae.make_server(
-        address, evt_handlers=evt_handlers(intake), server_class=server_class))
+        address, evt_handlers=evt_handlers(intake, live, audit), server_class=server_class))
     server.max_associations_per_address = settings.scp.max_associations_per_address  # before it serves
     thread = threading.Thread(target=server.serve_forever, name=f"scp-{settings.scp.ae_title}", daemon=True)
     thread.start()

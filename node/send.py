@@ -38,9 +38,12 @@ from pynetdicom.status import (
     code_to_category,
 )
 
+from node.audit import AuditTrail
 from node.backoff import backoff_s
 from node.config import Destination, SendSettings
 from node.leases import process_owner
+from node.live import LiveSettings
+from node.metrics import SEND_ATTEMPTS, SEND_FAILURES
 from node.privacy import safe_text
 from storage.db import utcnow
 from storage.files import write_atomic
@@ -288,10 +291,16 @@ def send_file(dest: Destination, path: Path, calling_ae: str, timeout_s: float =
 
 def echo(dest: Destination, calling_ae: str, timeout_s: float = 10.0) -> bool:
     """C-ECHO ``dest``; True when it answers Success."""
+    return echo_result(dest, calling_ae, timeout_s)[0]
+
+
+def echo_result(dest: Destination, calling_ae: str, timeout_s: float = 10.0) -> tuple[bool, str]:
+    """C-ECHO ``dest``: whether it answered Success, and what happened (the reason when it did not)."""
     assoc, rejections = _associate(dest, calling_ae, [build_context(Verification)], timeout_s)
     if not assoc.is_established:
-        log.warning("echo: %s", association_failure(assoc, dest, rejections).error)
-        return False
+        error = association_failure(assoc, dest, rejections).error
+        log.warning("echo: %s", error)
+        return False, error
     try:
         rsp = assoc.send_c_echo()
     finally:
@@ -299,7 +308,10 @@ def echo(dest: Destination, calling_ae: str, timeout_s: float = 10.0) -> bool:
             assoc.release()
     ok = "Status" in rsp and rsp.Status == Status.SUCCESS
     log.info("echo %s from %s: %s", _where(dest), calling_ae, "success" if ok else "failed")
-    return bool(ok)
+    if ok:
+        return True, f"{_where(dest)} answered C-ECHO with Success"
+    status = f"0x{int(rsp.Status):04X}" if "Status" in rsp else "no response (timed out or aborted)"
+    return False, f"{_where(dest)} answered C-ECHO with status {status}; expected Success (0x0000)"
 
 
 Sender = Callable[[Destination, Sequence[Path], str, float], list[SendOutcome]]
@@ -315,6 +327,9 @@ class Outbox:
         calling_ae: our AE title, unless a destination names its own ``calling_ae``.
         sender: ``send_files`` (tests may pass a fake).
         batch: entries per association.
+        live: the live settings: destinations and the send keys follow the console's changes (read before each
+            round); None: ``destinations`` and ``settings`` as given.
+        audit: the audit trail of results sent and rejected; None: none kept.
     """
 
     def __init__(
@@ -326,7 +341,11 @@ class Outbox:
         *,
         sender: Sender = send_files,
         batch: int = 8,
+        live: LiveSettings | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
+        self.live = live
+        self.audit = audit
         self.store = store
         self.destinations = {d.name: d for d in destinations}
         self.settings = settings
@@ -350,6 +369,10 @@ class Outbox:
             The number of entries tried (sent, rescheduled or rejected).
         """
         now = now or utcnow()
+        if self.live is not None:
+            current = self.live.refresh()
+            self.destinations = {d.name: d for d in current.destinations}
+            self.settings = current.send
         tried = 0
         while entries := self.store.due_outbox(now, limit=self.batch * 4, claim_s=self.claim_s, owner=self.owner):
             by_dest: dict[str, list[OutboxEntry]] = {}
@@ -408,12 +431,23 @@ class Outbox:
 
     def _record(self, dest: Destination, entry: OutboxEntry, outcome: SendOutcome, now: dt.datetime) -> None:
         what = f"{entry.kind} {entry.sop_instance_uid} to {dest.name} ({dest.ae_title})"
+        SEND_ATTEMPTS.labels(dest.name, {Verdict.SENT: "sent", Verdict.REJECTED: "rejected"}.get(
+            outcome.verdict, "retry")).inc()
+        if outcome.verdict is not Verdict.SENT:
+            SEND_FAILURES.labels(dest.name).inc()
         if outcome.verdict is Verdict.SENT:
             self.store.mark_sent(entry.id)
             log.info("sent %s%s", what, f" with warning: {outcome.error}" if outcome.error else "")
+            if self.audit is not None:
+                self.audit.record("result_sent", "success", dest.name, f"{dest.host}:{dest.port}", kind=entry.kind,
+                                  sop_instance_uid=entry.sop_instance_uid, called=dest.ae_title)
         elif outcome.verdict is Verdict.REJECTED:
             self.store.mark_rejected(entry.id, outcome.error)
             log.error("rejected for good: %s: %s", what, outcome.error)
+            if self.audit is not None:
+                self.audit.record("result_rejected", "failure", dest.name, f"{dest.host}:{dest.port}",
+                                  kind=entry.kind, sop_instance_uid=entry.sop_instance_uid, called=dest.ae_title,
+                                  reason=outcome.error)
         else:
             attempts = entry.attempts + 1
             delay = self.retry_delay(attempts)

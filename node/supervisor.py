@@ -42,6 +42,7 @@ from ai.errors import ModelPackageError
 from node.backoff import backoff_s
 from node.config import Settings
 from node.leases import QUARANTINE_AFTER, HeartbeatState, JobHeartbeat, owner_is_dead, process_owner
+from node.live import LiveSettings
 from storage.db import INCIDENT_CRASH, INCIDENT_MEMORY, INCIDENT_STALL
 from storage.queue import Store
 
@@ -144,8 +145,10 @@ def run_worker_child(
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         sys.exit(1)
     store = Store(make_engine(settings.database_url), max_attempts=settings.worker.max_attempts)
+    live = LiveSettings(settings, store)  # destinations and thresholds as the console changes them
+    live.refresh()
     worker = Worker(store, ensemble, settings, owner=process_owner(os.getpid()), on_done=results.set,
-                    heartbeat=heartbeat, gate=gate, shadow=shadow)
+                    heartbeat=heartbeat, gate=gate, shadow=shadow, live=live)
     manifest = ensemble.manifest
     heartbeat.beat()
     conn.send(("ready", f"{manifest.name} {manifest.version} on {', '.join(ensemble.providers)}"))

@@ -41,12 +41,14 @@ from pydicom.errors import InvalidDicomError
 
 from ai.analyse import Analysis, analyse_dataset, analyse_image
 from ai.applicability import patient_age_years
-from ai.ensemble import Ensemble
+from ai.ensemble import Ensemble, Finding
 from ai.errors import PROCESS_EXITS, ImageRefused, PermanentError, UnsupportedImage
 from ai.gate import InputGate
 from node.backoff import backoff_s
 from node.config import Settings
 from node.leases import QUARANTINE_AFTER, JobHeartbeat, default_owner
+from node.live import LiveSettings
+from node.metrics import INFERENCE_SECONDS, JOBS_FINISHED, PROCESSING_SECONDS
 from node.privacy import describe, message_of
 from node.results import (
     AlgorithmInfo,
@@ -94,6 +96,7 @@ class Worker:
         heartbeat: JobHeartbeat | None = None,
         gate: InputGate | None = None,
         shadow: Ensemble | None = None,
+        live: LiveSettings | None = None,
     ) -> None:
         self.store = store
         self.shadow = shadow
@@ -106,9 +109,33 @@ class Worker:
         self.data_dir = settings.data_path
         manifest = ensemble.manifest
         self.algorithm = AlgorithmInfo(name=manifest.name, version=manifest.version)
-        self.destinations = [d.name for d in settings.destinations if not d.shadow]  # shadow ones: kept, not sent
+        self.live = live
         self.shadow_sites = set(settings.sites.shadow)
         self.device_ae = settings.scp.ae_title
+
+    @property
+    def destinations(self) -> list[str]:
+        """The destinations a job's results are queued for (shadow ones: kept, never sent), as in force now."""
+        current = self.live.current if self.live is not None else self.settings
+        return [d.name for d in current.destinations if not d.shadow]
+
+    def console_thresholds(self, findings: Sequence[Finding]) -> list[Finding]:
+        """The findings with the console's threshold overrides in force (``PUT /api/v1/thresholds``; they win over
+        node.toml's and lose to a site's accepted threshold)."""
+        if self.live is None:
+            return list(findings)
+        changes = self.live.changes
+        out = []
+        for f in findings:
+            change = changes.get(f"thresholds.{f.label}")
+            if change is None or change.new_value is None:
+                out.append(f)
+                continue
+            value = float(change.new_value)  # type: ignore[arg-type]
+            method = f"console override v{change.id} by {change.changed_by} ({change.changed_at:%Y-%m-%d})"
+            out.append(dataclasses.replace(f, threshold=value, threshold_method=method,
+                                           positive=(not f.not_applicable) and f.probability >= value))
+        return out
 
     def run_once(self) -> bool:
         """Lease and run one job; False when no job was due (or results wait for disk space).
@@ -119,6 +146,8 @@ class Worker:
         """
         if not self.results_space_ok():  # results wait for disk space: analysing now would be wasted
             return False
+        if self.live is not None:
+            self.live.refresh()  # destinations and thresholds as the console has them now
         job = self.store.lease_job(self.owner, self.settings.worker.lease_s)
         if job is None:
             return False
@@ -131,7 +160,10 @@ class Worker:
             raise
         except BaseException as exc:  # nothing a job throws stops the worker loop
             self._fail(job, exc if isinstance(exc, Exception) else escaped_error(exc))
+            JOBS_FINISHED.labels("failed").inc()
         else:
+            JOBS_FINISHED.labels(outcome).inc()
+            PROCESSING_SECONDS.observe(time.perf_counter() - started)
             log.info("job %d: %s %s in %.0f ms (%s)", job.job_id, job.sop_instance_uid, outcome,
                      1000 * (time.perf_counter() - started), ", ".join(kinds) or "no results")
         finally:
@@ -198,7 +230,8 @@ class Worker:
         # a site in its validation period ([sites] shadow): its results are kept, not delivered
         destinations = [] if site in self.shadow_sites else self.destinations
         try:
-            analysis = analyse_dataset(ds, self.ensemble, self.gate)
+            with INFERENCE_SECONDS.time():
+                analysis = analyse_dataset(ds, self.ensemble, self.gate)
         except ImageRefused as exc:
             log.warning("job %d: %s not analysed: %s", job.job_id, job.sop_instance_uid, exc.reason)
             objects = [("failure_sr", build_failure_sr(ds, exc.reason, self.algorithm, device_ae=self.device_ae,
@@ -213,6 +246,7 @@ class Worker:
             objects = [("failure_sr", build_failure_sr(ds, reason, self.algorithm, device_ae=self.device_ae))]
         else:
             manifest = self.ensemble.manifest
+            analysis = dataclasses.replace(analysis, findings=self.console_thresholds(analysis.findings))
             accepted = self.store.site_thresholds(manifest.version, site)
             if accepted:  # the site's own thresholds, accepted for this model version
                 analysis = dataclasses.replace(

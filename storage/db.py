@@ -252,6 +252,54 @@ class SiteThreshold(Base):
     accepted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
+class ConfigChange(Base):
+    """One change of a setting made in the console or its API (append-only: the row with the highest ``id`` for a
+    key is in force; ``new_value`` null removes the console's value, so node.toml's applies again).
+
+    Keys: ``scp.<key>``, ``send.<key>``, ``destinations.<name>`` (the destination as a JSON object) and
+    ``thresholds.<label>``. Values are JSON. No patient values.
+    """
+
+    __tablename__ = "config_changes"
+    __table_args__ = (Index("ix_config_changes_key_id", "key", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(128))
+    old_value: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: the effective value before
+    new_value: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON; null: back to node.toml's
+    changed_by: Mapped[str] = mapped_column(String(64))
+    changed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class User(Base):
+    """A console user: a name, a role and a password hash (argon2id); failed logins lock the name for a while."""
+
+    __tablename__ = "users"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))  # "admin" or "viewer"
+    password_hash: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)  # consecutive, reset by a good login
+    locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class AuditEvent(Base):
+    """One security-relevant event (append-only): associations accepted or refused, results sent or rejected,
+    configuration changes, logins and failed logins. ``detail`` holds AE titles, addresses, UIDs and reasons,
+    never patient values."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    event: Mapped[str] = mapped_column(String(32), index=True)  # one of node.audit.EVENTS
+    outcome: Mapped[str] = mapped_column(String(16))  # "success" or "failure"
+    actor: Mapped[str] = mapped_column(String(64))  # a user, a calling AE title or "node"
+    address: Mapped[str] = mapped_column(String(64), default="")  # the peer's IP address, if any
+    detail: Mapped[str] = mapped_column(Text, default="")  # JSON object
+
+
 # Kinds of job incidents: how the analysis process ended while running a job
 INCIDENT_CRASH = "crash"  # the process died (a signal, a native crash, the kernel's OOM killer)
 INCIDENT_STALL = "stall"  # killed by its supervisor: the job ran longer than worker.job_timeout_s

@@ -16,6 +16,8 @@ connection lost, a deadlock) is raised as ``RetryableError``.
 - ``storage.retention``: ``purge_before``;
 - ``storage.scores``: the per-site score history (``score_sites``, ``site_scores``; written by ``complete_job``)
   and the site thresholds in force (``accept_site_threshold``, ``site_thresholds``);
+- ``storage.console``: the console's configuration changes (``record_config_change``, ``config_overrides``),
+  users and the audit trail (``audit``, ``audit_events``);
 
 on ``storage.store_base.StoreBase`` (engine, clock, transactions), with the records of ``storage.records``.
 
@@ -25,6 +27,7 @@ must keep their clocks synchronised (NTP) to within a small fraction of the leas
 
 from __future__ import annotations
 
+from storage.console import ConsoleStore, DuplicateUser
 from storage.instances import InstanceStore
 from storage.jobs import DISK_WAIT_ERROR, JobStore
 from storage.outbox import OutboxStore
@@ -49,6 +52,7 @@ __all__ = [
     "MAX_ERROR_CHARS",
     "AcceptedThreshold",
     "ConflictingInstance",
+    "DuplicateUser",
     "Incident",
     "LeasedJob",
     "OutboxEntry",
@@ -60,7 +64,7 @@ __all__ = [
 ]
 
 
-class Store(InstanceStore, JobStore, OutboxStore, StatusStore, RetentionStore, ScoreStore):
+class Store(InstanceStore, JobStore, OutboxStore, StatusStore, RetentionStore, ScoreStore, ConsoleStore):
     """The queue and outbox on one engine (built once in the composition root and shared).
 
     Args:

@@ -127,3 +127,39 @@ class AcceptedThreshold:
 def clip_error(text: str) -> str:
     """``text`` cut to ``MAX_ERROR_CHARS`` (an ellipsis marks the cut)."""
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+@dataclass(frozen=True)
+class ConfigChangeRecord:
+    """One console change of a setting (``storage.db.ConfigChange``); values are decoded JSON (None: removed)."""
+
+    id: int
+    key: str
+    old_value: object
+    new_value: object
+    changed_by: str
+    changed_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A console user without the password hash."""
+
+    name: str
+    role: str
+    created_at: dt.datetime
+    failed_logins: int
+    locked_until: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit-trail event (``storage.db.AuditEvent``), ``detail`` decoded."""
+
+    id: int
+    at: dt.datetime
+    event: str
+    outcome: str
+    actor: str
+    address: str
+    detail: dict[str, object]

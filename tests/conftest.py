@@ -13,6 +13,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The console ([web], on by default on 127.0.0.1:8080) is off in every node the tests start, unless a test turns it
+# on (CXR_WEB_ENABLED=true in that node's environment, with a port of its own): nodes started side by side would
+# otherwise all take port 8080.
+os.environ.setdefault("CXR_WEB_ENABLED", "false")
+
 
 def shared_data_dir() -> Path | None:
     """``$CXR_DATA_DIR`` or ``../shared/data`` beside the repository; None when absent."""

@@ -128,11 +128,11 @@ def scp_port(cfg: Path) -> int:
 class NodeProcess:
     """`cxr-node serve` as a real process (what an administrator runs)."""
 
-    def __init__(self, cfg: Path, role: str = "all", name: str = "node") -> None:
+    def __init__(self, cfg: Path, role: str = "all", name: str = "node", env: dict[str, str] | None = None) -> None:
         self.cfg = cfg
         self.log_path = cfg.parent / f"{name}.log"
         self.log = self.log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "serve", "--config", str(cfg), "--role", role],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
