@@ -234,6 +234,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     status["conflicts"] = store.conflicts(recent=args.recent)
     status["recent_results"] = [report_summary(row) for row in store.recent_reports(recent=args.recent)]
     status["drift_alerts"] = _drift_alerts(settings, store)
+    status["settings"] = _setting_sources(settings, store)
     if args.format == "json":
         print(json.dumps(status, indent=2, default=str))
     else:
@@ -380,9 +381,26 @@ def report_summary(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _setting_sources(settings: Settings, store: Any) -> dict[str, dict[str, Any]]:
+    """Every setting the console can change: its value in force and where it comes from (``node.live``)."""
+    from node.live import LiveSettings, overlay
+
+    live = LiveSettings(overlay(settings, store.config_overrides(), include_restart=True), store)
+    live.refresh()
+    return live.sources()
+
+
 def format_status(status: dict[str, Any]) -> str:
-    """Human-readable status: queue counts, outbox per destination, recent failures."""
+    """Human-readable status: queue counts, outbox per destination, recent failures, settings not at their
+    default and where they come from."""
     lines = ["jobs:    " + ", ".join(f"{k} {v}" for k, v in sorted(status.get("jobs", {}).items()))]
+    for key, s in sorted(status.get("settings", {}).items()):
+        if s["source"] == "default":
+            continue
+        where = (f"console v{s['version']} by {s['changed_by']} at {s['changed_at']}"
+                 f"{', takes effect at the next start' if s.get('pending_restart') else ''}"
+                 if s["source"] == "console" else s["source"])
+        lines.append(f"setting {key} = {json.dumps(s['value'])} ({where})")
     lines.extend(f"ALERT:   {line}" for line in status.get("drift_alerts", []))
     if status.get("waiting_for_disk"):
         lines.append(f"ALERT:   {status['waiting_for_disk']} job(s) wait for disk space to write their results")

@@ -142,6 +142,11 @@ def test_api_roles_destinations_echo_receiving_audit_and_restart(
     assert any(e["event"] == "login" and e["outcome"] == "failure" and e["actor"] == ADMIN[0] for e in events)
     text = cli(cfg, "audit", "--limit", "500")
     assert text.returncode == 0 and "config_change success ada" in text.stdout
+    status = cli(cfg, "status")
+    assert status.returncode == 0, status.stderr
+    assert 'setting scp.allowed_callers = ["ECHOSCU", "MODALITY"] (console v' in status.stdout
+    assert "takes effect at the next start" in status.stdout and "setting scp.port = " in status.stdout
+    assert "setting scp.require_called_ae" not in status.stdout  # at its default
 
     # persisted across a restart; the pending change is in force after it
     node.stop()

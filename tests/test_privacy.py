@@ -223,6 +223,18 @@ def database_texts(db: Path) -> dict[str, str]:
     return out
 
 
+def metrics_text(folder: Path) -> str:
+    """What /metrics would serve from the counters every node process wrote (prometheus_client's files)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(folder))
+    text = generate_latest(registry).decode()
+    assert "cxr_images_received_total" in text, "the node's processes should have counted what they received"
+    return text
+
+
 def sr_free_text(ds: Dataset) -> str:
     """The SR's own free text: content items (text, code meanings, names) at any depth, and descriptions."""
     parts = [str(ds.get(k, "")) for k in ("SeriesDescription", "ContentDescription", "ContentLabel")]
@@ -311,8 +323,11 @@ def node_outputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[lis
     outputs = {"node stdout/stderr": node.log_text(),
                "status --format json": run_cli(cfg, "status", "--format", "json"),
                "status": run_cli(cfg, "status")}
-    for db in sorted((tmp / "var").rglob("*.db")):
-        outputs.update(database_texts(db))
+    databases = sorted((tmp / "var").glob("*.sqlite"))
+    assert databases, "the node's SQLite database should be in var/"
+    for db in databases:
+        outputs.update(database_texts(db))  # the audit trail, the console's tables and the queue included
+    outputs["metrics"] = metrics_text(tmp / "var" / "metrics")
     for path in sorted((tmp / "var").rglob("results/**/*.dcm")):
         outputs[f"result {path.name}"] = sr_free_text(pydicom.dcmread(path))
     yield cases, outputs

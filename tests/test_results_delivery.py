@@ -303,7 +303,7 @@ def test_results_wait_for_disk_space_then_are_all_written_and_sent(  # type: ign
 ) -> None:
     settings, store, worker = node_setup(tmp_path, small_fs / "var", ensemble, max_attempts=2, retry_initial_s=0.0)
     settings = replace(settings, destinations=(destination(pacs),))
-    worker.settings, worker.destinations = settings, ["pacs"]
+    worker.settings = settings  # its destinations come from its settings (no live settings here)
     images = [chest(rows=256, cols=200) for _ in range(4)]
     for ds in images:
         enqueue(store, settings.data_path, ds)
