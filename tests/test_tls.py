@@ -1,4 +1,5 @@
-"""DICOM TLS (node/tls.py): the ``[scp.tls]`` and destination TLS keys of the configuration, and the TLS contexts.
+"""DICOM TLS (node/tls.py): the node's TLS listener against dcmtk's echoscu and storescu, and the ``[scp.tls]``
+and destination TLS keys of the configuration.
 
 The certificates are made here with openssl, EC P-256 (milliseconds): a CA, a server certificate (for
 127.0.0.1) and a client certificate it signed, and a client certificate of another CA (a stranger).
@@ -7,18 +8,46 @@ Tests that need openssl or a dcmtk built with TLS skip, naming what is missing.
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
+import signal
+import socket
 import ssl
 import subprocess
+import sys
 import tomllib
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE, _config
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
-from node.config import ConfigError, Destination, ScpTlsSettings, load_settings
+from node.config import (
+    ConfigError,
+    Destination,
+    ScpSettings,
+    ScpTlsSettings,
+    Settings,
+    StorageSettings,
+    load_settings,
+)
+from node.filter import FilterRules
+from node.health import check_scp
+from node.intake import Intake
+from node.receive import make_ae, start_scp
+from node.scp_server import NoDelayAssociationServer
 from node.tls import client_context
-from tests.conftest import REPO
+from storage.db import Instance, make_engine
+from storage.queue import Store
+from tests.conftest import REPO, free_port, require_tool
+from tests.peers import DCMTK_ENV, wait_for
+from tests.test_scp_processes import CR_IMAGE_STORAGE, STORED, write_cr
 
 EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
 
@@ -215,3 +244,187 @@ def test_client_context_is_tls_1_2_or_later_and_verifies_against_the_ca_only(pki
     assert context.verify_mode == ssl.CERT_REQUIRED and not context.check_hostname
     assert context.options & ssl.OP_NO_COMPRESSION
     assert [c["subject"] for c in context.get_ca_certs()] == [((("commonName", "ca"),),)]
+
+
+# --- the listener --------------------------------------------------------------------------------
+
+
+def dcmtk_tls(name: str) -> str:
+    """A dcmtk program built with TLS (OpenSSL), or skip the test saying which is missing."""
+    path = require_tool(name)
+    usage = subprocess.run([path, "--help"], capture_output=True, text=True, check=False).stdout
+    if "+tls" not in usage:
+        pytest.skip(f"{name} is built without TLS support (dcmtk needs OpenSSL for +tls)")
+    return path
+
+
+def trusted(pki: Pki) -> list[str]:
+    """dcmtk's options for a client with a certificate of the node's CA, verifying the node's certificate."""
+    return ["+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca)]
+
+
+def echoscu(port: int, *options: str) -> subprocess.CompletedProcess[str]:
+    cmd = [dcmtk_tls("echoscu"), "-aet", "MODALITY", "-aec", "CXR-AI", "-to", "10", *options, "127.0.0.1", str(port)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=DCMTK_ENV, check=False)
+
+
+def storescu(port: int, path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    cmd = [dcmtk_tls("storescu"), "-aet", "MODALITY", "-aec", "CXR-AI", "-to", "10", *options, "127.0.0.1",
+           str(port), str(path)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=DCMTK_ENV, check=False)
+
+
+@pytest.fixture(autouse=True)
+def _restore_pynetdicom_config() -> Iterator[None]:
+    """make_ae switches chunked receive on process-wide; leave pynetdicom as we found it."""
+    saved = (_config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET)
+    yield
+    _config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET = saved
+
+
+@dataclass
+class Scp:
+    """The node's SCP listening plain and with TLS, on free ports, with its SQLite store."""
+
+    settings: Settings
+    engine: Engine
+    plain: NoDelayAssociationServer
+    tls: NoDelayAssociationServer
+
+    @property
+    def port(self) -> int:
+        return int(self.plain.server_address[1])
+
+    @property
+    def tls_port(self) -> int:
+        return int(self.tls.server_address[1])
+
+    def stored(self) -> dict[str, Path]:
+        """Every stored instance: its SOPInstanceUID and file."""
+        with Session(self.engine) as s:
+            return {uid: Path(path) for uid, path in s.execute(select(Instance.sop_instance_uid, Instance.path))}
+
+
+@pytest.fixture
+def start_tls_scp(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., Scp]]:
+    """Start the SCP with ``[scp.tls] enabled`` (its keys: the fixture's, overridden by the arguments)."""
+    started: list[Scp] = []
+
+    def start(**tls_keys: Any) -> Scp:
+        tls = ScpTlsSettings(enabled=True, port=0, cert_file=str(pki.server_cert), key_file=str(pki.server_key),
+                             ca_file=str(pki.ca))
+        scp = ScpSettings(port=0, bind_address="127.0.0.1", artim_timeout_s=2.0, tls=replace(tls, **tls_keys))
+        settings = Settings(scp=scp, storage=StorageSettings(data_dir=str(tmp_path / "data"), min_free_mb=0))
+        engine = make_engine(f"sqlite:///{tmp_path / 'node.sqlite'}")
+        intake = Intake(settings.data_path, Store(engine), settings, FilterRules.load(None))
+        ae = make_ae(settings)
+        node = Scp(settings, engine, start_scp(settings, intake, ae), start_scp(settings, intake, ae, tls=True))
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.plain.shutdown()
+        node.tls.shutdown()
+        node.engine.dispose()
+
+
+@pytest.mark.integration
+def test_tls_listener_answers_echo_and_stores_what_storescu_sends(
+    start_tls_scp: Callable[..., Scp], pki: Pki, tmp_path: Path
+) -> None:
+    node = start_tls_scp()
+    echoed = echoscu(node.tls_port, *trusted(pki))
+    assert echoed.returncode == 0, echoed.stdout + echoed.stderr
+    path, sop_uid = write_cr(tmp_path, 1, generate_uid())
+    sent = storescu(node.tls_port, path, *trusted(pki))
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    stored = node.stored()
+    assert list(stored) == [sop_uid] and stored[sop_uid].is_file()
+
+
+@pytest.mark.integration
+def test_required_client_certificate_refuses_strangers_and_anonymous_clients_beside_the_plain_port(
+    start_tls_scp: Callable[..., Scp], pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = start_tls_scp(require_client_cert=True)
+    caplog.set_level(logging.WARNING, logger="node.transport")
+    stranger = echoscu(node.tls_port, "+tls", str(pki.stranger_key), str(pki.stranger_cert), "+cf", str(pki.ca))
+    assert stranger.returncode != 0, "a client certificate of another CA was accepted"
+    anonymous = echoscu(node.tls_port, "+tla", "+cf", str(pki.ca))
+    assert anonymous.returncode != 0, "a client without a certificate was accepted"
+    plain_to_tls = echoscu(node.tls_port)
+    assert plain_to_tls.returncode != 0, "a plain DICOM client was accepted on the TLS port"
+    failures = re.findall(r"TLS handshake with 127\.0\.0\.1 failed: (.*): connection closed", caplog.text)
+    assert len(failures) == 3, caplog.text
+    assert "certificate verify failed" in failures[0] and "certificate" in failures[1], failures
+    assert echoscu(node.port).returncode == 0, "the plain port stopped answering"
+    assert echoscu(node.tls_port, *trusted(pki)).returncode == 0, "a trusted client was refused"
+    wait_for(lambda: node.tls.peer_slots.held("127.0.0.1") == 0, 10, what="every connection's slot released")
+
+
+@pytest.mark.integration
+def test_a_silent_client_does_not_hold_up_the_others_and_is_closed_at_the_artim_timeout(
+    start_tls_scp: Callable[..., Scp], pki: Pki
+) -> None:
+    """The handshake runs in the connection's own thread, within scp.artim_timeout_s (2 s here) of the accept."""
+    node = start_tls_scp()
+    with socket.create_connection(("127.0.0.1", node.tls_port)) as silent:
+        silent.settimeout(10)
+        answered = echoscu(node.tls_port, *trusted(pki))
+        assert answered.returncode == 0, answered.stdout + answered.stderr
+        assert silent.recv(1) == b"", "the silent connection was not closed"
+    wait_for(lambda: node.tls.peer_slots.held("127.0.0.1") == 0, 10, what="the silent connection's slot released")
+
+
+@pytest.mark.integration
+def test_health_checks_a_tls_only_listener_over_tls(start_tls_scp: Callable[..., Scp], pki: Pki) -> None:
+    node = start_tls_scp(require_client_cert=True)
+    tls_only = replace(node.settings.scp, tls=replace(node.settings.scp.tls, port=node.tls_port, only=True))
+    check = check_scp(replace(node.settings, scp=tls_only), timeout_s=5)
+    assert check.ok and "(TLS)" in check.detail, check.detail
+
+
+# --- scp.processes > 1 ---------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_every_scp_process_accepts_on_the_tls_port(tmp_path: Path, pki: Pki) -> None:
+    """``cxr-node serve --role scp`` with two processes: two TLS associations held at once go one to each."""
+    tls_port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[scp]\nport = {free_port()}\nbind_address = "127.0.0.1"\nprocesses = 2\n'
+                      f'[scp.tls]\nenabled = true\nport = {tls_port}\ncert_file = "{pki.server_cert}"\n'
+                      f'key_file = "{pki.server_key}"\nca_file = "{pki.ca}"\nrequire_client_cert = true\n'
+                      f'[storage]\ndata_dir = "{tmp_path / "data"}"\nmin_free_mb = 1\n')
+    log_path = tmp_path / "node.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config), "--role", "scp"],
+                                cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    try:
+        listening = re.compile(rf"2 SCP processes listening on port \d+ and TLS port {tls_port}: pids ([\d, ]+)")
+        found = wait_for(lambda: listening.search(log_path.read_text()) or proc.poll() is not None, 60,
+                         what="two SCP processes listening")
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        pids = {int(p) for p in found.group(1).split(",")}
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CR_IMAGE_STORAGE)
+        tls = client_context(str(pki.ca), str(pki.client_cert), str(pki.client_key))
+        held, sent = [], []
+        for k in range(2):
+            assoc = ae.associate("127.0.0.1", tls_port, ae_title="CXR-AI", tls_args=(tls, "127.0.0.1"))
+            assert assoc.is_established, log_path.read_text()[-3000:]
+            held.append(assoc)
+            path, uid = write_cr(tmp_path, k, generate_uid())
+            assert assoc.send_c_store(path).Status == 0x0000
+            sent.append(uid)
+        by_uid = {uid: int(pid) for pid, uid in STORED.findall(log_path.read_text())}
+        for assoc in held:
+            assoc.release()
+        assert {by_uid[uid] for uid in sent} == pids, by_uid
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
