@@ -1,5 +1,5 @@
-"""DICOM TLS (node/tls.py): the node's TLS listener against dcmtk's echoscu and storescu, and the ``[scp.tls]``
-and destination TLS keys of the configuration.
+"""DICOM TLS (node/tls.py): the node's TLS listener against dcmtk's echoscu and storescu, its sender against
+dcmtk's storescp, and the ``[scp.tls]`` and destination TLS keys of the configuration.
 
 The certificates are made here with openssl, EC P-256 (milliseconds): a CA, a server certificate (for
 127.0.0.1) and a client certificate it signed, and a client certificate of another CA (a stranger).
@@ -8,6 +8,7 @@ Tests that need openssl or a dcmtk built with TLS skip, naming what is missing.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import re
 import shutil
@@ -33,6 +34,7 @@ from node.config import (
     Destination,
     ScpSettings,
     ScpTlsSettings,
+    SendSettings,
     Settings,
     StorageSettings,
     load_settings,
@@ -42,12 +44,14 @@ from node.health import check_scp
 from node.intake import Intake
 from node.receive import make_ae, start_scp
 from node.scp_server import NoDelayAssociationServer
+from node.send import Outbox, Verdict, echo, send_files
 from node.tls import client_context
 from storage.db import Instance, make_engine
 from storage.queue import Store
 from tests.conftest import REPO, free_port, require_tool
 from tests.peers import DCMTK_ENV, wait_for
 from tests.test_scp_processes import CR_IMAGE_STORAGE, STORED, write_cr
+from tests.test_send import T0, make_file, make_outbox_store, received, storescp
 
 EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
 
@@ -428,3 +432,68 @@ def test_every_scp_process_accepts_on_the_tls_port(tmp_path: Path, pki: Pki) -> 
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+# --- destinations --------------------------------------------------------------------------------
+
+
+def tls_pacs(port: int, pki: Pki, **keys: Any) -> Destination:
+    """A ``tls = true`` destination: the PACS on this machine, its certificate checked against the test CA."""
+    dest = Destination("pacs", "PACS", "127.0.0.1", port, tls=True, ca_file=str(pki.ca),
+                       cert_file=str(pki.client_cert), key_file=str(pki.client_key))
+    return replace(dest, **keys)
+
+
+def tls_storescp(pki: Pki) -> list[str]:
+    """storescp's options: TLS with the server certificate, client certificates required (dcmtk's default)."""
+    dcmtk_tls("storescp")
+    return ["+tls", str(pki.server_key), str(pki.server_cert), "+cf", str(pki.ca)]
+
+
+@pytest.mark.integration
+def test_tls_destination_receives_results_and_answers_echo(tmp_path: Path, port: int, pki: Pki) -> None:
+    paths = [make_file(tmp_path, n) for n in range(2)]
+    with storescp(tmp_path, port, *tls_storescp(pki)) as out:
+        assert echo(tls_pacs(port, pki), "CXR-AI", timeout_s=5)
+        outcomes = send_files(tls_pacs(port, pki, check_hostname=True), paths, "CXR-AI", timeout_s=5)
+    assert [o.verdict for o in outcomes] == [Verdict.SENT] * 2, [o.error for o in outcomes]
+    assert set(received(out)) == {o.sop_instance_uid for o in outcomes}
+
+
+@pytest.mark.integration
+def test_untrusted_or_misnamed_destination_certificate_is_a_retryable_failure_that_says_so(
+    tmp_path: Path, port: int, pki: Pki
+) -> None:
+    path = make_file(tmp_path, 1)
+    with storescp(tmp_path, port, *tls_storescp(pki)) as out:
+        (untrusted,) = send_files(tls_pacs(port, pki, ca_file=str(pki.other_ca)), [path], "CXR-AI", timeout_s=5)
+        (misnamed,) = send_files(tls_pacs(port, pki, host="localhost", check_hostname=True), [path], "CXR-AI",
+                                 timeout_s=5)
+        (ours_refused,) = send_files(tls_pacs(port, pki, cert_file=str(pki.stranger_cert),
+                                              key_file=str(pki.stranger_key)), [path], "CXR-AI", timeout_s=5)
+    assert received(out) == {}
+    assert untrusted.verdict is Verdict.RETRYABLE and not untrusted.associated
+    assert untrusted.error.startswith(f"TLS handshake with pacs (PACS@127.0.0.1:{port}) failed: certificate verify "
+                                      "failed"), untrusted.error
+    assert str(pki.other_ca) in untrusted.error
+    assert misnamed.verdict is Verdict.RETRYABLE and "Hostname mismatch" in misnamed.error, misnamed.error
+    assert "names localhost" in misnamed.error, misnamed.error
+    assert ours_refused.verdict is Verdict.RETRYABLE and "TLS handshake with pacs" in ours_refused.error, \
+        ours_refused.error
+
+
+@pytest.mark.integration
+def test_outbox_keeps_results_that_failed_the_handshake_and_delivers_them_once_trusted(
+    tmp_path: Path, port: int, pki: Pki
+) -> None:
+    store = make_outbox_store(tmp_path, [make_file(tmp_path, 1)], ["pacs"])
+    settings = SendSettings(retry_initial_s=10, retry_max_s=15, timeout_s=5)
+    with storescp(tmp_path, port, *tls_storescp(pki)) as out:
+        wrong_ca = Outbox(store, [tls_pacs(port, pki, ca_file=str(pki.other_ca))], settings, "CXR-AI")
+        assert wrong_ca.run_due(T0) == 1
+        (entry,) = store.due_outbox(T0 + dt.timedelta(seconds=10))
+        assert entry.state == "failed" and "certificate verify failed" in (entry.last_error or "")
+        fixed = Outbox(store, [tls_pacs(port, pki)], settings, "CXR-AI")
+        assert fixed.run_due(T0 + dt.timedelta(seconds=10)) == 1
+    assert len(received(out)) == 1
+    assert store.status()["outbox"]["pacs"]["sent"] == 1
