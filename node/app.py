@@ -18,8 +18,10 @@ listening socket and accept on it too; an idle process takes a new association b
 (``node.scp_server.SharedSocketAssociationServer``). Each child builds its own engine,
 ``Store`` and ``Intake`` from the pickled settings (an engine is never shared across processes); SQLite
 (WAL, ``BEGIN IMMEDIATE``, ``busy_timeout``) and PostgreSQL both take several writer processes.
-``scp.max_associations`` applies per process. The parent stops its children on SIGTERM/SIGINT (SIGTERM,
-then SIGKILL after ``CHILD_STOP_S``); a child stops by itself when its parent is gone. A child that
+``scp.max_associations`` applies per process. With ``[scp.tls] enabled`` the TLS listening socket is
+handed to the children as well, and each child loads the certificate and key itself. The parent stops
+its children on SIGTERM/SIGINT (SIGTERM, then SIGKILL after ``CHILD_STOP_S``); a child stops by itself
+when its parent is gone. A child that
 dies while the node runs is logged and **stops the whole node with a non-zero exit status** (no
 restart here: the service manager, e.g. systemd ``Restart=on-failure``, restarts the node as a whole,
 so a crash loop is visible instead of hidden).
@@ -48,7 +50,7 @@ from node.intake import Intake
 from node.leases import owner_is_dead
 from node.live import LiveSettings, overlay
 from node.packages import check_model_package
-from node.receive import start_scp
+from node.receive import make_ae, start_scp
 from node.scheduler import NodeScheduler
 from node.send import Outbox
 from node.supervisor import WorkerProcessError, WorkerSupervisor
@@ -78,10 +80,12 @@ class Node:
     store: Store = field(init=False)
     stop_event: threading.Event = field(default_factory=threading.Event)
     _server: Any = None
+    _tls_server: Any = None
     _scheduler: NodeScheduler | None = None
     _supervisor: WorkerSupervisor | None = None
     scp_child: bool = False  # one of the N-1 additional SCP processes (started by the parent node)
     listen_socket: socket.socket | None = None  # a child's: the parent's listening socket
+    tls_listen_socket: socket.socket | None = None  # a child's: the parent's TLS listening socket ([scp.tls])
     failed: str = ""  # why the node stopped on its own (a dead SCP child); serve exits non-zero
     _children: list[BaseProcess] = field(default_factory=list)
     _web: Any = None
@@ -123,8 +127,14 @@ class Node:
         if self.role in ("all", "scp"):
             rules = FilterRules.for_settings(s)
             intake = Intake(s.data_path, self.store, s, rules)
-            self._server = start_scp(s, intake, listen_socket=self.listen_socket, live=self.live, audit=self.audit)
-            log.info("SCP %s listening on %s:%d", s.scp.ae_title, s.scp.bind_address, self.port)
+            ae = make_ae(s)
+            if not s.scp.tls.only:
+                self._server = start_scp(s, intake, ae, listen_socket=self.listen_socket, live=self.live,
+                                         audit=self.audit)
+            if s.scp.tls.enabled:
+                self._tls_server = start_scp(s, intake, ae, listen_socket=self.tls_listen_socket, live=self.live,
+                                             audit=self.audit, tls=True)
+            log.info("SCP %s listening on %s %s", s.scp.ae_title, s.scp.bind_address, self._ports())
             if s.scp.processes > 1 and not self.scp_child:
                 self._start_children()
         if s.web.enabled and not self.scp_child:
@@ -142,7 +152,8 @@ class Node:
         console = Console(
             self.live, self.store, self.audit, manifest=self.manifest,
             model_loaded=(lambda: supervisor.pid is not None) if supervisor is not None else (lambda: None),
-            scp_listening=(lambda: self._server is not None) if self.role in ("all", "scp") else (lambda: None),
+            scp_listening=(lambda: self._server is not None or self._tls_server is not None)
+            if self.role in ("all", "scp") else (lambda: None),
             scheduler_running=(lambda: scheduler.scheduler.running) if scheduler is not None else (lambda: None),
             kick_send=scheduler.kick_send if scheduler is not None else None)
         self._web = WebServer(build_app(console), self.settings)
@@ -156,19 +167,21 @@ class Node:
     def _start_children(self) -> None:
         """Start ``scp.processes`` - 1 SCP-only processes on the bound port; return once all listen."""
         s = self.settings
-        settings = replace(s, scp=replace(s.scp, port=self.port))  # port 0: the one bound here
+        # port 0: the one bound here
+        settings = replace(s, scp=replace(s.scp, port=self.port, tls=replace(s.scp.tls, port=self.tls_port)))
+        sockets = (self._server.socket if self._server is not None else None,
+                   self._tls_server.socket if self._tls_server is not None else None)
         ctx = multiprocessing.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
         for _ in range(s.scp.processes - 1):
             ready = ctx.Event()
-            child = ctx.Process(target=run_scp_child, args=(settings, level, ready, self._server.socket),
+            child = ctx.Process(target=run_scp_child, args=(settings, level, ready, *sockets),
                                 name="cxr-node-scp", daemon=True)
             child.start()
             self._children.append(child)
             wait_child_ready(child, ready, CHILD_START_S)
         pids = [os.getpid(), *(c.pid for c in self._children)]
-        log.info("%d SCP processes listening on port %d: pids %s", len(pids), self.port,
-                 ", ".join(map(str, pids)))
+        log.info("%d SCP processes listening on %s: pids %s", len(pids), self._ports(), ", ".join(map(str, pids)))
         t = threading.Thread(target=self._watch_children, name="scp-children", daemon=True)
         t.start()
 
@@ -189,15 +202,29 @@ class Node:
         """The port the SCP listens on (useful with port 0)."""
         return int(self._server.server_address[1]) if self._server is not None else self.settings.scp.port
 
+    @property
+    def tls_port(self) -> int:
+        """The port the SCP listens on with TLS (``[scp.tls]``; useful with port 0)."""
+        server = self._tls_server
+        return int(server.server_address[1]) if server is not None else self.settings.scp.tls.port
+
+    def _ports(self) -> str:
+        """The listening ports in words: "port 11112", "port 11112 and TLS port 2762", "TLS port 2762"."""
+        ports = [f"port {self.port}"] if self._server is not None else []
+        if self._tls_server is not None:
+            ports.append(f"TLS port {self.tls_port}")
+        return " and ".join(ports)
+
     def stop(self) -> None:
         """Stop receiving first, then the worker, then the scheduler."""
         self.stop_event.set()
         if self._web is not None:
             self._web.stop()
             self._web = None
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()
+        self._server = self._tls_server = None
         stop_children(self._children, CHILD_STOP_S)
         if self._supervisor is not None:
             self._supervisor.stop()
@@ -262,14 +289,18 @@ def stop_with_parent(parent: BaseProcess, stop_event: threading.Event) -> None:
 
 
 def run_scp_child(
-    settings: Settings, log_level: int, ready: ProcessEvent, listen_socket: socket.socket
+    settings: Settings, log_level: int, ready: ProcessEvent, listen_socket: socket.socket | None,
+    tls_listen_socket: socket.socket | None = None,
 ) -> None:
     """Entry point of an additional SCP process (spawned): accept on the parent's ``listen_socket`` and
-    receive until SIGTERM/SIGINT or the parent is gone."""
+    ``tls_listen_socket`` (each None when the parent has no such listener) and receive until SIGTERM/SIGINT
+    or the parent is gone. The child loads the TLS certificate and key itself (an SSL context cannot be
+    handed to another process)."""
     from node.logs import setup_logging
 
     setup_logging(logging.getLevelName(log_level))
-    node = Node(settings, role="scp", scp_child=True, listen_socket=listen_socket)
+    node = Node(settings, role="scp", scp_child=True, listen_socket=listen_socket,
+                tls_listen_socket=tls_listen_socket)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: node.stop_event.set())
     parent = multiprocessing.parent_process()

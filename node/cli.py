@@ -42,18 +42,23 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     try:
-        listen_socket = _drop_privileges(settings, args.role)
+        listen_socket, tls_listen_socket = _drop_privileges(settings, args.role)
     except (PrivilegeError, OSError) as exc:
         print(f"cxr-node serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     _metrics_dir(settings)
     from node.app import Node, ScpProcessError  # after _metrics_dir: its modules create the metrics
+    from node.tls import TlsFileError
 
     try:
-        Node(settings, role=args.role, listen_socket=listen_socket).serve_forever()
+        Node(settings, role=args.role, listen_socket=listen_socket,
+             tls_listen_socket=tls_listen_socket).serve_forever()
     except ScpProcessError as exc:
         log.error("cxr-node stopped: %s", exc)
         return EXIT_FAILED
+    except TlsFileError as exc:  # loaded when the configuration was, but not by service.user
+        log.error("cxr-node stopped: %s", exc)
+        return EXIT_CONFIG
     return EXIT_OK
 
 
@@ -151,28 +156,34 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _drop_privileges(settings: Settings, role: str) -> socket.socket | None:
-    """Bind the SCP port while privileged (roles all/scp), then run as ``service.user``.
+def _drop_privileges(settings: Settings, role: str) -> tuple[socket.socket | None, socket.socket | None]:
+    """Bind the SCP ports while privileged (roles all/scp), then run as ``service.user``.
 
     Returns:
-        The bound listening socket the SCP takes over, or None when the SCP binds it itself.
+        The bound listening sockets the SCP takes over, plain and TLS (``[scp.tls]``); None for each the SCP
+        binds itself (or does not open).
     """
     from node.privileges import bind_listening_socket, check_runtime_readable, drop_privileges, warn_if_root
 
     if not settings.service.user:
         warn_if_root(settings.service.user)
-        return None
-    listen_socket = None
-    if role in ("all", "scp") and os.geteuid() == 0:
-        listen_socket = bind_listening_socket(settings.scp.bind_address, settings.scp.port)
+        return None, None
+    scp = settings.scp
+    sockets: list[socket.socket | None] = [None, None]
     try:
+        if role in ("all", "scp") and os.geteuid() == 0:
+            if not scp.tls.only:
+                sockets[0] = bind_listening_socket(scp.bind_address, scp.port)
+            if scp.tls.enabled:
+                sockets[1] = bind_listening_socket(scp.bind_address, scp.tls.port)
         drop_privileges(settings.service.user, settings.service.group)
         check_runtime_readable()
     except BaseException:
-        if listen_socket is not None:
-            listen_socket.close()
+        for sock in sockets:
+            if sock is not None:
+                sock.close()
         raise
-    return listen_socket
+    return sockets[0], sockets[1]
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

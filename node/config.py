@@ -1,7 +1,8 @@
 """Configuration step: read the node's TOML file, apply environment overrides, validate every key.
 
 Order of precedence: built-in defaults < TOML file < environment variables (``CXR_<SECTION>_<KEY>``,
-e.g. ``CXR_SCP_PORT=11113``; destinations as JSON in ``CXR_DESTINATIONS``) < command-line flags.
+e.g. ``CXR_SCP_PORT=11113``, ``CXR_SCP_TLS_ENABLED=true`` for ``[scp.tls] enabled``; destinations as JSON in
+``CXR_DESTINATIONS``) < command-line flags.
 Validation collects *all* problems and names each key with what was expected and what was found.
 """
 
@@ -12,14 +13,28 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ai.errors import ConfigError
+from node.tls import TLS_PORT, TlsFileError, client_context, server_context
 
 ENV_PREFIX = "CXR_"
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control
+
+
+@dataclass(frozen=True)
+class ScpTlsSettings:
+    """``[scp.tls]``: a DICOM TLS listener beside (or instead of) the plain one (see node/tls.py)."""
+
+    enabled: bool = False  # listen with TLS on ``port`` as well
+    port: int = TLS_PORT  # the TLS port (2762, IANA dicom-tls); 0 = any free port
+    only: bool = False  # TLS only: the plain ``scp.port`` is not opened
+    cert_file: str = ""  # our certificate (PEM; intermediates after it); required when enabled
+    key_file: str = ""  # its unencrypted private key (PEM); required when enabled
+    ca_file: str = ""  # CA certificates that client certificates must chain to; empty: none requested
+    require_client_cert: bool = False  # refuse clients without a certificate that ca_file trusts
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,7 @@ class ScpSettings:
     network_timeout_s: float = 60.0  # idle limit of an association; also the time one PDU may take to arrive
     artim_timeout_s: float = 10.0  # PS3.8 ARTIM: accept -> whole A-ASSOCIATE-RQ, and abort -> peer's close
     max_associations_per_address: int = 8  # concurrent connections per peer IP address (per SCP process)
+    tls: ScpTlsSettings = field(default_factory=ScpTlsSettings)
 
 
 @dataclass(frozen=True)
@@ -93,6 +109,11 @@ class Destination:
     port: int
     calling_ae: str = ""  # our AE title towards this destination; empty: scp.ae_title
     shadow: bool = False  # a validation period: results for it are stored, never sent
+    tls: bool = False  # DICOM TLS towards it (node/tls.py)
+    ca_file: str = ""  # with tls: CA certificates its certificate must chain to (required)
+    cert_file: str = ""  # with tls: our client certificate (PEM); empty: none presented
+    key_file: str = ""  # with tls: its unencrypted private key (PEM)
+    check_hostname: bool = False  # with tls: its certificate must also name ``host``
 
     def our_ae_title(self, node_ae_title: str) -> str:
         """The calling AE title we use towards this destination: its own ``calling_ae``, else the node's."""
@@ -186,6 +207,14 @@ class Settings:
             return self.storage.database_url
         return f"sqlite:///{(self.data_path / 'cxr-node.sqlite').resolve()}"
 
+    def _tls_summary(self) -> dict[str, Any] | str:
+        """``[scp.tls]`` for the start-up log: its port and client certificate policy (file names, no contents)."""
+        tls = self.scp.tls
+        if not tls.enabled:
+            return "off"
+        clients = ("required" if tls.require_client_cert else "verified if presented") if tls.ca_file else "not asked"
+        return {"port": tls.port, "only": tls.only, "client_certificates": clients, "cert_file": tls.cert_file}
+
     def summary(self) -> dict[str, Any]:
         """The effective configuration for the start-up log, without secrets (passwords in URLs)."""
         url = re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", self.database_url)
@@ -194,11 +223,12 @@ class Settings:
                     "allowed_callers": list(self.scp.allowed_callers),
                     "max_associations": self.scp.max_associations, "processes": self.scp.processes,
                     "max_associations_per_address": self.scp.max_associations_per_address,
-                    "max_pdu": self.scp.max_pdu, "artim_timeout_s": self.scp.artim_timeout_s},
+                    "max_pdu": self.scp.max_pdu, "artim_timeout_s": self.scp.artim_timeout_s,
+                    "tls": self._tls_summary()},
             "database": url,
             "data_dir": str(self.data_path),
-            "destinations": [f"{d.name}={d.ae_title}@{d.host}:{d.port}{' (shadow)' if d.shadow else ''}"
-                             for d in self.destinations],
+            "destinations": [f"{d.name}={d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}"
+                             f"{' (shadow)' if d.shadow else ''}" for d in self.destinations],
             "model": self.model.package or "(bundled)",
             "gate": self.model.gate or "(bundled)",
             "shadow_package": self.model.shadow_package or "(none)",
@@ -256,8 +286,9 @@ def _coerce(key: str, value: Any, default: Any, problems: list[str]) -> Any:
     return value
 
 
-def _section(name: str, raw: Any, problems: list[str]) -> Any:
-    cls = _SECTIONS[name]
+def _section(name: str, raw: Any, problems: list[str], cls: type | None = None) -> Any:
+    """One table of the file (``cls``: its settings class; None: the section ``name``'s)."""
+    cls = cls or _SECTIONS[name]
     default = cls()
     if raw is None:
         return default
@@ -269,6 +300,9 @@ def _section(name: str, raw: Any, problems: list[str]) -> Any:
     for key, value in raw.items():
         if key not in known:
             problems.append(f"{name}.{key}: unknown key (expected one of {', '.join(sorted(known))})")
+            continue
+        if is_dataclass(getattr(default, key)):  # a table in the table, such as [scp.tls]
+            values[key] = _section(f"{name}.{key}", value, problems, type(getattr(default, key)))
             continue
         v = _coerce(f"{name}.{key}", value, getattr(default, key), problems)
         if v is not None:
@@ -284,6 +318,7 @@ def _destinations(raw: Any, problems: list[str]) -> tuple[Destination, ...]:
         return ()
     out: list[Destination] = []
     required = {"name": "", "ae_title": "", "host": "", "port": 0}
+    optional = {f.name: f.default for f in fields(Destination) if f.name not in required}
     for i, item in enumerate(raw):
         where = f"destinations[{i}]"
         if not isinstance(item, dict):
@@ -291,20 +326,18 @@ def _destinations(raw: Any, problems: list[str]) -> tuple[Destination, ...]:
             continue
         before = len(problems)
         for key in item:
-            if key not in (*required, "calling_ae", "shadow"):
-                problems.append(f"{where}.{key}: unknown key (expected name, ae_title, host, port, calling_ae, "
-                                "shadow)")
+            if key not in (*required, *optional):
+                problems.append(f"{where}.{key}: unknown key (expected {', '.join((*required, *optional))})")
         for key, default in required.items():
             if key not in item:
                 problems.append(f"{where}.{key}: required, found nothing")
             else:
                 _coerce(f"{where}.{key}", item[key], default, problems)
-        calling = item.get("calling_ae", "")
-        _coerce(f"{where}.calling_ae", calling, "", problems)
-        shadow = item.get("shadow", False)
-        _coerce(f"{where}.shadow", shadow, False, problems)
+        for key, default in optional.items():
+            if key in item:
+                _coerce(f"{where}.{key}", item[key], default, problems)
         if len(problems) == before:
-            out.append(Destination(item["name"], item["ae_title"], item["host"], item["port"], calling, shadow))
+            out.append(Destination(**{**optional, **item}))
     return tuple(out)
 
 
@@ -361,6 +394,49 @@ def _validate_scp_transport(scp: ScpSettings, problems: list[str]) -> None:
         problems.append(f"scp.max_associations_per_address: expected >= 1, found {scp.max_associations_per_address}")
 
 
+def _validate_tls(s: Settings, problems: list[str]) -> None:
+    """``[scp.tls]`` and the TLS keys of every destination: ports, and each file loaded as the node loads it."""
+    tls = s.scp.tls
+    if tls.enabled:
+        if not 0 <= tls.port <= 65535:
+            problems.append(f"scp.tls.port: expected 0-65535, found {tls.port}")
+        elif tls.port and not tls.only and tls.port == s.scp.port:
+            problems.append(f"scp.tls.port: expected another port than scp.port (the plain listener), found "
+                            f"{tls.port} for both")
+        try:
+            server_context(tls.cert_file, tls.key_file, tls.ca_file, tls.require_client_cert)
+        except TlsFileError as exc:
+            problems.append(str(exc))
+    elif tls.only:
+        problems.append("scp.tls.only: expected enabled = true with it (TLS only needs the TLS listener), "
+                        "found enabled = false")
+    for d in s.destinations:
+        where = f"destinations.{d.name}"
+        if d.tls:
+            try:
+                client_context(d.ca_file, d.cert_file, d.key_file, d.check_hostname, where=where)
+            except TlsFileError as exc:
+                problems.append(str(exc))
+        elif d.ca_file or d.cert_file or d.key_file or d.check_hostname:
+            problems.append(f"{where}.tls: expected true with ca_file, cert_file, key_file or check_hostname "
+                            "(results would go unencrypted), found false")
+
+
+def _tls_files_resolved(s: Settings) -> Settings:
+    """The settings with every TLS file as an absolute path, resolved against the configuration file's folder
+    (destinations are sent to without the settings at hand)."""
+
+    def path(p: str) -> str:
+        return str(s.resolve(p).absolute()) if p else ""
+
+    tls = s.scp.tls
+    scp = replace(s.scp, tls=replace(tls, cert_file=path(tls.cert_file), key_file=path(tls.key_file),
+                                     ca_file=path(tls.ca_file)))
+    destinations = tuple(replace(d, ca_file=path(d.ca_file), cert_file=path(d.cert_file), key_file=path(d.key_file))
+                         for d in s.destinations)
+    return replace(s, scp=scp, destinations=destinations)
+
+
 def _validate_worker(w: WorkerSettings, problems: list[str]) -> None:
     """Range checks of the worker's keys (its supervisor kills and restarts it on these limits)."""
     if w.lease_s < 1.0:
@@ -410,6 +486,7 @@ def _validate(s: Settings, problems: list[str]) -> None:
     if s.scp.processes < 1:
         problems.append(f"scp.processes: expected >= 1, found {s.scp.processes}")
     _validate_scp_transport(s.scp, problems)
+    _validate_tls(s, problems)
     _validate_worker(s.worker, problems)
     if s.filter.no_view_policy not in ("analyse", "skip"):
         problems.append(f"filter.no_view_policy: expected 'analyse' or 'skip', found {s.filter.no_view_policy!r}")
@@ -457,7 +534,12 @@ def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str], problems: li
             label = next((k for k in target if k.lower() == key), key)
             target[label] = _parse_env_value(text)
         elif section in _SECTIONS and key:
-            raw.setdefault(section, {})[key] = _parse_env_value(text)
+            table = raw.setdefault(section, {})
+            sub, _, leaf = key.partition("_")  # CXR_SCP_TLS_ENABLED: key enabled of the table [scp.tls]
+            if leaf and is_dataclass(getattr(_SECTIONS[section](), sub, None)) and isinstance(table, dict):
+                table, key = table.setdefault(sub, {}), leaf
+            if isinstance(table, dict):
+                table[key] = _parse_env_value(text)
 
 
 def _parse_env_value(text: str) -> Any:
@@ -505,6 +587,7 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
         base_dir=base_dir,
         **sections,
     )
+    settings = _tls_files_resolved(settings)
     _validate(settings, problems)
     if problems:
         raise ConfigError(problems, source)

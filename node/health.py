@@ -5,7 +5,8 @@ outside it, through the same doors a modality and an administrator use: a C-ECHO
 SCP, and the database that every worker writes its heartbeat to (``Store.beat``). A TCP connect
 alone would stay green while the worker is dead and every image waits in the queue.
 
-- ``scp`` (roles all and scp): the SCP answers a C-ECHO association request within ``timeout_s``.
+- ``scp`` (roles all and scp): the SCP answers a C-ECHO association request within ``timeout_s`` (on
+  the plain port; with ``scp.tls.only`` on the TLS port, presenting the node's own certificate).
   An association the node rejects (a calling-AE whitelist that does not list the checker) still
   proves that the SCP reads and answers requests.
 - ``worker`` (roles all and worker): a heartbeat of a worker on this host is at most ``max_beat_age_s``
@@ -26,6 +27,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import Settings
+from node.tls import TlsFileError, self_check_context
 from storage.queue import Store
 
 log = logging.getLogger(__name__)
@@ -50,14 +52,21 @@ def _echo_host(bind_address: str) -> str:
 
 
 def check_scp(settings: Settings, timeout_s: float = ECHO_TIMEOUT_S) -> Check:
-    """C-ECHO the node's own SCP."""
+    """C-ECHO the node's own SCP: its plain port, or with ``scp.tls.only`` its TLS port, over TLS with the
+    node's own certificate (node/tls.py ``self_check_context``)."""
     scp = settings.scp
     ae = AE(ae_title=HEALTH_AE)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
     ae.add_requested_context(Verification)
     host = _echo_host(scp.bind_address)
-    assoc = ae.associate(host, scp.port, ae_title=scp.ae_title)
-    where = f"{scp.ae_title}@{host}:{scp.port}"
+    port, tls_args = scp.port, None
+    if scp.tls.enabled and scp.tls.only:
+        try:
+            port, tls_args = scp.tls.port, (self_check_context(scp.tls.cert_file, scp.tls.key_file), host)
+        except TlsFileError as exc:
+            return Check("scp", False, f"cannot check the TLS listener: {exc}")
+    assoc = ae.associate(host, port, ae_title=scp.ae_title, tls_args=tls_args)
+    where = f"{scp.ae_title}@{host}:{port}{' (TLS)' if tls_args else ''}"
     if assoc.is_rejected:
         return Check("scp", True, f"{where} answered (association rejected: {HEALTH_AE} is not an allowed caller)")
     if not assoc.is_established:

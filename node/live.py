@@ -26,6 +26,7 @@ from node.config import (
     SendSettings,
     Settings,
     _coerce,
+    _destinations,
     _validate,
 )
 from storage.records import ConfigChangeRecord
@@ -39,7 +40,8 @@ LIVE_KEYS = frozenset({"scp.allowed_callers", "scp.require_called_ae", "scp.max_
                        "send.retry_initial_s", "send.retry_max_s", "send.alert_after", "send.timeout_s"})
 RESTART_KEYS = frozenset({"scp.ae_title", "scp.port", "scp.bind_address", "scp.processes", "scp.max_pdu",
                           "scp.network_timeout_s", "scp.artim_timeout_s", "scp.max_associations_per_address"})
-DESTINATION_KEYS = ("name", "ae_title", "host", "port", "calling_ae", "shadow")
+DESTINATION_KEYS = tuple(f.name for f in dataclasses.fields(Destination))
+TLS_PATH_KEYS = ("ca_file", "cert_file", "key_file")
 
 
 class ChangeError(ValueError):
@@ -126,37 +128,29 @@ def _check_section(base: Settings, section: str, default: Any, body: Mapping[str
 
 
 def check_destination(base: Settings, body: Mapping[str, Any], name: str | None = None) -> Destination:
-    """Validate one destination (``POST``/``PUT /api/v1/destinations``) against the others in force.
+    """Validate one destination (``POST``/``PUT /api/v1/destinations``) as node.toml's ``[[destinations]]`` are, and
+    against the others in force; relative certificate paths are taken from the configuration file's folder.
 
     Raises:
-        ChangeError: a missing or unknown key, a bad value or a name used twice.
+        ChangeError: a missing or unknown key, a bad value, an unreadable certificate or a name used twice.
     """
-    problems: list[str] = []
     if not isinstance(body, Mapping):
         raise ChangeError([f"destination: expected a JSON object, found {body!r}"])
+    problems: list[str] = []
     item = dict(body)
     if name is not None and item.setdefault("name", name) != name:
         problems.append(f"destination.name: the URL names {name!r}, the body {item['name']!r} (rename by adding "
                         "a new one and removing this one)")
-    for key in item:
-        if key not in DESTINATION_KEYS:
-            problems.append(f"destination.{key}: unknown key (expected {', '.join(DESTINATION_KEYS)})")
-    defaults: dict[str, Any] = {"name": "", "ae_title": "", "host": "", "port": 0, "calling_ae": "", "shadow": False}
-    for key, default in defaults.items():
-        if key not in item:
-            if key in ("name", "ae_title", "host", "port"):
-                problems.append(f"destination.{key}: required, found nothing")
-            continue
-        coerced = _coerce(f"destination.{key}", item[key], default, problems)
-        if coerced is not None:
-            item[key] = coerced
-    if not problems and not str(item["name"]).strip():
-        problems.append("destination.name: expected a name, found an empty string")
-    if not problems and not str(item["host"]).strip():
-        problems.append("destination.host: expected a host name or address, found an empty string")
-    if problems:
-        raise ChangeError(problems)
-    dest = Destination(**{k: item[k] for k in DESTINATION_KEYS if k in item})
+    for key in ("name", "host"):
+        if isinstance(item.get(key), str) and not item[key].strip():
+            problems.append(f"destination.{key}: expected a non-empty string, found {item[key]!r}")
+    for key in TLS_PATH_KEYS:
+        if isinstance(item.get(key), str) and item[key]:
+            item[key] = str(base.resolve(item[key]))
+    parsed = _destinations([item], problems)
+    if problems or not parsed:
+        raise ChangeError([p.replace("destinations[0]", "destination") for p in problems])
+    dest = parsed[0]
     others = tuple(d for d in base.destinations if d.name != dest.name)
     _validate(dataclasses.replace(base, destinations=(*others, dest)), problems)
     if problems:

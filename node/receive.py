@@ -20,6 +20,10 @@ With ``scp.processes`` > 1 the node's process binds and listens, and its SCP chi
 same listening socket (``node.scp_server.SharedSocketAssociationServer``; started by ``node.app``): an
 idle process takes the next association before a busy one does, where ``SO_REUSEPORT`` would hash
 connections onto processes regardless of their load. ``scp.max_associations`` applies to each process.
+With ``[scp.tls] enabled`` a second server (:func:`start_scp` with ``tls``) listens with TLS on
+``scp.tls.port``, beside the plain one or alone (``scp.tls.only``), with the same AE, handlers and limits
+(``max_associations`` and ``max_associations_per_address`` count both); with ``scp.processes`` > 1
+every process accepts on both sockets.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from node.intake import Intake, handle_echo, handle_store
 from node.live import LiveSettings
 from node.metrics import ASSOCIATIONS
 from node.scp_server import NoDelayAssociationServer, shared_socket_server
+from node.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -132,43 +137,63 @@ def make_ae(settings: Settings) -> AE:
 
 def start_scp(
     settings: Settings, intake: Intake, ae: AE | None = None, listen_socket: socket.socket | None = None,
-    live: LiveSettings | None = None, audit: AuditTrail | None = None,
+    live: LiveSettings | None = None, audit: AuditTrail | None = None, *, tls: bool = False,
 ) -> NoDelayAssociationServer:
     """Start the SCP in a background thread; stop it with ``server.shutdown()``.
 
     Args:
         settings: the node settings (``scp``: address, port, AE title, callers, limits).
         intake: the intake bound to C-STORE.
-        ae: an AE from :func:`make_ae` (built here when None).
+        ae: an AE from :func:`make_ae` (built here when None); the plain and the TLS listener share one.
         listen_socket: a listening socket bound already: the node's first SCP process's (with
             ``scp.processes`` > 1), or the one bound before dropping root (``node.privileges``);
             None: bind here.
         live: the live settings: allowed callers, the called-AE check and the association limit follow the
             console's changes (read as each connection opens); None: ``settings`` as they are.
         audit: the audit trail of associations accepted and refused; None: none kept.
+        tls: the TLS listener (``scp.tls``: its port, certificate, key and client policy; node/tls.py)
+            instead of the plain one.
 
     Returns:
         The running server; ``server.server_address`` holds the bound port (useful with port 0).
+
+    Raises:
+        node.tls.TlsFileError: with ``tls``, a certificate, key or CA file cannot be loaded.
     """
     ae = ae or make_ae(settings)
     if live is not None:
         apply_receiving(ae, live.current)
         live.on_change(lambda current: apply_receiving(ae, current))
+    scp = settings.scp
+    ssl_context = (server_context(scp.tls.cert_file, scp.tls.key_file, scp.tls.ca_file, scp.tls.require_client_cert)
+                   if tls else None)
     stale = remove_stale_incoming(settings.data_path / INCOMING_DIR)
     if stale:
         log.warning("start-up: removed %d partly received file(s) older than %.0f s from %s",
                     stale, STALE_INCOMING_S, settings.data_path / INCOMING_DIR)
-    address = (settings.scp.bind_address, settings.scp.port)
+    address = (scp.bind_address, scp.tls.port if tls else scp.port)
     server_class = (shared_socket_server(listen_socket)
-                    if settings.scp.processes > 1 or listen_socket is not None else NoDelayAssociationServer)
+                    if scp.processes > 1 or listen_socket is not None else NoDelayAssociationServer)
     server = cast(NoDelayAssociationServer, ae.make_server(
-        address, evt_handlers=evt_handlers(intake, live, audit), server_class=server_class))
-    server.max_associations_per_address = settings.scp.max_associations_per_address  # before it serves
-    thread = threading.Thread(target=server.serve_forever, name=f"scp-{settings.scp.ae_title}", daemon=True)
+        address, ssl_context=ssl_context, evt_handlers=evt_handlers(intake, live, audit), server_class=server_class))
+    server.max_associations_per_address = scp.max_associations_per_address  # before it serves
+    for other in ae._servers:  # the plain and the TLS listener count a peer's connections together
+        if isinstance(other, NoDelayAssociationServer):
+            server.peer_slots = other.peer_slots
+            break
+    thread = threading.Thread(target=server.serve_forever, name=f"scp-{scp.ae_title}{'-tls' if tls else ''}",
+                              daemon=True)
     thread.start()
     ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it from this list
-    log.info("SCP %s listening on %s:%d in process %d (callers: %s, max associations %d, max PDU %d)",
-             settings.scp.ae_title, *server.server_address[:2], os.getpid(),
-             ", ".join(settings.scp.allowed_callers) or "any", ae.maximum_associations,
-             ae.maximum_pdu_size)
+    log.info("SCP %s listening%s on %s:%d in process %d (callers: %s, max associations %d, max PDU %d)",
+             scp.ae_title, _tls_description(settings) if tls else "", *server.server_address[:2], os.getpid(),
+             ", ".join(scp.allowed_callers) or "any", ae.maximum_associations, ae.maximum_pdu_size)
     return server
+
+
+def _tls_description(settings: Settings) -> str:
+    """How the TLS listener treats client certificates, for its start-up line."""
+    tls = settings.scp.tls
+    if not tls.ca_file:
+        return " with TLS (no client certificates asked)"
+    return f" with TLS (client certificates {'required' if tls.require_client_cert else 'verified if presented'})"

@@ -1,6 +1,7 @@
 """SCP server: the node's accept servers, built on pynetdicom's ``ThreadedAssociationServer``.
 
-- :class:`NoDelayAssociationServer`: TCP_NODELAY, read timeouts, bulk and bounded reads
+- :class:`NoDelayAssociationServer`: TCP_NODELAY, read timeouts, the TLS handshake off the accepting
+  thread (with an ``ssl_context``: the ``[scp.tls]`` listener), bulk and bounded reads
   (``node.transport.BulkRecvRequestHandler``), quick context copies (:class:`SupportedContexts`) and
   the per-address limit (``scp.max_associations_per_address``, :class:`PeerSlots`, over it
   :func:`refuse_over_limit`) per association;
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import socket
+import ssl
 import threading
 import time
 from enum import IntEnum
@@ -80,8 +82,11 @@ def refuse_over_limit(client: socket.socket) -> None:
 
     Transient, DICOM UL service-provider (presentation), local-limit-exceeded: what pynetdicom
     answers over ``max_associations``, so a modality logs the same reason and retries later. Sent
-    without waiting (10 bytes fit in any send buffer); the server then closes the connection.
+    without waiting (10 bytes fit in any send buffer); the server then closes the connection. A TLS
+    connection is only closed: nothing can be sent on it before a handshake, which is not made for it.
     """
+    if isinstance(client, ssl.SSLSocket):
+        return
     pdu = A_ASSOCIATE_RJ()
     pdu.result = RejectResult.TRANSIENT
     pdu.source = RejectResult.SOURCE_PRESENTATION
@@ -128,10 +133,16 @@ class NoDelayAssociationServer(ThreadedAssociationServer):
         """Accept; TCP_NODELAY, and ``network_timeout`` on the socket so that no send blocks for ever.
 
         (Python leaves an accepted socket blocking without a timeout whatever the listening socket's.)
+        With ``ssl_context`` (the TLS listener) the socket is wrapped without its handshake, which runs
+        in the association's thread (``node.transport.BulkRecvRequestHandler``): pynetdicom's own
+        ``get_request`` shakes hands here, in the one accepting thread, before any timeout is set and
+        before the peer's address is counted, so one silent client would stop every other from connecting.
         """
-        client, address = super().get_request()
+        client, address = cast(socket.socket, self.socket).accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.settimeout(self.ae.network_timeout)
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:

@@ -7,7 +7,8 @@ Resources) or REJECTED (association rejected permanently, e.g. called AE title n
 class refused; a failure status such as "Data Set does not match SOP Class" or "Cannot understand").
 ``Outbox`` drives the store's outbox: due entries are sent, retryable failures come due again after
 ``min(retry_initial_s * 2**(attempts-1), retry_max_s)``, rejections are recorded and never retried.
-Logs carry UIDs and AE titles only.
+A ``tls = true`` destination is sent to over DICOM TLS (node/tls.py); a failed handshake (its certificate
+not trusted, ours refused) is RETRYABLE and says which. Logs carry UIDs and AE titles only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import enum
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +47,7 @@ from node.leases import process_owner
 from node.live import LiveSettings
 from node.metrics import SEND_ATTEMPTS, SEND_FAILURES
 from node.privacy import safe_text
+from node.tls import ClientContext, TlsFileError, client_context, describe_error
 from storage.db import utcnow
 from storage.files import write_atomic
 from storage.queue import OutboxEntry, Store
@@ -127,12 +130,18 @@ def _contexts(syntaxes: Sequence[tuple[str, str]]) -> list[PresentationContext]:
 
 def _associate(
     dest: Destination, calling_ae: str, contexts: list[PresentationContext], timeout_s: float
-) -> tuple[Association, list[A_ASSOCIATE_RJ]]:
-    """Request an association; also returns any A-ASSOCIATE-RJ PDU received.
+) -> tuple[Association, list[A_ASSOCIATE_RJ], ClientContext | None]:
+    """Request an association; also returns any A-ASSOCIATE-RJ PDU received, and the TLS context used.
 
     pynetdicom 3.0.4 can report a rejection as a failed connection when the peer closes the socket
     right after its A-ASSOCIATE-RJ (the ACSE sees the closed socket first; ~10 % of rejections by
-    dcmtk on loopback), so the RJ PDU is captured from ``EVT_PDU_RECV`` as it arrives.
+    dcmtk on loopback), so the RJ PDU is captured from ``EVT_PDU_RECV`` as it arrives. A ``tls``
+    destination is connected to with a TLS context built for this association (the certificate files
+    are read again, so renewed ones take effect); it keeps the error of a failed handshake, which
+    pynetdicom reports only as a failed connection.
+
+    Raises:
+        node.tls.TlsFileError: a certificate, key or CA file of the destination cannot be loaded.
     """
     rejections: list[A_ASSOCIATE_RJ] = []
 
@@ -145,14 +154,33 @@ def _associate(
     ae.connection_timeout = timeout_s
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     handlers: list[EventHandlerType] = [(evt.EVT_CONN_OPEN, _set_nodelay), (evt.EVT_PDU_RECV, keep_rejection)]
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers)
-    return assoc, rejections
+    tls = (client_context(dest.ca_file, dest.cert_file, dest.key_file, dest.check_hostname,
+                          where=f"destinations.{dest.name}") if dest.tls else None)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers,
+                         tls_args=(tls, dest.host) if tls is not None else None)
+    return assoc, rejections, tls
+
+
+def _tls_failure(dest: Destination, exc: OSError) -> SendOutcome:
+    """A TLS handshake that failed: retryable (a certificate gets fixed), saying whose certificate was refused."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        names = f" and names {dest.host}" if dest.check_hostname else ""
+        hint = f"expected a certificate of {dest.ae_title} that {dest.ca_file} trusts{names}"
+    elif "alert" in describe_error(exc):
+        hint = (f"{dest.ae_title} refused the handshake (our certificate: {dest.cert_file or 'none presented'}, "
+                "or no common TLS version or cipher suite)")
+    else:
+        hint = "expected a TLS server there"
+    return SendOutcome(Verdict.RETRYABLE, f"TLS handshake with {_where(dest)} failed: {describe_error(exc)}; {hint}")
 
 
 def association_failure(
-    assoc: Association, dest: Destination, rejections: Sequence[A_ASSOCIATE_RJ] = ()
+    assoc: Association, dest: Destination, rejections: Sequence[A_ASSOCIATE_RJ] = (), tls: ClientContext | None = None
 ) -> SendOutcome:
-    """Classify an association that was not established: rejected permanently, or transiently/down."""
+    """Classify an association that was not established: rejected permanently, or transiently/down (a TLS
+    handshake that failed included)."""
+    if tls is not None and tls.tls_error is not None:
+        return _tls_failure(dest, tls.tls_error)
     rsp: A_ASSOCIATE | A_ASSOCIATE_RJ | None = rejections[0] if rejections else None
     if rsp is None and assoc.is_rejected:
         rsp = assoc.acceptor.primitive
@@ -259,9 +287,13 @@ def send_files(
     if not datasets:
         return [d for d in read if isinstance(d, SendOutcome)]
     contexts = _contexts([(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets])
-    assoc, rejections = _associate(dest, calling_ae, contexts, timeout_s)
+    try:
+        assoc, rejections, tls = _associate(dest, calling_ae, contexts, timeout_s)
+    except TlsFileError as exc:  # a file removed or made unreadable since start-up: retried once fixed
+        failed = SendOutcome(Verdict.RETRYABLE, f"TLS towards {_where(dest)}: {exc}")
+        return [d if isinstance(d, SendOutcome) else _for(failed, d) for d in read]
     if not assoc.is_established:
-        failed = association_failure(assoc, dest, rejections)
+        failed = association_failure(assoc, dest, rejections, tls)
         return [d if isinstance(d, SendOutcome) else _for(failed, d) for d in read]
     outcomes: list[SendOutcome] = []
     try:
@@ -296,9 +328,14 @@ def echo(dest: Destination, calling_ae: str, timeout_s: float = 10.0) -> bool:
 
 def echo_result(dest: Destination, calling_ae: str, timeout_s: float = 10.0) -> tuple[bool, str]:
     """C-ECHO ``dest``: whether it answered Success, and what happened (the reason when it did not)."""
-    assoc, rejections = _associate(dest, calling_ae, [build_context(Verification)], timeout_s)
+    try:
+        assoc, rejections, tls = _associate(dest, calling_ae, [build_context(Verification)], timeout_s)
+    except TlsFileError as exc:
+        error = f"TLS towards {_where(dest)}: {exc}"
+        log.warning("echo: %s", error)
+        return False, error
     if not assoc.is_established:
-        error = association_failure(assoc, dest, rejections).error
+        error = association_failure(assoc, dest, rejections, tls).error
         log.warning("echo: %s", error)
         return False, error
     try:

@@ -46,14 +46,23 @@ def settings_toml(settings: Settings, sources: Mapping[str, Mapping[str, Any]] |
 
     lines = [f"# cxr-node effective configuration, exported {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC",
              "# node.toml + environment + changes made in the console; paths are absolute", ""]
-    for section in _SECTIONS:
-        lines.append(f"[{section}]")
-        for f in dataclasses.fields(getattr(settings, section)):
-            value = getattr(getattr(settings, section), f.name)
-            if (section, f.name) in PATH_KEYS and value and value != "off":
+    def table(name: str, values: Any) -> None:
+        lines.append(f"[{name}]")
+        nested = []
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if dataclasses.is_dataclass(value):  # e.g. [scp.tls], written after its parent's keys
+                nested.append((f"{name}.{f.name}", value))
+                continue
+            if (name, f.name) in PATH_KEYS and value and value != "off":
                 value = str(settings.resolve(value).resolve())
-            lines.append(f"{f.name} = {_value(value)}{note(f'{section}.{f.name}')}")
+            lines.append(f"{f.name} = {_value(value)}{note(f'{name}.{f.name}')}")
         lines.append("")
+        for sub_name, sub in nested:
+            table(sub_name, sub)
+
+    for section in _SECTIONS:
+        table(section, getattr(settings, section))
     for d in settings.destinations:
         lines.append("[[destinations]]" + note(f"destinations.{d.name}"))
         lines.extend(f"{f.name} = {_value(getattr(d, f.name))}" for f in dataclasses.fields(d))

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import math
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -48,6 +49,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from node.config import MAX_PDU_RANGE
 from node.incoming import ReceiveFile
+from node.tls import describe_error
 
 log = logging.getLogger(__name__)
 
@@ -400,18 +402,48 @@ class ReceivingAssociation(Association):
 
 class BulkRecvRequestHandler(RequestHandler):
     """pynetdicom's request handler whose associations read with :class:`BulkRecvSocket` and
-    :class:`BulkDULServiceProvider` and clean up after themselves (:class:`AssociationEnd`)."""
+    :class:`BulkDULServiceProvider` and clean up after themselves (:class:`AssociationEnd`).
+
+    On the TLS listener the handshake runs here first, in the connection's own thread, within the
+    ARTIM timeout from the accept (which the association request shares): a failed or late handshake
+    closes the connection before pynetdicom sees it (logged with the peer's address and the reason).
+    """
 
     association_end: AssociationEnd | None = None
+    accepted_at: float = math.inf  # time.monotonic() when the handler started (just after the TCP accept)
 
     def handle(self) -> None:
         """Create and start the association (pynetdicom's); if that fails, clean up here."""
+        self.accepted_at = time.monotonic()
         end = self.association_end = AssociationEnd(str(self.client_address[0]), self._slot_release())
         try:
+            if not self._tls_handshake():
+                end.clean_up()
+                return
             super().handle()
         except BaseException:
             end.clean_up()  # no association thread runs to do it
             raise
+
+    def _tls_handshake(self) -> bool:
+        """Shake hands on a TLS connection by the ARTIM deadline; False (connection closed) when that fails."""
+        sock = self.request
+        if not isinstance(sock, ssl.SSLSocket):
+            return True
+        own_timeout = sock.gettimeout()
+        artim = self.ae.acse_timeout
+        try:
+            if artim is not None:
+                sock.settimeout(max(0.001, self.accepted_at + artim - time.monotonic()))
+            sock.do_handshake()
+            sock.settimeout(own_timeout)
+        except (ssl.SSLError, OSError) as exc:  # refused certificate, not TLS, timeout, reset
+            log.warning("TLS handshake with %s failed: %s: connection closed", self.client_address[0],
+                        describe_error(exc))
+            with contextlib.suppress(OSError):
+                sock.close()
+            return False
+        return True
 
     def _slot_release(self) -> Callable[[], None]:
         slots = getattr(self.server, "peer_slots", None)  # node.scp_server.PeerSlots; pynetdicom's servers: none
@@ -421,7 +453,7 @@ class BulkRecvRequestHandler(RequestHandler):
         return lambda: slots.release(address)
 
     def _create_association(self) -> Association:
-        accepted_at = time.monotonic()
+        accepted_at = min(self.accepted_at, time.monotonic())
         assoc = super()._create_association()
         assoc.__class__ = ReceivingAssociation  # the same object (and state): only ``run`` differs
         assoc.dul.socket.__class__ = BulkRecvSocket  # likewise: ``recv`` and ``recv_until``

@@ -435,6 +435,29 @@ def test_server_methods_the_node_overrides() -> None:
     assert issubclass(ThreadedAssociationServer, socketserver.ThreadingMixIn), why
 
 
+def test_get_request_only_accepts_and_wraps_the_socket() -> None:
+    """Ours replaces pynetdicom's ``get_request`` (the TLS handshake moves off the accepting thread)."""
+    why = broken("AssociationServer.get_request", "node.scp_server.NoDelayAssociationServer.get_request (accepts "
+                 "and wraps with ssl_context itself, without the handshake, which node.transport."
+                 "BulkRecvRequestHandler makes)", "that pynetdicom's still does nothing else: copy anything new")
+    body = source(AssociationServer.get_request).split('"""')[2]
+    code = [line.strip() for line in body.splitlines() if line.strip()]
+    assert code == ["self.socket = cast(socket.socket, self.socket)", "client_socket, address = self.socket.accept()",
+                    "if self.ssl_context:", "client_socket = self.ssl_context.wrap_socket(",
+                    "client_socket, server_side=True", ")", "return client_socket, address"], why
+
+
+def test_the_handlers_socket_is_the_associations_and_ssl_data_is_seen_as_ready() -> None:
+    """BulkRecvRequestHandler shakes hands on ``self.request``, the socket pynetdicom's association then uses;
+    the DUL must count data OpenSSL has buffered as ready (select() does not see it)."""
+    why = broken("RequestHandler._create_association / AssociationSocket.ready", "node.transport."
+                 "BulkRecvRequestHandler._tls_handshake and BulkRecvSocket on the TLS listener",
+                 "that the association's socket is the request's, and that ready checks SSLSocket.pending()")
+    assert "AssociationSocket(assoc, client_socket=self.request)" in source(RequestHandler._create_association), why
+    ready = source(inspect.getattr_static(AssociationSocket, "ready").fget)
+    assert "self.socket.pending()" in ready, why
+
+
 def test_request_handler_deep_copies_the_server_contexts() -> None:
     """SupportedContexts.__deepcopy__ copies each context and its lists: enough while they hold nothing else."""
     why = broken("RequestHandler._create_association / PresentationContext", "node.scp_server.SupportedContexts "
