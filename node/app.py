@@ -110,6 +110,9 @@ class Node:
         """Start the role's parts; returns once they are running."""
         s = self.settings
         log.info("cxr-node starting, role %s, configuration %s", self.role, s.summary())
+        if not self.scp_child:
+            self.audit.record("node_started", "success", "node", role=self.role, pid=os.getpid(),
+                              config_version=self.store.config_version())
         if self.role in ("all", "worker"):
             reaped = self.store.reap_expired_leases(owner_is_dead)
             if reaped:

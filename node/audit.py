@@ -1,8 +1,8 @@
 """The audit trail: every security-relevant event, append-only in the database and optionally sent to syslog.
 
-Events (:data:`EVENTS`): associations accepted or refused (calling AE, address, reason), results sent or rejected
-(destination, SOP Instance UID), configuration changes (key, old -> new), users added or removed, logins and failed
-logins. The detail holds AE titles, addresses, UIDs, setting names and reasons, never patient values (names, IDs,
+Events (:data:`EVENTS`): the node started (its role, the configuration version), associations accepted or refused
+(calling AE, address, reason), results sent or rejected (destination, SOP Instance UID), configuration changes (key,
+old -> new), users added or removed, logins and failed logins, failed work retried or discarded. The detail holds AE titles, addresses, UIDs, setting names and reasons, never patient values (names, IDs,
 dates of birth): the callers pass only those.
 
 Syslog (``[audit] syslog``, ``udp://host:514`` or ``tcp://host:601``): one RFC 5424 message per event with the
@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("association", "result_sent", "result_rejected", "config_change", "login", "user_added",
+EVENTS = ("node_started", "association", "result_sent", "result_rejected", "config_change", "login", "user_added",
           "user_removed", "work_retried", "work_discarded")
 APP_NAME = "cxr-node"
 FACILITY_AUTHPRIV = 10  # RFC 5424 facility 10: security/authorization messages

@@ -394,11 +394,16 @@ def report_summary(row: dict[str, Any]) -> dict[str, Any]:
 
 def _setting_sources(settings: Settings, store: Any) -> dict[str, dict[str, Any]]:
     """Every setting the console can change: its value in force and where it comes from (``node.live``)."""
-    from node.live import LiveSettings, overlay
+    from node.live import LiveSettings
 
-    live = LiveSettings(overlay(settings, store.config_overrides(), include_restart=True), store)
+    live = LiveSettings(settings, store)
     live.refresh()
-    return live.sources()
+    sources = live.sources()
+    started = store.audit_events(limit=1, event="node_started")
+    for key, entry in sources.items():  # a restart key changed before the node's last start is in force
+        if entry.get("pending_restart") and started and live.changes[key].changed_at < started[0].at:
+            entry["pending_restart"] = False
+    return sources
 
 
 def format_status(status: dict[str, Any]) -> str:

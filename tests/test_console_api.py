@@ -145,7 +145,9 @@ def test_api_roles_destinations_echo_receiving_audit_and_restart(
     status = cli(cfg, "status")
     assert status.returncode == 0, status.stderr
     assert 'setting scp.allowed_callers = ["ECHOSCU", "MODALITY"] (console v' in status.stdout
-    assert "takes effect at the next start" in status.stdout and "setting scp.port = " in status.stdout
+    assert "setting scp.max_pdu = 65536 (console v" in status.stdout
+    assert "takes effect at the next start" in status.stdout
+    assert "setting scp.port = " in status.stdout
     assert "setting scp.require_called_ae" not in status.stdout  # at its default
 
     # persisted across a restart; the pending change is in force after it
@@ -157,6 +159,7 @@ def test_api_roles_destinations_echo_receiving_audit_and_restart(
     assert [d["name"] for d in viewer.get("/api/v1/destinations").json()] == ["pacs", "ARCHIVE"]
     scp = viewer.get("/api/v1/scp").json()
     assert scp["max_pdu"]["value"] == 65536 and scp["max_pdu"]["pending_restart"] is False
+    assert "next start" not in cli(cfg, "status").stdout  # the restart put it in force
 
     # remove a destination node.toml names; config export writes what is in force, and it loads back
     assert admin.delete("/api/v1/destinations/pacs").status_code == 200
