@@ -2,8 +2,9 @@
 
 Events (:data:`EVENTS`): the node started (its role, the configuration version), associations accepted or refused
 (calling AE, address, reason), results sent or rejected (destination, SOP Instance UID), configuration changes (key,
-old -> new), users added or removed, logins and failed logins, failed work retried or discarded. The detail holds AE titles, addresses, UIDs, setting names and reasons, never patient values (names, IDs,
-dates of birth): the callers pass only those.
+old -> new), users added or removed, logins and failed logins, failed work retried or discarded. The detail holds
+AE titles, addresses, UIDs, setting names and reasons, never patient values (names, IDs, dates of birth): the
+callers pass only those.
 
 Syslog (``[audit] syslog``, ``udp://host:514`` or ``tcp://host:601``): one RFC 5424 message per event with the
 event as MSGID and its detail as structured data, for the hospital's SIEM. A syslog that cannot be reached is
