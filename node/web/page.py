@@ -210,7 +210,8 @@ async function start() {
   me = await r.json();
   $("#login").hidden = true; $("#nav").hidden = false; $("#logout").hidden = false;
   $("#who").textContent = me.name + " (" + me.role + ")";
-  $("#nav").replaceChildren(...VIEWS.map((v) => el("button", {"data-view": v, on: {click: () => show(v)}}, v)));
+  $("#nav").replaceChildren(...VIEWS.map((v) => el("button", {"data-view": v, on: {click: () => { say("");
+    show(v); }}}, v)));
   show(current);
 }
 $("#login").addEventListener("submit", async (ev) => {
