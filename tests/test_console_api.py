@@ -6,7 +6,9 @@ persistence across a restart, ``cxr-node config export``, ``/metrics`` checked b
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from tests.peers import dcmsend, orthanc, wait_for
 from tests.test_e2e import NodeProcess, model_package, node_config, node_proc, scp_port  # noqa: F401 - fixtures
 from tests.test_send import storescp
 from tests.test_sites_node import copies
+from tests.test_tls import pki  # noqa: F401 - the fixture: a CA and certificates made with openssl
 
 ADMIN = ("ada", "correct horse battery")
 VIEWER = ("vic", "viewer password 1")
@@ -272,3 +275,43 @@ def test_healthz_turns_503_on_a_read_only_database_and_a_full_disk(
         for p in node_proc:
             p.stop()
         subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+def test_https_console_metrics_login_and_the_audit_trail_to_syslog(
+    tmp_path: Path, pacs: Any, model_package: Path, node_proc: list[NodeProcess], pki: Any  # noqa: F811
+) -> None:
+    """``[web] cert_file``/``key_file``: the console answers over HTTPS only (a certificate the test's CA signed);
+    ``metrics_auth = "on"``: /metrics needs a login; ``[audit] syslog``: RFC 5424 datagrams reach a UDP listener."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as siem:
+        siem.bind(("127.0.0.1", 0))
+        siem.settimeout(30)
+        cfg, web = console_config(tmp_path, pacs.dicom_port, model_package)
+        cfg.write_text(cfg.read_text().replace(f"[web]\nport = {web}\n", f'[web]\nport = {web}\n'
+                       f'cert_file = "{pki.server_cert}"\nkey_file = "{pki.server_key}"\nmetrics_auth = "on"\n'
+                       f'[audit]\nsyslog = "udp://127.0.0.1:{siem.getsockname()[1]}"\n'))
+        node = NodeProcess(cfg, env=WEB_ON)
+        node_proc.append(node)
+        url = f"https://127.0.0.1:{web}"
+        wait_for(lambda: _https_up(url, pki.ca), timeout=60, what="the HTTPS console")
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the HTTPS port gets no answer
+            httpx.get(f"http://127.0.0.1:{web}/healthz", timeout=10).raise_for_status()
+        with httpx.Client(base_url=url, verify=str(pki.ca), timeout=30) as https:
+            problem(https.get("/metrics"), 401)
+            assert "cxr_jobs" in https.get("/metrics", auth=VIEWER).text
+            login = https.post("/api/v1/session", json={"name": ADMIN[0], "password": ADMIN[1]})
+            assert login.status_code == 200 and "secure" in login.headers["set-cookie"].lower()
+        assert echoscu(scp_port(cfg), "SYSLOGTEST").returncode == 0
+        messages = []
+        while not any(b"SYSLOGTEST" in m for m in messages):
+            messages.append(siem.recv(65536))
+    message = next(m for m in messages if b"SYSLOGTEST" in m).decode()
+    # <PRI>1 TIMESTAMP HOST APP PROCID MSGID [SD] MSG, facility authpriv (10), severity informational (6)
+    assert re.match(r"^<86>1 \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \S+ cxr-node \d+ association \[cxr@32473 ", message)
+    assert 'outcome="success"' in message and 'actor="SYSLOGTEST"' in message and 'called="CXR-AI"' in message
+
+
+def _https_up(url: str, ca: Path) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", verify=str(ca), timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
