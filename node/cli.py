@@ -84,7 +84,7 @@ def _store(settings: Settings) -> Any:
 
 def cmd_users(args: argparse.Namespace) -> int:
     from node.audit import AuditTrail
-    from node.users import DuplicateUser, UserError, add_user
+    from node.users import FIRST_ADMIN, FIRST_PASSWORD_FILE, DuplicateUser, UserError, add_user
 
     settings = _settings(args)
     store = _store(settings)
@@ -109,6 +109,8 @@ def cmd_users(args: argparse.Namespace) -> int:
             print(f"no user named {args.name!r}", file=sys.stderr)
             return EXIT_FAILED
         audit.record("user_removed", "success", actor, user=args.name)
+        if args.name == FIRST_ADMIN:  # its first password is of no use now
+            (settings.data_path / FIRST_PASSWORD_FILE).unlink(missing_ok=True)
         print(f"user {args.name} removed")
         return EXIT_OK
     if not args.password_stdin:

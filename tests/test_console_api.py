@@ -5,6 +5,7 @@ persistence across a restart, ``cxr-node config export``, ``/metrics`` checked b
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -315,3 +316,33 @@ def _https_up(url: str, ca: Path) -> bool:
         return httpx.get(f"{url}/healthz", verify=str(ca), timeout=10).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_users_command_and_the_first_admin(tmp_path: Path) -> None:
+    """``cxr-node users``: the password only from standard input, short ones and duplicates refused, list without
+    hashes; the first admin's password file, readable by the owner only, goes when that user is removed."""
+    from node.config import load_settings
+    from node.users import FIRST_PASSWORD_FILE, check_login, first_admin
+    from storage.db import make_engine
+    from storage.queue import Store
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[storage]\ndata_dir = "var"\n')
+    settings = load_settings(cfg, environ={})
+    settings.data_path.mkdir()
+    store = Store(make_engine(settings.database_url))
+    path = first_admin(store, settings.data_path)
+    assert path == settings.data_path / FIRST_PASSWORD_FILE and oct(path.stat().st_mode & 0o777) == "0o600"
+    assert check_login(store, "admin", path.read_text().strip()).user is not None
+    assert first_admin(store, settings.data_path) is None  # users exist: nothing made
+    assert cli(cfg, "users", "add", "bob", "--role", "viewer").returncode == 2  # no --password-stdin
+    assert "at least 10" in cli(cfg, "users", "add", "bob", "--password-stdin", stdin="short\n").stderr
+    assert cli(cfg, "users", "add", "bob", "--password-stdin", stdin="long enough pw\n").returncode == 0
+    assert "exists already" in cli(cfg, "users", "add", "bob", "--password-stdin", stdin="long enough pw\n").stderr
+    listed = cli(cfg, "users", "list", "--format", "json")
+    assert [(u["name"], u["role"]) for u in json.loads(listed.stdout)] == [("admin", "admin"), ("bob", "viewer")]
+    assert "argon2" not in listed.stdout
+    assert cli(cfg, "users", "remove", "admin").returncode == 0 and not path.exists()
+    assert cli(cfg, "users", "remove", "admin").returncode == 1
+    events = [(e.event, e.detail.get("user")) for e in store.audit_events()]
+    assert ("user_removed", "admin") in events and ("user_added", "bob") in events
