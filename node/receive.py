@@ -87,6 +87,11 @@ def _association_accepted(event: Event, audit: AuditTrail | None) -> None:
         audit.record("association", "success", calling, address, called=str(event.assoc.acceptor.ae_title).strip())
 
 
+def _connection_refused(audit: AuditTrail, address: str, reason: str) -> None:
+    ASSOCIATIONS.labels("rejected").inc()
+    audit.record("association", "failure", "(before the request)", address, reason=reason)
+
+
 def _association_rejected(event: Event, audit: AuditTrail | None) -> None:
     calling, address = _peer(event)
     ae = event.assoc.ae
@@ -177,6 +182,8 @@ def start_scp(
     server = cast(NoDelayAssociationServer, ae.make_server(
         address, ssl_context=ssl_context, evt_handlers=evt_handlers(intake, live, audit), server_class=server_class))
     server.max_associations_per_address = scp.max_associations_per_address  # before it serves
+    if audit is not None:  # refused before an association request: no calling AE title is known
+        server.on_refused = lambda address, reason: _connection_refused(audit, address, reason)
     for other in ae._servers:  # the plain and the TLS listener count a peer's connections together
         if isinstance(other, NoDelayAssociationServer):
             server.peer_slots = other.peer_slots

@@ -22,6 +22,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Any, cast
 
@@ -122,6 +123,9 @@ class NoDelayAssociationServer(ThreadedAssociationServer):
 
     request_queue_size = socket.SOMAXCONN  # socketserver's 5 drops SYNs when many modalities connect at once
     max_associations_per_address: int | None = None  # None: no limit; start_scp sets the scp key's value
+    # called with (address, reason) for a connection refused before any association request could be read (over the
+    # per-address limit, a failed TLS handshake); start_scp puts the audit trail here
+    on_refused: Callable[[str, str], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", BulkRecvRequestHandler)
@@ -152,6 +156,8 @@ class NoDelayAssociationServer(ThreadedAssociationServer):
             return True
         log.warning("connection from %s refused: it holds %d connections already "
                     "(scp.max_associations_per_address)", address, self.max_associations_per_address)
+        if self.on_refused is not None:
+            self.on_refused(address, f"over scp.max_associations_per_address ({self.max_associations_per_address})")
         refuse_over_limit(request)
         return False
 

@@ -440,6 +440,9 @@ class BulkRecvRequestHandler(RequestHandler):
         except (ssl.SSLError, OSError) as exc:  # refused certificate, not TLS, timeout, reset
             log.warning("TLS handshake with %s failed: %s: connection closed", self.client_address[0],
                         describe_error(exc))
+            refused = getattr(self.server, "on_refused", None)
+            if refused is not None:
+                refused(str(self.client_address[0]), f"TLS handshake failed: {describe_error(exc)}")
             with contextlib.suppress(OSError):
                 sock.close()
             return False

@@ -212,6 +212,8 @@ def test_threshold_change_reaches_the_next_sr_metrics_and_health(
     results = admin.get("/api/v1/results").json()
     assert len(results) == 2 and all(s["state"] == "sent" for r in results for s in r["sent"])
     assert {r["sop_instance_uid"] for r in results} == {pydicom.dcmread(f).SOPInstanceUID for f in files}
+    sites = admin.get("/api/v1/sites").json()  # the per-site score history the drift view shows
+    assert [(s["site"], s["images"]) for s in sites] == [("MODALITY", 2)]
 
     # /metrics: valid for promtool, and the counters moved with what dcmsend sent
     text = httpx.get(f"http://127.0.0.1:{web}/metrics", timeout=30).text

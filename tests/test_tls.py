@@ -29,6 +29,7 @@ from pynetdicom import AE, _config
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from node.audit import AuditTrail
 from node.config import (
     ConfigError,
     Destination,
@@ -322,7 +323,9 @@ def start_tls_scp(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., Scp]]:
         engine = make_engine(f"sqlite:///{tmp_path / 'node.sqlite'}")
         intake = Intake(settings.data_path, Store(engine), settings, FilterRules.load(None))
         ae = make_ae(settings)
-        node = Scp(settings, engine, start_scp(settings, intake, ae), start_scp(settings, intake, ae, tls=True))
+        audit = AuditTrail(Store(engine))
+        node = Scp(settings, engine, start_scp(settings, intake, ae, audit=audit),
+                   start_scp(settings, intake, ae, audit=audit, tls=True))
         started.append(node)
         return node
 
@@ -365,6 +368,11 @@ def test_required_client_certificate_refuses_strangers_and_anonymous_clients_bes
     assert echoscu(node.port).returncode == 0, "the plain port stopped answering"
     assert echoscu(node.tls_port, *trusted(pki)).returncode == 0, "a trusted client was refused"
     wait_for(lambda: node.tls.peer_slots.held("127.0.0.1") == 0, 10, what="every connection's slot released")
+    events = Store(node.engine).audit_events(event="association")  # the audit trail has each refusal
+    refused = [e for e in events if e.outcome == "failure"]
+    assert len(refused) == 3 and all(e.detail["reason"].startswith("TLS handshake failed") for e in refused)
+    assert {e.address for e in refused} == {"127.0.0.1"}
+    assert [e.actor for e in events if e.outcome == "success"] == ["MODALITY", "MODALITY"]  # echoscu -aet
 
 
 @pytest.mark.integration

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import datetime as dt
 import ipaddress
 import secrets
 import threading
@@ -276,13 +275,16 @@ def build_app(console: Console) -> FastAPI:
                             "in_force": "at the next start" if f"{section}.{key}" in RESTART_KEYS else "now"}
         return applied
 
+    def checked(check: Callable[..., Any], title: str, *args: Any) -> Any:
+        """``check(current settings, *args)``, its ``ChangeError`` answered 422 naming each bad key."""
+        try:
+            return check(console.live.current, *args)
+        except ChangeError as exc:
+            raise Problem(422, title, str(exc), exc.problems) from exc
+
     @app.patch("/api/v1/scp")
     async def patch_scp(request: Request, who: Principal = admin_dep) -> dict[str, Any]:
-        body = await body_object(request)
-        try:
-            changes = check_scp_change(console.live.current, body)
-        except ChangeError as exc:
-            raise Problem(422, "invalid receiving settings", str(exc), exc.problems) from exc
+        changes = checked(check_scp_change, "invalid receiving settings", await body_object(request))
         return {"changed": apply_section("scp", changes, who, request), "scp": scp_view()}
 
     @app.get("/api/v1/send")
@@ -292,11 +294,7 @@ def build_app(console: Console) -> FastAPI:
 
     @app.patch("/api/v1/send")
     async def patch_send(request: Request, who: Principal = admin_dep) -> dict[str, Any]:
-        body = await body_object(request)
-        try:
-            changes = check_send_change(console.live.current, body)
-        except ChangeError as exc:
-            raise Problem(422, "invalid sending settings", str(exc), exc.problems) from exc
+        changes = checked(check_send_change, "invalid sending settings", await body_object(request))
         return {"changed": apply_section("send", changes, who, request)}
 
     # -- destinations ------------------------------------------------------------------------------------------
@@ -337,10 +335,7 @@ def build_app(console: Console) -> FastAPI:
         if isinstance(name, str) and any(d.name == name for d in console.live.refresh().destinations):
             raise Problem(409, "destination exists", f"a destination named {name!r} exists; change it with "
                           f"PUT /api/v1/destinations/{name}")
-        try:
-            dest = check_destination(console.live.current, body)
-        except ChangeError as exc:
-            raise Problem(422, "invalid destination", str(exc), exc.problems) from exc
+        dest = checked(check_destination, "invalid destination", body)
         version = console.change(f"destinations.{dest.name}", None, dataclasses.asdict(dest), who.name,
                                  client(request))
         return JSONResponse({**dataclasses.asdict(dest), "version": version, "in_force": "now"}, status_code=201,
@@ -349,11 +344,7 @@ def build_app(console: Console) -> FastAPI:
     @app.put("/api/v1/destinations/{name}")
     async def put_destination(name: str, request: Request, who: Principal = admin_dep) -> dict[str, Any]:
         old = find_destination(name)
-        body = await body_object(request)
-        try:
-            dest = check_destination(console.live.current, body, name)
-        except ChangeError as exc:
-            raise Problem(422, "invalid destination", str(exc), exc.problems) from exc
+        dest = checked(check_destination, "invalid destination", await body_object(request), name)
         version = console.change(f"destinations.{name}", dataclasses.asdict(old), dataclasses.asdict(dest), who.name,
                                  client(request))
         return {**dataclasses.asdict(dest), "version": version, "in_force": "now"}
@@ -497,9 +488,3 @@ def _audit_row(e: Any) -> dict[str, Any]:
     return {"id": e.id, "at": e.at.isoformat(), "event": e.event, "outcome": e.outcome, "actor": e.actor,
             "address": e.address, "detail": e.detail}
 
-
-def utc_iso(at: dt.datetime | None) -> str | None:
-    return at.isoformat() if at is not None else None
-
-
-Factory = Callable[[Console], FastAPI]

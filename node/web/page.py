@@ -125,15 +125,17 @@ const RENDER = {
       v.restart ? (v.pending_restart ? "PENDING RESTART" : "needs a restart") : "at once"]);
     const callers = (s.allowed_callers.value || []).join(" ");
     const form = el("form", {id: "receiving", class: "inline"},
-      el("label", {}, "allowed callers (space-separated; empty: any) ",
+      el("label", {}, "AE title (at the next start) ", el("input", {name: "ae_title", value: s.ae_title.value})),
+      el("label", {}, " allowed callers (space-separated; empty: any) ",
         el("input", {name: "allowed_callers", value: callers, style: "width:24em"})),
       el("label", {}, " max associations ", el("input", {name: "max_associations", type: "number",
         value: s.max_associations.value})),
       button("Save", "save-receiving", async () => {
         const f = new FormData(form);
         const list = String(f.get("allowed_callers") || "").split(/\\s+/).filter((x) => x);
-        await api("PATCH", "/scp", {allowed_callers: list,
-          max_associations: parseInt(f.get("max_associations"), 10)});
+        const body = {allowed_callers: list, max_associations: parseInt(f.get("max_associations"), 10)};
+        if (f.get("ae_title") !== s.ae_title.value) body.ae_title = f.get("ae_title");
+        await api("PATCH", "/scp", body);
         say("receiving settings saved"); show("Receiving");
       }));
     return [el("h2", {}, "Receiving"), table(["key", "value", "source", "takes effect"], rows), form];
