@@ -99,8 +99,9 @@ class Node:
         engine = make_engine(self.settings.database_url)
         self.store = Store(engine, max_attempts=self.settings.worker.max_attempts)
         # the console's changes (node.live): those that need a restart take effect now, at the start
-        self.settings = overlay(self.settings, self.store.config_overrides(), include_restart=True)
-        self.live = LiveSettings(self.settings, self.store)
+        toml = self.settings
+        self.settings = overlay(toml, self.store.config_overrides(), include_restart=True)
+        self.live = LiveSettings(self.settings, self.store, toml=toml)
         self.live.refresh()
         self.audit = AuditTrail(self.store, self.settings.audit.syslog)
         if self.role in ("all", "worker") and self.manifest is None:

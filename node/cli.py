@@ -84,7 +84,7 @@ def _store(settings: Settings) -> Any:
 
 def cmd_users(args: argparse.Namespace) -> int:
     from node.audit import AuditTrail
-    from node.users import FIRST_ADMIN, FIRST_PASSWORD_FILE, DuplicateUser, UserError, add_user
+    from node.users import FIRST_ADMIN, FIRST_PASSWORD_FILE, DuplicateUser, UserError, add_user, set_password
 
     settings = _settings(args)
     store = _store(settings)
@@ -104,6 +104,12 @@ def cmd_users(args: argparse.Namespace) -> int:
     if not args.name:
         print(f"cxr-node users {args.action}: name the user", file=sys.stderr)
         return EXIT_CONFIG
+    if args.action == "unlock":
+        if not store.unlock_user(args.name):
+            print(f"no user named {args.name!r}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"user {args.name} unlocked")
+        return EXIT_OK
     if args.action == "remove":
         if not store.remove_user(args.name):
             print(f"no user named {args.name!r}", file=sys.stderr)
@@ -114,14 +120,18 @@ def cmd_users(args: argparse.Namespace) -> int:
         print(f"user {args.name} removed")
         return EXIT_OK
     if not args.password_stdin:
-        print("cxr-node users add: give the password on standard input with --password-stdin (never as an "
+        print(f"cxr-node users {args.action}: give the password on standard input with --password-stdin (never as an "
               "argument: it would show in the process list and the shell history)", file=sys.stderr)
         return EXIT_CONFIG
     password = sys.stdin.readline().rstrip("\r\n")
     try:
+        if args.action == "passwd":
+            set_password(store, args.name, password)
+            print(f"password of {args.name} replaced (and the user unlocked)")
+            return EXIT_OK
         add_user(store, args.name, args.role, password, audit, by=actor)
     except (UserError, DuplicateUser) as exc:
-        print(f"cxr-node users add: {exc}", file=sys.stderr)
+        print(f"cxr-node users {args.action}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"user {args.name} ({args.role}) added")
     return EXIT_OK
@@ -147,11 +157,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     store = _store(settings)
-    live = LiveSettings(overlay(settings, store.config_overrides(), include_restart=True), store)
+    live = LiveSettings(overlay(settings, store.config_overrides(), include_restart=True), store, toml=settings)
     live.refresh()
     text = settings_toml(live.current, live.sources())
-    if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+    if args.output:  # owner-only: it may hold the database URL's password
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
         print(f"effective configuration written to {args.output}")
     else:
         print(text, end="")
@@ -515,12 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the C-ECHO")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_health)
-    p = add("users", "console users: add (password on standard input), remove, list")
-    p.add_argument("action", choices=("add", "remove", "list"))
-    p.add_argument("name", nargs="?", help="the user's name (add, remove)")
+    p = add("users", "console users: add, passwd (password on standard input), unlock, remove, list")
+    p.add_argument("action", choices=("add", "passwd", "unlock", "remove", "list"))
+    p.add_argument("name", nargs="?", help="the user's name (every action but list)")
     p.add_argument("--role", choices=("admin", "viewer"), default="viewer",
                    help="admin changes settings and retries work; viewer reads (default viewer)")
-    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input (add)")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password from standard input (add, passwd)")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_users)
     p = add("audit", "the audit trail: associations, sends, configuration changes, logins (latest last)")

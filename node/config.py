@@ -9,6 +9,7 @@ Validation collects *all* problems and names each key with what was expected and
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tomllib
@@ -490,6 +491,13 @@ def _validate(s: Settings, problems: list[str]) -> None:
     _validate_worker(s.worker, problems)
     if s.filter.no_view_policy not in ("analyse", "skip"):
         problems.append(f"filter.no_view_policy: expected 'analyse' or 'skip', found {s.filter.no_view_policy!r}")
+    if not all(math.isfinite(v) for v in (s.send.retry_initial_s, s.send.retry_max_s, s.send.timeout_s)):
+        problems.append("send.retry_initial_s/retry_max_s/timeout_s: expected finite numbers, found "
+                        f"{s.send.retry_initial_s}, {s.send.retry_max_s} and {s.send.timeout_s}")
+    if not 1.0 <= s.send.timeout_s <= 3600.0:
+        problems.append(f"send.timeout_s: expected 1-3600 seconds, found {s.send.timeout_s}")
+    if s.send.alert_after < 0:
+        problems.append(f"send.alert_after: expected >= 0 (0: no alert), found {s.send.alert_after}")
     if s.send.retry_initial_s <= 0 or s.send.retry_max_s < s.send.retry_initial_s:
         problems.append(
             "send.retry_initial_s/retry_max_s: expected 0 < retry_initial_s <= retry_max_s, "

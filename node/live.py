@@ -38,8 +38,10 @@ REMOVED = {"removed": True}  # the value of ``destinations.<name>`` that removes
 # Keys the console may change, and whether the change takes effect at once (else at the next start).
 LIVE_KEYS = frozenset({"scp.allowed_callers", "scp.require_called_ae", "scp.max_associations",
                        "send.retry_initial_s", "send.retry_max_s", "send.alert_after", "send.timeout_s"})
-RESTART_KEYS = frozenset({"scp.ae_title", "scp.port", "scp.bind_address", "scp.processes", "scp.max_pdu",
-                          "scp.network_timeout_s", "scp.artim_timeout_s", "scp.max_associations_per_address"})
+# Not here: scp.port, bind_address and processes (the sockets are bound, as root if need be, before the database is
+# opened as the service user) and everything else: node.toml only.
+RESTART_KEYS = frozenset({"scp.ae_title", "scp.max_pdu", "scp.network_timeout_s", "scp.artim_timeout_s",
+                          "scp.max_associations_per_address"})
 DESTINATION_KEYS = tuple(f.name for f in dataclasses.fields(Destination))
 TLS_PATH_KEYS = ("ca_file", "cert_file", "key_file")
 
@@ -90,41 +92,49 @@ def overlay(base: Settings, changes: Mapping[str, ConfigChangeRecord], include_r
                                destinations=tuple(destinations.values()), thresholds=thresholds)
 
 
-def check_scp_change(base: Settings, body: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a change of receiving keys (``PATCH /api/v1/scp``); returns the coerced values.
+def check_scp_change(base: Settings, body: Mapping[str, Any], toml: Settings | None = None) -> dict[str, Any]:
+    """Validate a change of receiving keys (``PATCH /api/v1/scp``); returns the coerced values (None: back to
+    node.toml's value, taken from ``toml``).
 
     Raises:
         ChangeError: an unknown key, a key that cannot be changed here, or a bad value.
     """
-    return _check_section(base, "scp", ScpSettings(), body)
+    return _check_section(base, "scp", ScpSettings(), body, toml)
 
 
-def check_send_change(base: Settings, body: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a change of the sending keys (retry delays, alert, timeout)."""
-    return _check_section(base, "send", SendSettings(), body)
+def check_send_change(base: Settings, body: Mapping[str, Any], toml: Settings | None = None) -> dict[str, Any]:
+    """Validate a change of the sending keys (retry delays, alert, timeout); None: back to node.toml's value."""
+    return _check_section(base, "send", SendSettings(), body, toml)
 
 
-def _check_section(base: Settings, section: str, default: Any, body: Mapping[str, Any]) -> dict[str, Any]:
+def _check_section(base: Settings, section: str, default: Any, body: Mapping[str, Any],
+                   base_settings: Settings | None = None) -> dict[str, Any]:
     problems: list[str] = []
     values: dict[str, Any] = {}
     changeable = sorted(k.partition(".")[2] for k in LIVE_KEYS | RESTART_KEYS if k.startswith(section + "."))
     if not body:
         problems.append(f"{section}: expected an object with one or more of {', '.join(changeable)}, found nothing")
+    back: list[str] = []  # null: back to node.toml's value
     for key, value in body.items():
         if key not in changeable:
             problems.append(f"{section}.{key}: cannot be changed here (expected one of {', '.join(changeable)}; "
                             "other keys are set in node.toml)")
+            continue
+        if value is None:
+            back.append(key)
             continue
         coerced = _coerce(f"{section}.{key}", value, getattr(default, key), problems)
         if coerced is not None:
             values[key] = coerced
     if not problems:
         current = getattr(base, section)
-        candidate = dataclasses.replace(base, **{section: dataclasses.replace(current, **values)})
+        started = getattr(base, section) if base_settings is None else getattr(base_settings, section)
+        restored = {key: getattr(started, key) for key in back}
+        candidate = dataclasses.replace(base, **{section: dataclasses.replace(current, **values, **restored)})
         _validate(candidate, problems)
     if problems:
         raise ChangeError(problems)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}, **dict.fromkeys(back)}
 
 
 def check_destination(base: Settings, body: Mapping[str, Any], name: str | None = None) -> Destination:
@@ -158,6 +168,13 @@ def check_destination(base: Settings, body: Mapping[str, Any], name: str | None 
     return dest
 
 
+def _with_restart_keys(current: Settings, started: Settings) -> Settings:
+    """``current`` with the values of :data:`RESTART_KEYS` the node started with (in force until a restart)."""
+    scp = {key.partition(".")[2]: getattr(started.scp, key.partition(".")[2]) for key in RESTART_KEYS
+           if key.startswith("scp.")}
+    return dataclasses.replace(current, scp=dataclasses.replace(current.scp, **scp))
+
+
 def base_source(base: Settings, key: str, environ: Mapping[str, str] | None = None) -> str:
     """Where node.toml's side of a key comes from: ``environment``, ``node.toml`` or ``default``."""
     environ = os.environ if environ is None else environ
@@ -182,13 +199,18 @@ class LiveSettings:
     """The effective settings of a running node, refreshed when the console changes one.
 
     Args:
-        base: the settings the node started with (node.toml, environment, flags).
+        base: the settings the node started with: node.toml's with the console's changes of that moment, those of
+            :data:`RESTART_KEYS` included.
         store: the store holding ``config_changes`` (any object with ``config_version`` and
             ``config_overrides``).
+        toml: node.toml's settings (with the environment and command-line flags) without any console change: what
+            a change back to node.toml (null) restores, and the "source" of values the console never set; default
+            ``base``.
     """
 
-    def __init__(self, base: Settings, store: Any) -> None:
+    def __init__(self, base: Settings, store: Any, toml: Settings | None = None) -> None:
         self.base = base
+        self.toml = toml if toml is not None else base
         self.store = store
         self._lock = threading.Lock()
         self._version = 0
@@ -221,9 +243,9 @@ class LiveSettings:
             log.warning("configuration changes not read (the settings in force stay): %s", exc)
             return self._current
         with self._lock:
-            if version != self._version:
+            if version > self._version:  # never back to an older state read by a slower thread
                 self._changes = changes
-                self._current = overlay(self.base, changes)
+                self._current = _with_restart_keys(overlay(self.toml, changes), self.base)
                 self._version = version
                 for listener in self._listeners:
                     listener(self._current)
@@ -269,6 +291,6 @@ class LiveSettings:
                     entry["value"] = change.new_value
                     entry["pending_restart"] = key in self.pending_restart()
             else:
-                entry["source"] = base_source(self.base, key)
+                entry["source"] = base_source(self.toml, key)
             out[key] = entry
         return out

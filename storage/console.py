@@ -220,12 +220,12 @@ class ConsoleStore(StoreBase):
 
     def retry_send(self, item_id: int) -> tuple[str, str] | None:
         """A failed or rejected send is due now again (attempts kept); returns (destination, result SOP Instance
-        UID), or None when no failed or rejected send has that id."""
+        UID), or None when no failed or rejected send has that id or a sender is sending it right now."""
         with self._tx("retry_send") as s:
             item = s.get(OutboxItem, item_id)
-            if item is None or item.state not in (OUTBOX_FAILED, OUTBOX_REJECTED):
-                return None
             now = self.clock()
+            if item is None or item.state not in (OUTBOX_FAILED, OUTBOX_REJECTED) or _in_flight(item, now):
+                return None
             item.state, item.next_attempt_at, item.claimed_by, item.updated_at = OUTBOX_PENDING, now, None, now
             return item.destination, str(s.get(Result, item.result_id).sop_instance_uid)  # type: ignore[union-attr]
 
@@ -233,7 +233,7 @@ class ConsoleStore(StoreBase):
         """A failed send is given up (``rejected``, saying who discarded it); None: no such failed send."""
         with self._tx("discard_send") as s:
             item = s.get(OutboxItem, item_id)
-            if item is None or item.state != OUTBOX_FAILED:
+            if item is None or item.state != OUTBOX_FAILED or _in_flight(item, self.clock()):
                 return None
             item.state, item.updated_at = OUTBOX_REJECTED, self.clock()
             item.last_error = f"discarded by {by}; last error: {item.last_error or ''}"[:2000]
@@ -327,6 +327,12 @@ class ConsoleStore(StoreBase):
         with self._tx("unlock_user") as s:
             result = s.execute(update(User).where(User.name == name).values(failed_logins=0, locked_until=None))
             return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _in_flight(item: OutboxItem, now: dt.datetime) -> bool:
+    """A sender holds the entry (its claim has not run out): it is being sent right now, and the sender's outcome
+    would overwrite a retry or a discard made meanwhile."""
+    return item.claimed_by is not None and item.next_attempt_at > now
 
 
 def _change(r: ConfigChange) -> ConfigChangeRecord:

@@ -132,7 +132,8 @@ def test_api_roles_destinations_echo_receiving_audit_and_restart(
     assert r.json()["changed"]["max_pdu"]["in_force"] == "at the next start"
     scp = viewer.get("/api/v1/scp").json()
     assert scp["allowed_callers"]["source"] == "console" and scp["allowed_callers"]["changed_by"] == ADMIN[0]
-    assert scp["max_pdu"]["pending_restart"] is True and scp["port"]["source"] == "node.toml"
+    assert scp["max_pdu"]["pending_restart"] is True and "port" not in scp  # node.toml only: bound before the database
+    problem(admin.patch("/api/v1/scp", json={"port": 11113}), 422)
     assert scp["require_called_ae"]["source"] == "default"
 
     # the audit trail: the change (who, old -> new), the refused association (calling AE, address, reason), logins
@@ -151,7 +152,7 @@ def test_api_roles_destinations_echo_receiving_audit_and_restart(
     assert 'setting scp.allowed_callers = ["ECHOSCU", "MODALITY"] (console v' in status.stdout
     assert "setting scp.max_pdu = 65536 (console v" in status.stdout
     assert "takes effect at the next start" in status.stdout
-    assert "setting scp.port = " in status.stdout
+    assert "setting destinations.pacs = " in status.stdout and "(node.toml)" in status.stdout
     assert "setting scp.require_called_ae" not in status.stdout  # at its default
 
     # persisted across a restart; the pending change is in force after it
@@ -226,6 +227,9 @@ def test_threshold_change_reaches_the_next_sr_metrics_and_health(
     assert 'cxr_send_attempts_total{destination="pacs",outcome="sent"} 4.0' in text
     assert "cxr_inference_seconds_count 2.0" in text and 'cxr_jobs{state="done"} 2.0' in text
     assert 'cxr_model_info{name="' in text and "cxr_disk_free_bytes" in text
+    health = httpx.get(f"http://127.0.0.1:{web}/healthz", timeout=30).json()
+    assert health["status"] == "pass" and [c["name"] for c in health["checks"]] == [
+        "database", "disk", "model", "scp", "scheduler"]
     if not promtool:
         pytest.skip("promtool not installed (Debian package prometheus; .ci/run installs it): format not checked")
 
@@ -259,8 +263,9 @@ def test_healthz_turns_503_on_a_read_only_database_and_a_full_disk(
         files = [str(database)]
         subprocess.run(["chattr", "+i", *files], check=True)
         try:
-            r = health()
-            assert r.status_code == 503 and r.json()["failed"] == ["database"], r.text
+            r = wait_for(lambda: (h := health()).status_code == 503 and h, timeout=10, what="503 (answers are cached "
+                         "for 2 s)")
+            assert r.json()["failed"] == ["database"], r.text
             assert "not writable" in r.json()["checks"][0]["detail"]
         finally:
             subprocess.run(["chattr", "-i", *files], check=True)
@@ -269,8 +274,8 @@ def test_healthz_turns_503_on_a_read_only_database_and_a_full_disk(
         filler = data / "filler"
         with filler.open("wb") as fh:
             fh.write(b"\0" * (40 * 2**20))
-        r = health()
-        assert r.status_code == 503 and r.json()["failed"] == ["disk"], r.text
+        r = wait_for(lambda: (h := health()).status_code == 503 and h, timeout=10, what="503 for the disk")
+        assert r.json()["failed"] == ["disk"], r.text
         assert "expected at least 16 MB" in str(r.json()["checks"])
         filler.unlink()
         wait_for(lambda: healthy(web), timeout=30, what="healthy again")
@@ -333,6 +338,8 @@ def test_users_command_and_the_first_admin(tmp_path: Path) -> None:
     settings = load_settings(cfg, environ={})
     settings.data_path.mkdir()
     store = Store(make_engine(settings.database_url))
+    (settings.data_path / FIRST_PASSWORD_FILE).write_text("left by someone\n")  # readable by all: replaced
+    (settings.data_path / FIRST_PASSWORD_FILE).chmod(0o644)
     path = first_admin(store, settings.data_path)
     assert path == settings.data_path / FIRST_PASSWORD_FILE and oct(path.stat().st_mode & 0o777) == "0o600"
     assert check_login(store, "admin", path.read_text().strip()).user is not None

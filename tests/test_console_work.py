@@ -96,3 +96,76 @@ def test_send_settings_changed_in_the_api_reach_the_outbox(console: Console) -> 
     assert outbox.retry_delay(1) == 3.0 and outbox.retry_delay(10) == 30.0
     sources = api.get("/api/v1/send", auth=VIEWER).json()
     assert sources["retry_initial_s"]["source"] == "console" and sources["timeout_s"]["source"] == "default"
+
+
+def test_changes_from_another_site_and_cookies_without_the_header_are_refused(console: Console) -> None:
+    api = TestClient(build_app(console))
+    dest = {"name": "evil", "ae_title": "EVIL", "host": "10.6.6.6", "port": 104}
+    # a form another site's page posts with the Basic credentials the browser remembers
+    for headers in ({"origin": "http://evil.example"}, {"sec-fetch-site": "cross-site"}):
+        r = api.post("/api/v1/destinations", json=dest, auth=ADMIN, headers=headers)
+        assert r.status_code == 403 and "another site" in r.json()["detail"], r.text
+    assert api.get("/api/v1/destinations", auth=ADMIN, headers={"origin": "http://evil.example"}).status_code == 200
+    # the page's own session: a change needs X-CXR-Console as well
+    assert api.post("/api/v1/session", json={"name": ADMIN[0], "password": ADMIN[1]}).status_code == 200
+    r = api.post("/api/v1/destinations", json=dest)
+    assert r.status_code == 403 and "X-CXR-Console" in r.json()["detail"].replace("x-cxr-console", "X-CXR-Console")
+    own = {"x-cxr-console": "1", "origin": "http://testserver", "sec-fetch-site": "same-origin"}
+    assert api.post("/api/v1/destinations", json=dest, headers=own).status_code == 201
+    assert [d.name for d in console.live.current.destinations] == ["evil"]
+
+
+def test_a_removed_or_demoted_user_loses_the_session_at_once(console: Console) -> None:
+    api = TestClient(build_app(console))
+    assert api.post("/api/v1/session", json={"name": ADMIN[0], "password": ADMIN[1]}).status_code == 200
+    assert api.get("/api/v1/me").json() == {"name": ADMIN[0], "role": "admin"}
+    console.store.remove_user(ADMIN[0])
+    add_user(console.store, ADMIN[0], "viewer", ADMIN[1])
+    assert api.get("/api/v1/me").json()["role"] == "viewer"  # demoted: the session's role follows
+    assert api.patch("/api/v1/scp", json={"max_associations": 4}, headers={"x-cxr-console": "1"}).status_code == 403
+    console.store.remove_user(ADMIN[0])
+    assert api.get("/api/v1/me").status_code == 401
+
+
+def test_the_lockout_is_not_extended_by_attempts_while_locked_and_unknown_names_lock_alike(
+    console: Console, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import node.users
+
+    api = TestClient(build_app(console))
+    codes = [api.get("/api/v1/me", auth=(VIEWER[0], f"wrong {i}")).status_code for i in range(5)]
+    assert codes == [401] * 5
+    locked = console.store.user_hash(VIEWER[0])[0].locked_until  # type: ignore[index]
+    assert locked is not None
+    for _ in range(3):  # refused unheard, the right password too, and the lock stays where it was
+        assert api.get("/api/v1/me", auth=VIEWER).status_code == 429
+    assert console.store.user_hash(VIEWER[0])[0].locked_until == locked  # type: ignore[index]
+    unknown = [api.get("/api/v1/me", auth=("nobody-here", f"guess {i}")).status_code for i in range(6)]
+    assert unknown == [401] * 5 + [429]  # as a known name: answers do not tell which names exist
+    # once the lock has run out, the right password works and the count starts afresh
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=node.users.LOCK_S + 1)
+    monkeypatch.setattr(console.store, "clock", lambda: later)
+    assert api.get("/api/v1/me", auth=VIEWER).status_code == 200
+    assert console.store.user_hash(VIEWER[0])[0].failed_logins == 0  # type: ignore[index]
+    events = [e for e in console.store.audit_events(event="login") if e.outcome == "failure"]
+    assert len(events) == 5 + 3 + 6 and {e.actor for e in events} == {VIEWER[0], "nobody-here"}
+
+
+def test_put_keeps_what_it_leaves_out_and_null_goes_back_to_node_toml(console: Console) -> None:
+    api = TestClient(build_app(console))
+    dest = {"name": "b", "ae_title": "B", "host": "h", "port": 104, "calling_ae": "OURS", "shadow": True}
+    assert api.post("/api/v1/destinations", json=dest, auth=ADMIN).status_code == 201
+    r = api.put("/api/v1/destinations/b", json={"port": 105}, auth=ADMIN)
+    changed = r.json()
+    assert r.status_code == 200 and (changed["port"], changed["calling_ae"], changed["shadow"]) == (105, "OURS", True)
+    assert api.patch("/api/v1/scp", json={"allowed_callers": ["CT01"]}, auth=ADMIN).status_code == 200
+    assert console.live.current.scp.allowed_callers == ("CT01",)
+    r = api.patch("/api/v1/scp", json={"allowed_callers": None}, auth=ADMIN)
+    assert r.status_code == 200 and r.json()["changed"]["allowed_callers"]["value"] == []
+    assert console.live.current.scp.allowed_callers == ()
+    assert api.get("/api/v1/scp", auth=VIEWER).json()["allowed_callers"]["source"] == "default"
+    for bad in ({"timeout_s": 0}, {"alert_after": -1}):
+        assert api.patch("/api/v1/send", json=bad, auth=ADMIN).status_code == 422
+    r = api.patch("/api/v1/send", content=b'{"retry_initial_s": NaN}', auth=ADMIN,
+                  headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "finite" in r.json()["detail"]

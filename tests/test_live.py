@@ -37,23 +37,24 @@ def test_changes_apply_in_order_and_restart_keys_wait_for_a_start(tmp_path: Path
     assert live.refresh().scp.allowed_callers == ()
     store.record_config_change("scp.allowed_callers", [], ["CT01"], "ada")
     store.record_config_change("scp.allowed_callers", ["CT01"], ["CT01", "DX2"], "bob")
-    store.record_config_change("scp.port", 11999, 12000, "ada")
+    store.record_config_change("scp.max_pdu", 131072, 65536, "ada")
     store.record_config_change("thresholds.Tuberculosis", 0.3, 0.42, "ada")
     store.record_config_change("destinations.archive", None,
                                dataclasses.asdict(Destination("archive", "ARCH", "10.0.0.5", 104)), "ada")
     store.record_config_change("destinations.pacs", {}, REMOVED, "ada")
     current = live.refresh()
     assert current.scp.allowed_callers == ("CT01", "DX2") and seen == [("CT01", "DX2")]
-    assert current.scp.port == 11999  # needs a restart
-    assert live.pending_restart() == {"scp.port": 12000}
-    assert overlay(settings, store.config_overrides(), include_restart=True).scp.port == 12000  # type: ignore
+    assert current.scp.max_pdu == 131072  # needs a restart
+    assert live.pending_restart() == {"scp.max_pdu": 65536}
+    assert overlay(settings, store.config_overrides(), include_restart=True).scp.max_pdu == 65536  # type: ignore
     assert current.thresholds["Tuberculosis"] == 0.42
     assert [d.name for d in current.destinations] == ["archive"]
     sources = live.sources()
     callers = sources["scp.allowed_callers"]
     assert callers["source"] == "console" and callers["changed_by"] == "bob"
-    assert sources["scp.port"] == {**sources["scp.port"], "source": "console", "value": 12000, "pending_restart": True}
-    assert sources["scp.max_pdu"]["source"] == "default"
+    assert sources["scp.max_pdu"] == {**sources["scp.max_pdu"], "source": "console", "value": 65536,
+                                      "pending_restart": True}
+    assert sources["scp.artim_timeout_s"]["source"] == "default"
     assert sources["destinations.pacs"]["value"] is None and sources["destinations.pacs"]["source"] == "console"
     # null: back to node.toml's value
     store.record_config_change("thresholds.Tuberculosis", 0.42, None, "ada")
@@ -62,6 +63,13 @@ def test_changes_apply_in_order_and_restart_keys_wait_for_a_start(tmp_path: Path
     assert current.thresholds["Tuberculosis"] == 0.3
     assert sorted(d.name for d in current.destinations) == ["archive", "pacs"]
     assert live.sources()["thresholds.Tuberculosis"]["source"] == "node.toml"
+    # a live key back to node.toml's value, on a node that started with the console's value
+    started = overlay(settings, store.config_overrides(), include_restart=True)  # type: ignore[arg-type]
+    restarted = LiveSettings(started, store, toml=settings)  # type: ignore[arg-type]
+    assert restarted.refresh().scp.allowed_callers == ("CT01", "DX2") and restarted.refresh().scp.max_pdu == 65536
+    store.record_config_change("scp.allowed_callers", ["CT01", "DX2"], None, "ada")
+    assert restarted.refresh().scp.allowed_callers == ()
+    assert restarted.sources()["scp.allowed_callers"]["source"] == "default"
 
 
 def test_a_database_that_cannot_be_read_keeps_the_settings_in_force(tmp_path: Path, store: Store) -> None:

@@ -28,8 +28,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ai.errors import RetryableError
 from node.live import (
     LIVE_KEYS,
     REMOVED,
@@ -49,6 +52,7 @@ SESSION_COOKIE = "cxr_session"
 SESSION_S = 8 * 3600.0
 CSRF_HEADER = "x-cxr-console"
 PROBLEM = "application/problem+json"
+HEALTH_CACHE_S = 2.0
 
 
 class Problem(Exception):  # noqa: N818 - an answer, not a fault
@@ -130,6 +134,12 @@ def build_app(console: Console) -> FastAPI:
         return problem_response(exc.status_code, str(exc.detail) if exc.detail else "error", "",
                                 headers=dict(exc.headers or {}), instance=request.url.path)
 
+    @app.exception_handler(RetryableError)
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        return problem_response(503, "database unavailable", str(exc).splitlines()[0][:300],
+                                headers={"Retry-After": "5"}, instance=request.url.path)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()]
@@ -139,7 +149,19 @@ def build_app(console: Console) -> FastAPI:
     def client(request: Request) -> str:
         return request.client.host if request.client else ""
 
+    def cross_site(request: Request) -> None:
+        """Refuse a change a page of another site makes the browser send (a form posted with credentials the
+        browser remembers): browsers say where a request comes from (``Sec-Fetch-Site``, ``Origin``); scripts and
+        command-line clients send neither."""
+        site = request.headers.get("sec-fetch-site")
+        origin = request.headers.get("origin")
+        own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+        if (site is not None and site not in ("same-origin", "none")) or (origin is not None and origin != own):
+            raise Problem(403, "forbidden", f"a change from another site ({origin or site}) is refused")
+
     def authenticate(request: Request) -> Principal:
+        if request.method not in ("GET", "HEAD"):
+            cross_site(request)
         token = request.cookies.get(SESSION_COOKIE)
         if token:
             found = sessions.get(token)
@@ -147,7 +169,11 @@ def build_app(console: Console) -> FastAPI:
                 if request.method not in ("GET", "HEAD") and request.headers.get(CSRF_HEADER) != "1":
                     raise Problem(403, "forbidden", f"a change with the session cookie needs the header "
                                   f"{CSRF_HEADER}: 1")
-                return found
+                current = console.store.user_hash(found.name)  # removed or demoted since the login: not any more
+                if current is None:
+                    sessions.end(token)
+                    raise Problem(401, "authentication required", "the user no longer exists")
+                return Principal(found.name, current[0].role, "cookie")
         header = request.headers.get("authorization", "")
         scheme, _, encoded = header.partition(" ")
         challenge = {} if request.headers.get(CSRF_HEADER) else {"WWW-Authenticate": 'Basic realm="cxr-node"'}
@@ -160,7 +186,7 @@ def build_app(console: Console) -> FastAPI:
             raise Problem(401, "authentication required", "malformed Basic credentials", headers=challenge) from exc
         if not sep:
             raise Problem(401, "authentication required", "malformed Basic credentials", headers=challenge)
-        result = check_login(console.store, name, password, console.audit, client(request))
+        result = check_login(console.store, name, password, console.audit, client(request), audit_success=False)
         if result.locked:
             raise Problem(429, "too many failed logins", result.reason, headers={"Retry-After": f"{LOCK_S:.0f}"})
         if result.user is None:
@@ -192,9 +218,14 @@ def build_app(console: Console) -> FastAPI:
                                            "'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:",
                                            "X-Frame-Options": "DENY", "Cache-Control": "no-store"})
 
+    health_cache: list[Any] = [0.0, None]  # (monotonic time, checks): /healthz needs no login, so a flood of it
+    # must not become a flood of database writes
+
     @app.get("/healthz")
     def healthz() -> JSONResponse:
-        checks = console.health()
+        if time.monotonic() - health_cache[0] > HEALTH_CACHE_S or health_cache[1] is None:
+            health_cache[:] = [time.monotonic(), console.health()]
+        checks = health_cache[1]
         failed = [c.name for c in checks if not c.ok]
         body = {"status": "fail" if failed else "pass", "failed": failed,
                 "checks": [dataclasses.asdict(c) for c in checks]}
@@ -216,7 +247,8 @@ def build_app(console: Console) -> FastAPI:
         name, password = body.get("name"), body.get("password")
         if not isinstance(name, str) or not isinstance(password, str):
             raise Problem(400, "bad request", "expected {\"name\": ..., \"password\": ...}")
-        result = check_login(console.store, name, password, console.audit, client(request))
+        cross_site(request)
+        result = await run_in_threadpool(check_login, console.store, name, password, console.audit, client(request))
         if result.locked:
             raise Problem(429, "too many failed logins", result.reason, headers={"Retry-After": f"{LOCK_S:.0f}"})
         if result.user is None:
@@ -271,6 +303,9 @@ def build_app(console: Console) -> FastAPI:
             if pending is not None and pending.new_value is not None:
                 old = pending.new_value
             version = console.change(f"{section}.{key}", old, value, who.name, client(request))
+            if value is None:  # back to node.toml's
+                value = getattr(getattr(console.live.toml, section), key)
+                value = list(value) if isinstance(value, tuple) else value
             applied[key] = {"value": value, "version": version,
                             "in_force": "at the next start" if f"{section}.{key}" in RESTART_KEYS else "now"}
         return applied
@@ -284,8 +319,12 @@ def build_app(console: Console) -> FastAPI:
 
     @app.patch("/api/v1/scp")
     async def patch_scp(request: Request, who: Principal = admin_dep) -> dict[str, Any]:
-        changes = checked(check_scp_change, "invalid receiving settings", await body_object(request))
-        return {"changed": apply_section("scp", changes, who, request), "scp": scp_view()}
+        body = await body_object(request)
+
+        def work() -> dict[str, Any]:
+            changes = checked(check_scp_change, "invalid receiving settings", body, console.live.toml)
+            return {"changed": apply_section("scp", changes, who, request), "scp": scp_view()}
+        return await run_in_threadpool(work)
 
     @app.get("/api/v1/send")
     def get_send(who: Principal = viewer_dep) -> dict[str, Any]:
@@ -294,8 +333,12 @@ def build_app(console: Console) -> FastAPI:
 
     @app.patch("/api/v1/send")
     async def patch_send(request: Request, who: Principal = admin_dep) -> dict[str, Any]:
-        changes = checked(check_send_change, "invalid sending settings", await body_object(request))
-        return {"changed": apply_section("send", changes, who, request)}
+        body = await body_object(request)
+
+        def work() -> dict[str, Any]:
+            changes = checked(check_send_change, "invalid sending settings", body, console.live.toml)
+            return {"changed": apply_section("send", changes, who, request)}
+        return await run_in_threadpool(work)
 
     # -- destinations ------------------------------------------------------------------------------------------
 
@@ -331,23 +374,31 @@ def build_app(console: Console) -> FastAPI:
     @app.post("/api/v1/destinations", status_code=201)
     async def add_destination(request: Request, who: Principal = admin_dep) -> JSONResponse:
         body = await body_object(request)
-        name = body.get("name")
-        if isinstance(name, str) and any(d.name == name for d in console.live.refresh().destinations):
-            raise Problem(409, "destination exists", f"a destination named {name!r} exists; change it with "
-                          f"PUT /api/v1/destinations/{name}")
-        dest = checked(check_destination, "invalid destination", body)
-        version = console.change(f"destinations.{dest.name}", None, dataclasses.asdict(dest), who.name,
-                                 client(request))
-        return JSONResponse({**dataclasses.asdict(dest), "version": version, "in_force": "now"}, status_code=201,
-                            headers={"Location": f"/api/v1/destinations/{dest.name}"})
+
+        def work() -> JSONResponse:
+            name = body.get("name")
+            if isinstance(name, str) and any(d.name == name for d in console.live.refresh().destinations):
+                raise Problem(409, "destination exists", f"a destination named {name!r} exists; change it with "
+                              f"PUT /api/v1/destinations/{name}")
+            dest = checked(check_destination, "invalid destination", body)
+            version = console.change(f"destinations.{dest.name}", None, dataclasses.asdict(dest), who.name,
+                                     client(request))
+            return JSONResponse({**dataclasses.asdict(dest), "version": version, "in_force": "now"},
+                                status_code=201, headers={"Location": f"/api/v1/destinations/{dest.name}"})
+        return await run_in_threadpool(work)
 
     @app.put("/api/v1/destinations/{name}")
     async def put_destination(name: str, request: Request, who: Principal = admin_dep) -> dict[str, Any]:
-        old = find_destination(name)
-        dest = checked(check_destination, "invalid destination", await body_object(request), name)
-        version = console.change(f"destinations.{name}", dataclasses.asdict(old), dataclasses.asdict(dest), who.name,
-                                 client(request))
-        return {**dataclasses.asdict(dest), "version": version, "in_force": "now"}
+        """Change a destination: keys the body leaves out keep their values (a port change keeps its TLS keys)."""
+        body = await body_object(request)
+
+        def work() -> dict[str, Any]:
+            old = find_destination(name)
+            dest = checked(check_destination, "invalid destination", {**dataclasses.asdict(old), **body}, name)
+            version = console.change(f"destinations.{name}", dataclasses.asdict(old), dataclasses.asdict(dest),
+                                     who.name, client(request))
+            return {**dataclasses.asdict(dest), "version": version, "in_force": "now"}
+        return await run_in_threadpool(work)
 
     @app.delete("/api/v1/destinations/{name}")
     def delete_destination(name: str, request: Request, who: Principal = admin_dep) -> dict[str, Any]:
@@ -410,6 +461,9 @@ def build_app(console: Console) -> FastAPI:
     @app.put("/api/v1/thresholds")
     async def put_thresholds(request: Request, who: Principal = admin_dep) -> dict[str, Any]:
         body = await body_object(request)
+        return await run_in_threadpool(set_thresholds, body, who, request)
+
+    def set_thresholds(body: dict[str, Any], who: Principal, request: Request) -> dict[str, Any]:
         manifest = console.manifest
         problems = []
         if not body:
@@ -445,7 +499,8 @@ def build_app(console: Console) -> FastAPI:
         if done is None:
             state = "failed" if action == "discard" or what == "jobs" else "failed or rejected"
             raise Problem(409 if _exists(what, item_id) else 404, f"cannot {action}",
-                          f"no {state} {what[:-1]} with id {item_id}")
+                          f"no {state} {what[:-1]} with id {item_id}"
+                          + (" that no sender is sending right now" if what == "sends" else ""))
         detail = {"job": item_id, "sop_instance_uid": done} if what == "jobs" else {
             "outbox_id": item_id, "destination": done[0], "sop_instance_uid": done[1]}
         console.audit.record("work_retried" if action == "retry" else "work_discarded", "success", who.name,
