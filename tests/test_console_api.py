@@ -51,6 +51,15 @@ def console_config(tmp: Path, pacs_port: int, package: Path, storage: str = "") 
     return cfg, web_port
 
 
+def start_node(tmp: Path, pacs: Any, package: Path, procs: list[NodeProcess]) -> tuple[Path, int, NodeProcess]:
+    """A running node with its console (``console_config``), Orthanc as its PACS; (node.toml, console port, node)."""
+    cfg, web = console_config(tmp, pacs.dicom_port, package)
+    node = NodeProcess(cfg, env=WEB_ON)
+    procs.append(node)
+    wait_for(lambda: healthy(web), timeout=60, what="the console")
+    return cfg, web, node
+
+
 def client(port: int, who: tuple[str, str] | None = ADMIN) -> httpx.Client:
     return httpx.Client(base_url=f"http://127.0.0.1:{port}", auth=who, timeout=60)
 
@@ -84,11 +93,8 @@ def pacs(tmp_path: Path) -> Iterator[Any]:
 def test_api_roles_destinations_echo_receiving_audit_and_restart(
     tmp_path: Path, pacs: Any, model_package: Path, node_proc: list[NodeProcess]  # noqa: F811
 ) -> None:
-    cfg, web = console_config(tmp_path, pacs.dicom_port, model_package)
-    node = NodeProcess(cfg, env=WEB_ON)
-    node_proc.append(node)
+    cfg, web, node = start_node(tmp_path, pacs, model_package, node_proc)
     port = scp_port(cfg)
-    wait_for(lambda: healthy(web), timeout=60, what="the console")
 
     # authentication and roles
     problem(client(web, None).get("/api/v1/destinations"), 401)
@@ -187,11 +193,8 @@ def test_api_roles_destinations_echo_receiving_audit_and_restart(
 def test_threshold_change_reaches_the_next_sr_metrics_and_health(
     tmp_path: Path, pacs: Any, model_package: Path, node_proc: list[NodeProcess]  # noqa: F811
 ) -> None:
-    cfg, web = console_config(tmp_path, pacs.dicom_port, model_package)
-    node = NodeProcess(cfg, env=WEB_ON)
-    node_proc.append(node)
+    cfg, web, _ = start_node(tmp_path, pacs, model_package, node_proc)
     admin = client(web, ADMIN)
-    wait_for(lambda: healthy(web), timeout=60, what="the console")
     before = admin.get("/api/v1/thresholds").json()["thresholds"][0]
     assert (before["label"], before["in_force"], before["source"]) == ("Tuberculosis", 0.0, "node.toml")
     r = admin.put("/api/v1/thresholds", json={"Tuberculosis": 0.999})
