@@ -196,6 +196,12 @@ def test_load_cohort_with_its_own_column_names(tmp_path: Path) -> None:
     assert cohort.patient_ids == ("bacteria:person1", "bacteria:person1", "normal:IM-2")
     assert cohort.sites == ("guangzhou",) * 3
     assert cohort.y[:, 0].tolist() == [1.0, 1.0, 0.0]
+    # a pattern takes the patient out of the column: a child's images under two subtypes are one group
+    csv_path.write_text("image,label_pneumonia,group_hint\n"
+                        "img/0.png,1,bacteria:person1\nimg/1.png,1,virus:person1\nimg/2.png,0,normal:IM-2\n")
+    cohort = load_cohort(csv_path, patient_column="group_hint", site="guangzhou", patient_pattern=r"person\d+",
+                         label_columns={"label_pneumonia": "Pediatric_Pneumonia"})
+    assert cohort.patient_ids == ("person1", "person1", "normal:IM-2")
     # NIH's bare finding columns, mapped by name.
     nih = tmp_path / "nih.csv"
     nih.write_text("image,patient_id,Atelectasis,Hernia\nimg/0.png,7,1,0\nimg/1.png,8,0,\n")
@@ -233,6 +239,11 @@ def test_pediatric_and_nih_manifests(data_dir: Path) -> None:
     assert len(pediatric) == 5216 and pediatric.labels == ("Pediatric_Pneumonia",)
     assert pediatric.summary()["labels"]["Pediatric_Pneumonia"]["positive"] == 3875
     assert len(set(pediatric.patient_ids)) < len(pediatric)  # a child's images share a group
+    # the file names' personN: one child's bacteria and virus images, split apart by the subtype prefix, regrouped
+    by_person = load_cohort(data_dir / "pediatric_pneumonia" / "train.csv", patient_column="group_hint",
+                            patient_pattern=r"person\d+", site="guangzhou",
+                            label_columns={"label_pneumonia": "Pediatric_Pneumonia"})
+    assert len(set(by_person.patient_ids)) == len(set(pediatric.patient_ids)) - 808  # 808 children in both
     nih = load_cohort(data_dir / "nih14" / "nih14.csv", site="nih",
                       label_columns={finding: finding for finding in NIH_FINDINGS})
     assert len(nih) == 500 and nih.labels == NIH_FINDINGS

@@ -73,7 +73,7 @@ def test_cohort_column_options_roundtrip(tmp_path: Path) -> None:
     data = tomllib.loads(example_config_text())
     data["labels"] = ["Pediatric_Pneumonia"]
     data["train"] = {"name": "pediatric", "csv": "ped.csv", "patient_column": "group_hint", "site": "guangzhou",
-                     "label_columns": {"label_pneumonia": "pediatric pneumonia"}}
+                     "patient_pattern": r"person\d+", "label_columns": {"label_pneumonia": "pediatric pneumonia"}}
     config = config_from_dict(data, tmp_path)
     assert config.train[0].label_columns == {"label_pneumonia": "Pediatric_Pneumonia"}  # canonical spelling
     save_config(config, tmp_path / "config.toml")
@@ -85,6 +85,7 @@ def test_cohort_column_options_roundtrip(tmp_path: Path) -> None:
     for bad, message in [({"label_columns": {"x": "Covid"}}, "train.label_columns: label 'Covid'"),
                          ({"label_columns": ["label_pneumonia"]}, "train.label_columns: expected a table"),
                          ({"patient_column": ""}, "train.patient_column: expected a non-empty string"),
+                         ({"patient_pattern": "person(\\d+"}, "train.patient_pattern: not a regular expression"),
                          ({"sites": "x"}, "unknown key(s) ['sites']")]:
         with pytest.raises(ConfigError) as info:
             config_from_dict({**data, "train": {**data["train"], **bad}}, tmp_path)

@@ -38,7 +38,10 @@ class CohortConfig:
     """A cohort manifest: name (used in file names), CSV path, optional root for relative image paths.
 
     A manifest written by another project may name its columns its own way: ``patient_column`` names the
-    column that groups images by patient (e.g. ``group_hint``), ``site`` is the site of every image when
+    column that groups images by patient (e.g. ``group_hint``); ``patient_pattern``, a regular expression, takes
+    the patient out of that column's value (its first match; a value without one stays whole: e.g. ``person\\d+``
+    puts ``bacteria:person1`` and ``virus:person1``, one child's two images, in one group); ``site`` is the site of
+    every image when
     the manifest has no ``site`` column, and ``label_columns`` maps columns to canonical labels (e.g.
     ``{"label_pneumonia": "Pediatric_Pneumonia"}``, or ``{"Atelectasis": "Atelectasis", ...}`` for NIH's
     bare finding columns); when given, exactly those columns are the cohort's labels.
@@ -48,6 +51,7 @@ class CohortConfig:
     csv: str
     root: str = ""
     patient_column: str = "patient_id"
+    patient_pattern: str = ""
     site: str = ""
     label_columns: dict[str, str] = field(default_factory=dict)
 
@@ -56,6 +60,8 @@ class CohortConfig:
         out: dict[str, Any] = {"name": self.name, "csv": self.csv, "root": self.root}
         if self.patient_column != "patient_id":
             out["patient_column"] = self.patient_column
+        if self.patient_pattern:
+            out["patient_pattern"] = self.patient_pattern
         if self.site:
             out["site"] = self.site
         if self.label_columns:
@@ -307,7 +313,7 @@ def _path_or_word(value: str, base: Path) -> str:
     return str((base / value).resolve())
 
 
-COHORT_KEYS = ("name", "csv", "root", "patient_column", "site", "label_columns")
+COHORT_KEYS = ("name", "csv", "root", "patient_column", "patient_pattern", "site", "label_columns")
 
 
 def _cohort(raw: Any, base: Path, key: str) -> CohortConfig:
@@ -321,6 +327,13 @@ def _cohort(raw: Any, base: Path, key: str) -> CohortConfig:
         if text_key in raw and (not isinstance(raw[text_key], str) or (text_key == "patient_column"
                                                                         and not raw[text_key].strip())):
             raise TypeError(f"{key}.{text_key}: expected a non-empty string, found {raw[text_key]!r}")
+    pattern = raw.get("patient_pattern", "")
+    if not isinstance(pattern, str):
+        raise TypeError(f"{key}.patient_pattern: expected a regular expression, found {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{key}.patient_pattern: not a regular expression ({exc}): {pattern!r}") from None
     columns = raw.get("label_columns", {})
     if not isinstance(columns, Mapping) or not all(isinstance(k, str) and isinstance(v, str) and k.strip()
                                                    for k, v in columns.items()):
@@ -332,7 +345,8 @@ def _cohort(raw: Any, base: Path, key: str) -> CohortConfig:
     root = str((base / raw["root"]).resolve()) if raw.get("root") else ""
     return CohortConfig(
         name=str(raw["name"]), csv=str((base / raw["csv"]).resolve()), root=root,
-        patient_column=str(raw.get("patient_column", "patient_id")).strip(), site=str(raw.get("site", "")).strip(),
+        patient_column=str(raw.get("patient_column", "patient_id")).strip(), patient_pattern=pattern,
+        site=str(raw.get("site", "")).strip(),
         label_columns={str(k).strip(): label for k, label in zip(columns, labels, strict=True)},
     )
 
@@ -481,6 +495,7 @@ name = "shenzhen"
 csv = "../shared/data/tb/shenzhen.csv"
 root = ""                       # "" = image paths relative to the CSV's folder or its parent
 # patient_column = "patient_id" # the column grouping images by patient (pediatric_pneumonia: "group_hint")
+# patient_pattern = ""          # a regex taking the patient out of that column (first match; e.g. 'person\\d+')
 # site = ""                     # the site of every image when the manifest has no 'site' column
 # label_columns = { label_pneumonia = "Pediatric_Pneumonia" }   # column = canonical label; when given,
 #                               # exactly these columns are labels (default: every label_* column)

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -175,6 +176,7 @@ def load_cohort(
     patient_column: str = "patient_id",
     site: str = "",
     label_columns: Mapping[str, str] | None = None,
+    patient_pattern: str = "",
 ) -> Cohort:
     """Read and validate a cohort manifest.
 
@@ -191,6 +193,8 @@ def load_cohort(
             when ``site`` is given).
         label_columns: ``{column: label}``: exactly these columns are the labels (spelled as any label
             spelling, see ``training.labels``); default: the manifest's ``label_*`` columns.
+        patient_pattern: a regular expression taking the patient out of ``patient_column``'s value (its first
+            match; a value without one stays whole).
 
     Returns:
         The validated cohort.
@@ -207,12 +211,18 @@ def load_cohort(
         header = list(reader.fieldnames or [])
         rows = list(reader)
     columns = _check_header(csv_path, header, patient_column, site, label_columns)
-    if patient_column != "patient_id" or site:
-        rows = [{**row, "patient_id": row.get(patient_column) or "", **({"site": site} if site else {})}
-                for row in rows]
+    if patient_column != "patient_id" or site or patient_pattern:
+        rows = [{**row, "patient_id": _patient(row.get(patient_column) or "", patient_pattern),
+                 **({"site": site} if site else {})} for row in rows]
     bases = [Path(root).resolve()] if root is not None else [csv_path.parent, csv_path.parent.parent]
     cohort = _parse_rows(csv_path, name or csv_path.stem, rows, columns, bases, check_files, patient_column)
     return cohort.with_labels(labels) if labels is not None else cohort
+
+
+def _patient(value: str, pattern: str) -> str:
+    """The patient in a column's value: the first match of ``pattern``, else the value."""
+    found = re.search(pattern, value) if pattern else None
+    return found.group(0) if found else value
 
 
 def _check_header(

@@ -157,7 +157,8 @@ def check_not_pooled(cohorts: Sequence[Cohort]) -> None:
 def load_configured_cohort(item: CohortConfig, labels: Sequence[str]) -> Cohort:
     """A configured cohort, its label columns aligned to the run's labels."""
     return load_cohort(item.csv, name=item.name, root=item.root or None, labels=labels,
-                       patient_column=item.patient_column, site=item.site, label_columns=item.label_columns or None)
+                       patient_column=item.patient_column, site=item.site, label_columns=item.label_columns or None,
+                       patient_pattern=item.patient_pattern)
 
 
 def preprocess_cache(config: RunConfig, run_dir: str | Path, spec: PreprocessSpec) -> PreprocessCache:
