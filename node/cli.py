@@ -250,12 +250,8 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from storage.db import make_engine
-    from storage.queue import Store
-
     settings = _settings(args)
-    settings.data_path.mkdir(parents=True, exist_ok=True)  # a node that never ran: empty counts
-    store = Store(make_engine(settings.database_url))
+    store = _store(settings)
     status = store.status(recent=args.recent)
     status["conflicts"] = store.conflicts(recent=args.recent)
     status["recent_results"] = [report_summary(row) for row in store.recent_reports(recent=args.recent)]
@@ -272,15 +268,12 @@ def cmd_sites(args: argparse.Namespace) -> int:
     from ai.manifest import effective_thresholds, load_manifest
     from node.packages import model_package_dir
     from node.sites import format_sites, site_reports
-    from storage.db import make_engine
-    from storage.queue import Store
 
     settings = _settings(args)
     if args.action == "accept" and not args.site:
         print("cxr-node sites accept: name the site (as `cxr-node sites` lists it)", file=sys.stderr)
         return EXIT_CONFIG
-    settings.data_path.mkdir(parents=True, exist_ok=True)
-    store = Store(make_engine(settings.database_url))
+    store = _store(settings)
     manifest = load_manifest(model_package_dir(settings), verify=False)
     thresholds = effective_thresholds(manifest, settings.thresholds)
     reports = site_reports(store, manifest, thresholds, settings.sites.drift_alert,
@@ -327,15 +320,12 @@ def cmd_shadow(args: argparse.Namespace) -> int:
     from ai.manifest import load_manifest
     from node.packages import model_package_dir
     from node.shadow import format_shadow, shadow_report
-    from storage.db import make_engine
-    from storage.queue import Store
 
     settings = _settings(args)
     if not settings.model.shadow_package:
         print("no shadow package: set [model] shadow_package in the configuration", file=sys.stderr)
         return EXIT_CONFIG
-    settings.data_path.mkdir(parents=True, exist_ok=True)
-    store = Store(make_engine(settings.database_url))
+    store = _store(settings)
     live = load_manifest(model_package_dir(settings), verify=False)
     shadow = load_manifest(settings.resolve(settings.model.shadow_package), verify=False)
     report = shadow_report(store, live, shadow)

@@ -1,7 +1,8 @@
 """Prometheus metrics: counters and histograms where the work happens, gauges read when /metrics is scraped.
 
 The node runs several processes (the SCP, optionally SCP children, the worker), so counters and histograms use
-``prometheus_client``'s multiprocess mode: ``cxr-node serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at
+``prometheus_client``'s multiprocess mode: ``cxr-node serve`` (``node.cli._metrics_dir``, which may not import this
+module first) points ``PROMETHEUS_MULTIPROC_DIR`` at
 ``<data_dir>/metrics`` (emptied at start) before any process imports this module, each process writes its own
 files, and /metrics sums them (:func:`registry`). Without that variable (a node built inside another program, the
 tests' in-process nodes) they count in the process's own registry.
@@ -42,15 +43,6 @@ SEND_ATTEMPTS = Counter("cxr_send_attempts", "Results offered to destinations, b
                         "retry, rejected)", ["destination", "outcome"])
 SEND_FAILURES = Counter("cxr_send_failures", "Failed sends (to be retried or rejected), by destination",
                         ["destination"])
-
-
-def prepare_multiprocess(folder: Path) -> None:
-    """Use ``folder`` for the multiprocess files of this process and the ones it starts (call before any import of
-    this module in them): emptied, so a restarted node's counters start at zero."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    os.environ[MULTIPROC_ENV] = str(folder)
 
 
 def registry(collectors: list[Collector]) -> CollectorRegistry:
