@@ -11,6 +11,7 @@ import pytest
 
 from ai.ensemble import Ensemble
 from ai.manifest import load_manifest
+from training.audits import baseline_run
 from training.config import CohortConfig, ConfigError
 from training.evaluate import evaluate_dir
 from training.export_run import export_run
@@ -93,6 +94,13 @@ def test_two_cohorts_train_one_model_and_are_reported_apart(cohorts: tuple[Path,
     report = (run / "report" / "report.md").read_text()
     assert "oof:tb" in report and "oof:ped" in report
     assert "| oof:ped | tiny | 0 (0)" not in report  # no empty rows for a label the cohort does not carry
+
+    # The thumbnail floor per label where the label is known: the external TB cohort has no pediatric label.
+    floors = baseline_run(run, n_boot=50)
+    assert sorted((r["cohort"], r["label"]) for r in floors) == [
+        ("ext", "Tuberculosis"), ("oof", "Pediatric_Pneumonia"), ("oof", "Tuberculosis")]
+    ped_floor = next(r for r in floors if r["label"] == "Pediatric_Pneumonia")
+    assert ped_floor["n"] == 30  # the floor is judged on the carrying cohort's images only
 
     package = export_run(run, tmp_path / "pkg", version="0.0.1")
     manifest = load_manifest(package)

@@ -124,9 +124,13 @@ def baseline_run(run_dir: str | Path, n_boot: int = 2000) -> list[dict[str, Any]
         floor = thumbnail_baseline(data.images, y, data.folds)
         reports.append(_floor_vs_model(data.cohort, oof, label, floor.oof_scores, n_boot))
         for cohort, images in data.externals:
-            if cohort.name in externals:
-                table = externals[cohort.name]
-                reports.append(_floor_vs_model(cohort, table, label, floor.score(images), n_boot))
+            if cohort.name not in externals:
+                continue
+            known = cohort.y[:, cohort.labels.index(label)] if label in cohort.labels else np.array([])
+            if len(np.unique(known[~np.isnan(known)])) < 2:  # e.g. a child-only label on an adult TB cohort
+                log.warning("baseline: %s is not known with both classes in %s, skipped", label, cohort.name)
+                continue
+            reports.append(_floor_vs_model(cohort, externals[cohort.name], label, floor.score(images), n_boot))
     merge_audits(run_dir, "thumbnail_floor", reports)
     return reports
 
