@@ -187,3 +187,54 @@ def test_a_package_combines_the_members_of_two_runs(cohorts: tuple[Path, Path, P
         export_run([tmp_path / "a", tmp_path / "c"], tmp_path / "pkg-c")
     with pytest.raises(ValueError, match="distinct names"):
         export_run([tmp_path / "a", tmp_path / "a"], tmp_path / "pkg-d")
+
+
+def test_a_run_adds_its_labels_to_a_base_package_whose_members_stay_unchanged(
+    cohorts: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """The bundled TB members kept byte for byte and a multi-label run's members for the other labels: the base's
+    label scores exactly as before, the added label as the run's own members score it, from the chosen folds."""
+    tb, _, ext = cohorts
+    fit(tiny_config((tb, ext), name="tb-only", epochs_head=1, epochs_finetune=0, unfreeze="none"), tmp_path / "a")
+    fit(two_cohort_config(cohorts, name="tb-ped"), tmp_path / "b")
+    base = export_run(tmp_path / "a", tmp_path / "base", version="1.0", threshold="sensitivity",
+                      weights_dtype="float16")
+    package = export_run(tmp_path / "b", tmp_path / "pkg", version="2.0", threshold="sensitivity",
+                         weights_dtype="float16", base_package=base, folds=[0, 2])
+    base_manifest, manifest = load_manifest(base), load_manifest(package)
+    assert manifest.name == "tb-only+tb-ped" and manifest.labels == ("Tuberculosis", "Pediatric_Pneumonia")
+    assert [(m.file, m.labels) for m in manifest.members] == [(m.file, ("Tuberculosis",)) for m in
+                                                             base_manifest.members] + [
+        ("tb-ped_tiny_fold0.onnx", ("Pediatric_Pneumonia",)), ("tb-ped_tiny_fold2.onnx", ("Pediatric_Pneumonia",))]
+    for member in base_manifest.members:  # byte for byte
+        assert (package / member.file).read_bytes() == (base / member.file).read_bytes()
+    assert manifest.thresholds["Tuberculosis"] == base_manifest.thresholds["Tuberculosis"]
+    assert manifest.reference["Tuberculosis"] == base_manifest.reference["Tuberculosis"]
+    assert set(manifest.ages) == {"Pediatric_Pneumonia"}
+    assert manifest.evaluation_summary["base_package"]["version"] == "1.0"
+    assert manifest.evaluation_summary["added"]["folds"] == [0, 2]
+
+    # The added label's threshold and reference come from every fold's OOF, as in a package of the run alone.
+    alone = export_run(tmp_path / "b", tmp_path / "alone", version="0.1", threshold="sensitivity",
+                       labels=["Pediatric_Pneumonia"])
+    alone_manifest = load_manifest(alone)
+    assert manifest.thresholds["Pediatric_Pneumonia"] == alone_manifest.thresholds["Pediatric_Pneumonia"]
+    assert manifest.reference["Pediatric_Pneumonia"] == alone_manifest.reference["Pediatric_Pneumonia"]
+
+    batch = np.random.default_rng(2).random((3, 3, 64, 64), dtype=np.float32)
+    together, before = Ensemble.load(package).predict(batch), Ensemble.load(base).predict(batch)
+    assert np.array_equal(together.probabilities[:, 0], before.probabilities[:, 0])
+    assert np.array_equal(together.cams[:, 0], before.cams[:, 0])
+    # The added label: the mean of the chosen folds' members (float16 storage, so not bit-equal to float32).
+    members = Ensemble.load(alone).predict(batch).member_probabilities[[0, 2], :, 0]  # [member, image, label]
+    np.testing.assert_allclose(together.probabilities[:, 1], members.mean(axis=0), atol=5e-3)
+
+    with pytest.raises(ValueError, match="carries them already"):
+        export_run(tmp_path / "b", tmp_path / "bad1", base_package=base, labels=["Tuberculosis"])
+    with pytest.raises(ValueError, match="not among the run's folds"):
+        export_run(tmp_path / "b", tmp_path / "bad2", base_package=base, folds=[7])
+    with pytest.raises(ValueError, match="adds no label"):
+        export_run(tmp_path / "a", tmp_path / "bad3", base_package=base)
+    with pytest.raises(ValueError, match="one --run-dir"):
+        export_run([tmp_path / "a", tmp_path / "b"], tmp_path / "bad4", base_package=base)
+    assert not any((tmp_path / name).exists() for name in ("bad1", "bad2", "bad3", "bad4"))

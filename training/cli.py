@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store member weights as float16: half the disk, float32 compute")
     p.add_argument("--labels", nargs="+", help="the run's labels the package carries (default: all); the others "
                    "are cut from the members' output layers and named in the manifest")
+    p.add_argument("--folds", nargs="+", type=int,
+                   help="export only these folds' members (default: all; thresholds still from every fold's OOF)")
+    p.add_argument("--base-package", type=Path,
+                   help="keep this package's members, thresholds and reference unchanged and add the run's "
+                   "members for the labels it lacks (one --run-dir)")
 
     p = add("baseline", "thumbnail + intensity floor on the same folds (shortcut audit) -> RUN_DIR/audits.json")
     p.add_argument("--run-dir", type=Path, required=True)
@@ -281,7 +286,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     package = export_run(args.run_dir, args.out, args.members, args.version, args.threshold,
-                         args.target_sensitivity, args.overwrite, args.weights_dtype, args.labels)
+                         args.target_sensitivity, args.overwrite, args.weights_dtype, args.labels,
+                         args.base_package, args.folds)
     print(f'package: {package}\nnext: set [model] package = "{package}" in node.toml and restart cxr-node')
     return 0
 

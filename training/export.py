@@ -270,6 +270,7 @@ def export_package(
     parity_tolerance: float | None = None,
     reference: Mapping[str, ScoreReference] | None = None,
     ages: Mapping[str, AgeRange] | None = None,
+    copied: Sequence[tuple[Path, Member]] = (),
 ) -> Path:
     """Write a model package: one checked ONNX graph per member + `manifest.json` (docs/contracts.md).
 
@@ -299,6 +300,8 @@ def export_package(
             check against `FP16_PARITY_TOLERANCE` and recorded separately in the manifest.
         reference: per label, the score distribution the package was validated on (manifest ``reference``).
         ages: the labels learnt from one age group only, with that range (manifest ``ages``).
+        copied: members taken over unchanged from another package: (its ONNX file, its manifest entry with
+            ``labels`` set), listed before `members`; each file is copied byte for byte and must match its sha256.
 
     Returns:
         `out_dir`.
@@ -313,7 +316,7 @@ def export_package(
         raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
     if parity_tolerance is None:
         parity_tolerance = PARITY_TOLERANCE
-    resolved = _resolve_members(members, labels, spec)
+    resolved = _resolve_members(members, labels, spec, [entry for _, entry in copied])
     threshold_map = _thresholds(thresholds, labels)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -324,6 +327,13 @@ def export_package(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         entries, parity, storage = [], {}, {}
+        staging.mkdir(parents=True)
+        for source, entry in copied:
+            target = staging / entry.file
+            shutil.copyfile(source, target)
+            if sha256_file(target) != entry.sha256:
+                raise ExportError(f"{source}: sha256 differs from its manifest entry {entry.sha256}")
+            entries.append(entry)
         for model, entry in resolved:
             # 1. the float32 graph must reproduce torch (the export is right) ...
             path = export_member(model, staging / entry.file, spec.size, opset)
@@ -365,14 +375,16 @@ def export_package(
 
 
 def _resolve_members(
-    members: Sequence[tuple[CxrNet, MemberInfo]], labels: tuple[str, ...], spec: PreprocessSpec
+    members: Sequence[tuple[CxrNet, MemberInfo]], labels: tuple[str, ...], spec: PreprocessSpec,
+    copied: Sequence[Member] = (),
 ) -> list[tuple[CxrNet, Member]]:
-    """Each member's manifest entry (sha256 still empty); checks the members against the labels and the spec.
+    """Each member's manifest entry (sha256 still empty); checks the members (and the `copied` entries of
+    members taken over from another package) against the labels and the spec.
 
     Raises:
         ValueError: no members, duplicate labels or files, a label count or channel count mismatch.
     """
-    if not members:
+    if not members and not copied:
         raise ValueError("export_package needs at least one member")
     if not labels or len(set(labels)) != len(labels):
         raise ValueError(f"labels must be non-empty and unique, got {list(labels)}")
@@ -386,10 +398,15 @@ def _resolve_members(
         foreign = sorted(set(outputs) - set(labels))
         if foreign or len(set(outputs)) != len(outputs):
             raise ValueError(f"member {entry.file}: labels {list(outputs)} must be distinct labels of {list(labels)}")
-    orphans = [label for label in labels if not any(label in entry.outputs(labels) for _, entry in resolved)]
+    for entry in copied:
+        foreign = sorted(set(entry.outputs(labels)) - set(labels))
+        if entry.labels is None or foreign:
+            raise ValueError(f"copied member {entry.file}: labels {entry.labels} must name labels of {list(labels)}")
+    entries = [entry for _, entry in resolved] + list(copied)
+    orphans = [label for label in labels if not any(label in entry.outputs(labels) for entry in entries)]
     if orphans:
         raise ValueError(f"no member outputs {orphans}")
-    files = [entry.file for _, entry in resolved]
+    files = [entry.file for entry in entries]
     if len(set(files)) != len(files):
         raise ValueError(f"member files must be distinct, got {files}")
     return resolved

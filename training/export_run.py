@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ai.manifest import load_manifest, member_path
 from ai.preprocess import to_model_input
 from training import metrics
 from training.config import RunConfig
@@ -40,7 +41,8 @@ class _RunPart:
     units: list[UnitKey]
 
 
-def _run_part(run_dir: str | Path, members: Sequence[str] | None, several: bool) -> _RunPart:
+def _run_part(run_dir: str | Path, members: Sequence[str] | None, several: bool,
+              folds: Sequence[int] | None = None) -> _RunPart:
     run = RunDir(run_dir)
     config = load_run_config(run.root)
     archs = [a for a in (members or config.architectures) if a in config.architectures] if several else list(
@@ -53,6 +55,12 @@ def _run_part(run_dir: str | Path, members: Sequence[str] | None, several: bool)
     if len(units) != len(archs) * len(config.fold_indices()):
         raise ValueError(f"{run.root}: {len(units)} finished unit(s) of {archs}, expected "
                          f"{len(archs) * len(config.fold_indices())}; run `cxr-train fit` first")
+    if folds is not None:
+        unknown_folds = sorted(set(folds) - set(config.fold_indices()))
+        if unknown_folds or not folds:
+            raise ValueError(f"--folds {unknown_folds or list(folds)} not among the run's folds "
+                             f"{list(config.fold_indices())}")
+        units = [key for key in units if key.fold in folds]
     return _RunPart(run, config, archs, units)
 
 
@@ -60,6 +68,7 @@ def export_run(
     run_dir: str | Path | Sequence[str | Path], out: str | Path, members: Sequence[str] | None = None,
     version: str = "", threshold: str = "youden", target_sensitivity: float = 0.90, overwrite: bool = False,
     weights_dtype: str = "float32", labels: Sequence[str] | None = None,
+    base_package: str | Path | None = None, folds: Sequence[int] | None = None,
 ) -> Path:
     """Export the finished units of ``members`` (architectures) of one run, or of several runs, as a model package.
 
@@ -76,13 +85,26 @@ def export_run(
     counts: every run must have scored the same images of that label. Member files are prefixed with the
     run's name. ``members`` then selects architectures in whichever runs have them.
 
+    ``folds``: export only these folds' units (the OOF figures, thresholds and reference still come from every
+    fold: each image scored by the model that did not train on it).
+
+    ``base_package`` (one run): the package carries that package's members unchanged (byte for byte, with
+    its labels, thresholds, reference and ages) and, after them, the run's members for the run's labels the
+    base does not carry (``labels`` narrows them; naming a base label is refused: a label has one source).
+    The run's members are cut to those labels and their files prefixed with the run's name.
+
     Raises:
         ValueError: an unknown or unfinished architecture, runs with different preprocessing, or runs that
             scored different images for a label they share.
         FileNotFoundError: no ``config.toml`` or ``predictions_oof.csv`` in the run directory.
     """
     dirs = [run_dir] if isinstance(run_dir, str | Path) else list(run_dir)
-    parts = [_run_part(d, members, len(dirs) > 1) for d in dirs]
+    parts = [_run_part(d, members, len(dirs) > 1, folds) for d in dirs]
+    if base_package is not None:
+        if len(parts) != 1:
+            raise ValueError("a base package takes the members of one run (one --run-dir)")
+        return _export_onto(parts[0], Path(base_package), out, labels, version, threshold, target_sensitivity,
+                            overwrite, weights_dtype)
     union = tuple(dict.fromkeys(label for part in parts for label in part.config.labels))
     foreign = sorted(set(labels or ()) - set(union))
     if foreign:
@@ -163,6 +185,59 @@ def _export_runs(
                       for p in parts},
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(parts[0].run.root, parts[0].config),
         reference=reference, ages={label: LABEL_AGES[label] for label in carried if label in LABEL_AGES},
+    )
+
+
+def _export_onto(
+    part: _RunPart, base_dir: Path, out: str | Path, labels: Sequence[str] | None, version: str, threshold: str,
+    target_sensitivity: float, overwrite: bool, weights_dtype: str,
+) -> Path:
+    """A base package's members unchanged plus one run's members for labels the base lacks (see :func:`export_run`)."""
+    base = load_manifest(base_dir, verify=True)
+    config = part.config
+    if config.preprocess_spec() != base.preprocess:
+        raise ValueError(f"{part.run.root} preprocesses differently from the base package {base_dir} "
+                         f"({config.preprocess_spec()} vs {base.preprocess}): one package has one preprocessing")
+    foreign = sorted(set(labels or ()) - set(config.labels))
+    if foreign:
+        raise ValueError(f"--labels {foreign} not among the run's labels {list(config.labels)}")
+    shared = [label for label in (labels or ()) if label in base.labels]
+    if shared:
+        raise ValueError(f"--labels {shared}: the base package {base.name} {base.version} carries them already; "
+                         f"a label has one source")
+    added = tuple(label for label in config.labels
+                  if label not in base.labels and (labels is None or label in labels))
+    if not added:
+        raise ValueError(f"the run adds no label to the base package's {list(base.labels)}")
+    thresholds, evaluation = oof_thresholds(part.run.root, added, part.archs, threshold, target_sensitivity)
+    oof = read_predictions(part.run.oof_predictions)
+    reference = {label: reference_distribution(oof, label, part.archs, config.train[0].name) for label in added}
+    indices = [config.labels.index(label) for label in added]
+    models = []
+    for key in part.units:
+        model = load_unit_model(part.run.root, config, key)
+        info = MemberInfo(fold=key.fold, weights=weights_record(config.weights_for(key.architecture) or "random"),
+                          file=f"{config.name}_{key.architecture}_fold{key.fold}.onnx", labels=added)
+        models.append((keep_labels(model, indices) if len(added) < len(config.labels) else model, info))
+    copied = [(member_path(base_dir, m), replace(m, labels=m.outputs(base.labels))) for m in base.members]
+    summary: dict[str, Any] = {
+        "base_package": {"name": base.name, "version": base.version, "labels": list(base.labels),
+                         "evaluation_summary": base.evaluation_summary},
+        "added": {"run": config.name, "folds": [key.fold for key in part.units], **evaluation},
+    }
+    left_out = [label for label in config.labels if label not in added and label not in base.labels]
+    if left_out:
+        summary["left_out"] = left_out
+    name = f"{base.name}+{config.name}"
+    return export_package(
+        models, out, name=name, version=version or f"{name}-{_today()}", labels=base.labels + added,
+        spec=config.preprocess_spec(), thresholds={**base.thresholds, **thresholds}, overwrite=overwrite,
+        evaluation_summary=summary,
+        data_summary={base.name: base.data_summary,
+                      config.name: json.loads(part.run.cohorts.read_text()) if part.run.cohorts.exists() else {}},
+        weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(part.run.root, config),
+        reference={**base.reference, **reference},
+        ages={**base.ages, **{label: LABEL_AGES[label] for label in added if label in LABEL_AGES}}, copied=copied,
     )
 
 
