@@ -8,7 +8,10 @@ Measures the default package (``ai/models/default``) on this machine and on the 
 - float16-stored vs float32 members (``--fp32-package``, the same run exported with float32 weights):
   each fold member scores its own out-of-fold Shenzhen images (OOF AUROC of both, largest probability
   difference), and the ensembles score Montgomery;
-- lung-blackout audit on Montgomery (every image has a lung mask): AUROC with and without the lungs.
+- lung-blackout audit on Montgomery (every image has a lung mask): AUROC with and without the lungs;
+- ``--unchanged-from PACKAGE``: for every label both packages carry, whether the probabilities and maps on
+  Montgomery are equal (``np.array_equal``): a package that keeps another's members for a label must score
+  it exactly as that package does.
 
 Run on demand (not part of the test suite)::
 
@@ -75,11 +78,32 @@ def _member_scores(package: Path, x: np.ndarray, member_index: int, threads: int
     return sigmoid(np.concatenate(out))[:, 0]
 
 
+def _unchanged(ens: Ensemble, other_dir: Path, paths: list[Path], threads: int) -> dict:
+    """Per label both packages carry: are probabilities and maps on ``paths`` equal, and the largest difference."""
+    other = Ensemble.load(other_dir, providers=["CPUExecutionProvider"], threads=threads)
+    spec = ens.manifest.preprocess
+    x = np.stack([preprocess(read_image_file(p), spec)[0] for p in paths])
+    mine = [ens.predict(x[i : i + 16]) for i in range(0, len(x), 16)]
+    theirs = [other.predict(x[i : i + 16]) for i in range(0, len(x), 16)]
+    out: dict = {"package": str(other_dir), "version": other.manifest.version, "n_images": len(paths), "labels": {}}
+    for label in ens.manifest.labels:
+        if label not in other.manifest.labels:
+            continue
+        i, j = ens.manifest.labels.index(label), other.manifest.labels.index(label)
+        p, q = (np.concatenate([r.probabilities[:, k] for r in rs]) for rs, k in ((mine, i), (theirs, j)))
+        m, n = (np.concatenate([r.cams[:, k] for r in rs]) for rs, k in ((mine, i), (theirs, j)))
+        out["labels"][label] = {"equal_probabilities": bool(np.array_equal(p, q)),
+                                "equal_maps": bool(np.array_equal(m, n)),
+                                "max_abs_prob_diff": float(np.max(np.abs(p - q)))}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--package", type=Path, default=bundled_package_dir())
     parser.add_argument("--fp32-package", type=Path)
+    parser.add_argument("--unchanged-from", type=Path, help="a package whose shared labels must score identically")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--latency-images", type=int, default=50)
     parser.add_argument("--out", type=Path, required=True)
@@ -109,6 +133,10 @@ def main() -> None:
         score, raw, masks, y_m, [r["patient_id"] for r in mont], cohort="montgomery", label=label, n_boot=2000
     )
     print(result["blackout_montgomery"]["verdict"], flush=True)
+
+    if args.unchanged_from:
+        result["unchanged_from"] = _unchanged(ens, args.unchanged_from, mont_paths, args.threads)
+        print(json.dumps(result["unchanged_from"], indent=1), flush=True)
 
     if args.fp32_package:
         fp32 = Ensemble.load(args.fp32_package, providers=["CPUExecutionProvider"], threads=args.threads)

@@ -20,12 +20,19 @@ N_PER_CLASS = 20
 def test_bundled_package_loads_and_verifies() -> None:
     package = bundled_package_dir()
     manifest = load_manifest(package, verify=True)  # every member present and matching its sha256
-    assert manifest.labels == ("Tuberculosis",)
-    threshold = manifest.thresholds["Tuberculosis"]
-    assert 0.0 < threshold.value < 1.0 and "OOF" in threshold.method
-    assert len(manifest.members) >= 2 and manifest.aggregation == "mean"
+    assert manifest.labels == ("Tuberculosis", "Pediatric_Pneumonia")
+    for label in manifest.labels:
+        threshold = manifest.thresholds[label]
+        assert 0.0 < threshold.value < 1.0 and "OOF" in threshold.method
+        assert sum(label in m.outputs(manifest.labels) for m in manifest.members) >= 2  # an ensemble per label
+    assert manifest.aggregation == "mean"
     reference = manifest.reference["Tuberculosis"]  # what drift monitoring and site suggestions compare with
     assert (reference.cohort, reference.n) == ("shenzhen", 662) and 0.45 < reference.prevalence < 0.55
+    reference = manifest.reference["Pediatric_Pneumonia"]
+    assert (reference.cohort, reference.n) == ("pediatric", 5216) and 0.7 < reference.prevalence < 0.8
+    ages = manifest.ages["Pediatric_Pneumonia"]  # learnt from children aged 1-5: reported for them only
+    assert ages.contains(3.0) and not ages.contains(0.5) and not ages.contains(6.0) and set(manifest.ages) == {
+        "Pediatric_Pneumonia"}
     size = sum(f.stat().st_size for f in package.iterdir() if f.is_file())
     assert size <= 60e6, f"the bundled package must stay <= 60 MB on disk, it is {size / 1e6:.1f} MB"
 

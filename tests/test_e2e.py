@@ -331,11 +331,17 @@ def test_the_bundled_model_is_served_and_its_sr_matches_offline_prediction(
     assert len(srs) == 1
     report = read_report(srs[0])
     assert report.algorithm.version == manifest.version == srs[0].SoftwareVersions
-    threshold = manifest.thresholds["Tuberculosis"]
-    [result] = report.findings
-    assert result.label == "Tuberculosis" and result.threshold_method == threshold.method
-    assert result.threshold == float(f"{threshold.value:.6g}")
-    served = result.probability
+    assert [f.label for f in report.findings] == list(manifest.labels)  # one measurement group per label
+    findings = {f.label: f for f in report.findings}
     offline = subprocess.run([sys.executable, "-m", "node.cli", "--log-level", "ERROR", "predict", "--format", "jsonl",
                               "--config", str(cfg), str(source)], capture_output=True, text=True, check=True, cwd=REPO)
-    assert served == pytest.approx(json.loads(offline.stdout)["scores"]["Tuberculosis"], abs=2e-6)
+    offline_result = json.loads(offline.stdout)
+    for label, threshold in manifest.thresholds.items():
+        result = findings[label]
+        assert result.threshold_method == threshold.method and result.threshold == float(f"{threshold.value:.6g}")
+        if label in offline_result["not_applicable"]:  # a child-only label: no score, never positive
+            assert result.not_applicable and result.probability is None and not result.positive
+        else:
+            assert result.probability == pytest.approx(offline_result["scores"][label], abs=2e-6)
+    # This image's Patient's Age ('62') is no DICOM age string: the age is unknown, the pediatric label n/a.
+    assert list(offline_result["not_applicable"]) == ["Pediatric_Pneumonia"]
