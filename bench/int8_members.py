@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from ai.ensemble import session_options, sigmoid
 from ai.manifest import bundled_package_dir, load_manifest, member_path
@@ -41,6 +41,8 @@ from ai.preprocess import preprocess
 from training import metrics
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+           "entropy": CalibrationMethod.Entropy}
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -100,6 +102,8 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, required=True, help="the run whose folds.csv the members follow")
     parser.add_argument("--label", default="Tuberculosis")
     parser.add_argument("--calibration", type=int, default=64)
+    parser.add_argument("--method", choices=("minmax", "percentile", "entropy"), default="minmax",
+                        help="activation calibration")
     parser.add_argument("--ops", nargs="+", help="operator types to quantize (default: every one onnxruntime can)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("runs/int8-members"))
@@ -118,7 +122,8 @@ def main() -> None:
     x_m = np.stack([preprocess(read_image_file(DATA / r["image"]), spec)[0] for r in montgomery])
     rng = np.random.default_rng(0)
     result: dict = {"package": manifest.version, "label": args.label, "threads": args.threads,
-                    "calibration_images": args.calibration, "ops": args.ops or "all", "members": []}
+                    "calibration_images": args.calibration, "calibration": args.method, "ops": args.ops or "all",
+                    "members": []}
     ens16, ens8 = [], []
     for member in manifest.members:
         outputs = member.outputs(manifest.labels)
@@ -132,7 +137,7 @@ def main() -> None:
         calibration = x_s[rng.choice(train, size=min(args.calibration, train.size), replace=False)]
         quantize_static(str(wide), str(int8), _Images(calibration), quant_format=QuantFormat.QDQ,
                         per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        op_types_to_quantize=args.ops)
+                        op_types_to_quantize=args.ops, calibrate_method=METHODS[args.method])
         held = np.flatnonzero(fold_of == member.fold)
         p16, p8 = (_scores(p, x_s[held], index, args.threads) for p in (source, int8))
         ens16.append(_scores(source, x_m, index, args.threads))
