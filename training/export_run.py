@@ -22,7 +22,7 @@ from training import metrics
 from training.config import RunConfig
 from training.export import MemberInfo, export_package
 from training.labels import LABEL_AGES
-from training.models import keep_labels
+from training.models import CxrNet, keep_labels
 from training.predictions import ENSEMBLE, PredictionTable, read_predictions
 from training.prepare import load_configured_cohort, load_run_config, preprocess_cache
 from training.pretrained import weights_record
@@ -100,39 +100,71 @@ def export_run(
     """
     dirs = [run_dir] if isinstance(run_dir, str | Path) else list(run_dir)
     parts = [_run_part(d, members, len(dirs) > 1, folds) for d in dirs]
-    if base_package is not None:
-        if len(parts) != 1:
-            raise ValueError("a base package takes the members of one run (one --run-dir)")
-        return _export_onto(parts[0], Path(base_package), out, labels, version, threshold, target_sensitivity,
-                            overwrite, weights_dtype)
+    if base_package is not None and len(parts) != 1:
+        raise ValueError("a base package takes the members of one run (one --run-dir)")
     union = tuple(dict.fromkeys(label for part in parts for label in part.config.labels))
     foreign = sorted(set(labels or ()) - set(union))
     if foreign:
         raise ValueError(f"--labels {foreign} not among the run's labels {list(union)}")
+    if base_package is not None:
+        return _export_onto(parts[0], Path(base_package), out, labels, version, threshold, target_sensitivity,
+                            overwrite, weights_dtype)
     carried = tuple(label for label in union if labels is None or label in labels)
     if len(parts) > 1:
         return _export_runs(parts, out, carried, version, threshold, target_sensitivity, overwrite, weights_dtype)
     (part,) = parts
-    run, config, archs, units = part.run, part.config, part.archs, part.units
-    thresholds, evaluation = oof_thresholds(run.root, carried, archs, threshold, target_sensitivity)
+    run, config = part.run, part.config
+    thresholds, evaluation, reference = _oof_figures(part, carried, threshold, target_sensitivity)
     left_out = [label for label in config.labels if label not in carried]
     if left_out:
         evaluation["left_out"] = left_out
-    oof = read_predictions(run.oof_predictions)
-    reference = {label: reference_distribution(oof, label, archs, config.train[0].name) for label in carried}
-    indices = [config.labels.index(label) for label in carried]
-    models = []
-    for key in units:
-        info = MemberInfo(fold=key.fold, weights=weights_record(config.weights_for(key.architecture) or "random"))
-        model = load_unit_model(run.root, config, key)
-        models.append((keep_labels(model, indices) if left_out else model, info))
     return export_package(
-        models, out, name=config.name, version=version or f"{config.name}-{_today()}", labels=carried,
-        spec=config.preprocess_spec(), thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation,
-        data_summary=json.loads(run.cohorts.read_text()) if run.cohorts.exists() else {},
+        _members(part, carried, prefixed=False), out, name=config.name,
+        version=version or f"{config.name}-{_today()}", labels=carried, spec=config.preprocess_spec(),
+        thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation, data_summary=_cohorts(run),
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(run.root, config), reference=reference,
-        ages={label: LABEL_AGES[label] for label in carried if label in LABEL_AGES},
+        ages=_ages(carried),
     )
+
+
+def _oof_figures(
+    part: _RunPart, labels: Sequence[str], threshold: str, target_sensitivity: float
+) -> tuple[dict[str, tuple[float, str]], dict[str, Any], dict[str, Any]]:
+    """One run's thresholds and evaluation (:func:`oof_thresholds`) and reference distributions of ``labels``."""
+    thresholds, evaluation = oof_thresholds(part.run.root, labels, part.archs, threshold, target_sensitivity)
+    oof = read_predictions(part.run.oof_predictions)
+    reference = {label: reference_distribution(oof, label, part.archs, part.config.train[0].name)
+                 for label in labels}
+    return thresholds, evaluation, reference
+
+
+def _members(part: _RunPart, outputs: Sequence[str], prefixed: bool) -> list[tuple[CxrNet, MemberInfo]]:
+    """Each finished unit's model, cut to ``outputs`` (run labels, in the run's order) when it has more, with its
+    manifest info; ``prefixed``: the file named after the run and the member's labels set (a package of several
+    sources)."""
+    config = part.config
+    indices = [config.labels.index(label) for label in outputs]
+    members = []
+    for key in part.units:
+        model = load_unit_model(part.run.root, config, key)
+        if len(outputs) < len(config.labels):
+            model = keep_labels(model, indices)
+        weights = weights_record(config.weights_for(key.architecture) or "random")
+        info = MemberInfo(fold=key.fold, weights=weights) if not prefixed else MemberInfo(
+            fold=key.fold, weights=weights, file=f"{config.name}_{key.architecture}_fold{key.fold}.onnx",
+            labels=tuple(outputs))
+        members.append((model, info))
+    return members
+
+
+def _cohorts(run: RunDir) -> dict[str, Any]:
+    """The run's ``cohorts.json`` (the package's data summary), or {} when there is none."""
+    return json.loads(run.cohorts.read_text()) if run.cohorts.exists() else {}
+
+
+def _ages(labels: Sequence[str]) -> dict[str, Any]:
+    """The labels learnt from one age group only, with that range."""
+    return {label: LABEL_AGES[label] for label in labels if label in LABEL_AGES}
 
 
 def _export_runs(
@@ -165,26 +197,16 @@ def _export_runs(
         evaluation["left_out"] = list(dict.fromkeys(left_out))
     models = []
     for part in parts:
-        config = part.config
-        outputs = tuple(label for label in config.labels if label in carried)
-        if not outputs:
-            continue
-        indices = [config.labels.index(label) for label in outputs]
-        for key in part.units:
-            model = load_unit_model(part.run.root, config, key)
-            if len(outputs) < len(config.labels):
-                model = keep_labels(model, indices)
-            info = MemberInfo(fold=key.fold, weights=weights_record(config.weights_for(key.architecture) or "random"),
-                              file=f"{config.name}_{key.architecture}_fold{key.fold}.onnx", labels=outputs)
-            models.append((model, info))
+        outputs = tuple(label for label in part.config.labels if label in carried)
+        if outputs:
+            models += _members(part, outputs, prefixed=True)
     name = "+".join(names)
     return export_package(
         models, out, name=name, version=version or f"{name}-{_today()}", labels=carried, spec=spec,
         thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation,
-        data_summary={p.config.name: json.loads(p.run.cohorts.read_text()) if p.run.cohorts.exists() else {}
-                      for p in parts},
+        data_summary={p.config.name: _cohorts(p.run) for p in parts},
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(parts[0].run.root, parts[0].config),
-        reference=reference, ages={label: LABEL_AGES[label] for label in carried if label in LABEL_AGES},
+        reference=reference, ages=_ages(carried),
     )
 
 
@@ -198,9 +220,6 @@ def _export_onto(
     if config.preprocess_spec() != base.preprocess:
         raise ValueError(f"{part.run.root} preprocesses differently from the base package {base_dir} "
                          f"({config.preprocess_spec()} vs {base.preprocess}): one package has one preprocessing")
-    foreign = sorted(set(labels or ()) - set(config.labels))
-    if foreign:
-        raise ValueError(f"--labels {foreign} not among the run's labels {list(config.labels)}")
     shared = [label for label in (labels or ()) if label in base.labels]
     if shared:
         raise ValueError(f"--labels {shared}: the base package {base.name} {base.version} carries them already; "
@@ -209,16 +228,7 @@ def _export_onto(
                   if label not in base.labels and (labels is None or label in labels))
     if not added:
         raise ValueError(f"the run adds no label to the base package's {list(base.labels)}")
-    thresholds, evaluation = oof_thresholds(part.run.root, added, part.archs, threshold, target_sensitivity)
-    oof = read_predictions(part.run.oof_predictions)
-    reference = {label: reference_distribution(oof, label, part.archs, config.train[0].name) for label in added}
-    indices = [config.labels.index(label) for label in added]
-    models = []
-    for key in part.units:
-        model = load_unit_model(part.run.root, config, key)
-        info = MemberInfo(fold=key.fold, weights=weights_record(config.weights_for(key.architecture) or "random"),
-                          file=f"{config.name}_{key.architecture}_fold{key.fold}.onnx", labels=added)
-        models.append((keep_labels(model, indices) if len(added) < len(config.labels) else model, info))
+    thresholds, evaluation, reference = _oof_figures(part, added, threshold, target_sensitivity)
     copied = [(member_path(base_dir, m), replace(m, labels=m.outputs(base.labels))) for m in base.members]
     summary: dict[str, Any] = {
         "base_package": {"name": base.name, "version": base.version, "labels": list(base.labels),
@@ -230,14 +240,14 @@ def _export_onto(
         summary["left_out"] = left_out
     name = f"{base.name}+{config.name}"
     return export_package(
-        models, out, name=name, version=version or f"{name}-{_today()}", labels=base.labels + added,
+        _members(part, added, prefixed=True), out, name=name, version=version or f"{name}-{_today()}",
+        labels=base.labels + added,
         spec=config.preprocess_spec(), thresholds={**base.thresholds, **thresholds}, overwrite=overwrite,
         evaluation_summary=summary,
-        data_summary={base.name: base.data_summary,
-                      config.name: json.loads(part.run.cohorts.read_text()) if part.run.cohorts.exists() else {}},
+        data_summary={base.name: base.data_summary, config.name: _cohorts(part.run)},
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(part.run.root, config),
         reference={**base.reference, **reference},
-        ages={**base.ages, **{label: LABEL_AGES[label] for label in added if label in LABEL_AGES}}, copied=copied,
+        ages={**base.ages, **_ages(added)}, copied=copied,
     )
 
 
