@@ -118,7 +118,7 @@ def baseline_run(run_dir: str | Path, n_boot: int = 2000) -> list[dict[str, Any]
     reports = []
     for j, label in enumerate(config.labels):
         y = data.cohort.y[:, j]
-        if len(np.unique(y[~np.isnan(y)])) < 2:
+        if not _both_classes(y):
             log.warning("baseline: %s has one class only in %s, skipped", label, data.cohort.name)
             continue
         floor = thumbnail_baseline(data.images, y, data.folds)
@@ -126,13 +126,17 @@ def baseline_run(run_dir: str | Path, n_boot: int = 2000) -> list[dict[str, Any]
         for cohort, images in data.externals:
             if cohort.name not in externals:
                 continue
-            known = cohort.y[:, cohort.labels.index(label)] if label in cohort.labels else np.array([])
-            if len(np.unique(known[~np.isnan(known)])) < 2:  # e.g. a child-only label on an adult TB cohort
+            if not _both_classes(cohort.y[:, j]):  # e.g. a child-only label on an adult TB cohort
                 log.warning("baseline: %s is not known with both classes in %s, skipped", label, cohort.name)
                 continue
             reports.append(_floor_vs_model(cohort, externals[cohort.name], label, floor.score(images), n_boot))
     merge_audits(run_dir, "thumbnail_floor", reports)
     return reports
+
+
+def _both_classes(y: np.ndarray) -> bool:
+    """Labels 1/0/NaN with both classes among the known ones (an AUROC needs both)."""
+    return len(np.unique(y[~np.isnan(y)])) >= 2
 
 
 def _floor_vs_model(
