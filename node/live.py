@@ -128,7 +128,7 @@ def _check_section(base: Settings, section: str, default: Any, body: Mapping[str
             values[key] = coerced
     if not problems:
         current = getattr(base, section)
-        started = getattr(base, section) if base_settings is None else getattr(base_settings, section)
+        started = getattr(base_settings or base, section)
         restored = {key: getattr(started, key) for key in back}
         candidate = dataclasses.replace(base, **{section: dataclasses.replace(current, **values, **restored)})
         _validate(candidate, problems)
