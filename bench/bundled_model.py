@@ -78,14 +78,13 @@ def _member_scores(package: Path, x: np.ndarray, member_index: int, threads: int
     return sigmoid(np.concatenate(out))[:, 0]
 
 
-def _unchanged(ens: Ensemble, other_dir: Path, paths: list[Path], threads: int) -> dict:
-    """Per label both packages carry: are probabilities and maps on ``paths`` equal, and the largest difference."""
+def _unchanged(ens: Ensemble, other_dir: Path, x: np.ndarray, threads: int) -> dict:
+    """Per label both packages carry: are probabilities and maps on the images ``x`` equal, and the largest
+    difference."""
     other = Ensemble.load(other_dir, providers=["CPUExecutionProvider"], threads=threads)
-    spec = ens.manifest.preprocess
-    x = np.stack([preprocess(read_image_file(p), spec)[0] for p in paths])
     mine = [ens.predict(x[i : i + 16]) for i in range(0, len(x), 16)]
     theirs = [other.predict(x[i : i + 16]) for i in range(0, len(x), 16)]
-    out: dict = {"package": str(other_dir), "version": other.manifest.version, "n_images": len(paths), "labels": {}}
+    out: dict = {"package": str(other_dir), "version": other.manifest.version, "n_images": len(x), "labels": {}}
     for label in ens.manifest.labels:
         if label not in other.manifest.labels:
             continue
@@ -134,13 +133,15 @@ def main() -> None:
     )
     print(result["blackout_montgomery"]["verdict"], flush=True)
 
+    # Montgomery as the node reads it, for the package comparisons
+    x_m = np.stack([preprocess(read_image_file(p), spec)[0] for p in mont_paths]) if (
+        args.unchanged_from or args.fp32_package) else np.empty(0)
     if args.unchanged_from:
-        result["unchanged_from"] = _unchanged(ens, args.unchanged_from, mont_paths, args.threads)
+        result["unchanged_from"] = _unchanged(ens, args.unchanged_from, x_m, args.threads)
         print(json.dumps(result["unchanged_from"], indent=1), flush=True)
 
     if args.fp32_package:
         fp32 = Ensemble.load(args.fp32_package, providers=["CPUExecutionProvider"], threads=args.threads)
-        x_m = np.stack([preprocess(read_image_file(p), spec)[0] for p in mont_paths])
         p16 = np.concatenate([ens.predict(x_m[i : i + 16]).probabilities[:, 0] for i in range(0, len(x_m), 16)])
         p32 = np.concatenate([fp32.predict(x_m[i : i + 16]).probabilities[:, 0] for i in range(0, len(x_m), 16)])
         comparison = {
