@@ -206,6 +206,7 @@ class Ensemble:
                     positive=probability >= threshold.value,
                     threshold_method=threshold.method,
                     heatmap=sigmoid(prediction.cams[0, index]),
+                    informational=label in self.manifest.informational,
                 )
             )
         return out

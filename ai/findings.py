@@ -22,6 +22,9 @@ class Finding:
         not_applicable: why the label does not apply to this patient (``ai.applicability``: a label learnt
             from one age group, a patient outside it or of unknown age), or "" when it applies. A label
             that does not apply is never positive, and the SR states the reason instead of a score.
+        informational: the package reports this label with its decision but does not let it set the triage flag
+            (the manifest's ``informational``): a finding whose specificity at its operating point is too low
+            to sort studies. The triage flag is positive when a finding that is not informational is.
     """
 
     label: str
@@ -31,3 +34,9 @@ class Finding:
     threshold_method: str
     heatmap: np.ndarray | None = None
     not_applicable: str = ""
+    informational: bool = False
+
+    @property
+    def flags(self) -> bool:
+        """Whether this finding sets the image's triage flag: positive and not informational."""
+        return self.positive and not self.informational

@@ -30,6 +30,11 @@ site's scores are compared against it (drift, label-free threshold adaptation).
 {"from_years": 1, "below_years": 6, "population": "children aged 1-5 (Guangzhou pediatric set)"}}``: the node
 reports such a label only for a patient whose age is known and in ``[from_years, below_years)``, and says in
 the SR that it did not apply otherwise (``ai.applicability``).
+
+``informational`` (optional) lists labels the node reports (SR group, banner, ``predict``) with their
+probability and decision at their threshold, but whose positive decision does not set the image's triage flag,
+e.g. ``["Effusion"]``: a finding whose specificity at the operating point is too low to sort studies. Absent,
+every label sets it; at least one label must.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ AGGREGATIONS = ("mean",)
 OUTPUT_KEYS = ("logits", "cam")
 REQUIRED_KEYS = ("format_version", "name", "version", "labels", "preprocess", "members", "thresholds")
 OPTIONAL_KEYS = ("aggregation", "input_name", "outputs", "data_summary", "evaluation_summary", "created",
-                 "reference", "ages")
+                 "reference", "ages", "informational")
 AGE_KEYS = ("from_years", "below_years", "population")
 REFERENCE_KEYS = ("source", "cohort", "n", "prevalence", "quantiles", "quantiles_positive", "quantiles_negative")
 QUANTILE_POINTS = 101
@@ -178,6 +183,7 @@ class ModelManifest:
     format_version: int = FORMAT_VERSION
     reference: dict[str, ScoreReference] = field(default_factory=dict)
     ages: dict[str, AgeRange] = field(default_factory=dict)
+    informational: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values, in the order of the file format."""
@@ -197,6 +203,7 @@ class ModelManifest:
             "evaluation_summary": self.evaluation_summary,
             **({"reference": {k: r.to_dict() for k, r in self.reference.items()}} if self.reference else {}),
             **({"ages": {k: a.to_dict() for k, a in self.ages.items()}} if self.ages else {}),
+            **({"informational": list(self.informational)} if self.informational else {}),
         }
 
 
@@ -379,6 +386,7 @@ def parse_manifest(data: Any, path: Path) -> ModelManifest:
         format_version=FORMAT_VERSION,
         reference=_parse_reference(reader, data, labels),
         ages=_parse_ages(reader, data, labels),
+        informational=_parse_informational(reader, data, labels),
     )
 
 
@@ -524,3 +532,14 @@ def _parse_ages(reader: _Reader, data: dict[str, Any], labels: tuple[str, ...]) 
             raise reader.fail(f"{where}from_years/below_years", "0 <= from_years < below_years <= 150", (low, high))
         out[label] = AgeRange(float(low), float(high), reader.string(item, "population", where))
     return out
+
+
+def _parse_informational(reader: _Reader, data: dict[str, Any], labels: tuple[str, ...]) -> tuple[str, ...]:
+    if "informational" not in data:
+        return ()
+    raw = reader.require(data, "informational", list)
+    if not all(isinstance(x, str) for x in raw) or len(set(raw)) != len(raw) or not set(raw) <= set(labels):
+        raise reader.fail("informational", f"unique labels of the package {list(labels)}", raw)
+    if set(raw) == set(labels):
+        raise reader.fail("informational", "at least one label left to set the triage flag", raw)
+    return tuple(raw)

@@ -385,12 +385,16 @@ def report_summary(row: dict[str, Any]) -> dict[str, Any]:
     if report.not_analysed is not None:
         return {**out, "result": f"not analysed: {report.not_analysed.reason}"}
     out["findings"] = {
-        f.label: {"not_applicable": f.not_applicable} if f.probability is None else
-        {"probability": round(f.probability, 4), "threshold": round(f.threshold, 4), "present": f.positive}
+        f.label: ({"not_applicable": f.not_applicable} if f.probability is None else
+                  {"probability": round(f.probability, 4), "threshold": round(f.threshold, 4), "present": f.positive})
+        | ({"informational": True} if f.informational else {})
         for f in report.findings
     }
-    flagged = [f.label for f in report.findings if f.positive]
+    flagged = [f.label for f in report.findings if f.flags]
     out["result"] = f"analysed: {'POSITIVE (' + ', '.join(flagged) + ')' if flagged else 'negative'}"
+    noted = [f.label for f in report.findings if f.positive and f.informational]
+    if noted:
+        out["result"] += f"; informational, at or above threshold: {', '.join(noted)}"
     skipped = [f.label for f in report.findings if f.not_applicable]
     if skipped:
         out["result"] += f"; not applicable (patient age): {', '.join(skipped)}"
@@ -462,10 +466,13 @@ def _predict_line(row: dict[str, Any]) -> str:
     if row["status"] != "analysed":
         return f"{row['path']}: {row['status']} ({row['reason']})"
     not_applicable = row.get("not_applicable", {})
+    informational = row.get("informational", [])
     parts = [f"{label} {p:.3f}{' POSITIVE' if row['positive'][label] else ''}"
+             f"{' (informational)' if label in informational else ''}"
              f"{' (not applicable: ' + not_applicable[label] + ')' if label in not_applicable else ''}"
              for label, p in row["scores"].items()]
-    return f"{row['path']}: " + ", ".join(parts)
+    flag = "" if not informational else f" -> triage flag {'POSITIVE' if row['triage'] else 'negative'}"
+    return f"{row['path']}: " + ", ".join(parts) + flag
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,9 +3,10 @@
 What a reader sees, at full size and as a PACS thumbnail (128-256 px wide):
 
 - the source image in gray, resampled so that its long side is 768-1024 px (:func:`overlay_scale`);
-- for each positive finding with a heatmap (the :data:`MAX_FINDINGS_DRAWN` most probable), the outline
-  of where its class activation map is strongest, with a faint fill (:func:`evidence_region`). Nothing
-  is drawn for a negative finding, and everything outside the outlined regions stays gray;
+- for each finding that sets the triage flag (positive, not informational) with a heatmap (the
+  :data:`MAX_FINDINGS_DRAWN` most probable), the outline of where its class activation map is strongest, with
+  a faint fill (:func:`evidence_region`). Nothing is drawn for a negative or an informational finding, and
+  everything outside the outlined regions stays gray;
 - a banner on top. Its first line is large enough to read on a thumbnail ("TB: POSITIVE 0.87",
   "TB: negative 0.12", "NOT ANALYSED") and its background says the same in colour (red, dark gray,
   amber); then "AI RESULT - NOT FOR DIAGNOSTIC USE"; then smaller details (probability and threshold,
@@ -176,14 +177,15 @@ def evidence_region(scaled_evidence: np.ndarray, level: float = CONTOUR_LEVEL) -
 
 
 def _drawn_findings(findings: Sequence[Finding], heatmaps: Mapping[str, np.ndarray]) -> list[Finding]:
-    positive = [f for f in findings if f.positive and f.label in heatmaps]
-    return sorted(positive, key=lambda f: -f.probability)[:MAX_FINDINGS_DRAWN]
+    flagged = [f for f in findings if f.flags and f.label in heatmaps]
+    return sorted(flagged, key=lambda f: -f.probability)[:MAX_FINDINGS_DRAWN]
 
 
 def finding_regions(
     findings: Sequence[Finding], heatmaps_on_source: Mapping[str, np.ndarray], shape: tuple[int, int], scale: float
 ) -> list[tuple[Finding, np.ndarray]]:
-    """(finding, region mask at overlay size) for each positive finding drawn; negatives never are.
+    """(finding, region mask at overlay size) for each flagged finding drawn (positive, not informational);
+    negatives and informational findings never are.
 
     Raises:
         OverlayInputError: a drawn finding's heatmap does not have the source image's shape.
@@ -267,24 +269,36 @@ def _model_line(algorithm: ModelIdentity) -> str:
 
 
 def banner_text(findings: Sequence[Finding], algorithm: ModelIdentity) -> BannerText:
-    """The result banner: headline, "not for diagnostic use", then probability, threshold and model. A label that
-    does not apply to the patient (``Finding.not_applicable``) is listed last as "n/a", without a score."""
-    positive = sorted((f for f in findings if f.positive), key=lambda f: -f.probability)
-    kind: BannerKind = "positive" if positive else "negative"
+    """The result banner: headline, "not for diagnostic use", then probability, threshold and model.
+
+    The headline and the banner's colour follow the triage flag: they count the findings that set it. A finding
+    the package marks informational (``Finding.informational``) is listed after them on one "info" line with its
+    score against its threshold, and never makes the banner positive; a label that does not apply to the patient
+    (``Finding.not_applicable``) is listed last as "n/a", without a score."""
     applicable = [f for f in findings if not f.not_applicable]
+    triage = [f for f in applicable if not f.informational]
+    informational = sorted((f for f in applicable if f.informational), key=lambda f: (not f.positive, -f.probability))
     not_applicable = [f for f in findings if f.not_applicable]
-    if len(findings) == 1 and applicable:
+    flagged = sorted((f for f in triage if f.flags), key=lambda f: -f.probability)
+    kind: BannerKind = "positive" if flagged else "negative"
+    if len(findings) == 1 and triage:
         f = findings[0]
         headline = f"{short_label(f.label)}: {'POSITIVE' if f.positive else 'negative'} {f.probability:.2f}"
         relation = ">=" if f.positive else "<"
         details = [f"p {f.probability:.2f} {relation} threshold {f.threshold:.2f} ({f.threshold_method})"]
     else:
-        headline = f"AI: POSITIVE ({len(positive)} of {len(applicable)})" if positive else (
-            f"AI: negative ({len(applicable)} findings)" if applicable else "AI: no finding applies to this patient")
-        ordered = positive + [f for f in applicable if not f.positive]
+        headline = (f"AI: POSITIVE ({len(flagged)} of {len(triage)})" if flagged
+                    else f"AI: negative ({len(triage)} findings)" if triage
+                    else "AI: no triage finding applies to this patient" if applicable
+                    else "AI: no finding applies to this patient")
+        ordered = flagged + [f for f in triage if not f.positive]
         details = [
             f"{'POS' if f.positive else 'neg'} {f.label} {f.probability:.2f} (thr {f.threshold:.2f})" for f in ordered
         ]
+    if informational:
+        details.append("info, sets no flag: " + ", ".join(
+            f"{short_label(f.label)} {f.probability:.2f} {'>=' if f.positive else '<'} {f.threshold:.2f}"
+            for f in informational))
     if not_applicable:
         details.append("n/a (patient age): " + ", ".join(short_label(f.label) for f in not_applicable))
     lines: list[tuple[str, TextSize]] = [(ascii_text(headline), "headline"), (NOT_FOR_DIAGNOSIS, "line")]
@@ -402,7 +416,8 @@ def render_overlay(
 
     Args:
         image: the source-shaped display image (see :func:`display_gray`).
-        findings: the image's findings; only positive ones with a heatmap are outlined.
+        findings: the image's findings; only flagged ones (positive, not informational) with a heatmap are
+            outlined.
         algorithm: the model package (name and version go in the banner).
         heatmaps_on_source: label -> source-shaped map in [0, 1], the finding's heatmap (the sigmoid of
             the CAM) mapped onto the source; 0 where there is no evidence.

@@ -5,7 +5,8 @@ DICOM files pass the same chest filter as received images (a lateral or a canine
 input gate (``ai.gate``): one that is not a frontal chest radiograph is ``not analysed`` with the gate's reason.
 Every label is printed; one that does not apply to the patient (``ai.applicability``: a label learnt from
 children, a DICOM of an adult or of unknown age, and every PNG or JPEG, which carry no age) keeps its score with
-``not applicable`` and the reason, and is never positive.
+``not applicable`` and the reason, and is never positive. A label the package marks informational keeps its
+score and decision with ``(informational)``: it does not set the image's triage flag (``triage`` in JSON lines).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def _row(path: Path, status: str, reason: str, findings: Sequence[Any] = ()) -> 
         "positive": {f.label: bool(f.positive) for f in findings},
         "thresholds": {f.label: round(float(f.threshold), 6) for f in findings},
         "not_applicable": {f.label: f.not_applicable for f in findings if f.not_applicable},
+        "informational": [f.label for f in findings if f.informational],
+        "triage": any(f.flags for f in findings) if findings else None,
     }
 
 

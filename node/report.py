@@ -13,12 +13,14 @@ A report about one image holds, under the TID 1500 root:
   "Present") or (272519000, SCT, "Absent") from CID 241 "Present-Absent Only". A label that does not apply
   to the patient (``ai.applicability``: learnt from children, an adult or a patient of unknown age) has no
   probability; its decision is (385432009, SCT, "Not applicable") and the parameter ``not_applicable=``
-  says why.
+  says why. A label the package marks informational (``ModelManifest.informational``) keeps its probability
+  and decision, and the parameter ``informational=`` says that its decision does not set the triage flag.
 * For an image that was not analysed, one TID 1501 group with the finding type ``99CXR NOT_ANALYSED``
   (:class:`NotAnalysedResult`), the algorithm and the source image.
 * The report-level qualitative evaluations (TID 1500 rows 12-14, container (C0034375, UMLS,
   "Qualitative Evaluations")): the overall triage flag (:class:`TriageResult`, ``99CXR TRIAGE`` =
-  (10828004, SCT, "Positive") / (260385009, SCT, "Negative"), CID 250) for an analysed image, or the
+  (10828004, SCT, "Positive") / (260385009, SCT, "Negative"), CID 250: positive when a finding that is not
+  informational is Present) for an analysed image, or the
   reason (TEXT ``99CXR NOT_ANALYSED_WHY``) for one that was not.
 
 :func:`read_report` reads any of our SRs (Comprehensive 3D SR or the Comprehensive SR fallback) back
@@ -63,7 +65,9 @@ PRESENT = codes.SCT.Present  # 52101004
 ABSENT = codes.SCT.Absent  # 272519000
 #: The decision of a label that does not apply to the patient (SNOMED CT qualifier value).
 NOT_APPLICABLE = Code("385432009", "SCT", "Not applicable")
-TRIAGE_FLAG = Code("TRIAGE", PRIVATE_SCHEME, "AI triage flag (any finding at or above its threshold)")
+TRIAGE_FLAG = Code("TRIAGE", PRIVATE_SCHEME, "AI triage flag (any triage finding at or above its threshold)")
+#: The ``informational=`` parameter's value: what it means for the reader of the SR.
+INFORMATIONAL_TEXT = "reported only; its decision does not set the triage flag"
 NOT_ANALYSED = Code("NOT_ANALYSED", PRIVATE_SCHEME, "Image not analysed by the AI model")
 NOT_ANALYSED_REASON = Code("NOT_ANALYSED_WHY", PRIVATE_SCHEME, "Reason the image was not analysed")
 #: TID 1500 row 4, from CID 100 (PixelMed's table, version 20190121, and the current standard).
@@ -204,6 +208,7 @@ class FindingResult:
         threshold_method: how that threshold was chosen.
         positive: the decision, Present (True) or Absent (False); False when the label does not apply.
         not_applicable: why the label does not apply to the patient, or "" when it does.
+        informational: the decision is reported but does not set the triage flag (parameter ``informational=``).
     """
 
     label: str
@@ -212,14 +217,20 @@ class FindingResult:
     threshold_method: str
     positive: bool
     not_applicable: str = ""
+    informational: bool = False
 
     @classmethod
     def from_finding(cls, finding: Finding) -> FindingResult:
         if finding.not_applicable:
             return cls(finding.label, None, float(finding.threshold), finding.threshold_method, False,
-                       finding.not_applicable)
+                       finding.not_applicable, finding.informational)
         return cls(finding.label, float(finding.probability), float(finding.threshold),
-                   finding.threshold_method, bool(finding.positive))
+                   finding.threshold_method, bool(finding.positive), informational=finding.informational)
+
+    @property
+    def flags(self) -> bool:
+        """Whether this result sets the triage flag: Present and not informational."""
+        return self.positive and not self.informational
 
     @property
     def finding_type(self) -> Code:
@@ -227,8 +238,10 @@ class FindingResult:
 
     def parameters(self) -> tuple[str, ...]:
         """The TID 4019 Algorithm Parameters of this label's group."""
-        stated = (f"threshold={self.threshold:.6g}", f"threshold_method={self.threshold_method}")
-        return (*stated, f"not_applicable={self.not_applicable}") if self.not_applicable else stated
+        stated: tuple[str, ...] = (f"threshold={self.threshold:.6g}", f"threshold_method={self.threshold_method}")
+        if self.not_applicable:
+            stated = (*stated, f"not_applicable={self.not_applicable}")
+        return (*stated, f"informational={INFORMATIONAL_TEXT}") if self.informational else stated
 
     def to_group(self, context: GroupContext, tracking_uid: str) -> MeasurementsAndQualitativeEvaluations:
         """TID 1501: probability (NUM), decision (CODE finding type = Present/Absent), TID 4019; a label that does
@@ -268,16 +281,18 @@ class FindingResult:
         method = algorithm.parameter("threshold_method")
         if threshold is None or method is None:
             raise ReportReadError(f"finding group {label!r} must state threshold= and threshold_method=")
+        informational = algorithm.parameter("informational") is not None
         if value == NOT_APPLICABLE:
             why = algorithm.parameter("not_applicable")
             if not why:
                 raise ReportReadError(f"finding group {label!r} is not applicable but does not state why")
-            return cls(str(label), None, float(threshold), method, False, why)
+            return cls(str(label), None, float(threshold), method, False, why, informational)
         if value not in (PRESENT, ABSENT):
             raise ReportReadError(
                 f"finding group {label!r}: decision must be Present, Absent or Not applicable, got {value}"
             )
-        return cls(str(label), float(probabilities[0].value), float(threshold), method, value == PRESENT)
+        return cls(str(label), float(probabilities[0].value), float(threshold), method, value == PRESENT,
+                   informational=informational)
 
 
 @dataclass(frozen=True)
@@ -317,13 +332,14 @@ class NotAnalysedResult:
 
 @dataclass(frozen=True)
 class TriageResult:
-    """The overall triage flag of an analysed image: positive when any finding is at or above its threshold."""
+    """The overall triage flag of an analysed image: positive when any finding that is not informational is at or
+    above its threshold."""
 
     positive: bool
 
     @classmethod
     def of(cls, findings: Sequence[FindingResult]) -> TriageResult:
-        return cls(any(f.positive for f in findings))
+        return cls(any(f.flags for f in findings))
 
     def to_evaluations(self) -> list[Evaluation]:
         """The report-level evaluation (TID 1500 row 13): CODE TRIAGE = Positive/Negative."""

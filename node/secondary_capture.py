@@ -175,7 +175,7 @@ def build_overlay(
     *,
     device_ae: str | None = None,
 ) -> Dataset:
-    """The Secondary Capture overlay: RGB 8-bit, evidence of positive findings outlined, banner on top.
+    """The Secondary Capture overlay: RGB 8-bit, evidence of flagged findings outlined, banner on top.
 
     Args:
         source_ds: the analysed image.
@@ -183,7 +183,7 @@ def build_overlay(
         findings: the findings of this image (the SR's).
         algorithm: the model package.
         heatmaps_on_source: label -> source-shaped map in [0, 1] (the finding's heatmap on the source);
-            only positive findings are drawn, as the region where the CAM is at least
+            only flagged findings (positive, not informational) are drawn, as the region where the CAM is at least
             ``node.overlay.CONTOUR_LEVEL`` of its range (see :mod:`node.overlay`).
         device_ae: this node's AE title (StationName), optional.
 
@@ -196,10 +196,10 @@ def build_overlay(
         check_finding(finding)
     rgb, _, scale = render_overlay(image, findings, algorithm, heatmaps_on_source)
     sc, evidence = _secondary_capture(source_ds, rgb, algorithm, "overlay", device_ae)
-    drawn = ", ".join(f.label for f in findings if f.positive and f.label in heatmaps_on_source) or "none"
+    drawn = ", ".join(f.label for f in findings if f.flags and f.label in heatmaps_on_source) or "none"
     description = (
         f"Source image with the strongest AI evidence (CAM >= {CONTOUR_LEVEL:g} of its range) outlined for "
-        f"positive findings only ({drawn}) and a burned-in result banner added on top{_resampled(scale)}."
+        f"positive triage findings only ({drawn}) and a burned-in result banner added on top{_resampled(scale)}."
     )
     _derivation(sc, evidence, source_ds, truncate_bytes(ascii_text(description), _DESCRIPTION_CHARS))
     # Results exist only for images the filter accepted as chest radiographs; an unpaired body part

@@ -297,7 +297,7 @@ class Worker:
             heatmaps = {
                 f.label: analysis.letterbox.to_source(f.heatmap)  # the overlay scales it (node.overlay.evidence)
                 for f in analysis.findings
-                if f.positive and f.heatmap is not None
+                if f.flags and f.heatmap is not None  # only these are outlined (node.overlay)
             }
             sc = build_overlay(ds, analysis.image, analysis.findings, self.algorithm, heatmaps,
                                device_ae=self.device_ae)

@@ -29,6 +29,7 @@ def build_tiny_package(
     ages: Mapping[str, AgeRange] | None = None,
     reference: Mapping[str, ScoreReference] | None = None,
     version: str = TINY_VERSION,
+    informational: Sequence[str] = (),
 ) -> Path:
     """Export `members` untrained tiny networks (seeds `seed`, `seed + 1`, ...) as a model package.
 
@@ -42,6 +43,7 @@ def build_tiny_package(
         reference: per label, the reference score distribution the manifest carries.
         version: the package version.
         ages: labels learnt from one age group only (manifest ``ages``).
+        informational: labels that do not set the triage flag (manifest ``informational``).
 
     Returns:
         The package folder.
@@ -65,6 +67,7 @@ def build_tiny_package(
             evaluation_summary={},
             ages=ages,
             reference=reference,
+            informational=informational,
         )
     finally:
         torch.set_num_threads(threads)

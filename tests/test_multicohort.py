@@ -12,6 +12,7 @@ import pytest
 from ai.ensemble import Ensemble
 from ai.manifest import load_manifest
 from training.audits import baseline_run
+from training.cli import main
 from training.config import CohortConfig, ConfigError
 from training.evaluate import evaluate_dir
 from training.export_run import export_run
@@ -229,6 +230,18 @@ def test_a_run_adds_its_labels_to_a_base_package_whose_members_stay_unchanged(
     members = Ensemble.load(alone).predict(batch).member_probabilities[[0, 2], :, 0]  # [member, image, label]
     np.testing.assert_allclose(together.probabilities[:, 1], members.mean(axis=0), atol=5e-3)
 
+    # The same package with the added label informational (reported, sets no triage flag), from the command line.
+    assert main(["export", "--run-dir", str(tmp_path / "b"), "--out", str(tmp_path / "info"), "--version", "2.0",
+                 "--threshold", "sensitivity", "--weights-dtype", "float16", "--base-package", str(base),
+                 "--folds", "0", "2", "--informational", "Pediatric_Pneumonia"]) == 0
+    informational = load_manifest(tmp_path / "info")
+    assert informational.informational == ("Pediatric_Pneumonia",) and manifest.informational == ()
+    assert informational.thresholds == manifest.thresholds
+    finding = Ensemble.load(tmp_path / "info").findings(batch[0])
+    assert [f.informational for f in finding] == [False, True]
+
+    with pytest.raises(ValueError, match="informational labels"):
+        export_run(tmp_path / "b", tmp_path / "bad0", base_package=base, informational=["Hernia"])
     with pytest.raises(ValueError, match="carries them already"):
         export_run(tmp_path / "b", tmp_path / "bad1", base_package=base, labels=["Tuberculosis"])
     with pytest.raises(ValueError, match="not among the run's folds"):
@@ -237,4 +250,4 @@ def test_a_run_adds_its_labels_to_a_base_package_whose_members_stay_unchanged(
         export_run(tmp_path / "a", tmp_path / "bad3", base_package=base)
     with pytest.raises(ValueError, match="one --run-dir"):
         export_run([tmp_path / "a", tmp_path / "b"], tmp_path / "bad4", base_package=base)
-    assert not any((tmp_path / name).exists() for name in ("bad1", "bad2", "bad3", "bad4"))
+    assert not any((tmp_path / name).exists() for name in ("bad0", "bad1", "bad2", "bad3", "bad4"))

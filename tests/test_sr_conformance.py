@@ -28,7 +28,7 @@ import random
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pydicom
@@ -131,6 +131,9 @@ KINDS: dict[str, Kind] = {
         rg1(), apply_ages([finding("Tuberculosis", 0.9), finding("Pediatric_Pneumonia", 0.8)],
                           {"Pediatric_Pneumonia": AgeRange(1.0, 6.0, "children aged 1-5")}, 40.0),
         ALGORITHM, device_ae="CXRNODE")),
+    "analysed-informational-positive": Kind(lambda: build_sr(
+        rg1(), [finding("Tuberculosis", 0.1), replace(finding("Effusion", 0.7), informational=True)],
+        ALGORITHM, device_ae="CXRNODE")),
     "not-analysed-field": Kind(_failure(rg1, "field not found")),
     "not-analysed-decode": Kind(_failure(rg1, "cannot decode pixel data: invalid literal for int() with base 10")),
     "not-analysed-everything-hostile": Kind(_failure(_hostile_header("everything"), "decode failed")),
@@ -150,7 +153,8 @@ KINDS: dict[str, Kind] = {
     "not-analysed-leading-zero-uids": Kind(_failure(leading_zero_source, "decode failed"), source_uid_errors=True),
 }
 #: The 88.33 fallback copy (node.send) of these kinds.
-FALLBACK_OF = ("analysed-nih14", "analysed-negative", "not-analysed-field", "analysed-child-label-not-applicable")
+FALLBACK_OF = ("analysed-nih14", "analysed-negative", "not-analysed-field", "analysed-child-label-not-applicable",
+               "analysed-informational-positive")
 NAMES = [*KINDS, *(f"{name}-88.33" for name in FALLBACK_OF)]
 
 
@@ -224,4 +228,5 @@ def test_pixelmed_counts_the_decisions_it_cannot_place(validated: dict[str, Vali
     assert len(validated["analysed-nih14"].pixelmed) == len(NIH_FINDINGS)
     assert len(validated["analysed-positive"].pixelmed) == 1
     assert len(validated["analysed-child-label-not-applicable"].pixelmed) == 2  # Present and Not applicable
+    assert len(validated["analysed-informational-positive"].pixelmed) == 2
     assert validated["not-analysed-field"].pixelmed == []

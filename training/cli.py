@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-package", type=Path,
                    help="keep this package's members, thresholds and reference unchanged and add the run's "
                    "members for the labels it lacks (one --run-dir)")
+    p.add_argument("--informational", nargs="+", default=[], metavar="LABEL",
+                   help="labels reported with their decision that do not set the node's triage flag")
 
     p = add("baseline", "thumbnail + intensity floor on the same folds (shortcut audit) -> RUN_DIR/audits.json")
     p.add_argument("--run-dir", type=Path, required=True)
@@ -287,7 +289,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     package = export_run(args.run_dir, args.out, args.members, args.version, args.threshold,
                          args.target_sensitivity, args.overwrite, args.weights_dtype, args.labels,
-                         args.base_package, args.folds)
+                         args.base_package, args.folds, args.informational)
     print(f'package: {package}\nnext: set [model] package = "{package}" in node.toml and restart cxr-node')
     return 0
 

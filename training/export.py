@@ -271,6 +271,7 @@ def export_package(
     reference: Mapping[str, ScoreReference] | None = None,
     ages: Mapping[str, AgeRange] | None = None,
     copied: Sequence[tuple[Path, Member]] = (),
+    informational: Sequence[str] = (),
 ) -> Path:
     """Write a model package: one checked ONNX graph per member + `manifest.json` (docs/contracts.md).
 
@@ -302,6 +303,8 @@ def export_package(
         ages: the labels learnt from one age group only, with that range (manifest ``ages``).
         copied: members taken over unchanged from another package: (its ONNX file, its manifest entry with
             ``labels`` set), listed before `members`; each file is copied byte for byte and must match its sha256.
+        informational: labels reported with their decision that do not set the triage flag (manifest
+            ``informational``); at least one label must remain that does.
 
     Returns:
         `out_dir`.
@@ -316,6 +319,10 @@ def export_package(
         raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
     if parity_tolerance is None:
         parity_tolerance = PARITY_TOLERANCE
+    informational = tuple(dict.fromkeys(informational))
+    if not set(informational) <= set(labels) or set(informational) == set(labels):
+        raise ValueError(f"informational labels {list(informational)} must be labels of the package {list(labels)} "
+                         f"and leave at least one to set the triage flag")
     resolved = _resolve_members(members, labels, spec, [entry for _, entry in copied])
     threshold_map = _thresholds(thresholds, labels)
     out_dir = Path(out_dir)
@@ -365,6 +372,7 @@ def export_package(
             created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             reference=dict(reference or {}),
             ages=dict(ages or {}),
+            informational=tuple(label for label in labels if label in informational),
         )
         write_manifest(staging, manifest)
         load_manifest(staging, verify=True)

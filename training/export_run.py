@@ -69,6 +69,7 @@ def export_run(
     version: str = "", threshold: str = "youden", target_sensitivity: float = 0.90, overwrite: bool = False,
     weights_dtype: str = "float32", labels: Sequence[str] | None = None,
     base_package: str | Path | None = None, folds: Sequence[int] | None = None,
+    informational: Sequence[str] = (),
 ) -> Path:
     """Export the finished units of ``members`` (architectures) of one run, or of several runs, as a model package.
 
@@ -91,7 +92,11 @@ def export_run(
     ``base_package`` (one run): the package carries that package's members unchanged (byte for byte, with
     its labels, thresholds, reference and ages) and, after them, the run's members for the run's labels the
     base does not carry (``labels`` narrows them; naming a base label is refused: a label has one source).
-    The run's members are cut to those labels and their files prefixed with the run's name.
+    The run's members are cut to those labels and their files prefixed with the run's name; the base's
+    informational labels stay informational.
+
+    ``informational``: labels the package reports with their decision but that do not set the node's triage flag
+    (manifest ``informational``: a finding too unspecific at its operating point to sort studies).
 
     Raises:
         ValueError: an unknown or unfinished architecture, runs with different preprocessing, or runs that
@@ -108,10 +113,11 @@ def export_run(
         raise ValueError(f"--labels {foreign} not among the run's labels {list(union)}")
     if base_package is not None:
         return _export_onto(parts[0], Path(base_package), out, labels, version, threshold, target_sensitivity,
-                            overwrite, weights_dtype)
+                            overwrite, weights_dtype, informational)
     carried = tuple(label for label in union if labels is None or label in labels)
     if len(parts) > 1:
-        return _export_runs(parts, out, carried, version, threshold, target_sensitivity, overwrite, weights_dtype)
+        return _export_runs(parts, out, carried, version, threshold, target_sensitivity, overwrite, weights_dtype,
+                            informational)
     (part,) = parts
     run, config = part.run, part.config
     thresholds, evaluation, reference = _oof_figures(part, carried, threshold, target_sensitivity)
@@ -123,7 +129,7 @@ def export_run(
         version=version or f"{config.name}-{_today()}", labels=carried, spec=config.preprocess_spec(),
         thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation, data_summary=_cohorts(run),
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(run.root, config), reference=reference,
-        ages=_ages(carried),
+        ages=_ages(carried), informational=informational,
     )
 
 
@@ -169,7 +175,7 @@ def _ages(labels: Sequence[str]) -> dict[str, Any]:
 
 def _export_runs(
     parts: list[_RunPart], out: str | Path, carried: tuple[str, ...], version: str, threshold: str,
-    target_sensitivity: float, overwrite: bool, weights_dtype: str,
+    target_sensitivity: float, overwrite: bool, weights_dtype: str, informational: Sequence[str],
 ) -> Path:
     """The package of several runs (see :func:`export_run`)."""
     spec = parts[0].config.preprocess_spec()
@@ -206,13 +212,13 @@ def _export_runs(
         thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation,
         data_summary={p.config.name: _cohorts(p.run) for p in parts},
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(parts[0].run.root, parts[0].config),
-        reference=reference, ages=_ages(carried),
+        reference=reference, ages=_ages(carried), informational=informational,
     )
 
 
 def _export_onto(
     part: _RunPart, base_dir: Path, out: str | Path, labels: Sequence[str] | None, version: str, threshold: str,
-    target_sensitivity: float, overwrite: bool, weights_dtype: str,
+    target_sensitivity: float, overwrite: bool, weights_dtype: str, informational: Sequence[str],
 ) -> Path:
     """A base package's members unchanged plus one run's members for labels the base lacks (see :func:`export_run`)."""
     base = load_manifest(base_dir, verify=True)
@@ -248,6 +254,7 @@ def _export_onto(
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(part.run.root, config),
         reference={**base.reference, **reference},
         ages={**base.ages, **_ages(added)}, copied=copied,
+        informational=(*base.informational, *informational),
     )
 
 

@@ -179,7 +179,8 @@ const RENDER = {
     return [el("h2", {}, "Recent results"), table(["time", "image UID", "caller", "result", "scores", "sent"],
       rs.map((r) => [r.at.slice(0, 19).replace("T", " "), r.sop_instance_uid, r.calling_ae, r.result,
         Object.entries(r.findings || {}).filter(([, f]) => "probability" in f).map(([l, f]) =>
-          l + " " + f.probability.toFixed(3) + (f.present ? " >= " : " < ") + f.threshold.toFixed(3)).join("; "),
+          l + " " + f.probability.toFixed(3) + (f.present ? " >= " : " < ") + f.threshold.toFixed(3) +
+          (f.informational ? " (info)" : "")).join("; "),
         r.sent.map((s) => s.kind + "->" + s.destination + ": " + s.state).join("; ")]))];
   },
   async "Audit"() {
