@@ -197,6 +197,7 @@ def test_threshold_change_reaches_the_next_sr_metrics_and_health(
     admin = client(web, ADMIN)
     before = admin.get("/api/v1/thresholds").json()["thresholds"][0]
     assert (before["label"], before["in_force"], before["source"]) == ("Tuberculosis", 0.0, "node.toml")
+    assert before["sets_triage_flag"] is True
     r = admin.put("/api/v1/thresholds", json={"Tuberculosis": 0.999})
     assert r.status_code == 200, r.text
     after = r.json()["thresholds"][0]

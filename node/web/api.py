@@ -440,6 +440,7 @@ def build_app(console: Console) -> FastAPI:
             source = "console" if console_value is not None else "node.toml" if toml_value is not None else "package"
             out.append({
                 "label": label,
+                "sets_triage_flag": manifest is None or label not in manifest.informational,
                 "package": {"value": package.value, "method": package.method} if package is not None else None,
                 "node_toml": toml_value,
                 "override": None if console_value is None else {

@@ -145,7 +145,8 @@ const RENDER = {
     const rows = t.thresholds.map((x) => {
       const input = el("input", {type: "number", step: "0.0001", min: "0", max: "1", "data-label": x.label,
         value: x.override ? x.override.value : ""});
-      return [x.label, x.package ? x.package.value.toFixed(4) + " (" + x.package.method + ")" : "",
+      return [x.sets_triage_flag ? x.label : x.label + " (informational: sets no triage flag)",
+        x.package ? x.package.value.toFixed(4) + " (" + x.package.method + ")" : "",
         x.node_toml === null ? "" : x.node_toml, input,
         x.override ? "v" + x.override.version + " by " + x.override.changed_by + " at " + x.override.changed_at : "",
         el("b", {"data-in-force": x.label}, x.in_force === null ? "" : Number(x.in_force).toFixed(4)),
