@@ -11,7 +11,11 @@ Measures the default package (``ai/models/default``) on this machine and on the 
 - lung-blackout audit on Montgomery (every image has a lung mask): AUROC with and without the lungs;
 - ``--unchanged-from PACKAGE``: for every label both packages carry, whether the probabilities and maps on
   Montgomery are equal (``np.array_equal``): a package that keeps another's members for a label must score
-  it exactly as that package does.
+  it exactly as that package does;
+- ``triage``: Montgomery's images through ``Ensemble.findings`` and the age rule as the node decides them (the PNGs
+  carry no age): per label how many negatives and positives are Present or not applicable, and how often the
+  triage flag (any finding that is not informational) is positive; with ``--unchanged-from``, the images on
+  which that package's flag differs.
 
 Run on demand (not part of the test suite)::
 
@@ -26,11 +30,15 @@ import csv
 import json
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ai.applicability import apply_ages
 from ai.ensemble import Ensemble, sigmoid
+from ai.findings import Finding
 from ai.manifest import bundled_package_dir, load_manifest, member_path
 from ai.pixels import read_image_file
 from ai.preprocess import preprocess, preprocess_gray, to_model_input
@@ -45,7 +53,7 @@ def _rows(csv_path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _latency(ens: Ensemble, paths: list[Path]) -> dict[str, float]:
+def _latency(ens: Ensemble, paths: list[Path]) -> dict[str, Any]:
     spec = ens.manifest.preprocess
     ens.predict(preprocess(read_image_file(paths[0]), spec)[0][None])  # warm-up
     total, model_only = [], []
@@ -97,6 +105,33 @@ def _unchanged(ens: Ensemble, other_dir: Path, x: np.ndarray, threads: int) -> d
     return out
 
 
+def _flags(ens: Ensemble, x: np.ndarray) -> tuple[list[list[Finding]], np.ndarray]:
+    """Each image's findings as the node decides them for a patient of unknown age, and its triage flag."""
+    findings = [apply_ages(ens.findings(image), ens.manifest.ages, None) for image in x]
+    return findings, np.array([any(f.flags for f in fs) for fs in findings])
+
+
+def _triage(ens: Ensemble, x: np.ndarray, y: np.ndarray, other_dir: Path | None, threads: int) -> dict:
+    findings, flag = _flags(ens, x)
+    negatives, positives = y == 0, y == 1
+    out: dict = {"n_negative": int(negatives.sum()), "n_positive": int(positives.sum()),
+                 "flag_on_negatives": int(flag[negatives].sum()), "flag_on_positives": int(flag[positives].sum()),
+                 "labels": {}}
+    for k, label in enumerate(ens.manifest.labels):
+        present = np.array([fs[k].positive for fs in findings])
+        out["labels"][label] = {"informational": label in ens.manifest.informational,
+                                "not_applicable": int(sum(bool(fs[k].not_applicable) for fs in findings)),
+                                "present_on_negatives": int(present[negatives].sum()),
+                                "present_on_positives": int(present[positives].sum())}
+    if other_dir is not None:
+        other = Ensemble.load(other_dir, providers=["CPUExecutionProvider"], threads=threads)
+        _, other_flag = _flags(other, x)
+        out["vs"] = {"version": other.manifest.version, "flag_differs_on": int(np.sum(flag != other_flag)),
+                     "flag_on_negatives": int(other_flag[negatives].sum()),
+                     "flag_on_positives": int(other_flag[positives].sum())}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, required=True)
@@ -124,7 +159,7 @@ def main() -> None:
     raw = [np.round(read_image_file(p) * 255).astype(np.uint8) for p in mont_paths]
     masks = [np.round(read_image_file(DATA / r["lung_mask"]) * 255).astype(np.uint8) for r in mont]
 
-    def score(images: list[np.ndarray]) -> np.ndarray:
+    def score(images: Sequence[np.ndarray]) -> np.ndarray:
         x = np.stack([to_model_input(preprocess_gray(im.astype(np.float32) / 255, spec)[0], spec) for im in images])
         return np.concatenate([ens.predict(x[i : i + 16]).probabilities[:, 0] for i in range(0, len(x), 16)])
 
@@ -134,8 +169,9 @@ def main() -> None:
     print(result["blackout_montgomery"]["verdict"], flush=True)
 
     # Montgomery as the node reads it, for the package comparisons
-    x_m = np.stack([preprocess(read_image_file(p), spec)[0] for p in mont_paths]) if (
-        args.unchanged_from or args.fp32_package) else np.empty(0)
+    x_m = np.stack([preprocess(read_image_file(p), spec)[0] for p in mont_paths])
+    result["triage"] = _triage(ens, x_m, y_m, args.unchanged_from, args.threads)
+    print(json.dumps(result["triage"], indent=1), flush=True)
     if args.unchanged_from:
         result["unchanged_from"] = _unchanged(ens, args.unchanged_from, x_m, args.threads)
         print(json.dumps(result["unchanged_from"], indent=1), flush=True)
