@@ -288,7 +288,7 @@ def banner_text(findings: Sequence[Finding], algorithm: ModelIdentity) -> Banner
         details = [f"p {f.probability:.2f} {relation} threshold {f.threshold:.2f} ({f.threshold_method})"]
     else:
         headline = (f"AI: POSITIVE ({len(flagged)} of {len(triage)})" if flagged
-                    else f"AI: negative ({len(triage)} findings)" if triage
+                    else f"AI: negative ({len(triage)} finding{'s' if len(triage) > 1 else ''})" if triage
                     else "AI: no triage finding applies to this patient" if applicable
                     else "AI: no finding applies to this patient")
         ordered = flagged + [f for f in triage if not f.positive]
@@ -297,7 +297,7 @@ def banner_text(findings: Sequence[Finding], algorithm: ModelIdentity) -> Banner
         ]
     if informational:
         details.append("info, sets no flag: " + ", ".join(
-            f"{short_label(f.label)} {f.probability:.2f} {'>=' if f.positive else '<'} {f.threshold:.2f}"
+            f"{short_label(f.label)} {f.probability:.3f} {'>=' if f.positive else '<'} {f.threshold:.3f}"
             for f in informational))
     if not_applicable:
         details.append("n/a (patient age): " + ", ".join(short_label(f.label) for f in not_applicable))

@@ -90,9 +90,9 @@ def test_the_banner_counts_triage_findings_and_lists_the_informational_ones() ->
                 finding("Emphysema", 0.3, informational=True)]
     text = banner_text(findings, ALGORITHM)
     lines = [line for line, _ in text.lines]
-    assert text.kind == "negative" and lines[0] == "AI: negative (1 findings)"
+    assert text.kind == "negative" and lines[0] == "AI: negative (1 finding)"
     assert "neg Tuberculosis 0.20 (thr 0.50)" in lines
-    assert "info, sets no flag: Effusion 0.70 >= 0.50, Emphysema 0.30 < 0.50" in lines
+    assert "info, sets no flag: Effusion 0.700 >= 0.500, Emphysema 0.300 < 0.500" in lines
     positive = banner_text([finding("Tuberculosis", 0.8), *findings[1:]], ALGORITHM)
     assert positive.kind == "positive" and positive.lines[0][0] == "AI: POSITIVE (1 of 1)"
 
