@@ -20,7 +20,9 @@ N_PER_CLASS = 20
 def test_bundled_package_loads_and_verifies() -> None:
     package = bundled_package_dir()
     manifest = load_manifest(package, verify=True)  # every member present and matching its sha256
-    assert manifest.labels == ("Tuberculosis", "Pediatric_Pneumonia")
+    assert manifest.labels == ("Tuberculosis", "Pediatric_Pneumonia", "Effusion", "Emphysema", "Fibrosis")
+    # the NIH findings are reported but do not set the triage flag (docs/model/informational-rule.md)
+    assert manifest.informational == ("Effusion", "Emphysema", "Fibrosis")
     for label in manifest.labels:
         threshold = manifest.thresholds[label]
         assert 0.0 < threshold.value < 1.0 and "OOF" in threshold.method
@@ -30,6 +32,9 @@ def test_bundled_package_loads_and_verifies() -> None:
     assert (reference.cohort, reference.n) == ("shenzhen", 662) and 0.45 < reference.prevalence < 0.55
     reference = manifest.reference["Pediatric_Pneumonia"]
     assert (reference.cohort, reference.n) == ("pediatric", 5216) and 0.7 < reference.prevalence < 0.8
+    for label in ("Effusion", "Emphysema", "Fibrosis"):  # adults' findings, each from the NIH cohort alone
+        reference = manifest.reference[label]
+        assert (reference.cohort, reference.n) == ("nih14", 500) and 0.05 < reference.prevalence < 0.15
     ages = manifest.ages["Pediatric_Pneumonia"]  # learnt from children aged 1-5: reported for them only
     assert ages.contains(3.0) and not ages.contains(0.5) and not ages.contains(6.0) and set(manifest.ages) == {
         "Pediatric_Pneumonia"}

@@ -345,3 +345,8 @@ def test_the_bundled_model_is_served_and_its_sr_matches_offline_prediction(
             assert result.probability == pytest.approx(offline_result["scores"][label], abs=2e-6)
     # This image's Patient's Age ('62') is no DICOM age string: the age is unknown, the pediatric label n/a.
     assert list(offline_result["not_applicable"]) == ["Pediatric_Pneumonia"]
+    # informational labels are reported, but only the others set the triage flag, at the node as offline
+    assert [f.label for f in report.findings if f.informational] == list(manifest.informational)
+    assert report.triage is not None
+    assert report.triage.positive == any(f.positive for f in report.findings if not f.informational)
+    assert offline_result["triage"] == report.triage.positive
