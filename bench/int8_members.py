@@ -6,14 +6,19 @@ output ``--label`` (by default the Tuberculosis members of the bundled package):
 
 - each member alone on the images it did not train on (its fold of ``--run-dir``'s ``folds.csv``): AUROC of
   the float16-stored member and of its int8 twin, and the largest probability difference;
-- the ensemble of those members on Montgomery (external), both ways;
+- the ensemble of those members on Montgomery (external), both ways, and how many of its decisions at the
+  package's threshold change;
 - size on disk and median latency per image (one image at a time, ``--threads``).
 
 The int8 twin: the float16 initializers are widened to float32 (the Cast nodes the export inserted are
-folded away), then ``onnxruntime.quantization.quantize_static`` writes QDQ int8 weights (per channel) and
-uint8 activations, calibrated on ``--calibration`` images of the member's own training folds (``--ops Conv``:
-only the convolutions). Nothing here
-writes into a package; the twins stay in ``--work``.
+folded away) and the "same" padding's pads, which the export computes from the input's shape at run time, are
+frozen to constants for the package's input size (:func:`freeze_pads`; left to the quantizer, that shape
+arithmetic is quantized too and the pads come out wrong); then ``onnxruntime.quantization.quantize_static``
+writes QDQ int8 weights (per channel) and uint8 activations, calibrated on ``--calibration`` images of the
+member's own training folds (``--ops Conv``: only the convolutions). ``--weights-only`` instead stores each
+Conv and Gemm weight as int8 per output channel (symmetric, 127 levels) behind a DequantizeLinear, with float32
+activations and compute (:func:`int8_weights`, the int8 analogue of the float16 storage). Nothing here writes
+into a package; the twins stay in ``--work``.
 
 Run on demand (not part of the test suite)::
 
@@ -25,13 +30,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from ai.ensemble import session_options, sigmoid
@@ -39,6 +45,7 @@ from ai.manifest import bundled_package_dir, load_manifest, member_path
 from ai.pixels import read_image_file
 from ai.preprocess import preprocess
 from training import metrics
+from training.export import store_weights_float16
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -69,6 +76,71 @@ def widen_float16(source: Path, target: Path) -> None:
     for init in [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16 and i.name not in used]:
         graph.initializer.remove(init)
     onnx.save(model, str(target))
+
+
+def freeze_pads(source: Path, target: Path, size: int) -> int:
+    """``source`` with every Pad's computed ``pads`` input replaced by its value for a [1, 3, size, size] input (the
+    nodes that computed it dropped); the outputs are unchanged. Returns how many Pads were frozen."""
+    model = onnx.load(str(source))
+    graph = model.graph
+    names = [n.input[1] for n in graph.node if n.op_type == "Pad" and len(n.input) > 1 and n.input[1]]
+    probe = onnx.load(str(source))
+    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None) for name in names)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = session.run(names, {"image": np.zeros((1, 3, size, size), np.float32)})
+    graph.initializer.extend(numpy_helper.from_array(v.astype(np.int64), n) for n, v in zip(names, values, strict=True))
+    nodes = [n for n in graph.node if not set(n.output) & set(names)]
+    outputs = {o.name for o in graph.output}
+    while True:  # drop what only fed the frozen pads
+        used = {i for n in nodes for i in n.input} | outputs
+        kept = [n for n in nodes if any(o in used for o in n.output)]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    onnx.save(model, str(target))
+    return len(names)
+
+
+def int8_weights(source: Path, target: Path, only: re.Pattern[str] | None = None) -> int:
+    """``source`` with each Conv and Gemm weight (of the nodes whose name ``only`` matches; default all) stored as
+    int8 per output channel (symmetric, scale = max |w| / 127) and a DequantizeLinear giving the float32 weight
+    back; activations and compute stay float32. The other weights are then stored as float16, as in a package
+    (``training.export.store_weights_float16``); the int8 scales stay float32."""
+    model = onnx.load(str(source))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    dequantize = []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        if only is not None and not only.search(node.name):
+            continue
+        name = node.input[1]
+        weight = numpy_helper.to_array(inits[name]).astype(np.float32)
+        transposed = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        axis = 0 if node.op_type == "Conv" or transposed else 1
+        scale = np.max(np.abs(weight), axis=tuple(i for i in range(weight.ndim) if i != axis)) / 127.0
+        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+        graph.initializer.remove(inits[name])
+        graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
+                                  numpy_helper.from_array(scale, f"{name}_scale"),
+                                  numpy_helper.from_array(np.zeros_like(scale, np.int8), f"{name}_zero")])
+        dequantize.append(helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero"],
+                                           [name], axis=axis))
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(dequantize + nodes)
+    onnx.save(model, str(target))
+    store_weights_float16(target, keep={n.input[1] for n in dequantize})
+    return len(dequantize)
 
 
 class _Images(CalibrationDataReader):
@@ -105,6 +177,10 @@ def main() -> None:
     parser.add_argument("--method", choices=("minmax", "percentile", "entropy"), default="minmax",
                         help="activation calibration")
     parser.add_argument("--ops", nargs="+", help="operator types to quantize (default: every one onnxruntime can)")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="int8 weights per output channel, the others float16; float32 activations and compute")
+    parser.add_argument("--int8-nodes", type=re.compile, metavar="REGEX",
+                        help="with --weights-only: only the Conv/Gemm nodes whose name matches are int8 (default all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("runs/int8-members"))
     parser.add_argument("--out", type=Path, required=True)
@@ -123,7 +199,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     result: dict = {"package": manifest.version, "label": args.label, "threads": args.threads,
                     "calibration_images": args.calibration, "calibration": args.method, "ops": args.ops or "all",
-                    "members": []}
+                    "weights_only": args.weights_only,
+                    "int8_nodes": args.int8_nodes.pattern if args.int8_nodes else "all", "members": []}
     ens16, ens8 = [], []
     for member in manifest.members:
         outputs = member.outputs(manifest.labels)
@@ -133,11 +210,15 @@ def main() -> None:
         source = member_path(args.package, member)
         wide, int8 = args.work / f"{source.stem}.fp32.onnx", args.work / f"{source.stem}.int8.onnx"
         widen_float16(source, wide)
-        train = np.flatnonzero(fold_of != member.fold)
-        calibration = x_s[rng.choice(train, size=min(args.calibration, train.size), replace=False)]
-        quantize_static(str(wide), str(int8), _Images(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        op_types_to_quantize=args.ops, calibrate_method=METHODS[args.method])
+        freeze_pads(wide, wide, spec.size)
+        if args.weights_only:
+            int8_weights(wide, int8, args.int8_nodes)
+        else:
+            train = np.flatnonzero(fold_of != member.fold)
+            calibration = x_s[rng.choice(train, size=min(args.calibration, train.size), replace=False)]
+            quantize_static(str(wide), str(int8), _Images(calibration), quant_format=QuantFormat.QDQ,
+                            per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                            op_types_to_quantize=args.ops, calibrate_method=METHODS[args.method])
         held = np.flatnonzero(fold_of == member.fold)
         p16, p8 = (_scores(p, x_s[held], index, args.threads) for p in (source, int8))
         ens16.append(_scores(source, x_m, index, args.threads))
@@ -153,8 +234,11 @@ def main() -> None:
         result["members"].append(row)
         print(json.dumps(row), flush=True)
     m16, m8 = np.mean(ens16, axis=0), np.mean(ens8, axis=0)
+    threshold = manifest.thresholds[args.label].value
     result["montgomery"] = {"auroc_float16": metrics.auroc(y_m, m16), "auroc_int8": metrics.auroc(y_m, m8),
-                            "max_abs_prob_diff": float(np.max(np.abs(m16 - m8))), "n": int(y_m.size)}
+                            "max_abs_prob_diff": float(np.max(np.abs(m16 - m8))), "n": int(y_m.size),
+                            "threshold": threshold,
+                            "decisions_changed": int(np.sum((m16 >= threshold) != (m8 >= threshold)))}
     print(json.dumps(result["montgomery"]), flush=True)
     args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
 

@@ -179,6 +179,26 @@ def test_float16_weights_halve_the_member_and_keep_float32_compute(tmp_path: Pat
         _export(tmp_path / "c", weights_dtype="bfloat16")
 
 
+def test_float16_storage_keeps_the_initializers_it_is_told_to(tmp_path: Path) -> None:
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((16, 16)).astype(np.float32), rng.standard_normal((16, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "a"], ["y"]), helper.make_node("MatMul", ["y", "b"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 16])],
+        [numpy_helper.from_array(a, "a"), numpy_helper.from_array(b, "b")])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert export.store_weights_float16(path, keep={"b"}) == 1
+    stored = {i.name: i.data_type for i in onnx.load(str(path)).graph.initializer}
+    assert stored == {"a_fp16": onnx.TensorProto.FLOAT16, "b": onnx.TensorProto.FLOAT}
+    x = rng.standard_normal((1, 16)).astype(np.float32)
+    (z,) = _session(path).run(None, {"x": x})
+    np.testing.assert_allclose(z, x @ a.astype(np.float16).astype(np.float32) @ b, rtol=1e-5, atol=1e-5)
+
+
 def test_export_leaves_the_model_in_eval_mode(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model("tiny", 1, drop_rate=0.5).eval()

@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -105,10 +105,12 @@ def export_member(model: CxrNet, path: str | Path, size: int, opset: int = 17, w
     return path
 
 
-def store_weights_float16(path: str | Path, min_elements: int = FP16_MIN_ELEMENTS) -> int:
+def store_weights_float16(path: str | Path, min_elements: int = FP16_MIN_ELEMENTS,
+                          keep: Collection[str] = ()) -> int:
     """Rewrite an ONNX graph in place so that its large float32 weights are stored as float16.
 
-    Each float32 initializer with at least `min_elements` values becomes a float16 initializer
+    Each float32 initializer with at least `min_elements` values (and not named in `keep`) becomes a float16
+    initializer
     `<name>_fp16` plus a `Cast` to float32 named as the original at the head of the graph, so every
     consumer still sees float32 (onnxruntime folds the casts when the session loads; compute stays
     float32). The only change to the results is the rounding of those weights to float16.
@@ -122,7 +124,8 @@ def store_weights_float16(path: str | Path, min_elements: int = FP16_MIN_ELEMENT
     graph = proto.graph
     casts, converted = [], 0
     for init in graph.initializer:
-        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims, dtype=np.int64)) < min_elements:
+        if (init.data_type != TensorProto.FLOAT or int(np.prod(init.dims, dtype=np.int64)) < min_elements
+                or init.name in keep):
             continue
         values = numpy_helper.to_array(init)
         name = init.name
