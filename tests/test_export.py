@@ -199,6 +199,47 @@ def test_float16_storage_keeps_the_initializers_it_is_told_to(tmp_path: Path) ->
     np.testing.assert_allclose(z, x @ a.astype(np.float16).astype(np.float32) @ b, rtol=1e-5, atol=1e-5)
 
 
+def test_int8_last_stage_stores_the_fine_tuned_layers_as_int8_and_the_rest_as_float16(tmp_path: Path) -> None:
+    from onnx import numpy_helper
+
+    from training.models import backbone_stages
+
+    torch.manual_seed(0)
+    tiny = build_model("tiny", 2, size=64)
+    common = {"labels": ["Tuberculosis", "Effusion"], "spec": PreprocessSpec(size=64),
+              "thresholds": {"Tuberculosis": (0.5, "fixed"), "Effusion": (0.5, "fixed")}}
+    fp32 = _export(tmp_path / "a", members=[(tiny, MemberInfo(fold=0))], **common)
+    int8 = _export(tmp_path / "b", members=[(tiny, MemberInfo(fold=0))], weights_dtype="int8-last-stage", **common)
+    name = "tiny_fold0.onnx"
+    graph = onnx.load(str(int8 / name)).graph
+    inits = {i.name: i for i in graph.initializer}
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    int8_nodes = [n for n in graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in dequantized]
+    # the last stage's convolutions and the head's Gemm, found by their module scope, and nothing else
+    last_stage_convs = sum(isinstance(m, torch.nn.Conv2d) for m in dict(tiny.backbone.body.named_modules()).values()
+                           if any(p is q for p in m.parameters(recurse=False) for q in backbone_stages(tiny)[-1][1]))
+    assert len(int8_nodes) == last_stage_convs + 1 and last_stage_convs >= 1
+    assert {n.op_type for n in int8_nodes} == {"Conv", "Gemm"}
+    for node in int8_nodes:
+        assert inits[f"{node.input[1]}_int8"].data_type == onnx.TensorProto.INT8
+        assert inits[f"{node.input[1]}_scale"].data_type == onnx.TensorProto.FLOAT  # the scales stay float32
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)  # the earlier layers
+    assert max(int(np.max(np.abs(numpy_helper.to_array(inits[f"{n.input[1]}_int8"])))) for n in int8_nodes) == 127
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)).numpy()
+    want, got = (_session(p / name).run(None, {"image": x}) for p in (fp32, int8))
+    changed = max(float(np.max(np.abs(w - g))) for w, g in zip(want, got, strict=True))
+    assert 0 < changed <= export.INT8_PARITY_TOLERANCE
+    record = load_manifest(int8).evaluation_summary["onnx_export"]
+    assert record["weights_dtype"] == "int8-last-stage"
+    assert 0 < record["int8_storage_max_abs_diff"][name] <= record["int8_storage_tolerance"]
+
+
+def test_module_paths_of_exported_nodes() -> None:
+    assert export.onnx_module_path("/backbone/blocks/blocks.5/blocks.5.0/conv_pw/Conv") == "backbone.blocks.5.0.conv_pw"
+    assert export.onnx_module_path("/backbone/conv_head/Conv") == "backbone.conv_head"
+    assert export.onnx_module_path("/head/Gemm") == "head" and export.onnx_module_path("/Einsum") == ""
+
+
 def test_export_leaves_the_model_in_eval_mode(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model("tiny", 1, drop_rate=0.5).eval()

@@ -30,6 +30,7 @@ from training.audits import baseline_run, blackout_run, blackout_scores, merge_a
 from training.compare import compare
 from training.config import ConfigError, example_config_text, load_config
 from training.evaluate import evaluate_dir
+from training.export import WEIGHTS_DTYPES
 from training.export_run import export_run, oof_thresholds, real_parity_inputs
 from training.fit import fit
 from training.gate import export_gate, load_gate_config
@@ -127,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="operating point written into the manifest (default youden)")
     p.add_argument("--target-sensitivity", type=float, default=0.90)
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
-    p.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32",
-                   help="store member weights as float16: half the disk, float32 compute")
+    p.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32",
+                   help="store member weights as float16 (half the disk) or int8-last-stage (the last stage and "
+                   "the head int8, the rest float16: about 61 %% of float16's size); compute stays float32")
     p.add_argument("--labels", nargs="+", help="the run's labels the package carries (default: all); the others "
                    "are cut from the members' output layers and named in the manifest")
     p.add_argument("--folds", nargs="+", type=int,

@@ -34,14 +34,18 @@ from ai.manifest import (
     write_manifest,
 )
 from ai.preprocess import PreprocessSpec
-from training.models import CxrNet
+from training.models import CxrNet, backbone_stages
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "cam")
 PARITY_TOLERANCE = 1e-4
-WEIGHTS_DTYPES = ("float32", "float16")
+INT8_LAST_STAGE = "int8-last-stage"
+WEIGHTS_DTYPES = ("float32", "float16", INT8_LAST_STAGE)
+#: The largest change int8 storage of the last stage and head may make (as :func:`output_difference` measures it);
+#: measured on tb-default-1.2.0's members: probabilities move by up to 0.056 (bench/README.md, int8_members.py).
+INT8_PARITY_TOLERANCE = 0.5
 # fp16-stored weights: torch (fp32 weights) vs onnxruntime (weights rounded to fp16, computed in fp32).
 # Measured on the bundled EfficientNet-Lite0 members at 256 px (docs/model/README.md); a bound, not a target.
 FP16_PARITY_TOLERANCE = 5e-2
@@ -165,6 +169,92 @@ def check_parity(
     diff = output_difference(expected, got, str(onnx_path))
     if not diff <= tolerance:
         raise ExportError(f"{onnx_path}: torch vs onnxruntime differ by {diff:.3g} (> {tolerance:g})")
+    return diff
+
+
+def last_stage_nodes(model: CxrNet, onnx_path: str | Path) -> list[str]:
+    """The Conv and Gemm nodes of `onnx_path` (`model` exported) that belong to the last backbone stage or the head:
+    the layers fine-tuning trains (``unfreeze = "last_stage"``), found by the module scope in each node's name."""
+    _, params = backbone_stages(model)[-1]
+    ids = {id(p) for p in params}
+    body = model.backbone.body
+    last = {name.rpartition(".")[0] for name, p in body.named_parameters() if id(p) in ids}
+    nodes = []
+    for node in onnx.load(str(onnx_path)).graph.node:
+        if node.op_type not in ("Conv", "Gemm"):
+            continue
+        path = onnx_module_path(node.name)
+        for prefix in ("backbone.body.", "backbone."):
+            path = path.removeprefix(prefix)
+        if path == "head" or path.startswith("head.") or any(path == m or path.startswith(m + ".") for m in last):
+            nodes.append(node.name)
+    return nodes
+
+
+def onnx_module_path(node_name: str) -> str:
+    """The torch module path of an exported node: ``/backbone/blocks/blocks.5/blocks.5.0/conv_pw/Conv`` ->
+    ``backbone.blocks.5.0.conv_pw`` (the exporter names each scope after its module, a container's child as
+    ``<container>.<index>``)."""
+    out, previous = [], ""
+    for part in (p for p in node_name.split("/")[:-1] if p):
+        out.append(part[len(previous) + 1:] if previous and part.startswith(previous + ".") else part)
+        previous = part
+    return ".".join(out)
+
+
+def store_weights_int8(path: str | Path, nodes: Collection[str]) -> list[str]:
+    """Rewrite an ONNX graph in place so that the weights of the Conv/Gemm `nodes` are stored as int8, per output
+    channel (symmetric, scale = max |w| / 127), each behind a DequantizeLinear that gives the float32 weight back
+    under its old name: compute stays float32. Returns the names of the (float32) scales."""
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    dequantize, scales = [], []
+    for node in graph.node:
+        if node.name not in nodes or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        name = node.input[1]
+        weight = numpy_helper.to_array(inits[name]).astype(np.float32)
+        transposed = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        axis = 0 if node.op_type == "Conv" or transposed else 1
+        scale = np.max(np.abs(weight), axis=tuple(i for i in range(weight.ndim) if i != axis)) / 127.0
+        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        values = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+        inits[name].CopyFrom(numpy_helper.from_array(values, f"{name}_int8"))
+        graph.initializer.extend([numpy_helper.from_array(scale, f"{name}_scale"),
+                                  numpy_helper.from_array(np.zeros_like(scale, np.int8), f"{name}_zero")])
+        dequantize.append(helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero"],
+                                           [name], name=f"{name}_dequantize", axis=axis))
+        scales.append(f"{name}_scale")
+    nodes_now = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(dequantize + nodes_now)
+    onnx.save(proto, str(path))
+    return scales
+
+
+def int8_storage(onnx_path: str | Path, inputs: torch.Tensor | np.ndarray, tolerance: float,
+                 nodes: Collection[str]) -> float:
+    """Store a checked float32 graph's weights of `nodes` as int8 (:func:`store_weights_int8`) and the rest as
+    float16 (:func:`store_weights_float16`), and measure what that changes, as :func:`float16_storage` does.
+
+    Raises:
+        ExportError: a difference above `tolerance`, or no node to store as int8.
+    """
+    if not nodes:
+        raise ExportError(f"{onnx_path}: no Conv or Gemm node of the last stage or the head found for int8 storage")
+    x = np.asarray(inputs, dtype=np.float32)
+    before = _onnx_outputs(onnx_path, x)
+    scales = store_weights_int8(onnx_path, nodes)
+    store_weights_float16(onnx_path, keep=scales)
+    onnx.checker.check_model(str(onnx_path))
+    diff = output_difference(before, _onnx_outputs(onnx_path, x), str(onnx_path))
+    if not diff <= tolerance:
+        raise ExportError(f"{onnx_path}: int8-stored weights change the outputs by {diff:.3g} (> {tolerance:g})")
     return diff
 
 
@@ -298,7 +388,8 @@ def export_package(
         opset: ONNX opset.
         overwrite: replace an existing package at `out_dir`.
         weights_dtype: "float32", or "float16" to store the weights at half the size (compute stays
-            float32; see :func:`store_weights_float16`).
+            float32; see :func:`store_weights_float16`), or "int8-last-stage": the last backbone stage's and the
+            head's weights int8 per output channel, the rest float16 (:func:`int8_storage`; float32 compute).
         parity_tolerance: the largest torch-vs-onnxruntime difference of the float32 graph accepted; None:
             `PARITY_TOLERANCE` (1e-4). With float16 storage, the rounding's own effect is measured after that
             check against `FP16_PARITY_TOLERANCE` and recorded separately in the manifest.
@@ -351,6 +442,9 @@ def export_package(
             # 2. ... then float16 storage is a separate, measured rounding of the weights
             if weights_dtype == "float16":
                 storage[entry.file] = float16_storage(path, parity_inputs, FP16_PARITY_TOLERANCE)
+            elif weights_dtype == INT8_LAST_STAGE:
+                storage[entry.file] = int8_storage(path, parity_inputs, INT8_PARITY_TOLERANCE,
+                                                   last_stage_nodes(model, path))
             entries.append(replace(entry, sha256=sha256_file(path)))
             log.info("exported %s (%s), parity %.2g", entry.file, entry.architecture, parity[entry.file])
         export_record: dict[str, Any] = {
@@ -361,8 +455,10 @@ def export_package(
             "parity_max_abs_diff": parity,
         }
         if storage:
-            export_record["float16_storage_tolerance"] = FP16_PARITY_TOLERANCE
-            export_record["float16_storage_max_abs_diff"] = storage
+            kind = "float16" if weights_dtype == "float16" else "int8"
+            export_record[f"{kind}_storage_tolerance"] = (FP16_PARITY_TOLERANCE if kind == "float16"
+                                                          else INT8_PARITY_TOLERANCE)
+            export_record[f"{kind}_storage_max_abs_diff"] = storage
         manifest = ModelManifest(
             name=name,
             version=version,

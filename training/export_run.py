@@ -76,7 +76,8 @@ def export_run(
     Every fold model of each selected architecture becomes a member (the node averages them all, which
     equals the mean over architectures of their fold means). Thresholds are chosen on the OOF ensemble
     of the selected architectures (Youden J, or the highest threshold reaching ``target_sensitivity``).
-    ``weights_dtype="float16"`` stores the members' weights at half the size (float32 compute).
+    ``weights_dtype="float16"`` stores the members' weights at half the size, ``"int8-last-stage"`` the last backbone
+    stage's and the head's as int8 and the rest as float16 (float32 compute either way).
     ``labels``: the run's labels the package carries (default: all), in the run's order; the others are cut
     from every member's output layer and named in the manifest's evaluation summary (``left_out``).
 
