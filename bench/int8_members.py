@@ -31,6 +31,7 @@ import argparse
 import csv
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from ai.manifest import bundled_package_dir, load_manifest, member_path
 from ai.pixels import read_image_file
 from ai.preprocess import preprocess
 from training import metrics
-from training.export import store_weights_float16
+from training.export import store_weights_float16, store_weights_int8
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -108,39 +109,14 @@ def freeze_pads(source: Path, target: Path, size: int) -> int:
 
 def int8_weights(source: Path, target: Path, only: re.Pattern[str] | None = None) -> int:
     """``source`` with each Conv and Gemm weight (of the nodes whose name ``only`` matches; default all) stored as
-    int8 per output channel (symmetric, scale = max |w| / 127) and a DequantizeLinear giving the float32 weight
-    back; activations and compute stay float32. The other weights are then stored as float16, as in a package
-    (``training.export.store_weights_float16``); the int8 scales stay float32."""
-    model = onnx.load(str(source))
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    dequantize = []
-    for node in graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
-            continue
-        if only is not None and not only.search(node.name):
-            continue
-        name = node.input[1]
-        weight = numpy_helper.to_array(inits[name]).astype(np.float32)
-        transposed = any(a.name == "transB" and a.i == 1 for a in node.attribute)
-        axis = 0 if node.op_type == "Conv" or transposed else 1
-        scale = np.max(np.abs(weight), axis=tuple(i for i in range(weight.ndim) if i != axis)) / 127.0
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-        shape = [1] * weight.ndim
-        shape[axis] = -1
-        q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
-        graph.initializer.remove(inits[name])
-        graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
-                                  numpy_helper.from_array(scale, f"{name}_scale"),
-                                  numpy_helper.from_array(np.zeros_like(scale, np.int8), f"{name}_zero")])
-        dequantize.append(helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero"],
-                                           [name], axis=axis))
-    nodes = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(dequantize + nodes)
-    onnx.save(model, str(target))
-    store_weights_float16(target, keep={n.input[1] for n in dequantize})
-    return len(dequantize)
+    int8 per output channel behind a DequantizeLinear (``training.export.store_weights_int8``), the other weights as
+    float16, as in a package (the int8 scales stay float32); activations and compute stay float32."""
+    nodes = [n.name for n in onnx.load(str(source)).graph.node
+             if n.op_type in ("Conv", "Gemm") and (only is None or only.search(n.name))]
+    shutil.copyfile(source, target)
+    scales = store_weights_int8(target, nodes)
+    store_weights_float16(target, keep=scales)
+    return len(scales)
 
 
 class _Images(CalibrationDataReader):
