@@ -84,7 +84,9 @@ def freeze_pads(source: Path, target: Path, size: int) -> int:
     nodes that computed it dropped); the outputs are unchanged. Returns how many Pads were frozen."""
     model = onnx.load(str(source))
     graph = model.graph
-    names = [n.input[1] for n in graph.node if n.op_type == "Pad" and len(n.input) > 1 and n.input[1]]
+    constants = {i.name for i in graph.initializer}
+    names = list(dict.fromkeys(n.input[1] for n in graph.node if n.op_type == "Pad" and len(n.input) > 1
+                               and n.input[1] and n.input[1] not in constants))
     probe = onnx.load(str(source))
     probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None) for name in names)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])

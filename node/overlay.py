@@ -295,10 +295,8 @@ def banner_text(findings: Sequence[Finding], algorithm: ModelIdentity) -> Banner
         details = [
             f"{'POS' if f.positive else 'neg'} {f.label} {f.probability:.2f} (thr {f.threshold:.2f})" for f in ordered
         ]
-    if informational:
-        details.append("info, sets no flag: " + ", ".join(
-            f"{short_label(f.label)} {f.probability:.3f} {'>=' if f.positive else '<'} {f.threshold:.3f}"
-            for f in informational))
+    details += [f"info (sets no flag) {short_label(f.label)} {f.probability:.3f} {'>=' if f.positive else '<'} "
+                f"{f.threshold:.3f}" for f in informational]
     if not_applicable:
         details.append("n/a (patient age): " + ", ".join(short_label(f.label) for f in not_applicable))
     lines: list[tuple[str, TextSize]] = [(ascii_text(headline), "headline"), (NOT_FOR_DIAGNOSIS, "line")]

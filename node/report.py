@@ -281,7 +281,10 @@ class FindingResult:
         method = algorithm.parameter("threshold_method")
         if threshold is None or method is None:
             raise ReportReadError(f"finding group {label!r} must state threshold= and threshold_method=")
-        informational = algorithm.parameter("informational") is not None
+        stated = algorithm.parameter("informational")
+        if stated is not None and not stated:
+            raise ReportReadError(f"finding group {label!r} states informational= without saying what it means")
+        informational = stated is not None
         if value == NOT_APPLICABLE:
             why = algorithm.parameter("not_applicable")
             if not why:

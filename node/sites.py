@@ -228,7 +228,7 @@ def format_sites(reports: Sequence[Mapping[str, Any]], level: float) -> str:
         for label, f in report["labels"].items():
             q = f["quantiles"]
             spread = (f"scores p05 {q['p05']:.3f} / median {q['p50']:.3f} / p95 {q['p95']:.3f}, "
-                      f"{f['flagged_share']:.1%} flagged" if q else "no scores")
+                      f"{f['flagged_share']:.1%} at or above its threshold" if q else "no scores")
             d = f.get("drift")
             drift_text = (f"drift {d['statistic']:.3f} ({'ALERT' if d['alert'] else 'ok'}; best-fitting prevalence "
                           f"{d['prevalence']:.2f}; {d['n']} images)" if d else f.get("drift_note", "no drift figure"))

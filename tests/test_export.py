@@ -234,6 +234,32 @@ def test_int8_last_stage_stores_the_fine_tuned_layers_as_int8_and_the_rest_as_fl
     assert 0 < record["int8_storage_max_abs_diff"][name] <= record["int8_storage_tolerance"]
 
 
+def test_int8_storage_per_output_channel_and_a_shared_weight_once(tmp_path: Path) -> None:
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    w, v = rng.standard_normal((8, 4)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], name="plain"),  # B is [in, out]: per column
+         helper.make_node("Gemm", ["y", "v"], ["z"], name="transposed", transB=1),  # B is [out, in]: per row
+         helper.make_node("Gemm", ["x", "w"], ["y2"], name="shared")],  # the same weight as "plain"
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [2, 3]),
+         helper.make_tensor_value_info("y2", onnx.TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(v, "v")])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert export.store_weights_int8(path, {"plain", "transposed", "shared"}) == ["w_scale", "v_scale"]
+    onnx.checker.check_model(str(path))
+    stored = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    np.testing.assert_allclose(stored["w_scale"], np.abs(w).max(axis=0) / 127, rtol=1e-6)  # one per output column
+    np.testing.assert_allclose(stored["v_scale"], np.abs(v).max(axis=1) / 127, rtol=1e-6)  # one per output row
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    z, y2 = _session(path).run(None, {"x": x})
+    np.testing.assert_allclose(y2, x @ w, atol=0.05)
+    np.testing.assert_allclose(z, x @ w @ v.T, atol=0.1)
+
+
 def test_module_paths_of_exported_nodes() -> None:
     assert export.onnx_module_path("/backbone/blocks/blocks.5/blocks.5.0/conv_pw/Conv") == "backbone.blocks.5.0.conv_pw"
     assert export.onnx_module_path("/backbone/conv_head/Conv") == "backbone.conv_head"

@@ -92,7 +92,7 @@ def test_the_banner_counts_triage_findings_and_lists_the_informational_ones() ->
     lines = [line for line, _ in text.lines]
     assert text.kind == "negative" and lines[0] == "AI: negative (1 finding)"
     assert "neg Tuberculosis 0.20 (thr 0.50)" in lines
-    assert "info, sets no flag: Effusion 0.700 >= 0.500, Emphysema 0.300 < 0.500" in lines
+    assert lines[3:5] == ["info (sets no flag) Effusion 0.700 >= 0.500", "info (sets no flag) Emphysema 0.300 < 0.500"]
     positive = banner_text([finding("Tuberculosis", 0.8), *findings[1:]], ALGORITHM)
     assert positive.kind == "positive" and positive.lines[0][0] == "AI: POSITIVE (1 of 1)"
 
@@ -128,6 +128,10 @@ def test_predict_marks_informational_labels_and_states_the_flag(tmp_path: Path, 
     assert row["informational"] == ["Effusion"] and row["triage"] is True
     text = cli("predict", "--config", str(config(tmp_path, informational_package)), str(path)).stdout
     assert "Effusion" in text and "POSITIVE (informational)" in text and text.rstrip().endswith("triage flag POSITIVE")
+    # Tuberculosis at a threshold nothing reaches: Effusion alone is positive, and it sets no flag
+    strict = config(tmp_path, informational_package, "[thresholds]\nTuberculosis = 1.0\n")
+    row = json.loads(cli("predict", "--format", "jsonl", "--config", str(strict), str(path)).stdout)
+    assert row["positive"] == {"Tuberculosis": False, "Effusion": True} and row["triage"] is False
 
 
 def test_the_worker_writes_the_informational_decision_and_status_lists_it(

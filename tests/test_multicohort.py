@@ -155,14 +155,17 @@ def test_a_package_combines_the_members_of_two_runs(cohorts: tuple[Path, Path, P
     both = two_cohort_config(cohorts, name="tb-ped")
     fit(tb_only, tmp_path / "a")
     fit(both, tmp_path / "b")
-    package = export_run([tmp_path / "a", tmp_path / "b"], tmp_path / "pkg", version="0.1", threshold="sensitivity")
+    package = export_run([tmp_path / "a", tmp_path / "b"], tmp_path / "pkg", version="0.1", threshold="sensitivity",
+                         informational=["Pediatric_Pneumonia"])
     manifest = load_manifest(package)
+    assert manifest.informational == ("Pediatric_Pneumonia",)
     assert manifest.name == "tb-only+tb-ped" and manifest.labels == ("Tuberculosis", "Pediatric_Pneumonia")
     assert [m.labels for m in manifest.members] == [("Tuberculosis",)] * 3 + [
         ("Tuberculosis", "Pediatric_Pneumonia")] * 3
     assert manifest.members[0].file == "tb-only_tiny_fold0.onnx"
     alone_a = export_run(tmp_path / "a", tmp_path / "pkg-a", version="0.1")
-    alone_b = export_run(tmp_path / "b", tmp_path / "pkg-b", version="0.1")
+    alone_b = export_run(tmp_path / "b", tmp_path / "pkg-b", version="0.1", informational=["Tuberculosis"])
+    assert load_manifest(alone_b).informational == ("Tuberculosis",)  # the single-run path passes it on too
     batch = np.random.default_rng(1).random((2, 3, 64, 64), dtype=np.float32)
     together = Ensemble.load(package).predict(batch)
     a, b = Ensemble.load(alone_a).predict(batch), Ensemble.load(alone_b).predict(batch)

@@ -43,9 +43,10 @@ OUTPUT_NAMES = ("logits", "cam")
 PARITY_TOLERANCE = 1e-4
 INT8_LAST_STAGE = "int8-last-stage"
 WEIGHTS_DTYPES = ("float32", "float16", INT8_LAST_STAGE)
-#: The largest change int8 storage of the last stage and head may make (as :func:`output_difference` measures it);
-#: measured on tb-default-1.2.0's members: probabilities move by up to 0.056 (bench/README.md, int8_members.py).
-INT8_PARITY_TOLERANCE = 0.5
+#: The largest change int8 storage of the last stage and head may make (as :func:`output_difference` measures it):
+#: 0.06-0.12 measured on tb-320-strong-aug's members and real images, whose probabilities move by up to 0.056
+#: on their OOF images (bench/README.md, int8_members.py); twice the largest, to refuse a broken storage.
+INT8_PARITY_TOLERANCE = 0.25
 # fp16-stored weights: torch (fp32 weights) vs onnxruntime (weights rounded to fp16, computed in fp32).
 # Measured on the bundled EfficientNet-Lite0 members at 256 px (docs/model/README.md); a bound, not a target.
 FP16_PARITY_TOLERANCE = 5e-2
@@ -216,6 +217,8 @@ def store_weights_int8(path: str | Path, nodes: Collection[str]) -> list[str]:
         if node.name not in nodes or len(node.input) < 2 or node.input[1] not in inits:
             continue
         name = node.input[1]
+        if f"{name}_scale" in scales:  # a weight two selected nodes share: stored once
+            continue
         weight = numpy_helper.to_array(inits[name]).astype(np.float32)
         transposed = any(a.name == "transB" and a.i == 1 for a in node.attribute)
         axis = 0 if node.op_type == "Conv" or transposed else 1
@@ -249,7 +252,11 @@ def int8_storage(onnx_path: str | Path, inputs: torch.Tensor | np.ndarray, toler
         raise ExportError(f"{onnx_path}: no Conv or Gemm node of the last stage or the head found for int8 storage")
     x = np.asarray(inputs, dtype=np.float32)
     before = _onnx_outputs(onnx_path, x)
+    weights = {n.input[1] for n in onnx.load(str(onnx_path)).graph.node if n.name in nodes and len(n.input) > 1}
     scales = store_weights_int8(onnx_path, nodes)
+    if len(scales) != len(weights):
+        raise ExportError(f"{onnx_path}: {len(weights)} weights of the last stage and the head, but {len(scales)} "
+                          f"could be stored as int8 (a weight that is no plain float32 initializer)")
     store_weights_float16(onnx_path, keep=scales)
     onnx.checker.check_model(str(onnx_path))
     diff = output_difference(before, _onnx_outputs(onnx_path, x), str(onnx_path))
