@@ -3,8 +3,9 @@
 With ``[model] shadow_package`` the worker runs the candidate on every image the live package analyses: its SR
 is stored (result kind ``shadow_sr``, never sent) and its scores join the score history under its own version.
 :func:`shadow_report` compares the two per label on the images both scored: agreement of the decisions, the
-decisions that would flip (live positive -> shadow negative and back), and both score distributions. This is
-what ``cxr-node shadow`` prints; no patient values.
+decisions that would flip (live positive -> shadow negative and back), both score distributions, and whether the
+label sets the triage flag in each package (an informational label does not: ``ModelManifest.informational``).
+This is what ``cxr-node shadow`` prints; no patient values.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def shadow_report(store: Store, live: ModelManifest, shadow: ModelManifest) -> d
             "live_positive": int(pa.sum()), "shadow_positive": int(pb.sum()),
             "mean_abs_score_difference": round(float(np.mean(np.abs(a - b))), 4) if n else None,
             "live_scores": score_quantiles(a, SHOWN_QUANTILES), "shadow_scores": score_quantiles(b, SHOWN_QUANTILES),
+            "sets_triage_flag": {"live": label not in live.informational, "shadow": label not in shadow.informational},
         }
     return {"live": f"{live.name} {live.version}", "shadow": f"{shadow.name} {shadow.version}",
             "labels": labels, "only_live": [x for x in live.labels if x not in shadow.labels],
@@ -50,6 +52,10 @@ def shadow_report(store: Store, live: ModelManifest, shadow: ModelManifest) -> d
 def format_shadow(report: Mapping[str, Any]) -> str:
     lines = [f"live {report['live']} / shadow {report['shadow']}"]
     for label, f in report["labels"].items():
+        role = f["sets_triage_flag"]
+        if role["live"] != role["shadow"]:
+            lines.append(f"  {label}: sets the triage flag in the {'live' if role['live'] else 'shadow'} package only "
+                         f"(informational in the other)")
         if not f["images"]:
             lines.append(f"  {label}: no image scored by both yet")
             continue

@@ -81,3 +81,23 @@ def test_the_shadow_package_is_stored_never_sent_and_compared(tmp_path: Path, po
     no_shadow = tmp_path / "plain.toml"
     no_shadow.write_text(f'[storage]\ndata_dir = "var"\n[model]\npackage = "{live}"\n')
     assert cli("shadow", "--config", str(no_shadow)).returncode == 2
+
+
+def test_the_comparison_says_where_a_label_stops_or_starts_setting_the_flag(tmp_path: Path) -> None:
+    """Trialling a package that makes a label informational (or the reverse): the report says so per label."""
+    pytest.importorskip("torch", reason="building a test model package needs the train extra")
+    from ai.manifest import load_manifest
+    from node.shadow import format_shadow, shadow_report
+    from tests.model_fixtures import build_tiny_package
+
+    labels = ("Tuberculosis", "Effusion")
+    live = load_manifest(build_tiny_package(tmp_path / "live", labels=labels, members=1))
+    candidate = load_manifest(build_tiny_package(tmp_path / "candidate", labels=labels, members=1,
+                                                 version="0.0.1-candidate", informational=("Effusion",)))
+    store = Store(make_engine(f"sqlite:///{tmp_path / 'q.sqlite'}"))
+    report = shadow_report(store, live, candidate)
+    assert report["labels"]["Effusion"]["sets_triage_flag"] == {"live": True, "shadow": False}
+    assert report["labels"]["Tuberculosis"]["sets_triage_flag"] == {"live": True, "shadow": True}
+    text = format_shadow(report)
+    assert "Effusion: sets the triage flag in the live package only (informational in the other)" in text
+    assert "Tuberculosis: sets the triage flag" not in text
