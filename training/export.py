@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -250,19 +250,16 @@ def int8_storage(onnx_path: str | Path, inputs: torch.Tensor | np.ndarray, toler
     """
     if not nodes:
         raise ExportError(f"{onnx_path}: no Conv or Gemm node of the last stage or the head found for int8 storage")
-    x = np.asarray(inputs, dtype=np.float32)
-    before = _onnx_outputs(onnx_path, x)
     weights = {n.input[1] for n in onnx.load(str(onnx_path)).graph.node if n.name in nodes and len(n.input) > 1}
-    scales = store_weights_int8(onnx_path, nodes)
-    if len(scales) != len(weights):
-        raise ExportError(f"{onnx_path}: {len(weights)} weights of the last stage and the head, but {len(scales)} "
-                          f"could be stored as int8 (a weight that is no plain float32 initializer)")
-    store_weights_float16(onnx_path, keep=scales)
-    onnx.checker.check_model(str(onnx_path))
-    diff = output_difference(before, _onnx_outputs(onnx_path, x), str(onnx_path))
-    if not diff <= tolerance:
-        raise ExportError(f"{onnx_path}: int8-stored weights change the outputs by {diff:.3g} (> {tolerance:g})")
-    return diff
+
+    def store() -> None:
+        scales = store_weights_int8(onnx_path, nodes)
+        if len(scales) != len(weights):
+            raise ExportError(f"{onnx_path}: {len(weights)} weights of the last stage and the head, but "
+                              f"{len(scales)} could be stored as int8 (a weight that is no plain float32 initializer)")
+        store_weights_float16(onnx_path, keep=scales)
+
+    return _measured_storage(onnx_path, inputs, tolerance, "int8", store)
 
 
 def float16_storage(onnx_path: str | Path, inputs: torch.Tensor | np.ndarray, tolerance: float) -> float:
@@ -275,13 +272,20 @@ def float16_storage(onnx_path: str | Path, inputs: torch.Tensor | np.ndarray, to
     Raises:
         ExportError: a difference above `tolerance`.
     """
+    return _measured_storage(onnx_path, inputs, tolerance, "float16", lambda: store_weights_float16(onnx_path))
+
+
+def _measured_storage(onnx_path: str | Path, inputs: torch.Tensor | np.ndarray, tolerance: float, kind: str,
+                      store: Callable[[], object]) -> float:
+    """Run `store` (a rewrite of the graph's weight storage), check the graph, and return how far its outputs on
+    `inputs` moved (:func:`output_difference`); ExportError above `tolerance`."""
     x = np.asarray(inputs, dtype=np.float32)
     before = _onnx_outputs(onnx_path, x)
-    store_weights_float16(onnx_path)
+    store()
     onnx.checker.check_model(str(onnx_path))
     diff = output_difference(before, _onnx_outputs(onnx_path, x), str(onnx_path))
     if not diff <= tolerance:
-        raise ExportError(f"{onnx_path}: float16-stored weights change the outputs by {diff:.3g} (> {tolerance:g})")
+        raise ExportError(f"{onnx_path}: {kind}-stored weights change the outputs by {diff:.3g} (> {tolerance:g})")
     return diff
 
 
