@@ -7,10 +7,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
-from ai.ensemble import Ensemble
+from ai.ensemble import Ensemble, sigmoid
 from ai.manifest import load_manifest
+from ai.pixels import read_image_file
+from ai.preprocess import preprocess
+from training import metrics
 from training.audits import baseline_run
 from training.cli import main
 from training.config import CohortConfig, ConfigError
@@ -254,3 +258,77 @@ def test_a_run_adds_its_labels_to_a_base_package_whose_members_stay_unchanged(
     with pytest.raises(ValueError, match="one --run-dir"):
         export_run([tmp_path / "a", tmp_path / "b"], tmp_path / "bad4", base_package=base)
     assert not any((tmp_path / name).exists() for name in ("bad0", "bad1", "bad2", "bad3", "bad4"))
+
+
+def test_an_int8_package_chooses_its_thresholds_on_the_scores_of_its_stored_members(
+    cohorts: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """int8-last-stage storage moves scores; the export scores every fold's stored graph on its held-out images
+    (onnxruntime, from the raw files as the node reads them) and chooses the threshold and reference on those;
+    the shipped members are those very graphs."""
+    fit(two_cohort_config(cohorts, name="tb-ped"), tmp_path / "b")
+    run_oof = read_csv(tmp_path / "b" / "predictions_oof.csv")
+    folds = {row["image"]: int(row["fold"]) for row in run_oof}
+    assert main(["export", "--run-dir", str(tmp_path / "b"), "--out", str(tmp_path / "pkg"), "--version", "1",
+                 "--threshold", "sensitivity", "--weights-dtype", "int8-last-stage", "--labels", "Pediatric_Pneumonia",
+                 "--folds", "0", "2", "--oof-out", str(tmp_path / "oof")]) == 0
+    manifest = load_manifest(tmp_path / "pkg")
+    stored = {row["image"]: row for row in read_csv(tmp_path / "oof" / "predictions_oof.csv")}
+    assert set(stored) == set(folds) and "score_Tuberculosis__ensemble" not in next(iter(stored.values()))
+
+    # Each shipped member scores its held-out images exactly as the written OOF scores say, from the raw files.
+    spec = manifest.preprocess
+    roots = {"tb": cohorts[0].parent, "ped": cohorts[1].parent}
+    for member in manifest.members:
+        session = ort.InferenceSession(str(tmp_path / "pkg" / member.file), providers=["CPUExecutionProvider"])
+        held = [image for image in folds if folds[image] == member.fold]
+        paths = [roots["ped" if stored[image]["cohort"] == "ped" else "tb"] / image for image in held]
+        batch = np.stack([preprocess(read_image_file(path), spec)[0] for path in paths])
+        (logits,) = session.run(["logits"], {"image": batch})
+        np.testing.assert_allclose(sigmoid(logits)[:, 0], [float(stored[i]["score_Pediatric_Pneumonia__tiny"])
+                                                            for i in held], atol=1e-6)
+    record = manifest.evaluation_summary["oof_scores"]
+    assert record["source"].startswith("each unit stored as int8-last-stage")
+    assert sorted(record["sha256"]) == [f"tb-ped/tiny/fold{k}" for k in range(3)]
+    assert [record["sha256"][f"tb-ped/tiny/fold{m.fold}"] for m in manifest.members] == [m.sha256 for m in
+                                                                                        manifest.members]
+
+    # The stored scores differ from the run's torch scores, and the threshold and reference are the stored ones'.
+    known = [image for image in folds if stored[image]["label_Pediatric_Pneumonia"]]
+    run_scores = {row["image"]: float(row["score_Pediatric_Pneumonia__ensemble"]) for row in run_oof}
+    stored_scores = np.array([float(stored[i]["score_Pediatric_Pneumonia__ensemble"]) for i in known])
+    y = np.array([int(stored[i]["label_Pediatric_Pneumonia"]) for i in known])
+    assert 0 < np.max(np.abs(stored_scores - [run_scores[i] for i in known])) <= 0.25
+    positives = np.sort(stored_scores[y == 1])[::-1]
+    threshold = manifest.thresholds["Pediatric_Pneumonia"]
+    assert threshold.value == pytest.approx(positives[int(np.ceil(0.9 * positives.size)) - 1], abs=1e-7)
+    assert manifest.reference["Pediatric_Pneumonia"].n == len(known)
+    assert manifest.evaluation_summary["oof"]["Pediatric_Pneumonia"]["auroc"] == pytest.approx(
+        metrics.auroc(y, stored_scores))
+
+    # --oof-scores run: the run's own scores, as for float storage.
+    assert main(["export", "--run-dir", str(tmp_path / "b"), "--out", str(tmp_path / "run-scores"), "--threshold",
+                 "sensitivity", "--weights-dtype", "int8-last-stage", "--labels", "Pediatric_Pneumonia",
+                 "--oof-scores", "run"]) == 0
+    from_run = load_manifest(tmp_path / "run-scores")
+    run_positives = np.sort([run_scores[i] for i in known if stored[i]["label_Pediatric_Pneumonia"] == "1"])[::-1]
+    assert from_run.thresholds["Pediatric_Pneumonia"].value == pytest.approx(
+        run_positives[int(np.ceil(0.9 * run_positives.size)) - 1], abs=1e-7)
+    assert from_run.evaluation_summary["oof_scores"] == {"source": "the run's predictions_oof.csv (torch, float32)"}
+    assert from_run.thresholds["Pediatric_Pneumonia"].value != threshold.value
+    with pytest.raises(ValueError, match="oof_scores must be one of"):
+        export_run(tmp_path / "b", tmp_path / "bad", oof_scores="torch")
+
+    # Several runs: each run's units scored stored; the written OOF table holds both labels, each on its images.
+    tb, _, ext = cohorts
+    fit(tiny_config((tb, ext), name="tb-only", epochs_head=1, epochs_finetune=0, unfreeze="none"), tmp_path / "a")
+    both = export_run([tmp_path / "a", tmp_path / "b"], tmp_path / "both", threshold="sensitivity",
+                      weights_dtype="int8-last-stage", oof_out=tmp_path / "oof-both")
+    record = load_manifest(both).evaluation_summary["oof_scores"]
+    assert sorted(record["sha256"]) == [f"{run}/tiny/fold{k}" for run in ("tb-only", "tb-ped") for k in range(3)]
+    assert [m.sha256 for m in load_manifest(both).members] == list(record["sha256"].values())
+    rows = read_csv(tmp_path / "oof-both" / "predictions_oof.csv")
+    assert {r["cohort"] for r in rows} == {"dev", "ped"}  # TB's rows named as its first run (tb-only) names them
+    for row in rows:  # a label is scored where it is known, empty elsewhere
+        assert bool(row["score_Tuberculosis__ensemble"]) == (row["cohort"] == "dev")
+        assert bool(row["score_Pediatric_Pneumonia__ensemble"]) == (row["cohort"] == "ped")

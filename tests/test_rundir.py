@@ -107,19 +107,19 @@ def test_export_chooses_on_the_ensemble_of_its_members_with_the_evaluate_chooser
     assert externals == {}
     y = oof.labels[TB]
 
-    everything, evaluation = oof_thresholds(tmp_path, [TB], ["a", "b"], "youden", 0.9)
+    everything, evaluation = oof_thresholds(oof, [TB], ["a", "b"], "youden", 0.9)
     mean = np.mean([oof.scores[TB]["a"], oof.scores[TB]["b"]], axis=0)
     assert everything[TB] == (metrics.youden_threshold(y, mean), "Youden J on OOF ensemble")
     assert evaluation == {"ensemble_of": ["a", "b"], "oof": {TB: {"auroc": metrics.auroc(y, mean), "n": 60}}}
 
-    subset, evaluation = oof_thresholds(tmp_path, [TB], ["a"], "sensitivity", 0.8)
+    subset, evaluation = oof_thresholds(oof, [TB], ["a"], "sensitivity", 0.8)
     chosen = choose_thresholds(oof, TB, 0.8, members=["a"])["sensitivity"]
     assert subset[TB] == (chosen["value"], chosen["method"]) == (
         metrics.threshold_for_sensitivity(y, oof.scores[TB]["a"], 0.8), "sensitivity >= 0.80 on OOF ensemble of a")
     assert subset[TB][0] != choose_thresholds(oof, TB, 0.8)["sensitivity"]["value"]  # not the full ensemble's
     assert evaluation["oof"][TB]["auroc"] == metrics.auroc(y, ensemble_of(oof, TB, ["a"]))
     with pytest.raises(ValueError, match=r"no scores of \['c'\]"):
-        oof_thresholds(tmp_path, [TB], ["c"], "youden", 0.9)
+        oof_thresholds(oof, [TB], ["c"], "youden", 0.9)
 
 
 def test_jsonable_converts_numpy_and_keeps_or_drops_nan_as_each_file_needs() -> None:

@@ -31,7 +31,7 @@ from training.compare import compare
 from training.config import ConfigError, example_config_text, load_config
 from training.evaluate import evaluate_dir
 from training.export import WEIGHTS_DTYPES
-from training.export_run import export_run, oof_thresholds, real_parity_inputs
+from training.export_run import OOF_SCORES, export_run, oof_thresholds, real_parity_inputs
 from training.fit import fit
 from training.gate import export_gate, load_gate_config
 from training.gate_eval import evaluate_gate
@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "members for the labels it lacks (one --run-dir)")
     p.add_argument("--informational", nargs="+", default=[], metavar="LABEL",
                    help="labels reported with their decision that do not set the node's triage flag")
+    p.add_argument("--oof-scores", choices=OOF_SCORES,
+                   help="OOF scores for the thresholds and the reference: 'run' (the run's predictions_oof.csv) or "
+                   "'stored' (every fold's unit stored with --weights-dtype and scored by onnxruntime on its "
+                   "held-out images); default: stored for int8-last-stage, run otherwise")
+    p.add_argument("--oof-out", type=Path, metavar="FOLDER",
+                   help="write those OOF scores as FOLDER/predictions_oof.csv (for cxr-train evaluate / compare)")
 
     p = add("baseline", "thumbnail + intensity floor on the same folds (shortcut audit) -> RUN_DIR/audits.json")
     p.add_argument("--run-dir", type=Path, required=True)
@@ -291,7 +297,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     package = export_run(args.run_dir, args.out, args.members, args.version, args.threshold,
                          args.target_sensitivity, args.overwrite, args.weights_dtype, args.labels,
-                         args.base_package, args.folds, args.informational)
+                         args.base_package, args.folds, args.informational, args.oof_scores, args.oof_out)
     print(f'package: {package}\nnext: set [model] package = "{package}" in node.toml and restart cxr-node')
     return 0
 

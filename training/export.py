@@ -110,6 +110,33 @@ def export_member(model: CxrNet, path: str | Path, size: int, opset: int = 17, w
     return path
 
 
+def write_member(
+    model: CxrNet, path: str | Path, size: int, parity_inputs: torch.Tensor | np.ndarray, *, opset: int = 17,
+    weights_dtype: str = "float32", parity_tolerance: float = PARITY_TOLERANCE,
+) -> tuple[float, float | None]:
+    """One member graph as a package stores it, in two checked steps.
+
+    1. The float32 graph must reproduce torch on `parity_inputs` within `parity_tolerance` (the export is right).
+    2. Then the weights are stored as `weights_dtype`: a separate, measured change (:func:`float16_storage`,
+       :func:`int8_storage`; float32 stores as exported).
+
+    Returns:
+        (the float32 graph's parity difference, the storage's difference or None for float32).
+
+    Raises:
+        ExportError: the export failed, or a difference above its tolerance.
+    """
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
+    path = export_member(model, path, size, opset)
+    parity = check_parity(model, path, parity_inputs, parity_tolerance)
+    if weights_dtype == "float16":
+        return parity, float16_storage(path, parity_inputs, FP16_PARITY_TOLERANCE)
+    if weights_dtype == INT8_LAST_STAGE:
+        return parity, int8_storage(path, parity_inputs, INT8_PARITY_TOLERANCE, last_stage_nodes(model, path))
+    return parity, None
+
+
 def store_weights_float16(path: str | Path, min_elements: int = FP16_MIN_ELEMENTS,
                           keep: Collection[str] = ()) -> int:
     """Rewrite an ONNX graph in place so that its large float32 weights are stored as float16.
@@ -376,6 +403,7 @@ def export_package(
     ages: Mapping[str, AgeRange] | None = None,
     copied: Sequence[tuple[Path, Member]] = (),
     informational: Sequence[str] = (),
+    expected_sha256: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a model package: one checked ONNX graph per member + `manifest.json` (docs/contracts.md).
 
@@ -410,6 +438,8 @@ def export_package(
             ``labels`` set), listed before `members`; each file is copied byte for byte and must match its sha256.
         informational: labels reported with their decision that do not set the triage flag (manifest
             ``informational``); at least one label must remain that does.
+        expected_sha256: per member file, the sha256 its stored graph must have (the graph that scored the OOF
+            images the thresholds were chosen on, :mod:`training.stored_scores`); checked before publishing.
 
     Returns:
         `out_dir`.
@@ -428,6 +458,7 @@ def export_package(
     if not set(informational) <= set(labels) or set(informational) == set(labels):
         raise ValueError(f"informational labels {list(informational)} must be labels of the package {list(labels)} "
                          f"and leave at least one to set the triage flag")
+    expected_sha256 = dict(expected_sha256 or {})
     resolved = _resolve_members(members, labels, spec, [entry for _, entry in copied])
     threshold_map = _thresholds(thresholds, labels)
     out_dir = Path(out_dir)
@@ -447,16 +478,16 @@ def export_package(
                 raise ExportError(f"{source}: sha256 differs from its manifest entry {entry.sha256}")
             entries.append(entry)
         for model, entry in resolved:
-            # 1. the float32 graph must reproduce torch (the export is right) ...
-            path = export_member(model, staging / entry.file, spec.size, opset)
-            parity[entry.file] = check_parity(model, path, parity_inputs, parity_tolerance)
-            # 2. ... then float16 storage is a separate, measured rounding of the weights
-            if weights_dtype == "float16":
-                storage[entry.file] = float16_storage(path, parity_inputs, FP16_PARITY_TOLERANCE)
-            elif weights_dtype == INT8_LAST_STAGE:
-                storage[entry.file] = int8_storage(path, parity_inputs, INT8_PARITY_TOLERANCE,
-                                                   last_stage_nodes(model, path))
-            entries.append(replace(entry, sha256=sha256_file(path)))
+            path = staging / entry.file
+            parity[entry.file], stored = write_member(model, path, spec.size, parity_inputs, opset=opset,
+                                                      weights_dtype=weights_dtype, parity_tolerance=parity_tolerance)
+            if stored is not None:
+                storage[entry.file] = stored
+            sha256 = sha256_file(path)
+            if entry.file in expected_sha256 and expected_sha256[entry.file] != sha256:
+                raise ExportError(f"{entry.file}: sha256 {sha256} differs from that of the graph that scored "
+                                  f"its OOF images ({expected_sha256[entry.file]}): the export is not reproducible")
+            entries.append(replace(entry, sha256=sha256))
             log.info("exported %s (%s), parity %.2g", entry.file, entry.architecture, parity[entry.file])
         export_record: dict[str, Any] = {
             "opset": opset,

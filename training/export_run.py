@@ -3,6 +3,10 @@
 Composes the run's pieces: its configuration and finished units (``training.rundir``, ``training.unit``),
 the operating thresholds chosen on the OOF ensemble of the exported members (``training.thresholds``, the
 chooser ``cxr-train evaluate`` uses too) and the package writer (``training.export.export_package``).
+
+The OOF scores come from the run's ``predictions_oof.csv`` (torch, float32: ``oof_scores="run"``) or from every
+unit written as the package stores it and scored by onnxruntime (``"stored"``, ``training.stored_scores``; the
+default for ``int8-last-stage``, whose storage moves scores enough to matter at a threshold).
 """
 
 from __future__ import annotations
@@ -20,25 +24,37 @@ from ai.manifest import load_manifest, member_path
 from ai.preprocess import to_model_input
 from training import metrics
 from training.config import RunConfig
-from training.export import MemberInfo, export_package
+from training.export import INT8_LAST_STAGE, MemberInfo, export_package
 from training.labels import LABEL_AGES
 from training.models import CxrNet, keep_labels
-from training.predictions import ENSEMBLE, PredictionTable, read_predictions
+from training.predictions import ENSEMBLE, PredictionTable, read_predictions, write_predictions
 from training.prepare import load_configured_cohort, load_run_config, preprocess_cache
 from training.pretrained import weights_record
 from training.rundir import RunDir
+from training.stored_scores import stored_oof
 from training.thresholds import choose_thresholds, ensemble_of, reference_distribution
 from training.unit import UnitKey, load_unit_model
+
+OOF_SCORES = ("run", "stored")
 
 
 @dataclass
 class _RunPart:
-    """One run's share of a package: its configuration, the exported architectures and their finished units."""
+    """One run's share of a package: its configuration, the exported architectures and their finished units, and
+    (once read, :func:`_read_oof`) its OOF table with the sha256 of the stored graphs that scored it."""
 
     run: RunDir
     config: RunConfig
     archs: list[str]
     units: list[UnitKey]
+    oof: PredictionTable | None = None
+    scored_by: dict[UnitKey, str] | None = None
+    stored_as: str = ""
+
+    def table(self) -> PredictionTable:
+        """The OOF table (:func:`_read_oof` first)."""
+        assert self.oof is not None, "_read_oof first"
+        return self.oof
 
 
 def _run_part(run_dir: str | Path, members: Sequence[str] | None, several: bool,
@@ -69,7 +85,7 @@ def export_run(
     version: str = "", threshold: str = "youden", target_sensitivity: float = 0.90, overwrite: bool = False,
     weights_dtype: str = "float32", labels: Sequence[str] | None = None,
     base_package: str | Path | None = None, folds: Sequence[int] | None = None,
-    informational: Sequence[str] = (),
+    informational: Sequence[str] = (), oof_scores: str | None = None, oof_out: str | Path | None = None,
 ) -> Path:
     """Export the finished units of ``members`` (architectures) of one run, or of several runs, as a model package.
 
@@ -99,11 +115,20 @@ def export_run(
     ``informational``: labels the package reports with their decision but that do not set the node's triage flag
     (manifest ``informational``: a finding too unspecific at its operating point to sort studies).
 
+    ``oof_scores``: where the OOF scores behind the thresholds, the OOF AUROC and the reference come from: ``"run"``,
+    the run's ``predictions_oof.csv``; ``"stored"``, every unit (all folds, also those ``folds`` leaves out) written
+    with ``weights_dtype`` and scored by onnxruntime on its held-out images; the shipped members must then be the
+    very graphs that scored (sha256). None: ``"stored"`` for ``int8-last-stage``, else ``"run"``. ``oof_out``: a
+    folder to write those OOF scores to as ``predictions_oof.csv`` (for ``cxr-train evaluate`` and ``compare``).
+
     Raises:
         ValueError: an unknown or unfinished architecture, runs with different preprocessing, or runs that
             scored different images for a label they share.
         FileNotFoundError: no ``config.toml`` or ``predictions_oof.csv`` in the run directory.
     """
+    oof_scores = oof_scores or ("stored" if weights_dtype == INT8_LAST_STAGE else "run")
+    if oof_scores not in OOF_SCORES:
+        raise ValueError(f"oof_scores must be one of {OOF_SCORES}, got {oof_scores!r}")
     dirs = [run_dir] if isinstance(run_dir, str | Path) else list(run_dir)
     parts = [_run_part(d, members, len(dirs) > 1, folds) for d in dirs]
     if base_package is not None and len(parts) != 1:
@@ -114,14 +139,17 @@ def export_run(
         raise ValueError(f"--labels {foreign} not among the run's labels {list(union)}")
     if base_package is not None:
         return _export_onto(parts[0], Path(base_package), out, labels, version, threshold, target_sensitivity,
-                            overwrite, weights_dtype, informational)
+                            overwrite, weights_dtype, informational, oof_scores, oof_out)
     carried = tuple(label for label in union if labels is None or label in labels)
+    for part in parts:
+        _read_oof(part, [label for label in part.config.labels if label in carried], oof_scores, weights_dtype)
     if len(parts) > 1:
         return _export_runs(parts, out, carried, version, threshold, target_sensitivity, overwrite, weights_dtype,
-                            informational)
+                            informational, oof_out)
     (part,) = parts
     run, config = part.run, part.config
     thresholds, evaluation, reference = _oof_figures(part, carried, threshold, target_sensitivity)
+    _write_oof(oof_out, [part.table()])
     left_out = [label for label in config.labels if label not in carried]
     if left_out:
         evaluation["left_out"] = left_out
@@ -130,16 +158,78 @@ def export_run(
         version=version or f"{config.name}-{_today()}", labels=carried, spec=config.preprocess_spec(),
         thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation, data_summary=_cohorts(run),
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(run.root, config), reference=reference,
-        ages=_ages(carried), informational=informational,
+        ages=_ages(carried), informational=informational, expected_sha256=_scored_files(part, prefixed=False),
     )
+
+
+def _read_oof(part: _RunPart, labels: Sequence[str], oof_scores: str, weights_dtype: str) -> None:
+    """Set ``part.oof`` (and, for stored scores, ``part.scored_by``): the OOF table of ``labels``."""
+    if oof_scores == "run":
+        part.oof = read_predictions(part.run.oof_predictions)
+        return
+    part.oof, part.scored_by = stored_oof(part.run.root, part.config, part.archs, labels, weights_dtype,
+                                          real_parity_inputs(part.run.root, part.config))
+    part.stored_as = weights_dtype
+
+
+def _scored_files(part: _RunPart, prefixed: bool) -> dict[str, str]:
+    """Per shipped member file, the sha256 of the stored graph that scored its OOF images ({} for the run's scores)."""
+    if part.scored_by is None:
+        return {}
+    prefix = f"{part.config.name}_" if prefixed else ""
+    return {f"{prefix}{key.architecture}_fold{key.fold}.onnx": part.scored_by[key] for key in part.units}
+
+
+def _oof_record(parts: Sequence[_RunPart]) -> dict[str, Any]:
+    """The evaluation summary's word on where the OOF scores came from."""
+    if all(part.scored_by is None for part in parts):
+        return {"source": "the run's predictions_oof.csv (torch, float32)"}
+    return {"source": f"each unit stored as {parts[0].stored_as} and scored by onnxruntime on its held-out images",
+            "sha256": {f"{part.config.name}/{key.name}": digest
+                       for part in parts for key, digest in (part.scored_by or {}).items()}}
+
+
+def _write_oof(folder: str | Path | None, tables: Sequence[PredictionTable]) -> None:
+    """The OOF scores the thresholds were chosen on, as ``FOLDER/predictions_oof.csv`` (one table per label set,
+    merged on the image key; a label's cells are empty where its table did not score the image)."""
+    if folder is None:
+        return
+    merged = tables[0] if len(tables) == 1 else _merge(tables)
+    write_predictions(merged, Path(folder) / "predictions_oof.csv", number_format="exact")
+
+
+def _merge(tables: Sequence[PredictionTable]) -> PredictionTable:
+    """Several OOF tables of different labels as one, rows in first-seen image order."""
+    images = list(dict.fromkeys(image for table in tables for image in table.images.tolist()))
+    at = {image: i for i, image in enumerate(images)}
+    patients = np.empty(len(images), dtype=object)
+    sources = np.full(len(images), "", dtype=object)
+    labels: dict[str, np.ndarray] = {}
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for table in tables:
+        rows = np.array([at[image] for image in table.images.tolist()], dtype=np.int64)
+        patients[rows] = table.patient_ids
+        if table.sources is not None:
+            sources[rows] = table.sources
+        for label, values in table.labels.items():
+            labels[label] = np.full(len(images), np.nan)
+            labels[label][rows] = values
+            scores[label] = {}
+            for member, column in table.scores[label].items():
+                scores[label][member] = np.full(len(images), np.nan)
+                scores[label][member][rows] = column
+    return PredictionTable(images=np.array(images), patient_ids=patients.astype(str), labels=labels, scores=scores,
+                           sources=sources.astype(str) if any(sources) else None, name="package OOF")
 
 
 def _oof_figures(
     part: _RunPart, labels: Sequence[str], threshold: str, target_sensitivity: float
 ) -> tuple[dict[str, tuple[float, str]], dict[str, Any], dict[str, Any]]:
-    """One run's thresholds and evaluation (:func:`oof_thresholds`) and reference distributions of ``labels``."""
-    thresholds, evaluation = oof_thresholds(part.run.root, labels, part.archs, threshold, target_sensitivity)
-    oof = read_predictions(part.run.oof_predictions)
+    """One run's thresholds and evaluation (:func:`oof_thresholds`) and reference distributions of ``labels``, from
+    its OOF table (:func:`_read_oof`)."""
+    oof = part.table()
+    thresholds, evaluation = oof_thresholds(oof, labels, part.archs, threshold, target_sensitivity)
+    evaluation["oof_scores"] = _oof_record([part])
     reference = {label: reference_distribution(oof, label, part.archs, part.config.train[0].name)
                  for label in labels}
     return thresholds, evaluation, reference
@@ -177,8 +267,9 @@ def _ages(labels: Sequence[str]) -> dict[str, Any]:
 def _export_runs(
     parts: list[_RunPart], out: str | Path, carried: tuple[str, ...], version: str, threshold: str,
     target_sensitivity: float, overwrite: bool, weights_dtype: str, informational: Sequence[str],
+    oof_out: str | Path | None,
 ) -> Path:
-    """The package of several runs (see :func:`export_run`)."""
+    """The package of several runs (see :func:`export_run`); each part's OOF table read (:func:`_read_oof`)."""
     spec = parts[0].config.preprocess_spec()
     for part in parts[1:]:
         if part.config.preprocess_spec() != spec:
@@ -189,10 +280,12 @@ def _export_runs(
         raise ValueError(f"the runs must have distinct names (member files are prefixed with them), got {names}")
     thresholds: dict[str, tuple[float, str]] = {}
     evaluation: dict[str, Any] = {"runs": {p.config.name: {"ensemble_of": p.archs, "members": len(p.units)}
-                                           for p in parts}, "oof": {}}
+                                           for p in parts}, "oof": {}, "oof_scores": _oof_record(parts)}
     reference = {}
+    tables = []
     for label in carried:
         table = combined_oof(parts, label)
+        tables.append(table)
         point = choose_thresholds(table, label, target_sensitivity, kinds=(threshold,))[threshold]
         thresholds[label] = (float(point["value"]), point["method"])
         y, p = table.labels[label], table.scores[label][ENSEMBLE]
@@ -202,6 +295,7 @@ def _export_runs(
     left_out = [label for part in parts for label in part.config.labels if label not in carried]
     if left_out:
         evaluation["left_out"] = list(dict.fromkeys(left_out))
+    _write_oof(oof_out, tables)
     models = []
     for part in parts:
         outputs = tuple(label for label in part.config.labels if label in carried)
@@ -214,12 +308,14 @@ def _export_runs(
         data_summary={p.config.name: _cohorts(p.run) for p in parts},
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(parts[0].run.root, parts[0].config),
         reference=reference, ages=_ages(carried), informational=informational,
+        expected_sha256={file: digest for part in parts for file, digest in _scored_files(part, True).items()},
     )
 
 
 def _export_onto(
     part: _RunPart, base_dir: Path, out: str | Path, labels: Sequence[str] | None, version: str, threshold: str,
     target_sensitivity: float, overwrite: bool, weights_dtype: str, informational: Sequence[str],
+    oof_scores: str, oof_out: str | Path | None,
 ) -> Path:
     """A base package's members unchanged plus one run's members for labels the base lacks (see :func:`export_run`)."""
     base = load_manifest(base_dir, verify=True)
@@ -235,7 +331,9 @@ def _export_onto(
                   if label not in base.labels and (labels is None or label in labels))
     if not added:
         raise ValueError(f"the run adds no label to the base package's {list(base.labels)}")
+    _read_oof(part, added, oof_scores, weights_dtype)
     thresholds, evaluation, reference = _oof_figures(part, added, threshold, target_sensitivity)
+    _write_oof(oof_out, [part.table()])
     copied = [(member_path(base_dir, m), replace(m, labels=m.outputs(base.labels))) for m in base.members]
     summary: dict[str, Any] = {
         "base_package": {"name": base.name, "version": base.version, "labels": list(base.labels),
@@ -255,7 +353,7 @@ def _export_onto(
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(part.run.root, config),
         reference={**base.reference, **reference},
         ages={**base.ages, **_ages(added)}, copied=copied,
-        informational=(*base.informational, *informational),
+        informational=(*base.informational, *informational), expected_sha256=_scored_files(part, prefixed=True),
     )
 
 
@@ -271,7 +369,7 @@ def combined_oof(parts: Sequence[_RunPart], label: str) -> PredictionTable:
     columns: dict[str, np.ndarray] = {}
     weights: list[float] = []
     for part in carrying:
-        oof = read_predictions(part.run.oof_predictions)
+        oof = part.table()
         known = ~np.isnan(oof.labels[label])
         table = oof.subset(np.flatnonzero(known)[np.argsort(oof.images[known])], part.config.name)
         if first is None:
@@ -302,11 +400,10 @@ def real_parity_inputs(run_dir: Path, config: RunConfig, n: int = 4) -> np.ndarr
 
 
 def oof_thresholds(
-    run_dir: Path, labels: Sequence[str], archs: Sequence[str], threshold: str, target_sensitivity: float
+    oof: PredictionTable, labels: Sequence[str], archs: Sequence[str], threshold: str, target_sensitivity: float
 ) -> tuple[dict[str, tuple[float, str]], dict[str, Any]]:
     """Per label, the ``threshold`` operating point (``youden`` or ``sensitivity``) on the OOF ensemble of
-    ``archs`` (:func:`training.thresholds.choose_thresholds`), and that ensemble's OOF AUROC."""
-    oof = read_predictions(RunDir(run_dir).oof_predictions)
+    ``archs`` in ``oof`` (:func:`training.thresholds.choose_thresholds`), and that ensemble's OOF AUROC."""
     thresholds: dict[str, tuple[float, str]] = {}
     evaluation: dict[str, Any] = {"ensemble_of": list(archs), "oof": {}}
     for label in labels:

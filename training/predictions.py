@@ -249,7 +249,8 @@ def write_predictions(
     """Write a :class:`PredictionTable` as a prediction CSV (the only writer); returns the path.
 
     Columns: ``image``, ``patient_id``, then ``site``, ``sex``, ``age`` where the table has them, the
-    ``extra`` columns (text per row, e.g. the run's ``fold``), ``label_*`` (1, 0, empty) and per label
+    ``extra`` columns (text per row, e.g. the run's ``fold``), ``cohort`` where the table has ``sources`` (unless
+    ``extra`` names it), ``label_*`` (1, 0, empty) and per label
     ``score_<Label>__<member>`` for every member, the ensemble last.
 
     Args:
@@ -267,6 +268,8 @@ def write_predictions(
         columns["age"] = _age_cells(table.ages, number_format)
     for name, cells in (extra or {}).items():
         columns[name] = list(cells)
+    if table.sources is not None and "cohort" not in columns:
+        columns["cohort"] = table.sources.tolist()
     for label, y in table.labels.items():
         columns[f"label_{label}"] = ["" if math.isnan(v) else str(int(v)) for v in y]
     for label in table.scores:
