@@ -322,12 +322,20 @@ def test_an_int8_package_chooses_its_thresholds_on_the_scores_of_its_stored_memb
     # Several runs: each run's units scored stored; the written OOF table holds both labels, each on its images.
     tb, _, ext = cohorts
     fit(tiny_config((tb, ext), name="tb-only", epochs_head=1, epochs_finetune=0, unfreeze="none"), tmp_path / "a")
+    # Per-run folds: all three of tb-only, two of tb-ped; a run's OOF score weighs as many members as it ships.
     both = export_run([tmp_path / "a", tmp_path / "b"], tmp_path / "both", threshold="sensitivity",
-                      weights_dtype="int8-last-stage", oof_out=tmp_path / "oof-both")
+                      weights_dtype="int8-last-stage", oof_out=tmp_path / "oof-both", folds=[[0, 1, 2], [0, 1]])
     record = load_manifest(both).evaluation_summary["oof_scores"]
     assert sorted(record["sha256"]) == [f"{run}/tiny/fold{k}" for run in ("tb-only", "tb-ped") for k in range(3)]
-    assert [m.sha256 for m in load_manifest(both).members] == list(record["sha256"].values())
+    shipped = [f"tb-only/tiny/fold{k}" for k in range(3)] + ["tb-ped/tiny/fold0", "tb-ped/tiny/fold1"]
+    assert [m.sha256 for m in load_manifest(both).members] == [record["sha256"][unit] for unit in shipped]
     rows = read_csv(tmp_path / "oof-both" / "predictions_oof.csv")
+    tb_rows = [r for r in rows if r["score_Tuberculosis__ensemble"]]
+    def column(name: str) -> np.ndarray:
+        return np.array([float(r[f"score_Tuberculosis__{name}"]) for r in tb_rows])
+    np.testing.assert_allclose(column("ensemble"), (3 * column("tb-only") + 2 * column("tb-ped")) / 5, atol=1e-9)
+    with pytest.raises(ValueError, match="one per --run-dir"):
+        export_run([tmp_path / "a", tmp_path / "b"], tmp_path / "bad", folds=[[0], [1], [2]])
     assert {r["cohort"] for r in rows} == {"dev", "ped"}  # TB's rows named as its first run (tb-only) names them
     for row in rows:  # a label is scored where it is known, empty elsewhere
         assert bool(row["score_Tuberculosis__ensemble"]) == (row["cohort"] == "dev")

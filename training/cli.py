@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the head int8, the rest float16: about 61 %% of float16's size); compute stays float32")
     p.add_argument("--labels", nargs="+", help="the run's labels the package carries (default: all); the others "
                    "are cut from the members' output layers and named in the manifest")
-    p.add_argument("--folds", nargs="+", type=int,
-                   help="export only these folds' members (default: all; thresholds still from every fold's OOF)")
+    p.add_argument("--folds", nargs="+", type=int, action="append",
+                   help="export only these folds' members (default: all; thresholds still from every fold's OOF); "
+                   "once for every run, or once per --run-dir in the same order")
     p.add_argument("--base-package", type=Path,
                    help="keep this package's members, thresholds and reference unchanged and add the run's "
                    "members for the labels it lacks (one --run-dir)")

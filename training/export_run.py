@@ -80,11 +80,28 @@ def _run_part(run_dir: str | Path, members: Sequence[str] | None, several: bool,
     return _RunPart(run, config, archs, units)
 
 
+def _folds_per_run(folds: Sequence[int] | Sequence[Sequence[int]] | None, runs: int) -> list[list[int] | None]:
+    """``folds`` as one list (or None) per run.
+
+    Raises:
+        ValueError: per-run lists whose number differs from the number of runs.
+    """
+    if folds is None:
+        return [None] * runs
+    lists: list[list[int] | None] = [[int(k) for k in item] for item in folds if isinstance(item, Sequence)]
+    flat = [int(item) for item in folds if not isinstance(item, Sequence)]
+    if flat and not lists:
+        return [flat] * runs
+    if flat or len(lists) not in (1, runs):
+        raise ValueError(f"--folds: give one list for all {runs} run(s) or one per --run-dir, got {list(folds)}")
+    return lists * runs if len(lists) == 1 else lists
+
+
 def export_run(
     run_dir: str | Path | Sequence[str | Path], out: str | Path, members: Sequence[str] | None = None,
     version: str = "", threshold: str = "youden", target_sensitivity: float = 0.90, overwrite: bool = False,
     weights_dtype: str = "float32", labels: Sequence[str] | None = None,
-    base_package: str | Path | None = None, folds: Sequence[int] | None = None,
+    base_package: str | Path | None = None, folds: Sequence[int] | Sequence[Sequence[int]] | None = None,
     informational: Sequence[str] = (), oof_scores: str | None = None, oof_out: str | Path | None = None,
 ) -> Path:
     """Export the finished units of ``members`` (architectures) of one run, or of several runs, as a model package.
@@ -104,7 +121,8 @@ def export_run(
     run's name. ``members`` then selects architectures in whichever runs have them.
 
     ``folds``: export only these folds' units (the OOF figures, thresholds and reference still come from every
-    fold: each image scored by the model that did not train on it).
+    fold: each image scored by the model that did not train on it); with several runs, one list for all of them or
+    one list per run, in ``run_dir``'s order (a run's OOF score then weighs as many members as it ships).
 
     ``base_package`` (one run): the package carries that package's members unchanged (byte for byte, with
     its labels, thresholds, reference and ages) and, after them, the run's members for the run's labels the
@@ -130,7 +148,8 @@ def export_run(
     if oof_scores not in OOF_SCORES:
         raise ValueError(f"oof_scores must be one of {OOF_SCORES}, got {oof_scores!r}")
     dirs = [run_dir] if isinstance(run_dir, str | Path) else list(run_dir)
-    parts = [_run_part(d, members, len(dirs) > 1, folds) for d in dirs]
+    per_run = _folds_per_run(folds, len(dirs))
+    parts = [_run_part(d, members, len(dirs) > 1, run_folds) for d, run_folds in zip(dirs, per_run, strict=True)]
     if base_package is not None and len(parts) != 1:
         raise ValueError("a base package takes the members of one run (one --run-dir)")
     union = tuple(dict.fromkeys(label for part in parts for label in part.config.labels))
