@@ -17,6 +17,11 @@ Per change: AUROC, median score of TB and of non-TB images, sensitivity and spec
 package's threshold. The Montgomery row (the package's ensemble mean on the external cohort) is the
 shift to be explained. Montgomery's labels are only read to print that reference row.
 
+A package of several members per fold (architectures averaged) scores each image with the weighted mean of its
+fold's members, each architecture weighing as many members as the package ships (as ``cxr-train export`` weighs
+the OOF scores). A package that ships only some folds of an architecture names, with ``--fold-members``, a package
+holding every fold's members stored the same way (the shipped package still gives the threshold and the weights).
+
 Run on demand (not part of the test suite)::
 
     .venv/bin/python bench/acquisition_shift.py --run-dir runs/tb-320-strong-aug \
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,22 +108,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True, help="the training run (folds.csv)")
     parser.add_argument("--package", type=Path, default=bundled_package_dir())
+    parser.add_argument("--fold-members", type=Path, help="package with every fold's members (default: --package)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     manifest = load_manifest(args.package)
-    label = manifest.labels[0]
+    label = "Tuberculosis"
     threshold = float(manifest.thresholds[label].value)
     spec = manifest.preprocess
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
-    by_fold = {
-        int(m.fold): ort.InferenceSession(str(member_path(args.package, m)), options,
-                                          providers=["CPUExecutionProvider"])
-        for m in manifest.members if m.fold is not None
-    }
+    shipped = Counter(m.architecture for m in manifest.members if label in m.outputs(manifest.labels))
+    scorers = args.fold_members or args.package
+    scoring = load_manifest(scorers)
+    by_fold: dict[int, list[tuple[ort.InferenceSession, int, float]]] = {}
+    for m in scoring.members:
+        outputs = m.outputs(scoring.labels)
+        if m.fold is None or label not in outputs:
+            continue
+        if m.architecture not in shipped:
+            raise SystemExit(f"{scorers}: {m.file} is a {m.architecture}, which {args.package} does not ship")
+        session = ort.InferenceSession(str(member_path(scorers, m)), options, providers=["CPUExecutionProvider"])
+        by_fold.setdefault(int(m.fold), []).append((session, outputs.index(label), float(shipped[m.architecture])))
     with (args.run_dir / "folds.csv").open(newline="") as f:
         fold_of = {row["image"]: int(row["fold"]) for row in csv.DictReader(f)}
     with (args.data / "tb" / "shenzhen.csv").open(newline="") as f:
@@ -127,12 +141,13 @@ def main() -> None:
     scores: dict[str, list[float]] = {name: [] for name in CHANGES}
     for row in rows:
         gray, _ = preprocess_gray(read_image_file(args.data / row["image"]), spec)
-        session = by_fold[fold_of[row["image"]]]
+        members = by_fold[fold_of[row["image"]]]
         labels.append(int(row["label_tb"]))
         for name, change in CHANGES.items():
             x = to_model_input(change(gray), spec)[None]
-            logits = session.run([manifest.outputs["logits"]], {manifest.input_name: x})[0]
-            scores[name].append(float(sigmoid(logits.reshape(-1)[0])))
+            p = [float(sigmoid(session.run([manifest.outputs["logits"]], {manifest.input_name: x})[0][0, j]))
+                 for session, j, _ in members]
+            scores[name].append(float(np.average(p, weights=[w for _, _, w in members])))
     y = np.asarray(labels)
     results = {name: _summary(y, np.asarray(s), threshold) for name, s in scores.items()}
 
@@ -142,7 +157,8 @@ def main() -> None:
     m_scores = []
     for row in mont:
         gray, _ = preprocess_gray(read_image_file(args.data / row["image"]), spec)
-        m_scores.append(float(ens.predict(to_model_input(gray, spec)[None]).probabilities[0, 0]))
+        prediction = ens.predict(to_model_input(gray, spec)[None])
+        m_scores.append(float(prediction.probabilities[0, manifest.labels.index(label)]))
     results["montgomery (external, for reference)"] = _summary(
         np.asarray([int(r["label_tb"]) for r in mont]), np.asarray(m_scores), threshold)
 
@@ -153,7 +169,11 @@ def main() -> None:
         print(f"{name:38s} {r['auroc']:6.3f} {r['median_score_tb']:7.3f} {r['median_score_non_tb']:7.3f} "
               f"{r['sensitivity']:6.3f} {r['specificity']:6.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    changed = [r["sensitivity"] for name, r in results.items() if name not in ("as_is",) and name in CHANGES]
+    mean_drop = results["as_is"]["sensitivity"] - float(np.mean(changed))
+    print(f"mean drop of sensitivity over the {len(changed)} changes: {mean_drop:.4f}")
     args.out.write_text(json.dumps({"package": manifest.version, "threshold": threshold,
+                                    "fold_members": scoring.version, "mean_sensitivity_drop": mean_drop,
                                     "n_shenzhen": len(rows), "n_montgomery": len(mont),
                                     "results": results}, indent=2) + "\n")
     print(f"written to {args.out}")

@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="model package (default: the bundled one)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latency.json")
     args = parser.parse_args()
-    result = run(args.images, args.model or bundled_package_dir())
+    result = run(args.images, (args.model or bundled_package_dir()).resolve())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"receipt-to-SR-at-PACS over {result['images']} images: p50 {result['p50_s']} s, p95 {result['p95_s']} s "
