@@ -18,9 +18,10 @@ package's threshold. The Montgomery row (the package's ensemble mean on the exte
 shift to be explained. Montgomery's labels are only read to print that reference row.
 
 A package of several members per fold (architectures averaged) scores each image with the weighted mean of its
-fold's members, each architecture weighing as many members as the package ships (as ``cxr-train export`` weighs
-the OOF scores). A package that ships only some folds of an architecture names, with ``--fold-members``, a package
-holding every fold's members stored the same way (the shipped package still gives the threshold and the weights).
+fold's members, each source (a member file's name without ``_fold<k>.onnx``: one run's architecture) weighing as
+many members as the package ships (as ``cxr-train export`` weighs the OOF scores). A package that ships only some
+folds of a source names, with ``--fold-members``, a package holding every fold's members stored the same way (the
+shipped package still gives the threshold and the weights).
 
 Run on demand (not part of the test suite)::
 
@@ -104,6 +105,11 @@ def _summary(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, float]
     }
 
 
+def _source(file: str) -> str:
+    """A member file's source: its name without ``_fold<k>.onnx`` (``tb-320-strong-aug_efficientnet_lite0``)."""
+    return file.rsplit("_fold", 1)[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True, help="the training run (folds.csv)")
@@ -116,11 +122,13 @@ def main() -> None:
 
     manifest = load_manifest(args.package)
     label = "Tuberculosis"
+    if label not in manifest.labels:
+        raise SystemExit(f"{args.package} has no {label} label: this bench probes the TB members")
     threshold = float(manifest.thresholds[label].value)
     spec = manifest.preprocess
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
-    shipped = Counter(m.architecture for m in manifest.members if label in m.outputs(manifest.labels))
+    shipped = Counter(_source(m.file) for m in manifest.members if label in m.outputs(manifest.labels))
     scorers = args.fold_members or args.package
     scoring = load_manifest(scorers)
     by_fold: dict[int, list[tuple[ort.InferenceSession, int, float]]] = {}
@@ -128,10 +136,16 @@ def main() -> None:
         outputs = m.outputs(scoring.labels)
         if m.fold is None or label not in outputs:
             continue
-        if m.architecture not in shipped:
-            raise SystemExit(f"{scorers}: {m.file} is a {m.architecture}, which {args.package} does not ship")
+        if _source(m.file) not in shipped:
+            raise SystemExit(f"{scorers}: {m.file} comes from no source that {args.package} ships ({sorted(shipped)})")
         session = ort.InferenceSession(str(member_path(scorers, m)), options, providers=["CPUExecutionProvider"])
-        by_fold.setdefault(int(m.fold), []).append((session, outputs.index(label), float(shipped[m.architecture])))
+        by_fold.setdefault(int(m.fold), []).append((session, outputs.index(label), float(shipped[_source(m.file)])))
+    sources_of = {fold: sorted(_source(m.file) for m in scoring.members if m.fold == fold and
+                               label in m.outputs(scoring.labels)) for fold in by_fold}
+    partial = {fold: names for fold, names in sources_of.items() if names != sorted(shipped)}
+    if partial:
+        raise SystemExit(f"{scorers}: folds {sorted(partial)} lack a member of every shipped source {sorted(shipped)}; "
+                         "name a package of every fold's members with --fold-members")
     with (args.run_dir / "folds.csv").open(newline="") as f:
         fold_of = {row["image"]: int(row["fold"]) for row in csv.DictReader(f)}
     with (args.data / "tb" / "shenzhen.csv").open(newline="") as f:
@@ -141,6 +155,8 @@ def main() -> None:
     scores: dict[str, list[float]] = {name: [] for name in CHANGES}
     for row in rows:
         gray, _ = preprocess_gray(read_image_file(args.data / row["image"]), spec)
+        if fold_of[row["image"]] not in by_fold:
+            raise SystemExit(f"{scorers} has no member of fold {fold_of[row['image']]}")
         members = by_fold[fold_of[row["image"]]]
         labels.append(int(row["label_tb"]))
         for name, change in CHANGES.items():

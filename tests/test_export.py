@@ -276,3 +276,19 @@ def test_export_leaves_the_model_in_eval_mode(tmp_path: Path) -> None:
     assert not model.training
     with torch.no_grad():
         assert torch.equal(model(x), before)  # dropout and BatchNorm still in inference behaviour
+
+
+def test_a_member_must_be_the_graph_that_scored_its_oof_images(tmp_path: Path) -> None:
+    """``expected_sha256`` (the graphs that scored the OOF images the thresholds come from): a member whose export
+    differs is refused before anything is published, and the map must name every exported member."""
+    torch.manual_seed(0)
+    members = [(build_model("tiny", 2), MemberInfo(fold=0)), (build_model("tiny", 2), MemberInfo(fold=1))]
+    good = _export(tmp_path / "good", members=members)
+    digests = {m.file: m.sha256 for m in load_manifest(good).members}
+    assert load_manifest(_export(tmp_path / "same", members=members, expected_sha256=digests)).members == \
+        load_manifest(good).members
+    with pytest.raises(ExportError, match=r"tiny_fold1\.onnx: sha256 .* differs from that of the graph that scored"):
+        _export(tmp_path / "other", members=members, expected_sha256={**digests, "tiny_fold1.onnx": "0" * 64})
+    with pytest.raises(ValueError, match="every exported member must be the graph that scored"):
+        _export(tmp_path / "partial", members=members, expected_sha256={"tiny_fold0.onnx": digests["tiny_fold0.onnx"]})
+    assert not (tmp_path / "other" / "pkg").exists() and not (tmp_path / "partial" / "pkg").exists()

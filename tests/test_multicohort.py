@@ -336,6 +336,30 @@ def test_an_int8_package_chooses_its_thresholds_on_the_scores_of_its_stored_memb
     np.testing.assert_allclose(column("ensemble"), (3 * column("tb-only") + 2 * column("tb-ped")) / 5, atol=1e-9)
     with pytest.raises(ValueError, match="one per --run-dir"):
         export_run([tmp_path / "a", tmp_path / "b"], tmp_path / "bad", folds=[[0], [1], [2]])
+
+    # Onto a base package: the added members are the graphs that scored, and the scores are written out.
+    base = export_run(tmp_path / "a", tmp_path / "base", weights_dtype="float16")
+    onto = export_run(tmp_path / "b", tmp_path / "onto", base_package=base, folds=[1], threshold="sensitivity",
+                      weights_dtype="int8-last-stage", oof_out=tmp_path / "oof-onto")
+    added = load_manifest(onto).evaluation_summary["added"]
+    assert sorted(added["oof_scores"]["sha256"]) == [f"tb-ped/tiny/fold{k}" for k in range(3)]
+    assert load_manifest(onto).members[-1].sha256 == added["oof_scores"]["sha256"]["tb-ped/tiny/fold1"]
+    assert load_manifest(onto).thresholds["Pediatric_Pneumonia"] == manifest.thresholds["Pediatric_Pneumonia"]
+    assert (tmp_path / "oof-onto" / "predictions_oof.csv").read_bytes() == (
+        tmp_path / "oof" / "predictions_oof.csv").read_bytes()  # the same stored graphs, the same scores
+
+    # --oof-out never replaces a run's own predictions, nor other scores unless told to.
+    with pytest.raises(ValueError, match="is a run directory"):
+        export_run(tmp_path / "b", tmp_path / "bad", oof_out=tmp_path / "b")
+    with pytest.raises(FileExistsError, match=r"predictions_oof\.csv exists"):
+        export_run(tmp_path / "b", tmp_path / "bad", oof_out=tmp_path / "oof")
+    assert not (tmp_path / "bad").exists()
+    export_run(tmp_path / "b", tmp_path / "run-labels", labels=["Pediatric_Pneumonia"], oof_out=tmp_path / "oof-run")
+    written = read_csv(tmp_path / "oof-run" / "predictions_oof.csv")
+    assert [c for c in written[0] if c.startswith("score_")] == ["score_Pediatric_Pneumonia__tiny",
+                                                                  "score_Pediatric_Pneumonia__ensemble"]
+    assert [r["score_Pediatric_Pneumonia__ensemble"] for r in written] == [
+        repr(float(r["score_Pediatric_Pneumonia__ensemble"])) for r in run_oof]
     assert {r["cohort"] for r in rows} == {"dev", "ped"}  # TB's rows named as its first run (tb-only) names them
     for row in rows:  # a label is scored where it is known, empty elsewhere
         assert bool(row["score_Tuberculosis__ensemble"]) == (row["cohort"] == "dev")

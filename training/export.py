@@ -439,8 +439,9 @@ def export_package(
             ``labels`` set), listed before `members`; each file is copied byte for byte and must match its sha256.
         informational: labels reported with their decision that do not set the triage flag (manifest
             ``informational``); at least one label must remain that does.
-        expected_sha256: per member file, the sha256 its stored graph must have (the graph that scored the OOF
-            images the thresholds were chosen on, :mod:`training.stored_scores`); checked before publishing.
+        expected_sha256: per exported member file (all of them, or None), the sha256 its stored graph must have
+            (the graph that scored the OOF images the thresholds were chosen on, :mod:`training.stored_scores`);
+            checked before publishing.
 
     Returns:
         `out_dir`.
@@ -448,7 +449,7 @@ def export_package(
     Raises:
         ValueError: inconsistent labels, thresholds or members (named in the message).
         FileExistsError: `out_dir` holds files and `overwrite` is False.
-        ExportError: an export or parity check failed.
+        ExportError: an export or parity check failed, or a member's sha256 differs from `expected_sha256`'s.
     """
     labels = tuple(labels)
     if weights_dtype not in WEIGHTS_DTYPES:
@@ -461,6 +462,10 @@ def export_package(
                          f"and leave at least one to set the triage flag")
     expected_sha256 = dict(expected_sha256 or {})
     resolved = _resolve_members(members, labels, spec, [entry for _, entry in copied])
+    exported = {entry.file for _, entry in resolved}
+    if expected_sha256 and set(expected_sha256) != exported:
+        raise ValueError(f"expected_sha256 names {sorted(expected_sha256)}, but the exported members are "
+                         f"{sorted(exported)}: every exported member must be the graph that scored")
     threshold_map = _thresholds(thresholds, labels)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:

@@ -147,6 +147,7 @@ def export_run(
     oof_scores = oof_scores or ("stored" if weights_dtype == INT8_LAST_STAGE else "run")
     if oof_scores not in OOF_SCORES:
         raise ValueError(f"oof_scores must be one of {OOF_SCORES}, got {oof_scores!r}")
+    _check_oof_out(oof_out, overwrite)
     dirs = [run_dir] if isinstance(run_dir, str | Path) else list(run_dir)
     per_run = _folds_per_run(folds, len(dirs))
     parts = [_run_part(d, members, len(dirs) > 1, run_folds) for d, run_folds in zip(dirs, per_run, strict=True)]
@@ -161,30 +162,36 @@ def export_run(
                             overwrite, weights_dtype, informational, oof_scores, oof_out)
     carried = tuple(label for label in union if labels is None or label in labels)
     for part in parts:
-        _read_oof(part, [label for label in part.config.labels if label in carried], oof_scores, weights_dtype)
+        own = [label for label in part.config.labels if label in carried]
+        if own:  # a run none of whose labels the package carries ships no member and scores nothing
+            _read_oof(part, own, oof_scores, weights_dtype)
     if len(parts) > 1:
         return _export_runs(parts, out, carried, version, threshold, target_sensitivity, overwrite, weights_dtype,
                             informational, oof_out)
     (part,) = parts
     run, config = part.run, part.config
     thresholds, evaluation, reference = _oof_figures(part, carried, threshold, target_sensitivity)
-    _write_oof(oof_out, [part.table()])
     left_out = [label for label in config.labels if label not in carried]
     if left_out:
         evaluation["left_out"] = left_out
-    return export_package(
+    package = export_package(
         _members(part, carried, prefixed=False), out, name=config.name,
         version=version or f"{config.name}-{_today()}", labels=carried, spec=config.preprocess_spec(),
         thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation, data_summary=_cohorts(run),
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(run.root, config), reference=reference,
         ages=_ages(carried), informational=informational, expected_sha256=_scored_files(part, prefixed=False),
     )
+    _write_oof(oof_out, [part.table()], overwrite)
+    return package
 
 
 def _read_oof(part: _RunPart, labels: Sequence[str], oof_scores: str, weights_dtype: str) -> None:
     """Set ``part.oof`` (and, for stored scores, ``part.scored_by``): the OOF table of ``labels``."""
-    if oof_scores == "run":
-        part.oof = read_predictions(part.run.oof_predictions)
+    if oof_scores == "run":  # cut to the labels and architectures exported, their ensemble recomputed
+        oof = read_predictions(part.run.oof_predictions)
+        part.oof = replace(oof, labels={label: oof.labels[label] for label in labels}, ensemble_computed=set(),
+                           scores={label: {**{arch: oof.scores[label][arch] for arch in part.archs},
+                                           ENSEMBLE: ensemble_of(oof, label, part.archs)} for label in labels})
         return
     part.oof, part.scored_by = stored_oof(part.run.root, part.config, part.archs, labels, weights_dtype,
                                           real_parity_inputs(part.run.root, part.config))
@@ -201,18 +208,34 @@ def _scored_files(part: _RunPart, prefixed: bool) -> dict[str, str]:
 
 def _oof_record(parts: Sequence[_RunPart]) -> dict[str, Any]:
     """The evaluation summary's word on where the OOF scores came from."""
-    if all(part.scored_by is None for part in parts):
+    stored = [part for part in parts if part.scored_by is not None]
+    if not stored:
         return {"source": "the run's predictions_oof.csv (torch, float32)"}
-    return {"source": f"each unit stored as {parts[0].stored_as} and scored by onnxruntime on its held-out images",
+    return {"source": f"each unit stored as {stored[0].stored_as} and scored by onnxruntime on its held-out images",
             "sha256": {f"{part.config.name}/{key.name}": digest
                        for part in parts for key, digest in (part.scored_by or {}).items()}}
 
 
-def _write_oof(folder: str | Path | None, tables: Sequence[PredictionTable]) -> None:
-    """The OOF scores the thresholds were chosen on, as ``FOLDER/predictions_oof.csv`` (one table per label set,
-    merged on the image key; a label's cells are empty where its table did not score the image)."""
+def _check_oof_out(folder: str | Path | None, overwrite: bool) -> None:
+    """Refuse an ``--oof-out`` folder that is a run directory (its own ``predictions_oof.csv`` would be replaced)
+    or that holds OOF scores already, unless ``overwrite``."""
     if folder is None:
         return
+    folder = Path(folder)
+    if RunDir(folder).config.exists():
+        raise ValueError(f"--oof-out {folder} is a run directory: its predictions_oof.csv is the run's own")
+    if (folder / "predictions_oof.csv").exists() and not overwrite:
+        raise FileExistsError(f"{folder / 'predictions_oof.csv'} exists; pass overwrite to replace it")
+
+
+def _write_oof(folder: str | Path | None, tables: Sequence[PredictionTable], overwrite: bool) -> None:
+    """The OOF scores the thresholds were chosen on, as ``FOLDER/predictions_oof.csv``, once the package is published:
+    the exported architectures' columns and their ensemble for every image of the run (one run), or per label the
+    runs' columns and their weighted mean (several runs: tables merged on the image key, a label's cells empty where
+    it is unknown)."""
+    if folder is None:
+        return
+    _check_oof_out(folder, overwrite)
     merged = tables[0] if len(tables) == 1 else _merge(tables)
     write_predictions(merged, Path(folder) / "predictions_oof.csv", number_format="exact")
 
@@ -314,14 +337,13 @@ def _export_runs(
     left_out = [label for part in parts for label in part.config.labels if label not in carried]
     if left_out:
         evaluation["left_out"] = list(dict.fromkeys(left_out))
-    _write_oof(oof_out, tables)
     models = []
     for part in parts:
         outputs = tuple(label for label in part.config.labels if label in carried)
         if outputs:
             models += _members(part, outputs, prefixed=True)
     name = "+".join(names)
-    return export_package(
+    package = export_package(
         models, out, name=name, version=version or f"{name}-{_today()}", labels=carried, spec=spec,
         thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation,
         data_summary={p.config.name: _cohorts(p.run) for p in parts},
@@ -329,6 +351,8 @@ def _export_runs(
         reference=reference, ages=_ages(carried), informational=informational,
         expected_sha256={file: digest for part in parts for file, digest in _scored_files(part, True).items()},
     )
+    _write_oof(oof_out, tables, overwrite)
+    return package
 
 
 def _export_onto(
@@ -352,7 +376,6 @@ def _export_onto(
         raise ValueError(f"the run adds no label to the base package's {list(base.labels)}")
     _read_oof(part, added, oof_scores, weights_dtype)
     thresholds, evaluation, reference = _oof_figures(part, added, threshold, target_sensitivity)
-    _write_oof(oof_out, [part.table()])
     copied = [(member_path(base_dir, m), replace(m, labels=m.outputs(base.labels))) for m in base.members]
     summary: dict[str, Any] = {
         "base_package": {"name": base.name, "version": base.version, "labels": list(base.labels),
@@ -363,7 +386,7 @@ def _export_onto(
     if left_out:
         summary["left_out"] = left_out
     name = f"{base.name}+{config.name}"
-    return export_package(
+    package = export_package(
         _members(part, added, prefixed=True), out, name=name, version=version or f"{name}-{_today()}",
         labels=base.labels + added,
         spec=config.preprocess_spec(), thresholds={**base.thresholds, **thresholds}, overwrite=overwrite,
@@ -374,6 +397,8 @@ def _export_onto(
         ages={**base.ages, **_ages(added)}, copied=copied,
         informational=(*base.informational, *informational), expected_sha256=_scored_files(part, prefixed=True),
     )
+    _write_oof(oof_out, [part.table()], overwrite)
+    return package
 
 
 def combined_oof(parts: Sequence[_RunPart], label: str) -> PredictionTable:

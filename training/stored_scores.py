@@ -52,7 +52,8 @@ def stored_oof(
         (the table, {unit: sha256 of the graph that scored}).
 
     Raises:
-        ValueError: an OOF image that the run's cohorts or folds do not hold (the run's files disagree).
+        ValueError: an OOF image that the run's cohorts do not hold (the run's files disagree); SplitError (a
+            ValueError) when ``folds.csv`` does not cover the cohorts.
         FileNotFoundError: no ``predictions_oof.csv``, ``folds.csv`` or unit model.
     """
     run = RunDir(run_dir)
@@ -77,7 +78,7 @@ def stored_oof(
             for fold in sorted(set(folds.tolist())):
                 key = UnitKey(arch, fold)
                 model = load_unit_model(run.root, config, key)
-                if len(labels) < len(config.labels):
+                if list(labels) != list(config.labels):
                     model = keep_labels(model, indices)
                 path = Path(scratch) / f"{arch}_fold{fold}.onnx"
                 write_member(model, path, spec.size, parity_inputs, opset=opset, weights_dtype=weights_dtype)
