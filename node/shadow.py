@@ -2,10 +2,12 @@
 
 With ``[model] shadow_package`` the worker runs the candidate on every image the live package analyses: its SR
 is stored (result kind ``shadow_sr``, never sent) and its scores join the score history under its own version.
-:func:`shadow_report` compares the two per label on the images both scored: agreement of the decisions, the
-decisions that would flip (live positive -> shadow negative and back), both score distributions, and whether the
-label sets the triage flag in each package (an informational label does not: ``ModelManifest.informational``).
-This is what ``cxr-node shadow`` prints; no patient values.
+:func:`shadow_report` compares the two on the images both scored: first the image's triage flag as each package
+would set it (any positive label that is not informational in that package: what the radiologist's worklist
+sees), then per label the agreement of the decisions, the decisions that would flip (live positive -> shadow
+negative and back), both score distributions, and whether the label sets the triage flag in each package (an
+informational label does not: ``ModelManifest.informational``). This is what ``cxr-node shadow`` prints; no
+patient values.
 """
 
 from __future__ import annotations
@@ -45,12 +47,29 @@ def shadow_report(store: Store, live: ModelManifest, shadow: ModelManifest) -> d
             "sets_triage_flag": {"live": label not in live.informational, "shadow": label not in shadow.informational},
         }
     return {"live": f"{live.name} {live.version}", "shadow": f"{shadow.name} {shadow.version}",
-            "labels": labels, "only_live": [x for x in live.labels if x not in shadow.labels],
+            "triage_flag": _flags(store, live, shadow), "labels": labels,
+            "only_live": [x for x in live.labels if x not in shadow.labels],
             "only_shadow": [x for x in shadow.labels if x not in live.labels]}
+
+
+def _flags(store: Store, live: ModelManifest, shadow: ModelManifest) -> dict[str, Any]:
+    """The image's triage flag as each package sets it, on the images both scored."""
+    pairs = store.paired_positives(live.version, shadow.version)
+    fa = np.array([bool(a - set(live.informational)) for a, _ in pairs], dtype=bool)
+    fb = np.array([bool(b - set(shadow.informational)) for _, b in pairs], dtype=bool)
+    return {"images": len(pairs), "agreement": round(float(np.mean(fa == fb)), 4) if pairs else None,
+            "flips_positive_to_negative": int(np.sum(fa & ~fb)), "flips_negative_to_positive": int(np.sum(~fa & fb)),
+            "live_positive": int(fa.sum()), "shadow_positive": int(fb.sum())}
 
 
 def format_shadow(report: Mapping[str, Any]) -> str:
     lines = [f"live {report['live']} / shadow {report['shadow']}"]
+    flag = report["triage_flag"]
+    if flag["images"]:
+        lines.append(f"  triage flag: {flag['images']} images, agreement {flag['agreement']:.1%}; would flip "
+                     f"{flag['flips_positive_to_negative']} positive -> negative and "
+                     f"{flag['flips_negative_to_positive']} negative -> positive; positive live "
+                     f"{flag['live_positive']}, shadow {flag['shadow_positive']}")
     for label, f in report["labels"].items():
         role = f["sets_triage_flag"]
         if role["live"] != role["shadow"]:

@@ -67,6 +67,26 @@ class ScoreStore(StoreBase):
             ).all()
         return [(float(x), bool(px), float(y), bool(py)) for x, px, y, py in rows]
 
+    def paired_positives(self, version_a: str, version_b: str) -> list[tuple[frozenset[str], frozenset[str]]]:
+        """Per image both versions scored (the live and the shadow package on the same jobs), oldest first: the labels
+        each decided positive. A label that did not apply to the patient has no score, so it is positive in neither."""
+        with self._tx("paired_positives", read_only=True) as s:
+            rows = s.execute(
+                select(Score.job_id, Score.model_version, Score.label, Score.positive)
+                .where(Score.model_version.in_((version_a, version_b)), Score.job_id.is_not(None))
+                .order_by(Score.at, Score.id)
+            ).all()
+        positives: dict[int, dict[str, set[str]]] = {}
+        for job_id, version, label, positive in rows:
+            if job_id is None:  # excluded by the query; says so to the type checker
+                continue
+            decided = positives.setdefault(job_id, {version_a: set(), version_b: set(), "scored": set()})
+            decided["scored"].add(version)
+            if positive:
+                decided[version].add(label)
+        return [(frozenset(d[version_a]), frozenset(d[version_b])) for d in positives.values()
+                if d["scored"] >= {version_a, version_b}]
+
     def accept_site_threshold(self, site: str, label: str, model_name: str, model_version: str, threshold: float,
                               method: str, accepted_by: str) -> AcceptedThreshold:
         """Put a site threshold in force for ``site``, ``label`` and ``model_version`` (its next version).

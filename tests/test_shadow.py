@@ -76,6 +76,9 @@ def test_the_shadow_package_is_stored_never_sent_and_compared(tmp_path: Path, po
     assert tb["flips_positive_to_negative"] == sum(a and not b for _, a, _, b in pairs)
     assert tb["flips_negative_to_positive"] == sum(b and not a for _, a, _, b in pairs)
     assert tb["agreement"] == pytest.approx(sum(a == b for _, a, _, b in pairs) / 15, abs=1e-4)
+    flag = report["triage_flag"]  # one label that sets the flag: the image's flag is its decision
+    assert (flag["images"], flag["flips_positive_to_negative"], flag["flips_negative_to_positive"]) == (
+        15, tb["flips_positive_to_negative"], tb["flips_negative_to_positive"])
     text = cli("shadow", "--config", str(config)).stdout
     assert "live tiny-test 0.0.0-test / shadow tiny-test 0.0.1-candidate" in text and "15 images" in text
     no_shadow = tmp_path / "plain.toml"
@@ -101,3 +104,41 @@ def test_the_comparison_says_where_a_label_stops_or_starts_setting_the_flag(tmp_
     text = format_shadow(report)
     assert "Effusion: sets the triage flag in the live package only (informational in the other)" in text
     assert "Tuberculosis: sets the triage flag" not in text
+
+
+def test_the_comparison_counts_the_images_whose_triage_flag_would_change(tmp_path: Path) -> None:
+    """Every label's decisions agree, yet the candidate makes Effusion informational: the flag of every image whose
+    only positive finding is Effusion goes from positive to negative, and the report says so for the images."""
+    pytest.importorskip("torch", reason="building a test model package needs the train extra")
+    from ai.ensemble import Ensemble
+    from ai.manifest import load_manifest
+    from node.shadow import format_shadow, shadow_report
+    from node.worker import Worker
+    from tests.model_fixtures import build_tiny_package
+
+    def package(folder: str, version: str, informational: tuple[str, ...]) -> Path:
+        path = build_tiny_package(tmp_path / folder, labels=("Tuberculosis", "Effusion"), members=1,
+                                  version=version, informational=informational)
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest["thresholds"]["Tuberculosis"]["value"] = 1.0  # never positive
+        manifest["thresholds"]["Effusion"]["value"] = 0.0  # always positive
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        return path
+
+    live, candidate = package("live", "1.0", ()), package("candidate", "2.0", ("Effusion",))
+    settings = Settings(storage=StorageSettings(data_dir=str(tmp_path / "var")),
+                        model=ModelSettings(package=str(live), shadow_package=str(candidate)))
+    settings.data_path.mkdir(parents=True)
+    store = Store(make_engine(settings.database_url))
+    worker = Worker(store, Ensemble.load(live, threads=1), settings, owner="test:1:1",
+                    shadow=Ensemble.load(candidate, threads=1))
+    receive(settings, store, "ROOM A", 4)
+    while worker.run_once():
+        pass
+    report = shadow_report(store, load_manifest(live), load_manifest(candidate))
+    assert [report["labels"][label]["agreement"] for label in ("Tuberculosis", "Effusion")] == [1.0, 1.0]
+    assert report["triage_flag"] == {"images": 4, "agreement": 0.0, "flips_positive_to_negative": 4,
+                                     "flips_negative_to_positive": 0, "live_positive": 4, "shadow_positive": 0}
+    assert "triage flag: 4 images, agreement 0.0%; would flip 4 positive -> negative" in format_shadow(report)
+    swapped = shadow_report(store, load_manifest(candidate), load_manifest(live))  # the other way round
+    assert swapped["triage_flag"]["flips_negative_to_positive"] == 4
