@@ -225,7 +225,7 @@ def _check_oof_out(folder: str | Path | None, overwrite: bool) -> None:
     if RunDir(folder).config.exists():
         raise ValueError(f"--oof-out {folder} is a run directory: its predictions_oof.csv is the run's own")
     if (folder / "predictions_oof.csv").exists() and not overwrite:
-        raise FileExistsError(f"{folder / 'predictions_oof.csv'} exists; pass overwrite to replace it")
+        raise FileExistsError(f"{folder / 'predictions_oof.csv'} exists; --overwrite (overwrite=True) replaces it")
 
 
 def _write_oof(folder: str | Path | None, tables: Sequence[PredictionTable], overwrite: bool) -> None:
