@@ -132,22 +132,24 @@ def main() -> None:
     scorers = args.fold_members or args.package
     scoring = load_manifest(scorers)
     by_fold: dict[int, list[tuple[ort.InferenceSession, int, float]]] = {}
+    sources_of: dict[int, list[str]] = {}
     for m in scoring.members:
         outputs = m.outputs(scoring.labels)
         if m.fold is None or label not in outputs:
             continue
-        if _source(m.file) not in shipped:
+        source = _source(m.file)
+        if source not in shipped:
             raise SystemExit(f"{scorers}: {m.file} comes from no source that {args.package} ships ({sorted(shipped)})")
         session = ort.InferenceSession(str(member_path(scorers, m)), options, providers=["CPUExecutionProvider"])
-        by_fold.setdefault(int(m.fold), []).append((session, outputs.index(label), float(shipped[_source(m.file)])))
-    sources_of = {fold: sorted(_source(m.file) for m in scoring.members if m.fold == fold and
-                               label in m.outputs(scoring.labels)) for fold in by_fold}
-    partial = {fold: names for fold, names in sources_of.items() if names != sorted(shipped)}
-    if partial:
-        raise SystemExit(f"{scorers}: folds {sorted(partial)} lack a member of every shipped source {sorted(shipped)}; "
-                         "name a package of every fold's members with --fold-members")
+        by_fold.setdefault(int(m.fold), []).append((session, outputs.index(label), float(shipped[source])))
+        sources_of.setdefault(int(m.fold), []).append(source)
     with (args.run_dir / "folds.csv").open(newline="") as f:
         fold_of = {row["image"]: int(row["fold"]) for row in csv.DictReader(f)}
+    partial = sorted(fold for fold in set(fold_of.values()) | set(sources_of)
+                     if sorted(sources_of.get(fold, [])) != sorted(shipped))
+    if partial:
+        raise SystemExit(f"{scorers}: folds {partial} lack a member of every shipped source {sorted(shipped)}; "
+                         "name a package of every fold's members with --fold-members")
     with (args.data / "tb" / "shenzhen.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
 
@@ -155,8 +157,6 @@ def main() -> None:
     scores: dict[str, list[float]] = {name: [] for name in CHANGES}
     for row in rows:
         gray, _ = preprocess_gray(read_image_file(args.data / row["image"]), spec)
-        if fold_of[row["image"]] not in by_fold:
-            raise SystemExit(f"{scorers} has no member of fold {fold_of[row['image']]}")
         members = by_fold[fold_of[row["image"]]]
         labels.append(int(row["label_tb"]))
         for name, change in CHANGES.items():

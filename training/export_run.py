@@ -49,7 +49,6 @@ class _RunPart:
     units: list[UnitKey]
     oof: PredictionTable | None = None
     scored_by: dict[UnitKey, str] | None = None
-    stored_as: str = ""
 
     def table(self) -> PredictionTable:
         """The OOF table (:func:`_read_oof` first)."""
@@ -170,7 +169,7 @@ def export_run(
                             informational, oof_out)
     (part,) = parts
     run, config = part.run, part.config
-    thresholds, evaluation, reference = _oof_figures(part, carried, threshold, target_sensitivity)
+    thresholds, evaluation, reference = _oof_figures(part, carried, threshold, target_sensitivity, weights_dtype)
     left_out = [label for label in config.labels if label not in carried]
     if left_out:
         evaluation["left_out"] = left_out
@@ -195,7 +194,6 @@ def _read_oof(part: _RunPart, labels: Sequence[str], oof_scores: str, weights_dt
         return
     part.oof, part.scored_by = stored_oof(part.run.root, part.config, part.archs, labels, weights_dtype,
                                           real_parity_inputs(part.run.root, part.config))
-    part.stored_as = weights_dtype
 
 
 def _scored_files(part: _RunPart, prefixed: bool) -> dict[str, str]:
@@ -206,12 +204,11 @@ def _scored_files(part: _RunPart, prefixed: bool) -> dict[str, str]:
     return {f"{prefix}{key.architecture}_fold{key.fold}.onnx": part.scored_by[key] for key in part.units}
 
 
-def _oof_record(parts: Sequence[_RunPart]) -> dict[str, Any]:
+def _oof_record(parts: Sequence[_RunPart], weights_dtype: str) -> dict[str, Any]:
     """The evaluation summary's word on where the OOF scores came from."""
-    stored = [part for part in parts if part.scored_by is not None]
-    if not stored:
+    if all(part.scored_by is None for part in parts):
         return {"source": "the run's predictions_oof.csv (torch, float32)"}
-    return {"source": f"each unit stored as {stored[0].stored_as} and scored by onnxruntime on its held-out images",
+    return {"source": f"each unit stored as {weights_dtype} and scored by onnxruntime on its held-out images",
             "sha256": {f"{part.config.name}/{key.name}": digest
                        for part in parts for key, digest in (part.scored_by or {}).items()}}
 
@@ -265,13 +262,13 @@ def _merge(tables: Sequence[PredictionTable]) -> PredictionTable:
 
 
 def _oof_figures(
-    part: _RunPart, labels: Sequence[str], threshold: str, target_sensitivity: float
+    part: _RunPart, labels: Sequence[str], threshold: str, target_sensitivity: float, weights_dtype: str
 ) -> tuple[dict[str, tuple[float, str]], dict[str, Any], dict[str, Any]]:
     """One run's thresholds and evaluation (:func:`oof_thresholds`) and reference distributions of ``labels``, from
     its OOF table (:func:`_read_oof`)."""
     oof = part.table()
     thresholds, evaluation = oof_thresholds(oof, labels, part.archs, threshold, target_sensitivity)
-    evaluation["oof_scores"] = _oof_record([part])
+    evaluation["oof_scores"] = _oof_record([part], weights_dtype)
     reference = {label: reference_distribution(oof, label, part.archs, part.config.train[0].name)
                  for label in labels}
     return thresholds, evaluation, reference
@@ -322,7 +319,7 @@ def _export_runs(
         raise ValueError(f"the runs must have distinct names (member files are prefixed with them), got {names}")
     thresholds: dict[str, tuple[float, str]] = {}
     evaluation: dict[str, Any] = {"runs": {p.config.name: {"ensemble_of": p.archs, "members": len(p.units)}
-                                           for p in parts}, "oof": {}, "oof_scores": _oof_record(parts)}
+                                           for p in parts}, "oof": {}, "oof_scores": _oof_record(parts, weights_dtype)}
     reference = {}
     tables = []
     for label in carried:
@@ -375,7 +372,7 @@ def _export_onto(
     if not added:
         raise ValueError(f"the run adds no label to the base package's {list(base.labels)}")
     _read_oof(part, added, oof_scores, weights_dtype)
-    thresholds, evaluation, reference = _oof_figures(part, added, threshold, target_sensitivity)
+    thresholds, evaluation, reference = _oof_figures(part, added, threshold, target_sensitivity, weights_dtype)
     copied = [(member_path(base_dir, m), replace(m, labels=m.outputs(base.labels))) for m in base.members]
     summary: dict[str, Any] = {
         "base_package": {"name": base.name, "version": base.version, "labels": list(base.labels),
