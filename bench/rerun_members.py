@@ -9,17 +9,20 @@ preprocessing cache with the node's session options. Per label, on the images wh
 across cohorts), this reports both AUROCs with their DeLong CIs, the paired difference with its CI and p, and
 the largest probability difference, per fold and over the folds together (each image scored by its own fold's
 member, as the package's OOF scores are). Equal sha256 means the rerun's graph is the package's, byte for byte.
+``--fill-from-package`` adds the labels' OOF AUROC over all the package's folds of the run, as the package would
+have them had it been exported from the rerun: the package's own members stand in for the folds the rerun did not
+train (meant for folds an earlier rerun reproduced bit for bit; the script cannot check that without their units).
 
 Run on demand (not part of the test suite)::
 
-    .venv/bin/python bench/rerun_members.py --run-dir runs/chest-multi-320 --out bench/results/rerun_members.json
+    .venv/bin/python bench/rerun_members.py --run-dir runs/chest-multi-320 --fill-from-package \\
+        --out bench/results/rerun_members.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -56,12 +59,30 @@ def _compare(y: np.ndarray, package: np.ndarray, rerun: np.ndarray) -> dict[str,
             "p": round(test.p_value, 4), "max_probability_difference": round(float(np.abs(package - rerun).max()), 4)}
 
 
+def _together(labels: list[str], y: np.ndarray, run_labels: tuple[str, ...], package_scores: np.ndarray,
+              rerun_scores: np.ndarray, what: str) -> dict[str, Any]:
+    """Per label, :func:`_compare` over every image some member scored (each by its own fold's member)."""
+    out = {}
+    for j, label in enumerate(labels):
+        scored = ~np.isnan(package_scores[:, j])
+        truth = y[scored, run_labels.index(label)]
+        r = out[label] = _compare(truth, package_scores[scored, j], rerun_scores[scored, j])
+        print(f"{label}, {what}: package {r['package']['auroc']:.3f} [{r['package']['ci_low']:.3f}, "
+              f"{r['package']['ci_high']:.3f}] vs rerun {r['rerun']['auroc']:.3f} [{r['rerun']['ci_low']:.3f}, "
+              f"{r['rerun']['ci_high']:.3f}], difference {r['difference']:+.4f} "
+              f"[{r['difference_ci'][0]:+.4f}, {r['difference_ci'][1]:+.4f}], p = {r['p']:.3f}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-dir", type=Path, required=True, help="the rerun")
     ap.add_argument("--package", type=Path, default=None, help="package folder (default: the bundled one)")
     ap.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="int8-last-stage",
                     help="how the package stores its members (default int8-last-stage)")
+    ap.add_argument("--fill-from-package", action="store_true",
+                    help="also the labels' OOF AUROC over all the package's folds of the run, the package's members "
+                         "standing in for the folds the rerun lacks (those shown bit-identical by an earlier rerun)")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: the node's)")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here (default: print only)")
     args = ap.parse_args()
@@ -70,13 +91,10 @@ def main() -> None:
     run = RunDir(args.run_dir)
     config = load_config(run.config)
     manifest = load_manifest(package)
-    pattern = re.compile(rf"{re.escape(config.name)}_(?P<arch>\w+)_fold(?P<fold>\d+)\.onnx")
-    trained = {(key.architecture, key.fold) for key in (UnitKey(a, f) for a in config.architectures
-                                                         for f in config.fold_indices())
-               if run.unit(key).model.is_file()}
-    pairs = [(m, UnitKey(m.architecture, m.fold)) for m in manifest.members
-             if (match := pattern.fullmatch(Path(m.file).name)) and m.fold is not None
-             and (m.architecture, m.fold) in trained and match["arch"] == m.architecture]
+    of_run = [(m, UnitKey(m.architecture, m.fold)) for m in manifest.members
+              if m.fold is not None and Path(m.file).name == f"{config.name}_{m.architecture}_fold{m.fold}.onnx"]
+    pairs = [(m, key) for m, key in of_run if run.unit(key).model.is_file()]
+    fill = [(m, key) for m, key in of_run if not run.unit(key).model.is_file()] if args.fill_from_package else []
     if not pairs:
         raise SystemExit(f"{package}: no member of run {config.name!r} whose fold {run.root} has trained")
     labels = list(dict.fromkeys(label for m, _ in pairs for label in (m.labels or manifest.labels)))
@@ -85,8 +103,8 @@ def main() -> None:
         raise SystemExit(f"{run.root}: the run has no label {missing[0]!r} of the package's members")
 
     spec = config.preprocess_spec()
-    if spec.size != manifest.preprocess.size:
-        raise SystemExit(f"the run's input size {spec.size} is not the package's {manifest.preprocess.size}")
+    if spec.to_dict() != manifest.preprocess.to_dict():
+        raise SystemExit(f"the run preprocesses as {spec.to_dict()}, the package as {manifest.preprocess.to_dict()}")
     cohort, _ = combine_cohorts([load_configured_cohort(item, config.labels) for item in config.train])
     folds = load_folds(run.folds, cohort.images)
     cache = preprocess_cache(config, run.root, spec)
@@ -116,17 +134,20 @@ def main() -> None:
                 f"{label} {r['package']['auroc']:.3f} vs {r['rerun']['auroc']:.3f} (p {r['p']:.3f})"
                 for label, r in per_fold[-1]["labels"].items()), flush=True)
 
-    together = {}
-    for j, label in enumerate(labels):
-        scored = ~np.isnan(package_scores[:, j])
-        together[label] = _compare(cohort.y[scored, config.labels.index(label)], package_scores[scored, j],
-                                   rerun_scores[scored, j])
-        r = together[label]
-        print(f"{label}, folds {sorted({k.fold for _, k in pairs})} together: package {r['package']['auroc']:.3f} "
-              f"vs rerun {r['rerun']['auroc']:.3f}, difference {r['difference']:+.4f} "
-              f"[{r['difference_ci'][0]:+.4f}, {r['difference_ci'][1]:+.4f}], p = {r['p']:.3f}")
+    together = _together(labels, cohort.y, config.labels, package_scores, rerun_scores,
+                         f"folds {sorted(k.fold for _, k in pairs)} together")
     result = {"package": f"{manifest.name} {manifest.version}", "run": str(run.root),
               "weights_dtype": args.weights_dtype, "folds": per_fold, "together": together}
+    if fill:
+        for member, key in fill:  # the package's member on both sides
+            held = np.flatnonzero(folds == key.fold)
+            columns = np.array([labels.index(x) for x in member.labels or manifest.labels], dtype=np.int64)
+            scores = _probabilities(member_path(package, member), cache, [cohort.paths[i] for i in held], spec, threads)
+            package_scores[np.ix_(held, columns)] = rerun_scores[np.ix_(held, columns)] = scores
+        result["package_folds"] = {
+            "filled_from_package": sorted(key.fold for _, key in fill),
+            "labels": _together(labels, cohort.y, config.labels, package_scores, rerun_scores,
+                                f"all the package's folds {sorted(k.fold for _, k in of_run)}")}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
