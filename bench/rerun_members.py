@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--fill-from-package", action="store_true",
                     help="also the labels' OOF AUROC over all the package's folds of the run, the package's members "
                          "standing in for the folds the rerun lacks (those shown bit-identical by an earlier rerun)")
+    ap.add_argument("--architecture", default=None,
+                    help="only this architecture's members (needed when the package ships several of the run)")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: the node's)")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here (default: print only)")
     args = ap.parse_args()
@@ -92,12 +94,16 @@ def main() -> None:
     config = load_config(run.config)
     manifest = load_manifest(package)
     of_run = [(m, UnitKey(m.architecture, m.fold)) for m in manifest.members
-              if m.fold is not None and Path(m.file).name == f"{config.name}_{m.architecture}_fold{m.fold}.onnx"]
+              if m.fold is not None and Path(m.file).name == f"{config.name}_{m.architecture}_fold{m.fold}.onnx"
+              and args.architecture in (None, m.architecture)]
     pairs = [(m, key) for m, key in of_run if run.unit(key).model.is_file()]
     fill = [(m, key) for m, key in of_run if not run.unit(key).model.is_file()] if args.fill_from_package else []
     if not pairs:
         raise SystemExit(f"{package}: no member of run {config.name!r} whose fold {run.root} has trained")
-    labels = list(dict.fromkeys(label for m, _ in pairs for label in (m.labels or manifest.labels)))
+    if len({key.architecture for _, key in of_run}) > 1:  # the folds together take one member per image
+        raise SystemExit(f"{package}: members of several architectures of run {config.name!r}; "
+                         "name one with --architecture")
+    labels = list(dict.fromkeys(label for m, _ in of_run for label in (m.labels or manifest.labels)))
     missing = [label for label in labels if label not in config.labels]
     if missing:
         raise SystemExit(f"{run.root}: the run has no label {missing[0]!r} of the package's members")
