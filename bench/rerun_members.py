@@ -32,15 +32,14 @@ import numpy as np
 from ai.ensemble import default_threads
 from ai.manifest import bundled_package_dir, load_manifest, member_path, sha256_file
 from training.config import load_config
-from training.data import combine_cohorts
 from training.delong import delong_ci, delong_test
 from training.export import WEIGHTS_DTYPES, write_member
 from training.export_run import real_parity_inputs
 from training.models import keep_labels
-from training.prepare import load_configured_cohort, preprocess_cache
+from training.prepare import preprocess_cache, training_cohort
 from training.rundir import RunDir, UnitKey
 from training.splits import load_folds
-from training.stored_scores import _probabilities
+from training.stored_scores import cached_probabilities
 from training.unit import load_unit_model
 
 
@@ -60,11 +59,11 @@ def _compare(y: np.ndarray, package: np.ndarray, rerun: np.ndarray) -> dict[str,
 
 
 def _together(labels: list[str], y: np.ndarray, run_labels: tuple[str, ...], package_scores: np.ndarray,
-              rerun_scores: np.ndarray, what: str) -> dict[str, Any]:
-    """Per label, :func:`_compare` over every image some member scored (each by its own fold's member)."""
+              rerun_scores: np.ndarray, rows: np.ndarray, what: str) -> dict[str, Any]:
+    """Per label, :func:`_compare` over ``rows`` (each image scored by its own fold's member)."""
     out = {}
     for j, label in enumerate(labels):
-        scored = ~np.isnan(package_scores[:, j])
+        scored = rows & ~np.isnan(package_scores[:, j])
         truth = y[scored, run_labels.index(label)]
         r = out[label] = _compare(truth, package_scores[scored, j], rerun_scores[scored, j])
         print(f"{label}, {what}: package {r['package']['auroc']:.3f} [{r['package']['ci_low']:.3f}, "
@@ -96,9 +95,8 @@ def main() -> None:
     of_run = [(m, UnitKey(m.architecture, m.fold)) for m in manifest.members
               if m.fold is not None and Path(m.file).name == f"{config.name}_{m.architecture}_fold{m.fold}.onnx"
               and args.architecture in (None, m.architecture)]
-    pairs = [(m, key) for m, key in of_run if run.unit(key).model.is_file()]
-    fill = [(m, key) for m, key in of_run if not run.unit(key).model.is_file()] if args.fill_from_package else []
-    if not pairs:
+    rerun_folds = sorted(key.fold for _, key in of_run if run.unit(key).model.is_file())
+    if not rerun_folds:
         raise SystemExit(f"{package}: no member of run {config.name!r} whose fold {run.root} has trained")
     if len({key.architecture for _, key in of_run}) > 1:  # the folds together take one member per image
         raise SystemExit(f"{package}: members of several architectures of run {config.name!r}; "
@@ -111,7 +109,7 @@ def main() -> None:
     spec = config.preprocess_spec()
     if spec.to_dict() != manifest.preprocess.to_dict():
         raise SystemExit(f"the run preprocesses as {spec.to_dict()}, the package as {manifest.preprocess.to_dict()}")
-    cohort, _ = combine_cohorts([load_configured_cohort(item, config.labels) for item in config.train])
+    cohort, _ = training_cohort(config)
     folds = load_folds(run.folds, cohort.images)
     cache = preprocess_cache(config, run.root, spec)
     parity = real_parity_inputs(run.root, config)
@@ -121,17 +119,21 @@ def main() -> None:
     rerun_scores = np.full_like(package_scores, np.nan)
     per_fold: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cxr-rerun-members-") as scratch:
-        for member, key in pairs:
+        for member, key in of_run:
+            if key.fold not in rerun_folds and not args.fill_from_package:
+                continue
             member_labels = list(member.labels or manifest.labels)
+            held = np.flatnonzero(folds == key.fold)
+            paths = [cohort.paths[i] for i in held]
+            cells = np.ix_(held, np.array([labels.index(x) for x in member_labels], dtype=np.int64))
+            package_scores[cells] = cached_probabilities(member_path(package, member), cache, paths, spec, threads)
+            if key.fold not in rerun_folds:  # filled: the package's member on both sides
+                rerun_scores[cells] = package_scores[cells]
+                continue
             model = keep_labels(load_unit_model(run.root, config, key), [config.labels.index(x) for x in member_labels])
             path = Path(scratch) / Path(member.file).name
             write_member(model, path, spec.size, parity, weights_dtype=args.weights_dtype)
-            held = np.flatnonzero(folds == key.fold)
-            paths = [cohort.paths[i] for i in held]
-            columns = np.array([labels.index(x) for x in member_labels], dtype=np.int64)
-            package_scores[np.ix_(held, columns)] = _probabilities(member_path(package, member), cache, paths, spec,
-                                                                   threads)
-            rerun_scores[np.ix_(held, columns)] = _probabilities(path, cache, paths, spec, threads)
+            rerun_scores[cells] = cached_probabilities(path, cache, paths, spec, threads)
             same = sha256_file(path) == member.sha256
             per_fold.append({"member": member.file, "fold": key.fold, "same_graph": same, "labels": {
                 label: _compare(cohort.y[held, config.labels.index(label)], package_scores[held, labels.index(label)],
@@ -141,18 +143,15 @@ def main() -> None:
                 for label, r in per_fold[-1]["labels"].items()), flush=True)
 
     together = _together(labels, cohort.y, config.labels, package_scores, rerun_scores,
-                         f"folds {sorted(k.fold for _, k in pairs)} together")
+                         np.isin(folds, rerun_folds), f"folds {rerun_folds} together")
     result = {"package": f"{manifest.name} {manifest.version}", "run": str(run.root),
               "weights_dtype": args.weights_dtype, "folds": per_fold, "together": together}
-    if fill:
-        for member, key in fill:  # the package's member on both sides
-            held = np.flatnonzero(folds == key.fold)
-            columns = np.array([labels.index(x) for x in member.labels or manifest.labels], dtype=np.int64)
-            scores = _probabilities(member_path(package, member), cache, [cohort.paths[i] for i in held], spec, threads)
-            package_scores[np.ix_(held, columns)] = rerun_scores[np.ix_(held, columns)] = scores
+    filled = sorted(key.fold for _, key in of_run if key.fold not in rerun_folds)
+    if args.fill_from_package and filled:
         result["package_folds"] = {
-            "filled_from_package": sorted(key.fold for _, key in fill),
+            "filled_from_package": filled,
             "labels": _together(labels, cohort.y, config.labels, package_scores, rerun_scores,
+                                np.ones(len(folds), dtype=bool),
                                 f"all the package's folds {sorted(k.fold for _, k in of_run)}")}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -161,6 +161,12 @@ def load_configured_cohort(item: CohortConfig, labels: Sequence[str]) -> Cohort:
                        patient_pattern=item.patient_pattern)
 
 
+def training_cohort(config: RunConfig) -> tuple[Cohort, np.ndarray]:
+    """The run's training cohorts as one, and each row's source cohort, as :func:`prepare_run` combines them
+    (for reading a run that has been prepared: this neither checks nor writes anything)."""
+    return combine_cohorts([load_configured_cohort(item, config.labels) for item in config.train])
+
+
 def preprocess_cache(config: RunConfig, run_dir: str | Path, spec: PreprocessSpec) -> PreprocessCache:
     """The run's preprocessing cache (``config.cache_dir``, else the run directory's)."""
     return PreprocessCache(RunDir(run_dir).cache(config.cache_dir), spec)

@@ -24,11 +24,11 @@ from ai.ensemble import default_threads, session_options, sigmoid
 from ai.manifest import sha256_file
 from ai.preprocess import PreprocessSpec, to_model_input
 from training.config import RunConfig
-from training.data import PreprocessCache, combine_cohorts
+from training.data import PreprocessCache
 from training.export import INPUT_NAME, write_member
 from training.models import keep_labels
 from training.predictions import ENSEMBLE, PredictionTable, read_predictions
-from training.prepare import load_configured_cohort, preprocess_cache
+from training.prepare import preprocess_cache, training_cohort
 from training.rundir import RunDir, UnitKey
 from training.splits import load_folds
 from training.unit import load_unit_model
@@ -59,7 +59,7 @@ def stored_oof(
     run = RunDir(run_dir)
     oof = read_predictions(run.oof_predictions)
     spec = config.preprocess_spec()
-    cohort, _ = combine_cohorts([load_configured_cohort(item, config.labels) for item in config.train])
+    cohort, _ = training_cohort(config)
     where = {image: i for i, image in enumerate(cohort.images)}
     unknown = [image for image in oof.images if image not in where]
     if unknown:
@@ -84,7 +84,7 @@ def stored_oof(
                 write_member(model, path, spec.size, parity_inputs, opset=opset, weights_dtype=weights_dtype)
                 hashes[key] = sha256_file(path)
                 held = np.flatnonzero(folds == fold)
-                out[held] = _probabilities(path, cache, [cohort.paths[i] for i in rows[held]], spec, threads)
+                out[held] = cached_probabilities(path, cache, [cohort.paths[i] for i in rows[held]], spec, threads)
                 log.info("scored %s (%s) on its %d held-out images", key.name, weights_dtype, held.size)
             for j, label in enumerate(labels):
                 scores[label][arch] = out[:, j]
@@ -95,8 +95,8 @@ def stored_oof(
     return table, hashes
 
 
-def _probabilities(path: Path, cache: PreprocessCache, paths: Sequence[str | Path], spec: PreprocessSpec,
-                   threads: int) -> np.ndarray:
+def cached_probabilities(path: str | Path, cache: PreprocessCache, paths: Sequence[str | Path], spec: PreprocessSpec,
+                         threads: int) -> np.ndarray:
     """Probabilities ``[n, L]`` of one ONNX member on cached images, scored as the node scores (CPU)."""
     import onnxruntime as ort
 
