@@ -97,7 +97,7 @@ def test_fit_writes_units_logs_and_predictions(cohorts: tuple[Path, Path], tmp_p
     assert [r["phase"] for r in log] == ["head", "head", "finetune", "finetune"]
     assert set(log[0]) == {
         "epoch", "phase", "lr", "train_loss", "val_loss", "auroc", "auprc",
-        "sensitivity", "specificity", "f1", "seconds",
+        "sensitivity", "specificity", "f1", "seconds", "inner_loss",
     }
     assert all((run / "units" / "tiny" / f"fold{f}" / "done.json").is_file() for f in range(3))
 
@@ -207,12 +207,13 @@ def test_epoch_metrics_hand_case() -> None:
 
 
 @pytest.mark.parametrize(("monitor", "cache_features"), [("training", False), ("training", True),
-                                                         ("validation", False)])
-def test_monitor_training_lets_the_held_out_fold_decide_nothing(
+                                                         ("inner", False), ("inner", True), ("validation", False)])
+def test_monitors_but_validation_let_the_held_out_fold_decide_nothing(
     cohorts: tuple[Path, Path], tmp_path: Path, monitor: str, cache_features: bool
 ) -> None:
-    """With monitor = "training" the held-out images cannot change the kept weights (unbiased OOF scores);
-    with "validation" (the control) they do, through early stopping, the LR schedule and the kept epoch."""
+    """With monitor = "training" or "inner" the held-out images cannot change the kept weights (unbiased OOF
+    scores); with "validation" (the control) they do, through early stopping, the LR schedule and the kept
+    epoch."""
     train_csv, external_csv = cohorts
     copies = {}
     for name in ("as_is", "changed"):
@@ -232,12 +233,18 @@ def test_monitor_training_lets_the_held_out_fold_decide_nothing(
     a = torch.load(tmp_path / "run_as_is" / unit / "model.pt")
     b = torch.load(tmp_path / "run_changed" / unit / "model.pt")
     same = all(torch.equal(a[k], b[k]) for k in a)
-    assert same == (monitor == "training")
+    assert same == (monitor != "validation")
     done = json.loads((tmp_path / "run_as_is" / unit / "done.json").read_text())
     assert done["monitor"] == monitor
+    log = read_log(tmp_path / "run_as_is" / unit / "log.csv")
     if monitor == "training":
-        log = read_log(tmp_path / "run_as_is" / unit / "log.csv")
         assert done["best_epoch"] == int(min(log, key=lambda r: float(r["train_loss"]))["epoch"])
+    if monitor == "inner":  # compared across phases, like the held-out loss
+        assert done["best_epoch"] == int(min(log, key=lambda r: float(r["inner_loss"]))["epoch"])
+        assert done["best_monitored_loss"] == pytest.approx(min(float(r["inner_loss"]) for r in log), rel=1e-5)
+        assert len(log) == 6 or float(log[-1]["inner_loss"]) > done["best_monitored_loss"]  # stopped early on it
+    else:
+        assert all(r["inner_loss"] == "" for r in log)
 
 
 def test_monitor_training_compares_losses_within_a_phase(cohorts: tuple[Path, Path], tmp_path: Path) -> None:
@@ -279,6 +286,15 @@ def test_trim_log_keeps_complete_rows_up_to_the_checkpoint(tmp_path: Path) -> No
     log.write_text("epoch,pha")  # even the header was cut: the log starts again
     _trim_log(log, 5)
     assert not log.exists()
+
+    old = ",".join(LOG_COLUMNS[:-1])  # a unit begun before the inner_loss column: its rows are kept
+    log.write_text(f"{old}\n1,head,0.001,0.5,0.6,0.7,0.6,0.5,0.5,0.5,12\n2,head,0.001,0.4,0.5,0.7,0.6,0.5,0.5,0.5,12\n")
+    _trim_log(log, 5)
+    rows = read_csv(log)
+    assert list(rows[0]) == list(LOG_COLUMNS) and [r["train_loss"] for r in rows] == ["0.5", "0.4"]
+    assert all(r["inner_loss"] == "" for r in rows)
+    _append_log(log, {"epoch": 3, "phase": "finetune", "inner_loss": 0.3})
+    assert [r["inner_loss"] for r in read_csv(log)] == ["", "", "0.3"]
 
 
 def test_a_cohort_with_its_own_column_names_trains_grouped_by_them(

@@ -21,6 +21,8 @@ from training.config import CohortConfig, ConfigError
 from training.evaluate import evaluate_dir
 from training.export_run import export_run
 from training.fit import fit
+from training.prepare import inner_split, prepare_run
+from training.unit import derive_seed
 
 from .test_loop import make_cohort, tiny_config
 
@@ -137,6 +139,33 @@ def test_two_cohorts_train_one_model_and_are_reported_apart(cohorts: tuple[Path,
     np.testing.assert_allclose(cut_prediction.cams[:, 0], full_prediction.cams[:, 1], atol=1e-5)
     with pytest.raises(ValueError, match="not among the run's labels"):
         export_run(run, tmp_path / "pkg-bad", labels=["Hernia"])
+
+
+def test_the_inner_split_holds_whole_patients_of_every_cohort_out_of_training(
+    cohorts: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """monitor = "inner": per cohort, a patient-grouped part of the training folds is monitored and not trained
+    on; the held-out fold is in neither part, and the split depends on the fold and the seed only."""
+    config = two_cohort_config(cohorts, monitor="inner", inner_folds=3, run_folds=(1,))
+    fit(config, tmp_path / "run")
+    data = prepare_run(config, tmp_path / "run")
+    patients = np.array(data.cohort.patient_ids)
+    fit_rows, inner_rows = inner_split(data, 1, seed=7)
+    assert sorted([*fit_rows, *inner_rows]) == np.flatnonzero(data.folds != 1).tolist()
+    assert not set(patients[fit_rows]) & set(patients[inner_rows])  # whole patients
+    assert not set(patients[inner_rows]) & set(patients[data.folds == 1])
+    for name in ("tb", "ped"):  # each cohort gives about a third of its training patients
+        ours = data.sources[inner_rows] == name
+        train = np.count_nonzero(data.sources[data.folds != 1] == name)
+        assert 0.2 * train <= np.count_nonzero(ours) <= 0.45 * train
+        y = data.cohort.y[inner_rows[ours]]
+        assert 0 < np.nanmean(y[:, ~np.isnan(y).all(axis=0)]) < 1  # stratified: both classes monitored
+    again, _ = inner_split(data, 1, seed=7)
+    assert again.tolist() == fit_rows.tolist()
+    assert inner_split(data, 1, seed=8)[1].tolist() != inner_rows.tolist()
+    done = json.loads((tmp_path / "run" / "units" / "tiny" / "fold1" / "done.json").read_text())
+    unit_seed_split = inner_split(data, 1, derive_seed(config.seed, "inner", 1))[1]
+    assert done["monitor"] == "inner" and done["inner_images"] == len(unit_seed_split)
 
 
 def test_a_label_known_in_two_training_cohorts_is_refused(cohorts: tuple[Path, Path, Path], tmp_path: Path) -> None:

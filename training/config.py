@@ -27,7 +27,7 @@ from training.rundir import CONFIG_NAME as CONFIG_NAME  # the run directory owns
 
 UNFREEZE_MODES = ("last_stage", "all", "none")
 DEVICES = ("auto", "cpu", "cuda")
-MONITORS = ("validation", "training")
+MONITORS = ("validation", "training", "inner")
 # Keys that change how fast a run goes, not what it produces: they may differ on resume.
 RUNTIME_KEYS = frozenset({"num_workers", "threads", "progress", "device", "cache_dir"})
 RUN_CONFIGURATION = "run configuration"  # what ConfigError names when no file is involved
@@ -108,6 +108,7 @@ class RunConfig:
     seed: int = 0
     patience: int = 3
     monitor: str = "validation"
+    inner_folds: int = 5
     lr_patience: int = 1
     lr_factor: float = 0.5
     cache_features: bool = False
@@ -187,6 +188,7 @@ def _validate(c: RunConfig) -> list[str]:
     need(c.epochs_head + c.epochs_finetune >= 1, "epochs_head", "at least one epoch in total", c.epochs_head)
     need(c.patience >= 1, "patience", "an integer >= 1", c.patience)
     need(c.monitor in MONITORS, "monitor", f"one of {list(MONITORS)}", c.monitor)
+    need(c.inner_folds >= 2, "inner_folds", "an integer >= 2", c.inner_folds)
     need(c.batch_size >= 1, "batch_size", "an integer >= 1", c.batch_size)
     for key in ("lr_head", "lr_finetune"):
         need(math.isfinite(getattr(c, key)) and getattr(c, key) > 0, key, "a number > 0", getattr(c, key))
@@ -477,7 +479,11 @@ seed = 0
 patience = 3                    # early stopping: epochs without a better monitored loss, per phase
 monitor = "validation"          # the loss that drives early stopping, ReduceLROnPlateau and the kept epoch:
                                 # "validation" (the held-out fold: its OOF predictions carry a small selection
-                                # bias) or "training" (the held-out fold decides nothing: unbiased OOF)
+                                # bias), "training" (the held-out fold decides nothing: unbiased OOF) or
+                                # "inner" (a patient-grouped part of the training folds, which it does not
+                                # train on: unbiased OOF, and a loss comparable across phases)
+inner_folds = 5                 # monitor = "inner": the training folds are split in this many parts (per
+                                # cohort, by patient, stratified), one of them monitored; 5 = a fifth
 lr_patience = 1                 # ReduceLROnPlateau on the monitored loss: patience
 lr_factor = 0.5                 # ... and factor
 cache_features = false          # phase 1 trains the head on backbone features computed once (no augmentation)

@@ -182,7 +182,7 @@ def _folds(config: RunConfig, run: RunDir, cohort: Cohort, sources: np.ndarray) 
     folds = load_folds(run.folds, cohort.images) if saved else np.zeros(len(cohort), dtype=np.int64)
     for name in dict.fromkeys(sources.tolist()):
         rows = np.flatnonzero(sources == name)
-        carried = [j for j in range(len(cohort.labels)) if not np.isnan(cohort.y[rows, j]).all()]
+        carried = _carried(cohort.y[rows])
         ids = [cohort.patient_ids[i] for i in rows]
         y = cohort.y[rows][:, carried]
         names = [cohort.labels[j] for j in carried]
@@ -193,6 +193,35 @@ def _folds(config: RunConfig, run: RunDir, cohort: Cohort, sources: np.ndarray) 
     if not saved:
         save_folds(run.folds, cohort.images, cohort.patient_ids, folds)
     return folds
+
+
+def inner_split(data: RunData, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fold's training rows in two, patients whole: the rows it trains on, and the rows it monitors.
+
+    For ``monitor = "inner"``: each training cohort's rows outside ``fold`` are split again into
+    ``inner_folds`` patient-grouped parts, stratified on the labels that cohort carries (as :func:`_folds`
+    splits the cohort), and part 0 of each is monitored. The held-out fold is in neither.
+
+    Raises:
+        SplitError: a cohort's training rows cannot be split so (fewer patients than parts).
+    """
+    cohort, config = data.cohort, data.config
+    train = np.flatnonzero(data.folds != fold)
+    sources = data.sources if data.sources is not None else np.full(len(cohort), cohort.name, dtype=object)
+    monitored = np.zeros(len(train), dtype=bool)
+    for name in dict.fromkeys(sources[train].tolist()):
+        where = np.flatnonzero(sources[train] == name)
+        rows = train[where]
+        y = cohort.y[rows][:, _carried(cohort.y[rows])]
+        parts = grouped_stratified_kfold([cohort.patient_ids[i] for i in rows], y, config.inner_folds, seed,
+                                         config.fold_tolerance)
+        monitored[where] = parts == 0
+    return train[~monitored], train[monitored]
+
+
+def _carried(y: np.ndarray) -> list[int]:
+    """The label columns with at least one known value."""
+    return [j for j in range(y.shape[1]) if not np.isnan(y[:, j]).all()]
 
 
 def _device(config: RunConfig) -> torch.device:

@@ -1,8 +1,9 @@
 """Training log step: each unit's ``log.csv`` (one row per epoch) and ``done.json``, written and read back.
 
-``log.csv`` columns (``LOG_COLUMNS``): epoch, phase, lr, train_loss, val_loss, auroc, auprc, sensitivity,
-specificity, f1 (macro over labels, threshold 0.5), seconds. Floats carry 6 significant digits, NaN is
-an empty cell. A resumed unit first trims the log to its checkpointed epoch (:func:`trim_log`).
+``log.csv`` columns (``LOG_COLUMNS``): epoch, phase, lr, train_loss, val_loss (the held-out fold), auroc, auprc,
+sensitivity, specificity, f1 (the held-out fold; macro over labels, threshold 0.5), seconds, inner_loss (the
+monitored part of the training folds under ``monitor = "inner"``, else empty). Floats carry 6 significant digits,
+NaN is an empty cell. A resumed unit first trims the log to its checkpointed epoch (:func:`trim_log`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ LOG_COLUMNS = (
     "specificity",
     "f1",
     "seconds",
+    "inner_loss",
 )
+_OLD_COLUMNS = LOG_COLUMNS[:-1]  # logs written before inner_loss existed: read as if it were empty
 
 
 def _format(value: Any) -> str:
@@ -59,11 +62,13 @@ def trim_log(path: Path, epochs: int) -> None:
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     rows = [row for row in csv.reader(line for line in lines if line.endswith("\n")) if row]
     kept: list[list[str]] = []
-    if rows and rows[0] == list(LOG_COLUMNS):
-        kept = [rows[0]] + [
-            r for r in rows[1:] if len(r) == len(LOG_COLUMNS) and r[0].isdigit() and int(r[0]) <= epochs
+    width = {tuple(LOG_COLUMNS): 0, tuple(_OLD_COLUMNS): 1}.get(tuple(rows[0])) if rows else None
+    if width is not None:  # a log of the old columns gains the empty new one, so that rows can follow
+        kept = [list(LOG_COLUMNS)] + [
+            r + [""] * width for r in rows[1:]
+            if len(r) == len(rows[0]) and r[0].isdigit() and int(r[0]) <= epochs
         ]
-    if len(kept) == len(lines):
+    if len(kept) == len(lines) and width == 0:
         return
     if not kept:
         path.unlink()

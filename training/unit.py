@@ -7,7 +7,11 @@ has its own AdamW and ReduceLROnPlateau on the monitored loss, and stops early a
 epochs without a better monitored loss. ``monitor = "validation"`` (default) monitors the held-out
 fold's loss, compared across phases; ``"training"`` monitors the epoch's mean training loss, compared
 within a phase only (the phases' training losses are not like for like: cached features without
-augmentation, then augmented images), so the held-out fold decides nothing. With ``cache_features``
+augmentation, then augmented images), so the held-out fold decides nothing; ``"inner"`` monitors the loss
+on one of ``inner_folds`` patient-grouped parts of the training folds, which the unit then does not train
+on (:func:`training.prepare.inner_split`): compared across phases like the held-out loss, and the held-out
+fold decides nothing either. The held-out fold's loss and metrics are logged under every monitor. With
+``cache_features``
 the head phase trains the head on backbone features computed once per image without augmentation
 (exact, since the backbone is frozen).
 
@@ -47,7 +51,7 @@ from training.epoch import (
     train_epoch,
 )
 from training.losses import LossFn, make_loss
-from training.prepare import RunData
+from training.prepare import RunData, inner_split
 from training.probability import sigmoid
 from training.rundir import RunDir, UnitDir, UnitKey
 from training.trainlog import append_log, trim_log, write_done
@@ -116,7 +120,7 @@ def train_unit(data: RunData, key: UnitKey, on_epoch_end: EpochCallback | None =
             checkpoint = None
         ctx.run_phase(phase, state, checkpoint)
         checkpoint = None
-    _finish_unit(unit, key, state, time.monotonic() - started, config.monitor)
+    _finish_unit(unit, key, state, time.monotonic() - started, config.monitor, ctx.inner_idx)
 
 
 def build_unit_model(config: RunConfig, architecture: str, weights: bool = True) -> CxrNet:
@@ -177,7 +181,9 @@ def _resume(unit: UnitDir, model: CxrNet, device: torch.device) -> tuple[UnitSta
     return state, checkpoint
 
 
-def _finish_unit(unit: UnitDir, key: UnitKey, state: UnitState, seconds: float, monitor: str) -> None:
+def _finish_unit(
+    unit: UnitDir, key: UnitKey, state: UnitState, seconds: float, monitor: str, inner_idx: np.ndarray | None
+) -> None:
     """Write ``done.json``; the checkpoint is kept (it is small next to the log's value)."""
     done = {
         "architecture": key.architecture,
@@ -187,6 +193,7 @@ def _finish_unit(unit: UnitDir, key: UnitKey, state: UnitState, seconds: float, 
         "monitor": monitor,
         "best_monitored_loss": state.best_val_loss,
         **({"best_val_loss": state.best_val_loss} if monitor == "validation" else {}),
+        **({"inner_images": len(inner_idx)} if inner_idx is not None else {}),
         "seconds_last_session": round(seconds, 2),
     }
     write_done(unit.done, done)
@@ -214,6 +221,10 @@ class _UnitContext:
         self.unit_seed = derive_seed(self.config.seed, key.architecture, key.fold)
         self.train_idx = np.flatnonzero(data.folds != key.fold)
         self.val_idx = np.flatnonzero(data.folds == key.fold)
+        self.inner_idx: np.ndarray | None = None  # the monitored part of the training folds (monitor "inner")
+        if self.config.monitor == "inner":
+            inner_seed = derive_seed(self.config.seed, "inner", key.fold)  # one split for every architecture
+            self.train_idx, self.inner_idx = inner_split(data, key.fold, inner_seed)
         y = data.cohort.y
         self.loss_fn: LossFn = make_loss(
             self.config.loss,
@@ -274,11 +285,15 @@ class _UnitContext:
             desc,
             self.config.progress,
         )
-        logits = self._val_logits(features)
-        y_val = torch.from_numpy(self.data.cohort.y[self.val_idx])
-        val_loss = float(self.loss_fn(torch.from_numpy(logits), y_val))
+        logits = self._logits(features, self.val_idx)
+        val_loss = self._loss(logits, self.val_idx)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"{self.key.name} epoch {epoch}: training loss is {train_loss}")
+        inner: dict[str, float] = {}
+        if self.inner_idx is not None:
+            inner["inner_loss"] = self._loss(self._logits(features, self.inner_idx), self.inner_idx)
+            if not math.isfinite(inner["inner_loss"]):
+                raise FloatingPointError(f"{self.key.name} epoch {epoch}: inner loss is {inner['inner_loss']}")
         if not math.isfinite(val_loss):
             if self.config.monitor == "validation":
                 raise FloatingPointError(f"{self.key.name} epoch {epoch}: validation loss is {val_loss}")
@@ -290,6 +305,7 @@ class _UnitContext:
             "lr": optimizer.param_groups[0]["lr"],
             "train_loss": train_loss,
             "val_loss": val_loss,
+            **inner,
         }
         monitored = self._monitored(row)
         if monitored < state.best_val_loss:
@@ -302,7 +318,12 @@ class _UnitContext:
 
     def _monitored(self, row: dict[str, Any]) -> float:
         """The loss that drives early stopping, the LR schedule and the kept epoch (``config.monitor``)."""
-        return float(row["val_loss"] if self.config.monitor == "validation" else row["train_loss"])
+        column = {"validation": "val_loss", "training": "train_loss", "inner": "inner_loss"}[self.config.monitor]
+        return float(row[column])
+
+    def _loss(self, logits: np.ndarray, index: np.ndarray) -> float:
+        """The unit's loss over rows ``index`` of the cohort, from their logits."""
+        return float(self.loss_fn(torch.from_numpy(logits), torch.from_numpy(self.data.cohort.y[index])))
 
     def _record(
         self,
@@ -384,12 +405,12 @@ class _UnitContext:
         tensor = torch.from_numpy(feats)
         return tensor, torch.from_numpy(self.data.cohort.y)
 
-    def _val_logits(self, features: tuple[torch.Tensor, torch.Tensor] | None) -> np.ndarray:
-        """Validation logits [n_val, L] (evaluation mode, no augmentation)."""
+    def _logits(self, features: tuple[torch.Tensor, torch.Tensor] | None, index: np.ndarray) -> np.ndarray:
+        """Logits [len(index), L] of cohort rows ``index`` (evaluation mode, no augmentation)."""
         self.model.eval()
         if features is not None:
             with torch.no_grad():
-                return head_forward(self.model)(features[0][self.val_idx].to(self.data.device)).float().cpu().numpy()
+                return head_forward(self.model)(features[0][index].to(self.data.device)).float().cpu().numpy()
         return predict_array(
             self.model,
             self.data.images,
@@ -398,6 +419,6 @@ class _UnitContext:
             self.data.device,
             self.amp,
             progress=False,
-            index=self.val_idx,
+            index=index,
         )
 
