@@ -222,3 +222,28 @@ def test_compare_matches_on_image_id(tmp_path: Path, cohorts: Any) -> None:
                               labels={TB: 1 - sub.labels[TB]}, scores=sub.scores)
     with pytest.raises(ValueError, match="not the same cohort"):
         compare(path_a, write_predictions(flipped, tmp_path / "c.csv"), TB, "densenet", "other")
+
+
+def test_each_folds_own_threshold_is_reported_for_the_oof_cohort_only(tmp_path: Path, cohorts: Any) -> None:
+    """The fold column of a run's OOF file gives each fold's own threshold at the target sensitivity: by hand,
+    the highest score that keeps 90 % of that fold's positives at or above it."""
+    oof, externals = cohorts
+    folds = np.array([str(i % 3) for i in range(len(oof))])
+    write_predictions(oof, tmp_path / "predictions_oof.csv", extra={"fold": folds.tolist()})
+    back = read_predictions(tmp_path / "predictions_oof.csv")
+    assert back.folds is not None and back.folds.tolist() == folds.tolist()
+    results = evaluate_cohorts(back, externals, labels=[TB], n_boot=N_BOOT)
+    entry = results["cohorts"]["oof"]["labels"][TB]["fold_thresholds"]
+    y, p = back.labels[TB], back.scores[TB][ENSEMBLE]
+    expected = {}
+    for fold in "012":
+        positives = np.sort(p[(folds == fold) & (y == 1)])[::-1]
+        expected[fold] = float(positives[int(np.ceil(0.9 * positives.size)) - 1])
+        assert entry["folds"][fold]["threshold"] == pytest.approx(expected[fold])
+        assert entry["folds"][fold]["n_pos"] == int(np.sum((folds == fold) & (y == 1)))
+    assert entry["spread"] == pytest.approx(max(expected.values()) - min(expected.values()))
+    assert "fold_thresholds" not in results["cohorts"]["site_a"]["labels"][TB]
+    without = evaluate_cohorts(oof, {}, labels=[TB], n_boot=N_BOOT)  # a table without the fold column
+    assert "fold_thresholds" not in without["cohorts"]["oof"]["labels"][TB]
+    markdown = write_report(results, tmp_path / "report").read_text()
+    assert f"fold 0 {expected['0']:.4f}, fold 1 {expected['1']:.4f}, fold 2 {expected['2']:.4f}" in markdown

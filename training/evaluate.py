@@ -42,6 +42,7 @@ __all__ = [
     "evaluate_cohorts",
     "evaluate_dir",
     "evaluate_label",
+    "fold_thresholds",
     "jsonable",
     "load_prediction_dir",
     "model_metrics",
@@ -202,7 +203,32 @@ def evaluate_label(
         out["roc_band"] = metrics.roc_band(y, table.scores[label][ENSEMBLE], table.patient_ids, n=n_boot,
                                            seed=seed)
     out["subgroups"] = subgroup_metrics(table, label, thresholds, n_boot, seed)
+    oof_table = table.name == OOF or table.name.startswith(f"{OOF}:")
+    if oof_table and table.folds is not None and "sensitivity" in thresholds:
+        out["fold_thresholds"] = fold_thresholds(table, label, thresholds["sensitivity"]["target"])
     return out
+
+
+def fold_thresholds(table: PredictionTable, label: str, target_sensitivity: float) -> dict[str, Any]:
+    """Each fold's own threshold at ``target_sensitivity`` on its OOF ensemble scores, and their spread.
+
+    The package threshold is chosen on all folds' OOF scores together; each fold's are those of another
+    model. Folds calibrated alike give alike thresholds; a wide spread says the pooled threshold rests on
+    models whose scores mean different things, and will move with the next training.
+    """
+    assert table.folds is not None
+    y, p = table.labels[label], table.scores[label][ENSEMBLE]
+    per_fold: dict[str, Any] = {}
+    for fold in sorted(set(table.folds.tolist()) - {""}, key=lambda f: (len(f), f)):
+        rows = (table.folds == fold) & ~np.isnan(y) & ~np.isnan(p)
+        n_pos = int(y[rows].sum())
+        entry: dict[str, Any] = {"n": int(rows.sum()), "n_pos": n_pos}
+        if 0 < n_pos < rows.sum():
+            entry["threshold"] = metrics.threshold_for_sensitivity(y[rows], p[rows], target_sensitivity)
+        per_fold[fold] = entry
+    values = [e["threshold"] for e in per_fold.values() if "threshold" in e]
+    spread = max(values) - min(values) if len(values) > 1 else math.nan
+    return {"target": target_sensitivity, "folds": per_fold, "spread": spread}
 
 
 def _not_carried(table: PredictionTable, label: str) -> dict[str, Any] | None:

@@ -15,6 +15,8 @@ per image, UTF-8, comma-separated, a header row, columns in any order:
   subgroup analyses (age bands <18, 18-40, 40-60, >=60);
 - ``cohort``: the training cohort of each row, in the OOF predictions of a run with several training
   cohorts (``[[train]]``): every figure is reported per cohort (:meth:`PredictionTable.by_source`);
+- ``fold``: the fold whose model scored the row, in a run's OOF predictions (read, for per-fold figures; a
+  table is written with it only where the writer passes it as an ``extra`` column, as the fit does);
 - ``label_<Label>``: ``1``, ``0`` or empty (unknown, masked out per label); ``<Label>`` is the
   canonical label name (``training.labels``), e.g. ``label_Tuberculosis``;
 - ``score_<Label>__<member>``: probability in [0, 1] of one ensemble member (an architecture, or an
@@ -62,6 +64,7 @@ class PredictionTable:
         ages: Age in years per row (NaN = unknown), or None when absent.
         name: Cohort name.
         sources: Training cohort per row (the ``cohort`` column), or None when absent.
+        folds: Fold per row (the ``fold`` column, "" = unknown), or None when absent.
     """
 
     images: np.ndarray
@@ -74,6 +77,7 @@ class PredictionTable:
     name: str = ""
     ensemble_computed: set[str] = field(default_factory=set)
     sources: np.ndarray | None = None
+    folds: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.images = np.asarray(self.images, dtype=str)
@@ -100,6 +104,9 @@ class PredictionTable:
         if self.sources is not None and np.asarray(self.sources).size != n:
             raise ValueError(f"cohort {self.name!r}: sources has {np.asarray(self.sources).size} rows, expected {n}")
         self.sources = None if self.sources is None else np.asarray(self.sources, dtype=str)
+        if self.folds is not None and np.asarray(self.folds).size != n:
+            raise ValueError(f"cohort {self.name!r}: folds has {np.asarray(self.folds).size} rows, expected {n}")
+        self.folds = None if self.folds is None else np.asarray(self.folds, dtype=str)
         self.sites = None if self.sites is None else np.asarray(self.sites, dtype=str)
         self.sexes = None if self.sexes is None else np.asarray(self.sexes, dtype=str)
         self.ages = None if self.ages is None else _column(self.ages, n, "age")
@@ -120,7 +127,7 @@ class PredictionTable:
             labels={k: v[rows] for k, v in self.labels.items()},
             scores={k: {m: v[rows] for m, v in members.items()} for k, members in self.scores.items()},
             sites=cut(self.sites), sexes=cut(self.sexes), ages=cut(self.ages), sources=cut(self.sources),
-            ensemble_computed=set(self.ensemble_computed),
+            folds=cut(self.folds), ensemble_computed=set(self.ensemble_computed),
         )
 
     def by_source(self, prefix: str) -> dict[str, PredictionTable]:
@@ -205,7 +212,7 @@ def read_predictions(path: str | Path, name: str | None = None) -> PredictionTab
         labels={label: column(col, {"1", "0", "1.0", "0.0"}) for label, col in label_cols.items()},
         scores={label: {m: column(col) for m, col in cols.items()} for label, cols in score_cols.items()},
         sites=text("site"), sexes=text("sex"), ages=column("age") if "age" in header else None,
-        sources=text("cohort"),
+        sources=text("cohort"), folds=text("fold"),
     )
 
 

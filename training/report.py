@@ -84,7 +84,21 @@ def _md_operating_points(results: Mapping[str, Any], label: str) -> list[str]:
             rows.append([cohort, _model_name(member), kind, f"{op['threshold']:.4f}", *rates])
     note = ("Thresholds fixed on the OOF ensemble and applied unchanged to every member and cohort; "
             "rates with Wilson 95% CIs (k/n).")
-    return ["### Operating points", "", note, "", *_table(header, rows)]
+    return ["### Operating points", "", note, "", *_table(header, rows), *_md_fold_thresholds(results, label)]
+
+
+def _md_fold_thresholds(results: Mapping[str, Any], label: str) -> list[str]:
+    lines = []
+    for cohort, entry in results["cohorts"].items():
+        per_fold = (entry["labels"].get(label) or {}).get("fold_thresholds")
+        if not per_fold:
+            continue
+        shown = ", ".join(f"fold {f} {e['threshold']:.4f}" if "threshold" in e else f"fold {f} –"
+                          for f, e in per_fold["folds"].items())
+        spread = "–" if per_fold["spread"] is None else f"{per_fold['spread']:.4f}"
+        lines += [f"Each fold's own threshold at sensitivity >= {per_fold['target']:.2f} ({cohort}): {shown}; "
+                  f"spread {spread}.", ""]
+    return lines
 
 
 def _md_calibration(results: Mapping[str, Any], label: str) -> list[str]:
