@@ -363,6 +363,18 @@ def test_an_int8_package_chooses_its_thresholds_on_the_scores_of_its_stored_memb
     def column(name: str) -> np.ndarray:
         return np.array([float(r[f"score_Tuberculosis__{name}"]) for r in tb_rows])
     np.testing.assert_allclose(column("ensemble"), (3 * column("tb-only") + 2 * column("tb-ped")) / 5, atol=1e-9)
+    # ... with each image's demographics (subgroup figures of the package's own scores) and, as both runs split the
+    # TB cohort alike, its fold (each fold's own threshold in `cxr-train evaluate`).
+    fold_of = {r["image"]: r["fold"] for run in ("b", "a") for r in read_csv(tmp_path / run / "folds.csv")}
+    assert {"sex", "age", "fold"} <= set(rows[0]) and all(r["fold"] == fold_of[r["image"]] for r in rows)
+    assert any(r["sex"] for r in tb_rows) and any(r["age"] for r in tb_rows)
+    fit(tiny_config((tb, ext), name="tb-seed1", seed=1, epochs_head=1, epochs_finetune=0, unfreeze="none"),
+        tmp_path / "c")  # other folds of the same images: a row's fold would name no one model, so none is written
+    assert [r["fold"] for r in read_csv(tmp_path / "c" / "folds.csv")] != [r["fold"] for r in read_csv(tmp_path / "a" /
+                                                                                                   "folds.csv")]
+    export_run([tmp_path / "a", tmp_path / "c"], tmp_path / "ac", threshold="sensitivity", oof_scores="run",
+               oof_out=tmp_path / "oof-ac")
+    assert "fold" not in read_csv(tmp_path / "oof-ac" / "predictions_oof.csv")[0]
     with pytest.raises(ValueError, match="one per --run-dir"):
         export_run([tmp_path / "a", tmp_path / "b"], tmp_path / "bad", folds=[[0], [1], [2]])
 

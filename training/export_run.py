@@ -238,18 +238,29 @@ def _write_oof(folder: str | Path | None, tables: Sequence[PredictionTable], ove
 
 
 def _merge(tables: Sequence[PredictionTable]) -> PredictionTable:
-    """Several OOF tables of different labels as one, rows in first-seen image order."""
+    """Several OOF tables of different labels as one, rows in first-seen image order; an image's site, sex, age
+    and source from any table that has them; folds only when every table has them and none contradicts another
+    (runs with other folds of one cohort: a row's fold would name no one model)."""
     images = list(dict.fromkeys(image for table in tables for image in table.images.tolist()))
     at = {image: i for i, image in enumerate(images)}
     patients = np.empty(len(images), dtype=object)
-    sources = np.full(len(images), "", dtype=object)
+    text = {attr: np.full(len(images), "", dtype=object) for attr in ("sources", "sites", "sexes", "folds")}
+    ages = np.full(len(images), np.nan)
+    fold_seen: list[set[str]] = [set() for _ in images]
     labels: dict[str, np.ndarray] = {}
     scores: dict[str, dict[str, np.ndarray]] = {}
     for table in tables:
         rows = np.array([at[image] for image in table.images.tolist()], dtype=np.int64)
         patients[rows] = table.patient_ids
-        if table.sources is not None:
-            sources[rows] = table.sources
+        for attr, column in text.items():
+            values = getattr(table, attr)
+            if values is not None:
+                column[rows] = values
+        if table.ages is not None:
+            ages[rows] = table.ages
+        if table.folds is not None:
+            for row, fold in zip(rows.tolist(), table.folds.tolist(), strict=True):
+                fold_seen[row].add(fold)
         for label, values in table.labels.items():
             labels[label] = np.full(len(images), np.nan)
             labels[label][rows] = values
@@ -257,8 +268,18 @@ def _merge(tables: Sequence[PredictionTable]) -> PredictionTable:
             for member, column in table.scores[label].items():
                 scores[label][member] = np.full(len(images), np.nan)
                 scores[label][member][rows] = column
+    agreed = all(table.folds is not None for table in tables) and all(len(seen) == 1 for seen in fold_seen)
+    text["folds"] = np.array([next(iter(seen)) for seen in fold_seen], dtype=object) if agreed else text["folds"]
+
+    def kept(attr: str) -> np.ndarray | None:
+        column = text[attr]
+        had = any(getattr(table, attr) is not None for table in tables) and (attr != "folds" or agreed)
+        return column.astype(str) if had and (attr != "sources" or any(column)) else None
+
     return PredictionTable(images=np.array(images), patient_ids=patients.astype(str), labels=labels, scores=scores,
-                           sources=sources.astype(str) if any(sources) else None, name="package OOF")
+                           sources=kept("sources"), sites=kept("sites"), sexes=kept("sexes"), folds=kept("folds"),
+                           ages=ages if any(table.ages is not None for table in tables) else None,
+                           name="package OOF")
 
 
 def _oof_figures(
@@ -400,13 +421,15 @@ def _export_onto(
 
 def combined_oof(parts: Sequence[_RunPart], label: str) -> PredictionTable:
     """``label``'s OOF scores of several runs as one table: a column per run (its OOF ensemble of the exported
-    architectures) and ``ensemble``, their mean weighted by member count, as the node averages the members.
+    architectures) and ``ensemble``, their mean weighted by member count, as the node averages the members. Sites,
+    sexes and ages come along; folds where every run split the images alike (an image's fold names its models).
 
     Raises:
         ValueError: the runs carrying ``label`` scored different images, or disagree on a label value.
     """
     carrying = [part for part in parts if label in part.config.labels]
     first: PredictionTable | None = None
+    same_folds = True
     columns: dict[str, np.ndarray] = {}
     weights: list[float] = []
     for part in carrying:
@@ -419,6 +442,8 @@ def combined_oof(parts: Sequence[_RunPart], label: str) -> PredictionTable:
                                                                             first.labels[label]):
             raise ValueError(f"{label}: runs {carrying[0].config.name} and {part.config.name} scored different "
                              f"images or labels; a shared label needs the same OOF images in every run")
+        same_folds &= table.folds is not None and first.folds is not None and np.array_equal(table.folds,
+                                                                                            first.folds)
         columns[part.config.name] = ensemble_of(table, label, part.archs)
         weights.append(float(len(part.units)))
     assert first is not None
@@ -428,7 +453,8 @@ def combined_oof(parts: Sequence[_RunPart], label: str) -> PredictionTable:
                                                                       carrying[0].config.train[0].name)
     return PredictionTable(images=first.images, patient_ids=first.patient_ids, name="combined OOF",
                            labels={label: first.labels[label]}, scores={label: {**columns, ENSEMBLE: combined}},
-                           sources=sources)
+                           sources=sources, sites=first.sites, sexes=first.sexes, ages=first.ages,
+                           folds=first.folds if same_folds else None)
 
 
 def real_parity_inputs(run_dir: Path, config: RunConfig, n: int = 4) -> np.ndarray:

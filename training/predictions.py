@@ -15,8 +15,7 @@ per image, UTF-8, comma-separated, a header row, columns in any order:
   subgroup analyses (age bands <18, 18-40, 40-60, >=60);
 - ``cohort``: the training cohort of each row, in the OOF predictions of a run with several training
   cohorts (``[[train]]``): every figure is reported per cohort (:meth:`PredictionTable.by_source`);
-- ``fold``: the fold whose model scored the row, in a run's OOF predictions (read, for per-fold figures; a
-  table is written with it only where the writer passes it as an ``extra`` column, as the fit does);
+- ``fold``: the fold whose model scored the row, in a run's OOF predictions (per-fold figures);
 - ``label_<Label>``: ``1``, ``0`` or empty (unknown, masked out per label); ``<Label>`` is the
   canonical label name (``training.labels``), e.g. ``label_Tuberculosis``;
 - ``score_<Label>__<member>``: probability in [0, 1] of one ensemble member (an architecture, or an
@@ -256,8 +255,8 @@ def write_predictions(
     """Write a :class:`PredictionTable` as a prediction CSV (the only writer); returns the path.
 
     Columns: ``image``, ``patient_id``, then ``site``, ``sex``, ``age`` where the table has them, the
-    ``extra`` columns (text per row, e.g. the run's ``fold``), ``cohort`` where the table has ``sources`` (unless
-    ``extra`` names it), ``label_*`` (1, 0, empty) and per label
+    ``extra`` columns (text per row, e.g. the run's ``fold``), ``fold`` and ``cohort`` where the table has
+    ``folds`` and ``sources`` (unless ``extra`` names them), ``label_*`` (1, 0, empty) and per label
     ``score_<Label>__<member>`` for every member, the ensemble last.
 
     Args:
@@ -275,6 +274,8 @@ def write_predictions(
         columns["age"] = _age_cells(table.ages, number_format)
     for name, cells in (extra or {}).items():
         columns[name] = list(cells)
+    if table.folds is not None and "fold" not in columns:
+        columns["fold"] = table.folds.tolist()
     if table.sources is not None and "cohort" not in columns:
         columns["cohort"] = table.sources.tolist()
     for label, y in table.labels.items():
