@@ -11,9 +11,8 @@ augmentation, then augmented images), so the held-out fold decides nothing; ``"i
 on one of ``inner_folds`` patient-grouped parts of the training folds, which the unit then does not train
 on (:func:`training.prepare.inner_split`): compared across phases like the held-out loss, and the held-out
 fold decides nothing either. The held-out fold's loss and metrics are logged under every monitor. With
-``cache_features``
-the head phase trains the head on backbone features computed once per image without augmentation
-(exact, since the backbone is frozen).
+``cache_features`` the head phase trains the head on backbone features computed once per image without
+augmentation (exact, since the backbone is frozen).
 
 Reproducibility and resume: torch is reseeded at the start of every epoch from (seed, architecture,
 fold, epoch), the shuffling/sampling generator likewise, and each sample's augmentation draws from
