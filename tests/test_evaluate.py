@@ -242,7 +242,15 @@ def test_each_folds_own_threshold_is_reported_for_the_oof_cohort_only(tmp_path: 
         assert entry["folds"][fold]["threshold"] == pytest.approx(expected[fold])
         assert entry["folds"][fold]["n_pos"] == int(np.sum((folds == fold) & (y == 1)))
     assert entry["spread"] == pytest.approx(max(expected.values()) - min(expected.values()))
-    assert "fold_thresholds" not in results["cohorts"]["site_a"]["labels"][TB]
+    site = externals["site_a"]
+    with_folds = PredictionTable(images=site.images, patient_ids=site.patient_ids, labels=site.labels,
+                                 scores=site.scores, name="site_a", folds=np.array(["0"] * len(site)))
+    on_external = evaluate_cohorts(back, {"site_a": with_folds}, labels=[TB], n_boot=N_BOOT)
+    assert "fold_thresholds" not in on_external["cohorts"]["site_a"]["labels"][TB]  # an external cohort: none
+    assert on_external["cohorts"]["oof"]["labels"][TB]["fold_thresholds"] == entry
+    named = evaluate_cohorts(read_predictions(tmp_path / "predictions_oof.csv", name="dev"), {}, labels=[TB],
+                             n_boot=N_BOOT)  # the OOF table is the first argument, whatever its name
+    assert named["cohorts"]["oof"]["labels"][TB]["fold_thresholds"] == entry
     without = evaluate_cohorts(oof, {}, labels=[TB], n_boot=N_BOOT)  # a table without the fold column
     assert "fold_thresholds" not in without["cohorts"]["oof"]["labels"][TB]
     markdown = write_report(results, tmp_path / "report").read_text()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
 from ai.ensemble import Ensemble, sigmoid
 from ai.manifest import load_manifest
@@ -22,7 +23,9 @@ from training.evaluate import evaluate_dir
 from training.export_run import export_run
 from training.fit import fit
 from training.prepare import inner_split, prepare_run
-from training.unit import derive_seed
+from training.rundir import UnitKey
+from training.splits import SplitError
+from training.unit import _UnitContext, build_unit_model, derive_seed, unit_inner_split
 
 from .test_loop import make_cohort, tiny_config
 
@@ -164,8 +167,27 @@ def test_the_inner_split_holds_whole_patients_of_every_cohort_out_of_training(
     assert again.tolist() == fit_rows.tolist()
     assert inner_split(data, 1, seed=8)[1].tolist() != inner_rows.tolist()
     done = json.loads((tmp_path / "run" / "units" / "tiny" / "fold1" / "done.json").read_text())
-    unit_seed_split = inner_split(data, 1, derive_seed(config.seed, "inner", 1))[1]
-    assert done["monitor"] == "inner" and done["inner_images"] == len(unit_seed_split)
+    trained, monitored = unit_inner_split(data, 1)
+    assert done["monitor"] == "inner" and done["inner_images"] == len(monitored)
+    assert monitored.tolist() == inner_split(data, 1, derive_seed(config.seed, "inner", 1))[1].tolist()
+    # The unit trains on the other rows only, in both phases (cached features, then images).
+    key = UnitKey("tiny", 1)
+    ctx = _UnitContext(data, key, data.paths.unit(key), build_unit_model(config, "tiny"), None)
+    assert ctx.train_idx.tolist() == trained.tolist() and ctx.inner_idx is not None
+    images, _ = ctx._train_loader(1, None)
+    assert images.dataset.index.tolist() == trained.tolist()
+    features = (torch.zeros(len(data.cohort), 4), torch.zeros(len(data.cohort), 2))
+    assert len(ctx._train_loader(1, features)[0].dataset) == len(trained)
+
+
+def test_an_inner_split_that_cannot_be_made_fails_before_any_unit_trains(
+    cohorts: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    config = two_cohort_config(cohorts, monitor="inner", inner_folds=12)  # tb: 12 patients, 8 or so per fold
+    with pytest.raises(SplitError, match=r"cohort 'tb', the training rows of fold 0, cannot be split into "
+                                         r"inner_folds = 12 parts: k must be between 2 and the number of patients"):
+        fit(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "units").exists()
 
 
 def test_a_label_known_in_two_training_cohorts_is_refused(cohorts: tuple[Path, Path, Path], tmp_path: Path) -> None:

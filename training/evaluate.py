@@ -183,9 +183,10 @@ def subgroup_metrics(
 
 
 def evaluate_label(
-    table: PredictionTable, label: str, thresholds: Mapping[str, Any], n_boot: int, seed: int
+    table: PredictionTable, label: str, thresholds: Mapping[str, Any], n_boot: int, seed: int, oof: bool = False
 ) -> dict[str, Any]:
-    """Every member and the ensemble on one cohort and label, plus subgroups and the ROC band."""
+    """Every member and the ensemble on one cohort and label, plus subgroups and the ROC band; for ``oof`` (a
+    training cohort's out-of-fold table) each fold's own threshold where the table has folds."""
     if label not in table.labels:
         return {"skipped": f"cohort {table.name!r} has no label column for {label!r}"}
     if label not in table.scores:
@@ -203,8 +204,7 @@ def evaluate_label(
         out["roc_band"] = metrics.roc_band(y, table.scores[label][ENSEMBLE], table.patient_ids, n=n_boot,
                                            seed=seed)
     out["subgroups"] = subgroup_metrics(table, label, thresholds, n_boot, seed)
-    oof_table = table.name == OOF or table.name.startswith(f"{OOF}:")
-    if oof_table and table.folds is not None and "sensitivity" in thresholds:
+    if oof and table.folds is not None and "sensitivity" in thresholds:
         out["fold_thresholds"] = fold_thresholds(table, label, thresholds["sensitivity"]["target"])
     return out
 
@@ -278,7 +278,7 @@ def evaluate_cohorts(
             "n_images": len(table),
             "n_patients": int(np.unique(table.patient_ids).size),
             "labels": {label: _not_carried(table, label) or evaluate_label(table, label, thresholds[label], n_boot,
-                                                                            seed)
+                                                                            seed, oof=name in oof_tables)
                        for label in labels},
         }
     results = {

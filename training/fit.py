@@ -29,7 +29,7 @@ from training.predictions import ENSEMBLE, cohort_table, write_predictions
 from training.prepare import RunData, prepare_run, resolve_config
 from training.probability import sigmoid
 from training.rundir import OOF, UnitKey
-from training.unit import EpochCallback, load_unit_model, train_unit
+from training.unit import EpochCallback, load_unit_model, train_unit, unit_inner_split
 
 if TYPE_CHECKING:
     from training.models import CxrNet
@@ -67,6 +67,9 @@ def fit(config: RunConfig | None, run_dir: str | Path, on_epoch_end: EpochCallba
     if config.threads:
         torch.set_num_threads(config.threads)
     data = prepare_run(config, run_dir)
+    if config.monitor == "inner":  # every fold's inner split before any unit trains: a bad one fails now
+        for fold in config.fold_indices():
+            unit_inner_split(data, fold)
     units = tuple(UnitKey(arch, fold) for arch in config.architectures for fold in config.fold_indices())
     for key in units:
         train_unit(data, key, on_epoch_end)

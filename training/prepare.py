@@ -31,7 +31,7 @@ from training.data import Cohort, PreprocessCache, combine_cohorts, load_cohort
 from training.jsonio import jsonable
 from training.pretrained import check_init_cohorts
 from training.rundir import RunDir, UnitKey
-from training.splits import check_folds, fold_summary, grouped_stratified_kfold, load_folds, save_folds
+from training.splits import SplitError, check_folds, fold_summary, grouped_stratified_kfold, load_folds, save_folds
 
 
 @dataclass
@@ -203,7 +203,8 @@ def inner_split(data: RunData, fold: int, seed: int) -> tuple[np.ndarray, np.nda
     splits the cohort), and part 0 of each is monitored. The held-out fold is in neither.
 
     Raises:
-        SplitError: a cohort's training rows cannot be split so (fewer patients than parts).
+        SplitError: a cohort's training rows cannot be split so (fewer patients than parts, or a part's
+            prevalence off), naming the cohort, the fold and ``inner_folds``.
     """
     cohort, config = data.cohort, data.config
     train = np.flatnonzero(data.folds != fold)
@@ -212,9 +213,14 @@ def inner_split(data: RunData, fold: int, seed: int) -> tuple[np.ndarray, np.nda
     for name in dict.fromkeys(sources[train].tolist()):
         where = np.flatnonzero(sources[train] == name)
         rows = train[where]
-        y = cohort.y[rows][:, _carried(cohort.y[rows])]
-        parts = grouped_stratified_kfold([cohort.patient_ids[i] for i in rows], y, config.inner_folds, seed,
-                                         config.fold_tolerance)
+        carried = _carried(cohort.y[rows])
+        ids = [cohort.patient_ids[i] for i in rows]
+        try:
+            parts = grouped_stratified_kfold(ids, cohort.y[rows][:, carried], config.inner_folds, seed,
+                                             config.fold_tolerance, [cohort.labels[j] for j in carried])
+        except SplitError as exc:
+            raise SplitError(f"monitor = \"inner\": cohort {name!r}, the training rows of fold {fold}, cannot be "
+                             f"split into inner_folds = {config.inner_folds} parts: {exc}") from exc
         monitored[where] = parts == 0
     return train[~monitored], train[monitored]
 

@@ -37,6 +37,7 @@ def grouped_stratified_kfold(
     k: int = 5,
     seed: int = 0,
     tolerance: float = 0.05,
+    labels: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Assign every image to one of ``k`` folds, patients whole, each label's prevalence balanced.
 
@@ -51,6 +52,7 @@ def grouped_stratified_kfold(
         k: number of folds (at least 2, at most the number of patients).
         seed: shuffling seed (different seeds give different, equally valid folds).
         tolerance: see :func:`check_folds`.
+        labels: label names for messages.
 
     Returns:
         int64 ``[N]`` fold index per image.
@@ -82,7 +84,7 @@ def grouped_stratified_kfold(
         fold_pos[best] += pos[g]
         fold_size[best] += size[g]
     folds = group_fold[inverse]
-    check_folds(folds, patient_ids, y2, k, tolerance)
+    check_folds(folds, patient_ids, y2, k, tolerance, labels)
     return folds
 
 

@@ -122,6 +122,11 @@ def train_unit(data: RunData, key: UnitKey, on_epoch_end: EpochCallback | None =
     _finish_unit(unit, key, state, time.monotonic() - started, config.monitor, ctx.inner_idx)
 
 
+def unit_inner_split(data: RunData, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fold's rows trained on and monitored under ``monitor = "inner"`` (one split for every architecture)."""
+    return inner_split(data, fold, derive_seed(data.config.seed, "inner", fold))
+
+
 def build_unit_model(config: RunConfig, architecture: str, weights: bool = True) -> CxrNet:
     """A unit's model, initialised as configured (random when ``weights`` is False: weights follow)."""
     from training.models import build_model
@@ -222,8 +227,7 @@ class _UnitContext:
         self.val_idx = np.flatnonzero(data.folds == key.fold)
         self.inner_idx: np.ndarray | None = None  # the monitored part of the training folds (monitor "inner")
         if self.config.monitor == "inner":
-            inner_seed = derive_seed(self.config.seed, "inner", key.fold)  # one split for every architecture
-            self.train_idx, self.inner_idx = inner_split(data, key.fold, inner_seed)
+            self.train_idx, self.inner_idx = unit_inner_split(data, key.fold)
         y = data.cohort.y
         self.loss_fn: LossFn = make_loss(
             self.config.loss,
