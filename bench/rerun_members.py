@@ -144,7 +144,8 @@ def main() -> None:
 
     together = _together(labels, cohort.y, config.labels, package_scores, rerun_scores,
                          np.isin(folds, rerun_folds), f"folds {rerun_folds} together")
-    result = {"package": f"{manifest.name} {manifest.version}", "run": str(run.root),
+    result = {"package": f"{manifest.name} {manifest.version}", "run": config.name,
+              "folds_sha256": sha256_file(run.folds),  # the run is named, not where it lay: its folds identify it
               "weights_dtype": args.weights_dtype, "folds": per_fold, "together": together}
     filled = sorted(key.fold for _, key in of_run if key.fold not in rerun_folds)
     if args.fill_from_package and filled:
