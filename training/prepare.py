@@ -182,10 +182,7 @@ def _folds(config: RunConfig, run: RunDir, cohort: Cohort, sources: np.ndarray) 
     folds = load_folds(run.folds, cohort.images) if saved else np.zeros(len(cohort), dtype=np.int64)
     for name in dict.fromkeys(sources.tolist()):
         rows = np.flatnonzero(sources == name)
-        carried = _carried(cohort.y[rows])
-        ids = [cohort.patient_ids[i] for i in rows]
-        y = cohort.y[rows][:, carried]
-        names = [cohort.labels[j] for j in carried]
+        ids, y, names = _split_inputs(cohort, rows)
         if saved:
             check_folds(folds[rows], ids, y, config.folds, config.fold_tolerance, names)
         else:
@@ -212,12 +209,9 @@ def inner_split(data: RunData, fold: int, seed: int) -> tuple[np.ndarray, np.nda
     monitored = np.zeros(len(train), dtype=bool)
     for name in dict.fromkeys(sources[train].tolist()):
         where = np.flatnonzero(sources[train] == name)
-        rows = train[where]
-        carried = _carried(cohort.y[rows])
-        ids = [cohort.patient_ids[i] for i in rows]
+        ids, y, names = _split_inputs(cohort, train[where])
         try:
-            parts = grouped_stratified_kfold(ids, cohort.y[rows][:, carried], config.inner_folds, seed,
-                                             config.fold_tolerance, [cohort.labels[j] for j in carried])
+            parts = grouped_stratified_kfold(ids, y, config.inner_folds, seed, config.fold_tolerance, names)
         except SplitError as exc:
             raise SplitError(f"monitor = \"inner\": cohort {name!r}, the training rows of fold {fold}, cannot be "
                              f"split into inner_folds = {config.inner_folds} parts: {exc}") from exc
@@ -225,9 +219,11 @@ def inner_split(data: RunData, fold: int, seed: int) -> tuple[np.ndarray, np.nda
     return train[~monitored], train[monitored]
 
 
-def _carried(y: np.ndarray) -> list[int]:
-    """The label columns with at least one known value."""
-    return [j for j in range(y.shape[1]) if not np.isnan(y[:, j]).all()]
+def _split_inputs(cohort: Cohort, rows: np.ndarray) -> tuple[list[str], np.ndarray, list[str]]:
+    """What a split of one cohort's ``rows`` is made on: their patients, and the labels that cohort carries (at
+    least one known value) with their names."""
+    carried = [j for j in range(len(cohort.labels)) if not np.isnan(cohort.y[rows, j]).all()]
+    return [cohort.patient_ids[i] for i in rows], cohort.y[rows][:, carried], [cohort.labels[j] for j in carried]
 
 
 def _device(config: RunConfig) -> torch.device:
