@@ -244,7 +244,7 @@ def _merge(tables: Sequence[PredictionTable]) -> PredictionTable:
     images = list(dict.fromkeys(image for table in tables for image in table.images.tolist()))
     at = {image: i for i, image in enumerate(images)}
     patients = np.empty(len(images), dtype=object)
-    text = {attr: np.full(len(images), "", dtype=object) for attr in ("sources", "sites", "sexes", "folds")}
+    text = {attr: np.full(len(images), "", dtype=object) for attr in ("sources", "sites", "sexes")}
     ages = np.full(len(images), np.nan)
     fold_seen: list[set[str]] = [set() for _ in images]
     labels: dict[str, np.ndarray] = {}
@@ -269,15 +269,15 @@ def _merge(tables: Sequence[PredictionTable]) -> PredictionTable:
                 scores[label][member] = np.full(len(images), np.nan)
                 scores[label][member][rows] = column
     agreed = all(table.folds is not None for table in tables) and all(len(seen) == 1 for seen in fold_seen)
-    text["folds"] = np.array([next(iter(seen)) for seen in fold_seen], dtype=object) if agreed else text["folds"]
+    folds = np.array([next(iter(seen)) for seen in fold_seen], dtype=str) if agreed else None
 
     def kept(attr: str) -> np.ndarray | None:
         column = text[attr]
-        had = any(getattr(table, attr) is not None for table in tables) and (attr != "folds" or agreed)
+        had = any(getattr(table, attr) is not None for table in tables)
         return column.astype(str) if had and (attr != "sources" or any(column)) else None
 
     return PredictionTable(images=np.array(images), patient_ids=patients.astype(str), labels=labels, scores=scores,
-                           sources=kept("sources"), sites=kept("sites"), sexes=kept("sexes"), folds=kept("folds"),
+                           sources=kept("sources"), sites=kept("sites"), sexes=kept("sexes"), folds=folds,
                            ages=ages if any(table.ages is not None for table in tables) else None,
                            name="package OOF")
 
