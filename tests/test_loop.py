@@ -191,6 +191,21 @@ def test_cached_features_match_the_image_path_for_the_head(cohorts: tuple[Path, 
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+def test_last_two_stages_fine_tunes_one_stage_more(cohorts: tuple[Path, Path], tmp_path: Path) -> None:
+    """The same run with ``unfreeze = "last_two_stages"``: the head phase is identical, then fine-tuning moves the
+    second-to-last stage too (TinyNet: stage1), and the stem stays as the head phase left it."""
+    base = tiny_config(cohorts, epochs_head=1, epochs_finetune=2, run_folds=(0,), monitor="training")
+    fit(base, tmp_path / "one")
+    fit(with_overrides(base, unfreeze="last_two_stages"), tmp_path / "two")
+    one = torch.load(tmp_path / "one" / "units" / "tiny" / "fold0" / "checkpoint.pt", weights_only=False)["model"]
+    two = torch.load(tmp_path / "two" / "units" / "tiny" / "fold0" / "checkpoint.pt", weights_only=False)["model"]
+    for key in one:
+        if ".stem." in key:
+            torch.testing.assert_close(one[key], two[key], rtol=0, atol=0)
+    stage1 = [k for k in one if ".stage1." in k and k.endswith("weight")]
+    assert stage1 and any(not torch.equal(one[k], two[k]) for k in stage1)
+
+
 def test_balance_weights_equalise_classes() -> None:
     y = np.array([[1.0], [0.0], [0.0], [0.0], [np.nan]])
     w = np.array(balance_weights(y))

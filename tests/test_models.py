@@ -29,6 +29,7 @@ from training.models import (
     lite_imagenet_state_dict,
     map_state_dict_in_order,
     unfreeze_last_stage,
+    unfreeze_last_stages,
 )
 
 SEED_ARCHITECTURES = {
@@ -159,6 +160,29 @@ def test_freeze_then_unfreeze_last_stage() -> None:
     unfrozen = unfreeze_last_stage(model)
     assert {id(p) for p in unfrozen} == {id(p) for p in model.backbone.body.layer4.parameters()}
     assert all(not p.requires_grad for p in model.backbone.body.layer3.parameters())
+
+
+def test_unfreeze_the_last_two_stages() -> None:
+    model = build_model("resnet18", 2)
+    freeze_backbone(model)
+    unfrozen = unfreeze_last_stages(model, 2)
+    body = model.backbone.body
+    assert [id(p) for p in unfrozen] == [id(p) for p in [*body.layer3.parameters(), *body.layer4.parameters()]]
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in unfrozen} | {id(p) for p in model.head.parameters()}
+    assert all(not p.requires_grad for p in body.layer2.parameters())
+    for n in (0, 6):
+        with pytest.raises(ValueError, match="the backbone has 5"):
+            unfreeze_last_stages(model, n)
+
+
+def test_efficientnet_lite0_two_stages_are_strides_16_and_32() -> None:
+    model = build_model("efficientnet_lite0", 1)
+    freeze_backbone(model)
+    unfrozen = {id(p) for p in unfreeze_last_stages(model, 2)}
+    body = model.backbone.body
+    expected = [*(body.blocks[i] for i in range(3, 7)), body.conv_head, body.bn2]
+    assert unfrozen == {id(p) for m in expected for p in m.parameters()}
 
 
 @pytest.mark.parametrize("name", ["convnext_tiny", "efficientnet_lite0", "mobilenetv3_small"])

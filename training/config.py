@@ -25,7 +25,7 @@ from training.labels import LabelError, canonical_labels
 from training.losses import LOSSES
 from training.rundir import CONFIG_NAME as CONFIG_NAME  # the run directory owns its file names
 
-UNFREEZE_MODES = ("last_stage", "all", "none")
+UNFREEZE_MODES = ("last_stage", "last_two_stages", "all", "none")
 DEVICES = ("auto", "cpu", "cuda")
 MONITORS = ("validation", "training", "inner")
 # Keys that change how fast a run goes, not what it produces: they may differ on resume.
@@ -462,7 +462,7 @@ fold_tolerance = 0.05           # max |fold prevalence - cohort prevalence| (wid
 image_size = 512                # model input side = PreprocessSpec.size (the exported package says so too)
 epochs_head = 3                 # phase 1: backbone frozen, head trained
 epochs_finetune = 5             # phase 2: unfrozen part + head
-unfreeze = "last_stage"         # phase 2 unfreezes: "last_stage", "all", or "none" (no phase 2)
+unfreeze = "last_stage"         # phase 2 unfreezes: "last_stage", "last_two_stages", "all", or "none" (no phase 2)
 lr_head = 0.001                 # AdamW learning rate, phase 1
 lr_finetune = 0.0001            # AdamW learning rate, phase 2
 weight_decay = 0.0001

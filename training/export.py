@@ -203,7 +203,8 @@ def check_parity(
 
 def last_stage_nodes(model: CxrNet, onnx_path: str | Path) -> list[str]:
     """The Conv and Gemm nodes of `onnx_path` (`model` exported) that belong to the last backbone stage or the head:
-    the layers fine-tuning trains (``unfreeze = "last_stage"``), found by the module scope in each node's name."""
+    the layers fine-tuning trains with ``unfreeze = "last_stage"`` (with ``"last_two_stages"`` the stage before stays
+    float16), found by the module scope in each node's name."""
     _, params = backbone_stages(model)[-1]
     ids = {id(p) for p in params}
     body = model.backbone.body

@@ -71,6 +71,7 @@ __all__ = [
     "read_state_dict",
     "register",
     "unfreeze_last_stage",
+    "unfreeze_last_stages",
 ]
 
 log = logging.getLogger(__name__)
@@ -414,7 +415,17 @@ def freeze_backbone(model: CxrNet) -> None:
 
 def unfreeze_last_stage(model: CxrNet) -> list[nn.Parameter]:
     """Let gradients reach the last backbone stage (after `freeze_backbone`); returns its parameters."""
-    _, params = backbone_stages(model)[-1]
+    return unfreeze_last_stages(model, 1)
+
+
+def unfreeze_last_stages(model: CxrNet, n: int) -> list[nn.Parameter]:
+    """Let gradients reach the last `n` backbone stages (after `freeze_backbone`); returns their parameters,
+    input to output. Stages as :func:`backbone_stages` cuts them (EfficientNet-Lite0: ``n = 2`` is stride 16
+    and 32, ``blocks.3``-``blocks.6`` and ``conv_head``)."""
+    stages = backbone_stages(model)
+    if not 1 <= n <= len(stages):
+        raise ValueError(f"cannot unfreeze {n} stages: the backbone has {len(stages)}")
+    params = [p for _, stage in stages[-n:] for p in stage]
     for param in params:
         param.requires_grad_(True)
     return params

@@ -1,7 +1,7 @@
 """Unit step: train one (architecture, fold) unit to completion, resumable, and load its final model.
 
 A unit: phase ``head`` (backbone frozen, its BatchNorm statistics too; ``epochs_head`` epochs at
-``lr_head``), then phase ``finetune`` (``unfreeze``: the last backbone stage or all of it;
+``lr_head``), then phase ``finetune`` (``unfreeze``: the last backbone stage, the last two, or all of it;
 ``epochs_finetune`` epochs at ``lr_finetune``), which starts from the best weights so far. Each phase
 has its own AdamW and ReduceLROnPlateau on the monitored loss, and stops early after ``patience``
 epochs without a better monitored loss. ``monitor = "validation"`` (default) monitors the held-out
@@ -157,7 +157,7 @@ def load_unit_model(run_dir: str | Path, config: RunConfig, key: UnitKey, device
 
 def _phases(config: RunConfig) -> list[Phase]:
     """The configured phases (a phase with 0 epochs is kept so that indices stay stable)."""
-    from training.models import freeze_backbone, unfreeze_last_stage
+    from training.models import freeze_backbone, unfreeze_last_stages
 
     def finetune(model: CxrNet) -> None:
         freeze_backbone(model)
@@ -165,7 +165,7 @@ def _phases(config: RunConfig) -> list[Phase]:
             for param in model.backbone.parameters():
                 param.requires_grad_(True)
         else:
-            unfreeze_last_stage(model)
+            unfreeze_last_stages(model, 2 if config.unfreeze == "last_two_stages" else 1)
 
     epochs_finetune = config.epochs_finetune if config.unfreeze != "none" else 0
     return [
