@@ -50,7 +50,9 @@ class UserError(ValueError):
 
 @dataclass(frozen=True)
 class LoginResult:
-    """A login's outcome: the user when it succeeded, else why not (``locked``: the name is locked)."""
+    """A login's outcome: the user when it succeeded, else why not. ``locked``: refused unheard because the name
+    is locked (HTTP 429); the wrong password that sets the lock was heard, so it answers as a failed login (401) whose
+    reason says the lock began, for known and unknown names alike."""
 
     user: UserRecord | None
     reason: str = ""
@@ -127,7 +129,7 @@ def _check(store: Store, name: str, password: str, now: dt.datetime) -> LoginRes
     after = store.record_login(name, False, LOCK_AFTER, LOCK_S)
     locked = after is not None and after.locked_until is not None
     return LoginResult(None, "unknown user or wrong password" + (
-        f"; locked for {LOCK_S:.0f} s after {LOCK_AFTER} failed logins" if locked else ""), locked=False)
+        f"; locked for {LOCK_S:.0f} s after {LOCK_AFTER} failed logins" if locked else ""))
 
 
 def _check_unknown(name: str, password: str) -> LoginResult:

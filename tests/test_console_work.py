@@ -133,8 +133,9 @@ def test_the_lockout_is_not_extended_by_attempts_while_locked_and_unknown_names_
     import node.users
 
     api = TestClient(build_app(console))
-    codes = [api.get("/api/v1/me", auth=(VIEWER[0], f"wrong {i}")).status_code for i in range(5)]
-    assert codes == [401] * 5
+    answers = [api.get("/api/v1/me", auth=(VIEWER[0], f"wrong {i}")) for i in range(5)]
+    assert [a.status_code for a in answers] == [401] * 5  # the failure that sets the lock was heard: 401 ...
+    assert "locked for" in answers[-1].text and "locked" not in answers[-2].text  # ... saying the lock began
     locked = console.store.user_hash(VIEWER[0])[0].locked_until  # type: ignore[index]
     assert locked is not None
     for _ in range(3):  # refused unheard, the right password too, and the lock stays where it was
