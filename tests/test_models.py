@@ -28,7 +28,6 @@ from training.models import (
     lite_checkpoint_path,
     lite_imagenet_state_dict,
     map_state_dict_in_order,
-    unfreeze_last_stage,
     unfreeze_last_stages,
 )
 
@@ -157,7 +156,7 @@ def test_freeze_then_unfreeze_last_stage() -> None:
     freeze_backbone(model)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in model.head.parameters()}
-    unfrozen = unfreeze_last_stage(model)
+    unfrozen = unfreeze_last_stages(model, 1)
     assert {id(p) for p in unfrozen} == {id(p) for p in model.backbone.body.layer4.parameters()}
     assert all(not p.requires_grad for p in model.backbone.body.layer3.parameters())
 

@@ -70,7 +70,6 @@ __all__ = [
     "map_state_dict_in_order",
     "read_state_dict",
     "register",
-    "unfreeze_last_stage",
     "unfreeze_last_stages",
 ]
 
@@ -411,11 +410,6 @@ def freeze_backbone(model: CxrNet) -> None:
         param.requires_grad_(False)
     for param in model.head.parameters():
         param.requires_grad_(True)
-
-
-def unfreeze_last_stage(model: CxrNet) -> list[nn.Parameter]:
-    """Let gradients reach the last backbone stage (after `freeze_backbone`); returns its parameters."""
-    return unfreeze_last_stages(model, 1)
 
 
 def unfreeze_last_stages(model: CxrNet, n: int) -> list[nn.Parameter]:
