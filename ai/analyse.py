@@ -20,7 +20,7 @@ from ai.errors import ImageRefused
 from ai.findings import Finding
 from ai.gate import InputGate
 from ai.pixels import dicom_to_float
-from ai.preprocess import Letterbox, preprocess_gray, to_model_input
+from ai.preprocess import Letterbox, preprocess_sizes, to_model_input
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,12 @@ class Analysis:
     letterbox: Letterbox
 
 
-def model_input(image: np.ndarray, ensemble: Ensemble, gate: InputGate | None = None) -> tuple[np.ndarray, Letterbox]:
-    """The gate's decision, then the one preprocessing: the ensemble's input (channels, size, size) for a decoded
-    image, with its letterbox. Site calibration scores images through this step too (``training.site``).
+def model_input(image: np.ndarray, ensemble: Ensemble,
+                gate: InputGate | None = None) -> tuple[dict[int, np.ndarray], Letterbox]:
+    """The gate's decision, then the one preprocessing: the ensemble's inputs for a decoded image, one per input
+    size of its members ({size: float32 (channels, size, size)}, ``ModelManifest.input_sizes``; the field detected
+    once), with the letterbox of the package's grid (``preprocess.size``) that maps its heat maps back. Site
+    calibration scores images through this step too (``training.site``).
 
     Raises:
         ImageRefused: the gate found no usable content, or not a frontal chest radiograph.
@@ -44,8 +47,10 @@ def model_input(image: np.ndarray, ensemble: Ensemble, gate: InputGate | None = 
         verdict = gate.check(image)
         if not verdict.analysable:
             raise ImageRefused(verdict.reason, image=image)
-    gray, box = preprocess_gray(image, ensemble.manifest.preprocess)
-    return to_model_input(gray, ensemble.manifest.preprocess), box
+    manifest = ensemble.manifest
+    grays = preprocess_sizes(image, manifest.preprocess, manifest.input_sizes)
+    inputs = {size: to_model_input(gray, manifest.spec_at(size)) for size, (gray, _) in grays.items()}
+    return inputs, grays[manifest.preprocess.size][1]
 
 
 def analyse_image(image: np.ndarray, ensemble: Ensemble, gate: InputGate | None = None,

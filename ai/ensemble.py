@@ -8,9 +8,13 @@ falls back to CPU when CUDA cannot start).
 
 Aggregation (the manifest's ``mean``): the probability of a label is the mean over members of
 ``sigmoid(logits)``, over the members that output the label when members carry different labels
-(``Member.labels``). The class activation map of a label is the mean over those members of their ``cam``
-output (logit space; its spatial mean is the member's logit), each resized bilinearly to the input
-grid (size x size). ``Finding.heatmap`` maps that onto [0, 1] with the sigmoid: an absolute scale
+(``Member.labels``). Members may take inputs of different sizes (``Member.size``): each runs on the image
+preprocessed at its own size, and the caller gives one batch per size (``ModelManifest.input_sizes``;
+``ai.analyse.model_input`` makes them). The class activation map of a label is the mean over those members of
+their ``cam`` output (logit space; its spatial mean is the member's logit), each resized bilinearly to the
+package's grid (``preprocess.size`` squared) as a whole square: the letterboxes of one image at two sizes differ
+only by the rounding of the content's edges, at most one grid pixel (``tests/test_preprocess.py``), far finer
+than a CAM cell (32 input pixels). ``Finding.heatmap`` maps that onto [0, 1] with the sigmoid: an absolute scale
 (0.5 = no evidence either way) that is comparable across images, so a clearly negative image yields
 a dark map instead of a min-max stretched one that would invent hot spots.
 """
@@ -37,6 +41,7 @@ from ai.manifest import (  # effective_thresholds and SITE_OVERRIDE live with th
     load_manifest,
     member_path,
 )
+from ai.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +138,7 @@ class Ensemble:
         chosen = _check_providers(providers)
         options = session_options(threads or default_threads())
         sessions = [
-            _open_session(member_path(package_dir, member), manifest, options, chosen)
+            _open_session(member_path(package_dir, member), manifest, manifest.member_spec(member), options, chosen)
             for member in manifest.members
         ]
         ensemble = cls(manifest, sessions, package_dir, thresholds)
@@ -149,31 +154,30 @@ class Ensemble:
         """Effective threshold per label (package value or site override)."""
         return self._thresholds
 
-    def predict(self, batch: np.ndarray) -> Prediction:
+    def predict(self, batch: np.ndarray | Mapping[int, np.ndarray]) -> Prediction:
         """Run every member on a batch of model inputs and aggregate.
 
         Args:
-            batch: float32 [N, channels, size, size] in [0, 1] (``ai.preprocess.to_model_input``).
+            batch: per input size S of the package (``manifest.input_sizes``), float32 [N, channels, S, S] in
+                [0, 1] (``ai.preprocess.to_model_input``), the same N images at every size: a mapping {S: batch},
+                or one array when the package has one input size.
 
         Raises:
-            ValueError: the batch does not have the package's input shape.
+            ValueError: the batch does not have the package's input shapes.
             ModelPackageError: a member returned outputs of the wrong shape.
         """
         spec = self.manifest.preprocess
-        x = np.ascontiguousarray(batch, dtype=np.float32)
-        expected = (spec.channels, spec.size, spec.size)
-        if x.ndim != 4 or x.shape[1:] != expected or x.shape[0] < 1:
-            want = ", ".join(map(str, expected))
-            raise ValueError(f"batch must have shape [N, {want}], got {list(x.shape)}")
+        inputs = self._inputs(batch)
         names = [self.manifest.outputs["logits"], self.manifest.outputs["cam"]]
         labels = self.manifest.labels
-        n = x.shape[0]
+        n = next(iter(inputs.values())).shape[0]
         probs = np.full((len(self._sessions), n, len(labels)), np.nan, np.float32)
         counts = np.zeros(len(labels), np.int64)
         # members grouped by CAM grid and output labels: each group's sum is resized once
         cam_sums: dict[tuple[tuple[int, ...], tuple[int, ...]], np.ndarray] = {}
         for m, (member, session) in enumerate(zip(self.manifest.members, self._sessions, strict=True)):
             columns = tuple(labels.index(label) for label in member.outputs(labels))
+            x = inputs[member.input_size(spec.size)]
             logits, cam = session.run(names, {self.manifest.input_name: x})
             self._check_outputs(member.file, logits, cam, n, len(columns))
             probs[m][:, columns] = sigmoid(logits)
@@ -188,12 +192,34 @@ class Ensemble:
         mean = (total / counts.reshape(1, -1)).astype(np.float32)
         return Prediction(probabilities=mean, cams=cams.astype(np.float32), member_probabilities=probs)
 
-    def findings(self, image_chw: np.ndarray) -> list[Finding]:
-        """One ``Finding`` per label (manifest order) for one preprocessed image [channels, size, size]."""
-        image = np.asarray(image_chw)
-        if image.ndim != 3:
-            raise ValueError(f"image must have shape [channels, size, size], got {list(image.shape)}")
-        prediction = self.predict(image[np.newaxis])
+    def _inputs(self, batch: np.ndarray | Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """{input size: float32 contiguous batch} for every input size of the package, checked."""
+        sizes = self.manifest.input_sizes
+        if not isinstance(batch, Mapping):
+            if len(sizes) > 1:
+                raise ValueError(f"the members of {self.manifest.name} {self.manifest.version} take inputs of "
+                                 f"sizes {list(sizes)}: give one batch per size, {{size: batch}}")
+            batch = {sizes[0]: batch}
+        if set(batch) != set(sizes):
+            raise ValueError(f"expected one batch per input size {list(sizes)}, got sizes {sorted(batch)}")
+        channels = self.manifest.preprocess.channels
+        out = {}
+        for size in sizes:
+            x = np.ascontiguousarray(batch[size], dtype=np.float32)
+            if x.ndim != 4 or x.shape[1:] != (channels, size, size) or x.shape[0] < 1:
+                raise ValueError(f"batch must have shape [N, {channels}, {size}, {size}], got {list(x.shape)}")
+            out[size] = x
+        if len({x.shape[0] for x in out.values()}) > 1:
+            found = {size: x.shape[0] for size, x in out.items()}
+            raise ValueError(f"the batches of every input size must hold the same images, got counts {found}")
+        return out
+
+    def findings(self, image_chw: np.ndarray | Mapping[int, np.ndarray]) -> list[Finding]:
+        """One ``Finding`` per label (manifest order) for one preprocessed image [channels, S, S], or one per input
+        size of the package ({S: image})."""
+        batch = ({size: _one_image(image) for size, image in image_chw.items()} if isinstance(image_chw, Mapping)
+                 else _one_image(image_chw))
+        prediction = self.predict(batch)
         out = []
         for index, label in enumerate(self.manifest.labels):
             probability = float(prediction.probabilities[0, index])
@@ -217,6 +243,14 @@ class Ensemble:
                 f"{self.package_dir / file}: expected logits [{n}, {labels}] and cam [{n}, {labels}, h, w], "
                 f"got {list(logits.shape)} and {list(cam.shape)}"
             )
+
+
+def _one_image(image_chw: np.ndarray) -> np.ndarray:
+    """One preprocessed image [channels, S, S] as a batch of one."""
+    image = np.asarray(image_chw)
+    if image.ndim != 3:
+        raise ValueError(f"image must have shape [channels, size, size], got {list(image.shape)}")
+    return image[np.newaxis]
 
 
 def _resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
@@ -245,9 +279,9 @@ def _check_providers(providers: Sequence[str]) -> list[str]:
 
 
 def _open_session(
-    path: Path, manifest: ModelManifest, options: ort.SessionOptions, providers: list[str]
+    path: Path, manifest: ModelManifest, spec: PreprocessSpec, options: ort.SessionOptions, providers: list[str]
 ) -> ort.InferenceSession:
-    """One member's session, checked against the manifest's input and outputs.
+    """One member's session, checked against the manifest's input (at the member's ``spec``) and outputs.
 
     Raises:
         ModelPackageError: onnxruntime cannot load the file, or its input/outputs do not match.
@@ -258,7 +292,6 @@ def _open_session(
         raise ModelPackageError(f"{path}: onnxruntime cannot load this member: {exc}") from exc
     inputs = {i.name: i.shape for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
-    spec = manifest.preprocess
     shape = inputs.get(manifest.input_name)
     if shape is None or len(shape) != 4:
         raise ModelPackageError(
@@ -269,7 +302,7 @@ def _open_session(
     if any(isinstance(got, int) and got != want for got, want in zip(shape[1:], expected, strict=True)):
         raise ModelPackageError(
             f"{path}: input {manifest.input_name!r} has shape {shape}, "
-            f"expected [N, {spec.channels}, {spec.size}, {spec.size}] (manifest preprocess)"
+            f"expected [N, {spec.channels}, {spec.size}, {spec.size}] (manifest preprocess and member size)"
         )
     wanted = set(manifest.outputs.values())
     if not wanted <= outputs:

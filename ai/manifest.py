@@ -15,7 +15,8 @@ evaluation, and a version. ``load_manifest`` refuses anything it cannot vouch fo
      "input_name": "image", "outputs": {"logits": "logits", "cam": "cam"},
      "aggregation": "mean",
      "members": [{"file": "m0.onnx", "sha256": "<64 hex>", "architecture": "resnet50",
-                  "fold": 0, "weights": "imagenet"}],   # optional per member: "labels": [its outputs]
+                  "fold": 0, "weights": "imagenet"}],   # optional per member: "labels": [its outputs],
+                                                          # "size": its input side when not preprocess.size
      "thresholds": {"Tuberculosis": {"value": 0.42, "method": "Youden J on OOF"}},
      "data_summary": {}, "evaluation_summary": {},
      "reference": {"Tuberculosis": {"source": "OOF ensemble", "cohort": "shenzhen", "n": 662,
@@ -31,6 +32,11 @@ site's scores are compared against it (drift, label-free threshold adaptation).
 reports such a label only for a patient whose age is known and in ``[from_years, below_years)``, and says in
 the SR that it did not apply otherwise (``ai.applicability``).
 
+A member's ``size`` (optional) is the side of the square input it takes when that is not ``preprocess.size``; the
+rest of the preprocessing is shared. The node preprocesses an image once per distinct size
+(``ModelManifest.input_sizes``) and averages the members' outputs; their class activation maps are drawn on the
+``preprocess.size`` grid, which at least one member must take (``ai.ensemble``).
+
 ``informational`` (optional) lists labels the node reports (SR group, banner, ``predict``) with their
 probability and decision at their threshold, but whose positive decision does not set the image's triage flag,
 e.g. ``["Effusion"]``: a finding whose specificity at the operating point is too low to sort studies. Absent,
@@ -44,13 +50,13 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from ai.errors import ModelPackageError
-from ai.preprocess import PreprocessSpec
+from ai.preprocess import MIN_SIDE, PreprocessSpec
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -63,7 +69,7 @@ AGE_KEYS = ("from_years", "below_years", "population")
 REFERENCE_KEYS = ("source", "cohort", "n", "prevalence", "quantiles", "quantiles_positive", "quantiles_negative")
 QUANTILE_POINTS = 101
 """Quantiles of a reference distribution: 0 %, 1 %, ..., 100 %."""
-MEMBER_KEYS = ("file", "sha256", "architecture", "fold", "weights", "labels")
+MEMBER_KEYS = ("file", "sha256", "architecture", "fold", "weights", "labels", "size")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
 JSON_TYPE_NAMES = {str: "string", int: "integer", float: "number", list: "array", dict: "object",
@@ -83,6 +89,7 @@ class Member:
         labels: the package labels this member outputs, in its output order; None: all of them, in the
             package's order. A package may combine members of several runs (a TB-only member beside
             multi-label ones): a label's probability is the mean over the members that output it.
+        size: the side of the square input this member takes; None: the package's ``preprocess.size``.
     """
 
     file: str
@@ -91,15 +98,22 @@ class Member:
     fold: int | None
     weights: str
     labels: tuple[str, ...] | None = None
+    size: int | None = None
 
     def outputs(self, package_labels: tuple[str, ...]) -> tuple[str, ...]:
         """The labels of this member's outputs, in order."""
         return self.labels if self.labels is not None else package_labels
 
+    def input_size(self, package_size: int) -> int:
+        """The side of this member's input: its own ``size``, else the package's."""
+        return self.size if self.size is not None else package_size
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"file": self.file, "sha256": self.sha256, "architecture": self.architecture,
                                "fold": self.fold, "weights": self.weights}
-        return {**out, "labels": list(self.labels)} if self.labels is not None else out
+        if self.labels is not None:
+            out["labels"] = list(self.labels)
+        return {**out, "size": self.size} if self.size is not None else out
 
 
 @dataclass(frozen=True)
@@ -184,6 +198,20 @@ class ModelManifest:
     reference: dict[str, ScoreReference] = field(default_factory=dict)
     ages: dict[str, AgeRange] = field(default_factory=dict)
     informational: tuple[str, ...] = ()
+
+    @property
+    def input_sizes(self) -> tuple[int, ...]:
+        """The distinct input sides of the members: ``preprocess.size`` first, then the others in member order."""
+        size = self.preprocess.size
+        return tuple(dict.fromkeys([size, *(m.input_size(size) for m in self.members)]))
+
+    def member_spec(self, member: Member) -> PreprocessSpec:
+        """The preprocessing of one member's input: the package's, at the member's size."""
+        return self.spec_at(member.input_size(self.preprocess.size))
+
+    def spec_at(self, size: int) -> PreprocessSpec:
+        """The package's preprocessing at another input side."""
+        return self.preprocess if size == self.preprocess.size else replace(self.preprocess, size=size)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values, in the order of the file format."""
@@ -368,12 +396,13 @@ def parse_manifest(data: Any, path: Path) -> ModelManifest:
     if version != FORMAT_VERSION:
         raise reader.fail("format_version", str(FORMAT_VERSION), version)
     labels = _parse_labels(reader, data)
+    preprocess = _parse_preprocess(reader, data)
     return ModelManifest(
         name=reader.string(data, "name"),
         version=reader.string(data, "version"),
         labels=labels,
-        preprocess=_parse_preprocess(reader, data),
-        members=_parse_members(reader, data, labels),
+        preprocess=preprocess,
+        members=_parse_members(reader, data, labels, preprocess.size),
         aggregation=_parse_aggregation(reader, data),
         thresholds=_parse_thresholds(reader, data, labels),
         input_name=reader.string(data, "input_name") if "input_name" in data else "image",
@@ -407,7 +436,8 @@ def _parse_preprocess(reader: _Reader, data: dict[str, Any]) -> PreprocessSpec:
         raise ModelPackageError(f"{reader.path}: key 'preprocess': {exc}") from exc
 
 
-def _parse_members(reader: _Reader, data: dict[str, Any], labels: tuple[str, ...]) -> tuple[Member, ...]:
+def _parse_members(reader: _Reader, data: dict[str, Any], labels: tuple[str, ...],
+                   package_size: int) -> tuple[Member, ...]:
     raw = reader.require(data, "members", list)
     if not raw:
         raise reader.fail("members", "at least one member", raw)
@@ -433,8 +463,16 @@ def _parse_members(reader: _Reader, data: dict[str, Any], labels: tuple[str, ...
                     or not all(isinstance(x, str) and x in labels for x in raw_labels)):
                 raise reader.fail(f"{where}labels", f"distinct labels of the package {list(labels)}", raw_labels)
             outputs = tuple(raw_labels)
+        size = None
+        if "size" in item:
+            size = reader.require(item, "size", int, where)
+            if size < MIN_SIDE:
+                raise reader.fail(f"{where}size", f"an input side >= {MIN_SIDE} pixels", size)
         members.append(Member(file, sha, reader.string(item, "architecture", where), fold,
-                              reader.string(item, "weights", where), outputs))
+                              reader.string(item, "weights", where), outputs, size))
+    if not any(m.input_size(package_size) == package_size for m in members):
+        raise reader.fail("members", f"at least one member at preprocess.size {package_size} (the heat maps' grid)",
+                          sorted({m.size for m in members if m.size is not None}))
     files = [m.file for m in members]
     if len(set(files)) != len(files):
         raise reader.fail("members", "distinct member files", files)

@@ -24,7 +24,8 @@ Pipeline:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import cv2
@@ -255,8 +256,29 @@ def preprocess_gray(image: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray
         (uint8 array (size, size), the Letterbox that maps results back to the source).
     """
     img = _as_float_image(image)
+    return _letterbox_gray(img, _field(img, spec), spec)
+
+
+def preprocess_sizes(image: np.ndarray, spec: PreprocessSpec,
+                     sizes: Sequence[int]) -> dict[int, tuple[np.ndarray, Letterbox]]:
+    """``preprocess_gray`` at each of ``sizes`` (``spec`` with its ``size`` replaced), the field detected once: the
+    inputs of a package whose members take images of several sizes (``ai.manifest.Member.size``).
+
+    Returns:
+        {size: (uint8 array (size, size), its Letterbox)}, in the order of ``sizes``.
+    """
+    img = _as_float_image(image)
+    field = _field(img, spec)
+    return {size: _letterbox_gray(img, field, replace(spec, size=size)) for size in dict.fromkeys(sizes)}
+
+
+def _field(img: np.ndarray, spec: PreprocessSpec) -> Box:
     rows, cols = img.shape
-    field = _detect_field(img) if spec.field_detection else (0, rows, 0, cols)
+    return _detect_field(img) if spec.field_detection else (0, rows, 0, cols)
+
+
+def _letterbox_gray(img: np.ndarray, field: Box, spec: PreprocessSpec) -> tuple[np.ndarray, Letterbox]:
+    rows, cols = img.shape
     y0, y1, x0, x1 = field
     scale = spec.size / max(y1 - y0, x1 - x0)
     out_rows, out_cols = _scaled_shape(y1 - y0, x1 - x0, scale, spec.size)

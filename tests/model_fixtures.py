@@ -30,6 +30,7 @@ def build_tiny_package(
     reference: Mapping[str, ScoreReference] | None = None,
     version: str = TINY_VERSION,
     informational: Sequence[str] = (),
+    member_sizes: Sequence[int] | None = None,
 ) -> Path:
     """Export `members` untrained tiny networks (seeds `seed`, `seed + 1`, ...) as a model package.
 
@@ -44,6 +45,7 @@ def build_tiny_package(
         version: the package version.
         ages: labels learnt from one age group only (manifest ``ages``).
         informational: labels that do not set the triage flag (manifest ``informational``).
+        member_sizes: each member's input size (``Member.size``, left out where it is `size`); None: all `size`.
 
     Returns:
         The package folder.
@@ -52,9 +54,13 @@ def build_tiny_package(
     torch.set_num_threads(1)
     try:
         models = []
-        for fold in range(members):
+        sizes = list(member_sizes) if member_sizes is not None else [size] * members
+        if len(sizes) != members:
+            raise ValueError(f"member_sizes has {len(sizes)} entries for {members} members")
+        for fold, own in enumerate(sizes):
             torch.manual_seed(seed + fold)
-            models.append((build_model("tiny", len(labels), size=size), MemberInfo(fold=fold)))
+            info = MemberInfo(fold=fold, size=own if own != size else None)
+            models.append((build_model("tiny", len(labels), size=own), info))
         return export_package(
             models,
             out_dir,

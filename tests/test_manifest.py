@@ -162,6 +162,10 @@ def test_missing_key_names_the_file_and_key(tmp_path: Path, key: str) -> None:
         (lambda d: d["members"][0].update(labels=["Mass"]), r"members\[0\]\.labels", "Mass"),
         (lambda d: d["members"][0].update(labels=["Nodule", "Nodule"]), r"members\[0\]\.labels", None),
         (lambda d: [m.update(labels=["Nodule"]) for m in d["members"]], "members", "none outputs .'Tuberculosis'."),
+        (lambda d: d["members"][1].update(size="96"), r"members\[1\]\.size", "'96'"),
+        (lambda d: d["members"][1].update(size=4), r"members\[1\]\.size", "an input side >= 8 pixels, found 4"),
+        (lambda d: [m.update(size=96) for m in d["members"]], "members",
+         r"at least one member at preprocess.size 64 .*found \[96\]"),
     ],
 )
 def test_invalid_values_name_the_file_key_and_value(tmp_path: Path, change: Any, key: str,
@@ -216,3 +220,22 @@ def test_members_may_output_a_subset_of_the_labels(tmp_path: Path) -> None:
     write_manifest(tmp_path, manifest)  # written back as read
     assert json.loads((tmp_path / MANIFEST_NAME).read_text())["members"][0]["labels"] == ["Nodule"]
     assert "labels" not in json.loads((tmp_path / MANIFEST_NAME).read_text())["members"][1]
+
+
+def test_members_may_take_inputs_of_their_own_size(tmp_path: Path) -> None:
+    """A member's ``size`` is written only where it is not the package's; the distinct sizes are listed with the
+    package's first, and each member's preprocessing is the package's at its size."""
+    make_package(tmp_path, members=3)
+    raw = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert all("size" not in m for m in raw["members"])  # a one-size package reads and writes as before
+    assert load_manifest(tmp_path).input_sizes == (64,)
+    edit_manifest(tmp_path, lambda d: (d["members"][0].update(size=96), d["members"][2].update(size=80)))
+    manifest = load_manifest(tmp_path)
+    assert [m.size for m in manifest.members] == [96, None, 80]
+    assert manifest.input_sizes == (64, 96, 80)
+    assert manifest.member_spec(manifest.members[0]) == PreprocessSpec(size=96, clahe_clip=1.5)
+    assert manifest.member_spec(manifest.members[1]) is manifest.preprocess
+    write_manifest(tmp_path, manifest)
+    written = json.loads((tmp_path / MANIFEST_NAME).read_text())["members"]
+    assert [m.get("size") for m in written] == [96, None, 80] and "size" not in written[1]
+    assert load_manifest(tmp_path) == manifest

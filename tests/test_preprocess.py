@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -17,6 +18,7 @@ from ai.preprocess import (
     detect_field,
     preprocess,
     preprocess_gray,
+    preprocess_sizes,
     to_model_input,
 )
 
@@ -260,3 +262,35 @@ def test_spec_round_trip_and_validation() -> None:
         PreprocessSpec.from_dict({"clahe_limit": 2.0})
     with pytest.raises(ValueError, match="size"):
         PreprocessSpec(size=0)
+
+
+def test_preprocess_sizes_is_preprocess_gray_at_each_size_with_one_field() -> None:
+    rng = np.random.default_rng(3)
+    image = np.zeros((700, 520), np.float32)
+    image[60:650, 40:500] = rng.random((590, 460), dtype=np.float32)  # a field inside black collimation
+    spec = PreprocessSpec(size=64, clahe_clip=1.5)
+    out = preprocess_sizes(image, spec, [64, 96, 64])
+    assert list(out) == [64, 96]
+    for size, (gray, box) in out.items():
+        expected_gray, expected_box = preprocess_gray(image, replace(spec, size=size))
+        np.testing.assert_array_equal(gray, expected_gray)
+        assert box == expected_box
+    assert out[64][1].field == out[96][1].field
+
+
+@pytest.mark.parametrize(("grid", "other"), [(320, 384), (384, 320), (64, 96)])
+def test_letterboxes_of_two_sizes_differ_by_at_most_one_grid_pixel(grid: int, other: int) -> None:
+    """The ensemble resizes a member's map from its own input square onto the package's grid as a whole
+    (``ai.ensemble``): that lands the field's edges within one grid pixel of where the grid's own letterbox puts
+    them, for fields of any shape."""
+    worst = 0.0
+    for rows in range(40, 1300, 83):
+        for cols in range(40, 1300, 89):
+            image = np.full((rows, cols), 0.5, np.float32)
+            edges = {}
+            for size in (grid, other):
+                _, box = preprocess_gray(image, PreprocessSpec(size=size, field_detection=False))
+                (top, left), (height, width) = box.offset, box.content_shape
+                edges[size] = np.array([top, top + height, left, left + width], np.float64)
+            worst = max(worst, float(np.abs(edges[other] * grid / other - edges[grid]).max()))
+    assert worst <= 1.0

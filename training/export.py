@@ -358,6 +358,7 @@ class MemberInfo:
         file: the `.onnx` file name in the package; None: `<architecture>_fold<k>.onnx` (or `_all`).
         architecture: the registry name; None: the model's own (`CxrNet.arch`), which it must equal.
         labels: the package labels of the model's outputs, in order; None: all of the package's, in its order.
+        size: the side of the model's input when it is not the package's (``spec.size`` of :func:`export_package`).
     """
 
     fold: int | None = None
@@ -365,6 +366,7 @@ class MemberInfo:
     file: str | None = None
     architecture: str | None = None
     labels: tuple[str, ...] | None = None
+    size: int | None = None
 
     def resolve(self, model: CxrNet) -> Member:
         """The manifest entry for `model` (sha256 still empty), every None filled in from `model`.
@@ -382,6 +384,7 @@ class MemberInfo:
             fold=self.fold,
             weights=self.weights or model.weights,
             labels=self.labels,
+            size=self.size,
         )
 
 
@@ -396,7 +399,7 @@ def export_package(
     thresholds: Mapping[str, tuple[float, str] | Threshold],
     data_summary: Mapping[str, Any] | None = None,
     evaluation_summary: Mapping[str, Any] | None = None,
-    parity_inputs: torch.Tensor | np.ndarray | None = None,
+    parity_inputs: torch.Tensor | np.ndarray | Mapping[int, torch.Tensor | np.ndarray] | None = None,
     opset: int = 17,
     overwrite: bool = False,
     weights_dtype: str = "float32",
@@ -409,8 +412,8 @@ def export_package(
 ) -> Path:
     """Write a model package: one checked ONNX graph per member + `manifest.json` (docs/contracts.md).
 
-    Each member is exported at `spec.size`, checked against torch on `parity_inputs` (default: two
-    seeded random images) and checksummed. The package is assembled in a hidden sibling folder,
+    Each member is exported at `spec.size` (or its own `MemberInfo.size`), checked against torch on `parity_inputs`
+    (default: two seeded random images) and checksummed. The package is assembled in a hidden sibling folder,
     read back with `ai.manifest.load_manifest` (checksums verified), then renamed into place, so a
     half-written package is never found at `out_dir`. The parity results are recorded in the
     evaluation summary under "onnx_export".
@@ -425,7 +428,8 @@ def export_package(
         thresholds: per label, (value, method) or a `Threshold`.
         data_summary: training data summary (JSON values).
         evaluation_summary: evaluation summary (JSON values).
-        parity_inputs: float images [N, 3, S, S] in [0, 1] for the parity check.
+        parity_inputs: float images [N, 3, S, S] in [0, 1] for the parity check; with members of several
+            input sizes, {S: images} (a size missing there is checked on random images).
         opset: ONNX opset.
         overwrite: replace an existing package at `out_dir`.
         weights_dtype: "float32", or "float16" to store the weights at half the size (compute stays
@@ -471,8 +475,7 @@ def export_package(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace the package")
-    if parity_inputs is None:
-        parity_inputs = torch.rand(2, 3, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
+    parity_at = _parity_inputs(parity_inputs, spec.size)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -486,7 +489,8 @@ def export_package(
             entries.append(entry)
         for model, entry in resolved:
             path = staging / entry.file
-            parity[entry.file], stored = write_member(model, path, spec.size, parity_inputs, opset=opset,
+            size = entry.input_size(spec.size)
+            parity[entry.file], stored = write_member(model, path, size, parity_at(size), opset=opset,
                                                       weights_dtype=weights_dtype, parity_tolerance=parity_tolerance)
             if stored is not None:
                 storage[entry.file] = stored
@@ -516,7 +520,8 @@ def export_package(
             members=tuple(entries),
             thresholds=threshold_map,
             data_summary=dict(data_summary or {}),
-            evaluation_summary={**dict(evaluation_summary or {}), "onnx_export": export_record},
+            evaluation_summary={**dict(evaluation_summary or {}), **({"onnx_export": export_record} if resolved
+                                                                      else {})},
             created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             reference=dict(reference or {}),
             ages=dict(ages or {}),
@@ -528,6 +533,30 @@ def export_package(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _parity_inputs(
+    given: torch.Tensor | np.ndarray | Mapping[int, torch.Tensor | np.ndarray] | None, package_size: int
+) -> Callable[[int], torch.Tensor | np.ndarray]:
+    """The parity images of each input size: those given (one array: the package's size), else two seeded random
+    images.
+
+    Raises:
+        ValueError: one array whose side is not the package's.
+    """
+    if given is not None and not isinstance(given, Mapping):
+        if tuple(given.shape[-2:]) != (package_size, package_size):
+            raise ValueError(f"parity_inputs of shape {list(given.shape)}: expected [N, 3, {package_size}, "
+                             f"{package_size}], or {{size: images}} for members of several sizes")
+        given = {package_size: given}
+    known = dict(given or {})
+
+    def at(size: int) -> torch.Tensor | np.ndarray:
+        if size in known:
+            return known[size]
+        return torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    return at
 
 
 def _resolve_members(
@@ -559,6 +588,10 @@ def _resolve_members(
         if entry.labels is None or foreign:
             raise ValueError(f"copied member {entry.file}: labels {entry.labels} must name labels of {list(labels)}")
     entries = [entry for _, entry in resolved] + list(copied)
+    if not any(entry.input_size(spec.size) == spec.size for entry in entries):
+        sizes = sorted({entry.input_size(spec.size) for entry in entries})
+        raise ValueError(f"no member takes the package's input size {spec.size} (members: {sizes}); it is the "
+                         f"grid of the heat maps")
     orphans = [label for label in labels if not any(label in entry.outputs(labels) for entry in entries)]
     if orphans:
         raise ValueError(f"no member outputs {orphans}")

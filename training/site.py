@@ -175,7 +175,7 @@ def _score_image(
         return None, True, refused.reason
     except (InvalidDicomError, OSError, ValueError, EOFError, UnsupportedImage) as exc:
         raise UnsupportedImage(f"{where}: cannot be analysed as the node would: {exc}") from exc
-    return ensemble.predict(x[np.newaxis]), False, ""
+    return ensemble.predict({size: image[np.newaxis] for size, image in x.items()}), False, ""
 
 
 def _check_counts(y: np.ndarray, groups: np.ndarray, what: str, k: int) -> None:
