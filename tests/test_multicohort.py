@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -240,12 +241,49 @@ def test_a_package_combines_the_members_of_two_runs(cohorts: tuple[Path, Path, P
     assert manifest.reference["Tuberculosis"].n == len(mean)
     assert manifest.evaluation_summary["oof"]["Tuberculosis"]["runs"] == ["tb-only", "tb-ped"]
 
-    fit(tiny_config((tb, ext), name="tb-96", image_size=96, epochs_head=1, epochs_finetune=0, unfreeze="none"),
-        tmp_path / "c")
-    with pytest.raises(ValueError, match="preprocess differently"):
-        export_run([tmp_path / "a", tmp_path / "c"], tmp_path / "pkg-c")
     with pytest.raises(ValueError, match="distinct names"):
         export_run([tmp_path / "a", tmp_path / "a"], tmp_path / "pkg-d")
+
+
+def test_runs_of_two_input_sizes_make_one_package_whose_members_keep_their_size(
+    cohorts: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """A 64 px and a 96 px run of the same folds: the second run's members say their size, the package scores an
+    image as the mean of each run's members on the image preprocessed at their own size, and the threshold comes
+    from the mean of the two runs' OOF ensembles. A run that preprocesses otherwise than by its size is refused."""
+    tb, _, ext = cohorts
+    fit(tiny_config((tb, ext), name="tb-64", epochs_head=1, epochs_finetune=0, unfreeze="none"), tmp_path / "a")
+    fit(tiny_config((tb, ext), name="tb-96", image_size=96, epochs_head=1, epochs_finetune=0, unfreeze="none"),
+        tmp_path / "c")
+    package = export_run([tmp_path / "a", tmp_path / "c"], tmp_path / "pkg", version="0.1", threshold="sensitivity")
+    manifest = load_manifest(package)
+    assert manifest.preprocess.size == 64 and manifest.input_sizes == (64, 96)
+    assert [(m.file, m.size) for m in manifest.members] == [(f"tb-64_tiny_fold{k}.onnx", None) for k in range(3)] + [
+        (f"tb-96_tiny_fold{k}.onnx", 96) for k in range(3)]
+    alone_a = Ensemble.load(export_run(tmp_path / "a", tmp_path / "pkg-a", version="0.1"))
+    alone_c = Ensemble.load(export_run(tmp_path / "c", tmp_path / "pkg-c", version="0.1"))
+    images = [read_image_file(tb.parent / row["image"]) for row in read_csv(tb)[:3]]
+    x64 = np.stack([preprocess(image, alone_a.manifest.preprocess)[0] for image in images])
+    x96 = np.stack([preprocess(image, alone_c.manifest.preprocess)[0] for image in images])
+    together = Ensemble.load(package).predict({64: x64, 96: x96})
+    expected = (alone_a.predict(x64).probabilities + alone_c.predict(x96).probabilities) / 2
+    np.testing.assert_allclose(together.probabilities, expected, atol=1e-6)
+
+    oof_a, oof_c = read_csv(tmp_path / "a" / "predictions_oof.csv"), read_csv(tmp_path / "c" / "predictions_oof.csv")
+    score_c = {r["image"]: float(r["score_Tuberculosis__ensemble"]) for r in oof_c}
+    mean = {r["image"]: (float(r["score_Tuberculosis__ensemble"]) + score_c[r["image"]]) / 2 for r in oof_a}
+    positives = sorted((mean[r["image"]] for r in oof_a if r["label_Tuberculosis"] == "1"), reverse=True)
+    expected_threshold = positives[int(np.ceil(0.9 * len(positives))) - 1]
+    assert manifest.thresholds["Tuberculosis"].value == pytest.approx(expected_threshold, abs=1e-6)
+
+    other = tmp_path / "d"  # run a's units under another name, its CLAHE changed: not one preprocessing
+    shutil.copytree(tmp_path / "a", other)
+    config = (other / "config.toml").read_text()
+    assert 'name = "tb-64"' in config and "[preprocess]" in config
+    (other / "config.toml").write_text(config.replace('name = "tb-64"', 'name = "tb-clahe"', 1).replace(
+        "[preprocess]", "[preprocess]\nclahe_clip = 3.0", 1))
+    with pytest.raises(ValueError, match=r"preprocesses differently .* only their input size may differ"):
+        export_run([tmp_path / "a", other], tmp_path / "pkg-d")
 
 
 def test_a_run_adds_its_labels_to_a_base_package_whose_members_stay_unchanged(

@@ -2,7 +2,7 @@
 
 This module only parses arguments and dispatches; each subcommand calls one composition of the library:
 :func:`training.fit.fit`, :func:`training.evaluate.evaluate_dir`, :func:`training.compare.compare`,
-:func:`training.export_run.export_run`, :func:`training.audits.baseline_run`,
+:func:`training.export_run.export_run`, :func:`training.combine.combine_packages`, :func:`training.audits.baseline_run`,
 :func:`training.audits.blackout_run`, :func:`training.site.site_threshold_run` (with the node's chest
 filter and input gate, the one place ``training/`` reads the node's configuration),
 :func:`training.gate.export_gate` and :func:`training.gate_eval.evaluate_gate`.
@@ -27,6 +27,7 @@ from node.packages import load_gate
 from storage.files import DISK_FULL_ERRNOS, DiskFull, write_atomic
 from training.architectures import ARCHITECTURES
 from training.audits import baseline_run, blackout_run, blackout_scores, merge_audits, read_audits
+from training.combine import combine_packages
 from training.compare import compare
 from training.config import ConfigError, example_config_text, load_config
 from training.evaluate import evaluate_dir
@@ -74,6 +75,8 @@ workflow:
                 cxr-train evaluate --run-dir runs/tb    -> runs/tb/report/report.md
                 cxr-train compare A.csv B.csv --label Tuberculosis   DeLong between two models
   5. export     cxr-train export --run-dir runs/tb --out packages/tb-v1
+                (--run-dir twice: two runs' members in one package, also of two image sizes;
+                cxr-train combine adds another package's members for some labels, byte for byte)
   6. deploy     point the node at the package: [model] package = "packages/tb-v1" in node.toml
                 (or CXR_MODEL_PACKAGE=packages/tb-v1), then restart cxr-node
   7. site       at another hospital, a labelled local sample (a cohort CSV) sets the site's threshold:
@@ -147,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "held-out images); default: stored for int8-last-stage, run otherwise")
     p.add_argument("--oof-out", type=Path, metavar="FOLDER",
                    help="write those OOF scores as FOLDER/predictions_oof.csv (for cxr-train evaluate / compare)")
+
+    p = add("combine", "a package plus another package's members for some labels, copied byte for byte with their "
+                       "thresholds and references")
+    p.add_argument("--base-package", type=Path, required=True, help="the package whose members all stay")
+    p.add_argument("--add-package", type=Path, required=True, help="the package the added labels' members come from")
+    p.add_argument("--labels", nargs="+", required=True, help="labels of --add-package that --base-package lacks")
+    p.add_argument("--out", type=Path, required=True, help="package folder to write")
+    p.add_argument("--version", default="", help="package version (default: the names + date)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package")
 
     p = add("baseline", "thumbnail + intensity floor on the same folds (shortcut audit) -> RUN_DIR/audits.json")
     p.add_argument("--run-dir", type=Path, required=True)
@@ -303,6 +315,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _combine(args: argparse.Namespace) -> int:
+    package = combine_packages(args.base_package, args.add_package, args.labels, args.out, args.version,
+                               args.overwrite)
+    print(f'package: {package}\nnext: set [model] package = "{package}" in node.toml and restart cxr-node')
+    return 0
+
+
 def _baseline(args: argparse.Namespace) -> int:
     for report in baseline_run(args.run_dir, args.n_boot):
         print(f"{report.get('cohort', '')} {report.get('label', '')}: {report['verdict']}")
@@ -405,6 +424,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "evaluate": _evaluate,
     "compare": _compare,
     "export": _export,
+    "combine": _combine,
     "baseline": _baseline,
     "audit-blackout": _audit_blackout,
     "site-threshold": _site_threshold,

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ai.manifest import load_manifest, member_path
-from ai.preprocess import to_model_input
+from ai.preprocess import PreprocessSpec, to_model_input
 from training import metrics
 from training.config import RunConfig
 from training.export import INT8_LAST_STAGE, MemberInfo, export_package
@@ -113,8 +113,9 @@ def export_run(
     ``labels``: the run's labels the package carries (default: all), in the run's order; the others are cut
     from every member's output layer and named in the manifest's evaluation summary (``left_out``).
 
-    Several runs (``run_dir`` a sequence; the same preprocessing): the package carries the union of their
-    labels, each member its own run's (``Member.labels``), and a label's score is the mean over the members
+    Several runs (``run_dir`` a sequence; the same preprocessing but for the input size): the package carries the
+    union of their labels, each member its own run's (``Member.labels``) and, when its run's ``image_size`` is not the
+    first run's (the package's), its own input size (``Member.size``), and a label's score is the mean over the members
     that output it. Its OOF score is the same mean over the runs' OOF ensembles, weighted by their member
     counts: every run must have scored the same images of that label. Member files are prefixed with the
     run's name. ``members`` then selects architectures in whichever runs have them.
@@ -123,8 +124,9 @@ def export_run(
     fold: each image scored by the model that did not train on it); with several runs, one list for all of them or
     one list per run, in ``run_dir``'s order (a run's OOF score then weighs as many members as it ships).
 
-    ``base_package`` (one run): the package carries that package's members unchanged (byte for byte, with
-    its labels, thresholds, reference and ages) and, after them, the run's members for the run's labels the
+    ``base_package`` (one run, preprocessed as the base at its ``preprocess.size``): the package carries that
+    package's members unchanged (byte for byte, with their labels, sizes, thresholds, reference and ages) and, after
+    them, the run's members for the run's labels the
     base does not carry (``labels`` narrows them; naming a base label is refused: a label has one source).
     The run's members are cut to those labels and their files prefixed with the run's name; the base's
     informational labels stay informational.
@@ -139,8 +141,8 @@ def export_run(
     folder to write those OOF scores to as ``predictions_oof.csv`` (for ``cxr-train evaluate`` and ``compare``).
 
     Raises:
-        ValueError: an unknown or unfinished architecture, runs with different preprocessing, or runs that
-            scored different images for a label they share.
+        ValueError: an unknown or unfinished architecture, runs whose preprocessing differs in more than the input
+            size, or runs that scored different images for a label they share.
         FileNotFoundError: no ``config.toml`` or ``predictions_oof.csv`` in the run directory.
     """
     oof_scores = oof_scores or ("stored" if weights_dtype == INT8_LAST_STAGE else "run")
@@ -295,11 +297,14 @@ def _oof_figures(
     return thresholds, evaluation, reference
 
 
-def _members(part: _RunPart, outputs: Sequence[str], prefixed: bool) -> list[tuple[CxrNet, MemberInfo]]:
+def _members(part: _RunPart, outputs: Sequence[str], prefixed: bool,
+             package_size: int | None = None) -> list[tuple[CxrNet, MemberInfo]]:
     """Each finished unit's model, cut to ``outputs`` (run labels, in the run's order) when it has more, with its
     manifest info; ``prefixed``: the file named after the run and the member's labels set (a package of several
-    sources)."""
+    sources); its input size set when the run's is not ``package_size`` (None: the run's own)."""
     config = part.config
+    own = config.preprocess_spec().size
+    size = own if package_size is not None and own != package_size else None
     indices = [config.labels.index(label) for label in outputs]
     members = []
     for key in part.units:
@@ -307,9 +312,9 @@ def _members(part: _RunPart, outputs: Sequence[str], prefixed: bool) -> list[tup
         if len(outputs) < len(config.labels):
             model = keep_labels(model, indices)
         weights = weights_record(config.weights_for(key.architecture) or "random")
-        info = MemberInfo(fold=key.fold, weights=weights) if not prefixed else MemberInfo(
+        info = MemberInfo(fold=key.fold, weights=weights, size=size) if not prefixed else MemberInfo(
             fold=key.fold, weights=weights, file=f"{config.name}_{key.architecture}_fold{key.fold}.onnx",
-            labels=tuple(outputs))
+            labels=tuple(outputs), size=size)
         members.append((model, info))
     return members
 
@@ -332,9 +337,7 @@ def _export_runs(
     """The package of several runs (see :func:`export_run`); each part's OOF table read (:func:`_read_oof`)."""
     spec = parts[0].config.preprocess_spec()
     for part in parts[1:]:
-        if part.config.preprocess_spec() != spec:
-            raise ValueError(f"runs {parts[0].run.root} and {part.run.root} preprocess differently "
-                             f"({spec} vs {part.config.preprocess_spec()}): one package has one preprocessing")
+        _check_same_preprocessing(spec, part, f"run {parts[0].run.root}")
     names = [part.config.name for part in parts]
     if len(set(names)) != len(names):
         raise ValueError(f"the runs must have distinct names (member files are prefixed with them), got {names}")
@@ -359,13 +362,13 @@ def _export_runs(
     for part in parts:
         outputs = tuple(label for label in part.config.labels if label in carried)
         if outputs:
-            models += _members(part, outputs, prefixed=True)
+            models += _members(part, outputs, prefixed=True, package_size=spec.size)
     name = "+".join(names)
     package = export_package(
         models, out, name=name, version=version or f"{name}-{_today()}", labels=carried, spec=spec,
         thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation,
         data_summary={p.config.name: _cohorts(p.run) for p in parts},
-        weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(parts[0].run.root, parts[0].config),
+        weights_dtype=weights_dtype, parity_inputs=_parity_by_size(parts),
         reference=reference, ages=_ages(carried), informational=informational,
         expected_sha256={file: digest for part in parts for file, digest in _scored_files(part, True).items()},
     )
@@ -383,7 +386,8 @@ def _export_onto(
     config = part.config
     if config.preprocess_spec() != base.preprocess:
         raise ValueError(f"{part.run.root} preprocesses differently from the base package {base_dir} "
-                         f"({config.preprocess_spec()} vs {base.preprocess}): one package has one preprocessing")
+                         f"({config.preprocess_spec()} vs {base.preprocess}): a run added to a base package takes "
+                         f"its preprocessing and size (runs of other sizes: --run-dir twice, or cxr-train combine)")
     shared = [label for label in (labels or ()) if label in base.labels]
     if shared:
         raise ValueError(f"--labels {shared}: the base package {base.name} {base.version} carries them already; "
@@ -405,9 +409,9 @@ def _export_onto(
         summary["left_out"] = left_out
     name = f"{base.name}+{config.name}"
     package = export_package(
-        _members(part, added, prefixed=True), out, name=name, version=version or f"{name}-{_today()}",
-        labels=base.labels + added,
-        spec=config.preprocess_spec(), thresholds={**base.thresholds, **thresholds}, overwrite=overwrite,
+        _members(part, added, prefixed=True), out, name=name,
+        version=version or f"{name}-{_today()}", labels=base.labels + added,
+        spec=base.preprocess, thresholds={**base.thresholds, **thresholds}, overwrite=overwrite,
         evaluation_summary=summary,
         data_summary={base.name: base.data_summary, config.name: _cohorts(part.run)},
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(part.run.root, config),
@@ -455,6 +459,28 @@ def combined_oof(parts: Sequence[_RunPart], label: str) -> PredictionTable:
                            labels={label: first.labels[label]}, scores={label: {**columns, ENSEMBLE: combined}},
                            sources=sources, sites=first.sites, sexes=first.sexes, ages=first.ages,
                            folds=first.folds if same_folds else None)
+
+
+def _check_same_preprocessing(spec: PreprocessSpec, part: _RunPart, other: str) -> None:
+    """A run may join a package at another input size; the rest of the preprocessing must be the package's.
+
+    Raises:
+        ValueError: naming both and their preprocessing.
+    """
+    own = part.config.preprocess_spec()
+    if replace(own, size=spec.size) != spec:
+        raise ValueError(f"{part.run.root} preprocesses differently from {other} ({own} vs {spec}): the members of "
+                         f"one package share one preprocessing, only their input size may differ")
+
+
+def _parity_by_size(parts: Sequence[_RunPart]) -> dict[int, np.ndarray]:
+    """Real parity images at each run's input size (:func:`real_parity_inputs`; the first run of a size)."""
+    out: dict[int, np.ndarray] = {}
+    for part in parts:
+        size = part.config.preprocess_spec().size
+        if size not in out:
+            out[size] = real_parity_inputs(part.run.root, part.config)
+    return out
 
 
 def real_parity_inputs(run_dir: Path, config: RunConfig, n: int = 4) -> np.ndarray:
