@@ -21,7 +21,9 @@ A package of several members per fold (architectures averaged) scores each image
 fold's members, each source (a member file's name without ``_fold<k>.onnx``: one run's architecture) weighing as
 many members as the package ships (as ``cxr-train export`` weighs the OOF scores). A package that ships only some
 folds of a source names, with ``--fold-members``, a package holding every fold's members stored the same way (the
-shipped package still gives the threshold and the weights).
+shipped package still gives the threshold and the weights). Members of another input size (``Member.size``) see the
+image preprocessed at their size, changed the same way (the blur's sigma and the sharpening stay one pixel of that
+size).
 
 Run on demand (not part of the test suite)::
 
@@ -42,10 +44,11 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
+from ai.analyse import model_input
 from ai.ensemble import Ensemble, sigmoid
 from ai.manifest import bundled_package_dir, load_manifest, member_path
 from ai.pixels import read_image_file
-from ai.preprocess import preprocess_gray, to_model_input
+from ai.preprocess import preprocess_sizes, to_model_input
 from training import metrics
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -125,13 +128,12 @@ def main() -> None:
     if label not in manifest.labels:
         raise SystemExit(f"{args.package} has no {label} label: this bench probes the TB members")
     threshold = float(manifest.thresholds[label].value)
-    spec = manifest.preprocess
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     shipped = Counter(_source(m.file) for m in manifest.members if label in m.outputs(manifest.labels))
     scorers = args.fold_members or args.package
     scoring = load_manifest(scorers)
-    by_fold: dict[int, list[tuple[ort.InferenceSession, int, float]]] = {}
+    by_fold: dict[int, list[tuple[ort.InferenceSession, int, float, int]]] = {}
     sources_of: dict[int, list[str]] = {}
     for m in scoring.members:
         outputs = m.outputs(scoring.labels)
@@ -141,7 +143,8 @@ def main() -> None:
         if source not in shipped:
             raise SystemExit(f"{scorers}: {m.file} comes from no source that {args.package} ships ({sorted(shipped)})")
         session = ort.InferenceSession(str(member_path(scorers, m)), options, providers=["CPUExecutionProvider"])
-        by_fold.setdefault(int(m.fold), []).append((session, outputs.index(label), float(shipped[source])))
+        by_fold.setdefault(int(m.fold), []).append((session, outputs.index(label), float(shipped[source]),
+                                                    m.input_size(scoring.preprocess.size)))
         sources_of.setdefault(int(m.fold), []).append(source)
     with (args.run_dir / "folds.csv").open(newline="") as f:
         fold_of = {row["image"]: int(row["fold"]) for row in csv.DictReader(f)}
@@ -155,15 +158,16 @@ def main() -> None:
 
     labels: list[int] = []
     scores: dict[str, list[float]] = {name: [] for name in CHANGES}
+    sizes = sorted({size for members in by_fold.values() for *_, size in members})
     for row in rows:
-        gray, _ = preprocess_gray(read_image_file(args.data / row["image"]), spec)
+        grays = preprocess_sizes(read_image_file(args.data / row["image"]), scoring.preprocess, sizes)
         members = by_fold[fold_of[row["image"]]]
         labels.append(int(row["label_tb"]))
         for name, change in CHANGES.items():
-            x = to_model_input(change(gray), spec)[None]
-            p = [float(sigmoid(session.run([manifest.outputs["logits"]], {manifest.input_name: x})[0][0, j]))
-                 for session, j, _ in members]
-            scores[name].append(float(np.average(p, weights=[w for _, _, w in members])))
+            x = {size: to_model_input(change(gray), scoring.spec_at(size))[None] for size, (gray, _) in grays.items()}
+            p = [float(sigmoid(session.run([manifest.outputs["logits"]], {manifest.input_name: x[size]})[0][0, j]))
+                 for session, j, _, size in members]
+            scores[name].append(float(np.average(p, weights=[w for _, _, w, _ in members])))
     y = np.asarray(labels)
     results = {name: _summary(y, np.asarray(s), threshold) for name, s in scores.items()}
 
@@ -172,8 +176,8 @@ def main() -> None:
         mont = list(csv.DictReader(f))
     m_scores = []
     for row in mont:
-        gray, _ = preprocess_gray(read_image_file(args.data / row["image"]), spec)
-        prediction = ens.predict(to_model_input(gray, spec)[None])
+        inputs, _ = model_input(read_image_file(args.data / row["image"]), ens)
+        prediction = ens.predict({size: x[None] for size, x in inputs.items()})
         m_scores.append(float(prediction.probabilities[0, manifest.labels.index(label)]))
     results["montgomery (external, for reference)"] = _summary(
         np.asarray([int(r["label_tb"]) for r in mont]), np.asarray(m_scores), threshold)

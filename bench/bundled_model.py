@@ -36,12 +36,13 @@ from typing import Any
 
 import numpy as np
 
+from ai.analyse import model_input
 from ai.applicability import apply_ages
 from ai.ensemble import Ensemble, sigmoid
 from ai.findings import Finding
 from ai.manifest import bundled_package_dir, load_manifest, member_path
 from ai.pixels import read_image_file
-from ai.preprocess import preprocess, preprocess_gray, to_model_input
+from ai.preprocess import preprocess
 from training import metrics
 from training.audits import blackout_audit
 
@@ -53,13 +54,32 @@ def _rows(csv_path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+Inputs = dict[int, np.ndarray]
+"""{input size: float32 [N, 3, size, size]}: a package's inputs for N images (``ai.analyse.model_input``)."""
+
+
+def _inputs(ens: Ensemble, images: Sequence[np.ndarray]) -> Inputs:
+    """The images preprocessed as the node does, at every input size of the package."""
+    each = [model_input(image, ens)[0] for image in images]
+    return {size: np.stack([x[size] for x in each]) for size in ens.manifest.input_sizes}
+
+
+def _rows_of(x: Inputs, rows: np.ndarray | slice) -> Inputs:
+    return {size: batch[rows] for size, batch in x.items()}
+
+
+def _probabilities(ens: Ensemble, x: Inputs) -> np.ndarray:
+    """[N, L] in batches of 16."""
+    n = len(next(iter(x.values())))
+    return np.concatenate([ens.predict(_rows_of(x, slice(i, i + 16))).probabilities for i in range(0, n, 16)])
+
+
 def _latency(ens: Ensemble, paths: list[Path]) -> dict[str, Any]:
-    spec = ens.manifest.preprocess
-    ens.predict(preprocess(read_image_file(paths[0]), spec)[0][None])  # warm-up
+    ens.predict(_inputs(ens, [read_image_file(paths[0])]))  # warm-up
     total, model_only = [], []
     for path in paths:
         t0 = time.perf_counter()
-        x = preprocess(read_image_file(path), spec)[0][None]
+        x = _inputs(ens, [read_image_file(path)])
         t1 = time.perf_counter()
         ens.predict(x)
         t2 = time.perf_counter()
@@ -86,13 +106,15 @@ def _member_scores(package: Path, x: np.ndarray, member_index: int, threads: int
     return sigmoid(np.concatenate(out))[:, 0]
 
 
-def _unchanged(ens: Ensemble, other_dir: Path, x: np.ndarray, threads: int) -> dict:
-    """Per label both packages carry: are probabilities and maps on the images ``x`` equal, and the largest
+def _unchanged(ens: Ensemble, other_dir: Path, images: Sequence[np.ndarray], threads: int) -> dict:
+    """Per label both packages carry: are probabilities and maps on the decoded ``images`` equal, and the largest
     difference."""
     other = Ensemble.load(other_dir, providers=["CPUExecutionProvider"], threads=threads)
-    mine = [ens.predict(x[i : i + 16]) for i in range(0, len(x), 16)]
-    theirs = [other.predict(x[i : i + 16]) for i in range(0, len(x), 16)]
-    out: dict = {"package": str(other_dir), "version": other.manifest.version, "n_images": len(x), "labels": {}}
+    x, y = _inputs(ens, images), _inputs(other, images)
+    mine = [ens.predict(_rows_of(x, slice(i, i + 16))) for i in range(0, len(images), 16)]
+    theirs = [other.predict(_rows_of(y, slice(i, i + 16))) for i in range(0, len(images), 16)]
+    out: dict = {"package": str(other_dir), "version": other.manifest.version, "n_images": len(images),
+                 "labels": {}}
     for label in ens.manifest.labels:
         if label not in other.manifest.labels:
             continue
@@ -105,14 +127,15 @@ def _unchanged(ens: Ensemble, other_dir: Path, x: np.ndarray, threads: int) -> d
     return out
 
 
-def _flags(ens: Ensemble, x: np.ndarray) -> tuple[list[list[Finding]], np.ndarray]:
-    """Each image's findings as the node decides them for a patient of unknown age, and its triage flag."""
-    findings = [apply_ages(ens.findings(image), ens.manifest.ages, None) for image in x]
+def _flags(ens: Ensemble, images: Sequence[np.ndarray]) -> tuple[list[list[Finding]], np.ndarray]:
+    """Each decoded image's findings as the node decides them for a patient of unknown age, and its triage flag."""
+    findings = [apply_ages(ens.findings(model_input(image, ens)[0]), ens.manifest.ages, None) for image in images]
     return findings, np.array([any(f.flags for f in fs) for fs in findings])
 
 
-def _triage(ens: Ensemble, x: np.ndarray, y: np.ndarray, other_dir: Path | None, threads: int) -> dict:
-    findings, flag = _flags(ens, x)
+def _triage(ens: Ensemble, images: Sequence[np.ndarray], y: np.ndarray, other_dir: Path | None,
+            threads: int) -> dict:
+    findings, flag = _flags(ens, images)
     negatives, positives = y == 0, y == 1
     out: dict = {"n_negative": int(negatives.sum()), "n_positive": int(positives.sum()),
                  "flag_on_negatives": int(flag[negatives].sum()), "flag_on_positives": int(flag[positives].sum()),
@@ -125,7 +148,7 @@ def _triage(ens: Ensemble, x: np.ndarray, y: np.ndarray, other_dir: Path | None,
                                 "present_on_positives": int(present[positives].sum())}
     if other_dir is not None:
         other = Ensemble.load(other_dir, providers=["CPUExecutionProvider"], threads=threads)
-        _, other_flag = _flags(other, x)
+        _, other_flag = _flags(other, images)
         out["vs"] = {"version": other.manifest.version, "flag_differs_on": int(np.sum(flag != other_flag)),
                      "flag_on_negatives": int(other_flag[negatives].sum()),
                      "flag_on_positives": int(other_flag[positives].sum())}
@@ -147,7 +170,6 @@ def main() -> None:
     result["size_bytes"] = int(du.stdout.split()[0])
     result["size_mb"] = result["size_bytes"] / 1e6
     ens = Ensemble.load(args.package, providers=["CPUExecutionProvider"], threads=args.threads)
-    spec = ens.manifest.preprocess
     label = ens.manifest.labels[0]
     mont = _rows(DATA / "tb" / "montgomery.csv")
     mont_paths = [DATA / r["image"] for r in mont]
@@ -160,8 +182,7 @@ def main() -> None:
     masks = [np.round(read_image_file(DATA / r["lung_mask"]) * 255).astype(np.uint8) for r in mont]
 
     def score(images: Sequence[np.ndarray]) -> np.ndarray:
-        x = np.stack([to_model_input(preprocess_gray(im.astype(np.float32) / 255, spec)[0], spec) for im in images])
-        return np.concatenate([ens.predict(x[i : i + 16]).probabilities[:, 0] for i in range(0, len(x), 16)])
+        return _probabilities(ens, _inputs(ens, [im.astype(np.float32) / 255 for im in images]))[:, 0]
 
     result["blackout_montgomery"] = blackout_audit(
         score, raw, masks, y_m, [r["patient_id"] for r in mont], cohort="montgomery", label=label, n_boot=2000
@@ -169,15 +190,19 @@ def main() -> None:
     print(result["blackout_montgomery"]["verdict"], flush=True)
 
     # Montgomery as the node reads it, for the package comparisons
-    x_m = np.stack([preprocess(read_image_file(p), spec)[0] for p in mont_paths])
-    result["triage"] = _triage(ens, x_m, y_m, args.unchanged_from, args.threads)
+    images_m = [read_image_file(p) for p in mont_paths]
+    result["triage"] = _triage(ens, images_m, y_m, args.unchanged_from, args.threads)
     print(json.dumps(result["triage"], indent=1), flush=True)
     if args.unchanged_from:
-        result["unchanged_from"] = _unchanged(ens, args.unchanged_from, x_m, args.threads)
+        result["unchanged_from"] = _unchanged(ens, args.unchanged_from, images_m, args.threads)
         print(json.dumps(result["unchanged_from"], indent=1), flush=True)
 
     if args.fp32_package:
         fp32 = Ensemble.load(args.fp32_package, providers=["CPUExecutionProvider"], threads=args.threads)
+        if len(ens.manifest.input_sizes) > 1 or fp32.manifest.input_sizes != ens.manifest.input_sizes:
+            raise SystemExit("--fp32-package compares two packages of the same single input size")
+        spec = ens.manifest.preprocess
+        x_m = np.stack([preprocess(image, spec)[0] for image in images_m])
         p16 = np.concatenate([ens.predict(x_m[i : i + 16]).probabilities[:, 0] for i in range(0, len(x_m), 16)])
         p32 = np.concatenate([fp32.predict(x_m[i : i + 16]).probabilities[:, 0] for i in range(0, len(x_m), 16)])
         comparison = {

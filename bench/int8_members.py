@@ -164,6 +164,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     manifest = load_manifest(args.package)
+    if len(manifest.input_sizes) > 1:
+        raise SystemExit(f"{args.package}: members of input sizes {list(manifest.input_sizes)}; this bench takes a "
+                         f"package of one input size")
     spec = manifest.preprocess
     args.work.mkdir(parents=True, exist_ok=True)
     folds = {r["image"]: int(r["fold"]) for r in _rows(args.run_dir / "folds.csv")}
