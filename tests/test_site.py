@@ -122,10 +122,11 @@ def test_too_small_a_sample_is_refused_with_the_counts() -> None:
         calibrate_label(_table(y, p, groups), "Tuberculosis", package_threshold=0.5)
 
 
+@pytest.mark.parametrize("member_sizes", [None, (64, 96)], ids=["one size", "members of two sizes"])
 def test_cli_scores_as_the_node_does_and_writes_a_threshold_the_node_accepts(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], member_sizes: tuple[int, int] | None
 ) -> None:
-    package = build_tiny_package(tmp_path / "pkg", members=2, size=64, threshold=0.5)
+    package = build_tiny_package(tmp_path / "pkg", members=2, size=64, threshold=0.5, member_sizes=member_sizes)
     cohort = make_cohort(tmp_path / "site", "site", 24, seed=5)
     out = tmp_path / "calib"
     code = main(["site-threshold", "--package", str(package), "--cohort", str(cohort), "--out", str(out),
