@@ -27,7 +27,7 @@ import numpy as np
 
 from ai.ensemble import Ensemble
 from ai.manifest import ModelManifest, ModelPackageError, bundled_gate_dir
-from ai.preprocess import preprocess
+from ai.preprocess import preprocess_sizes, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,10 @@ class InputGate:
 
     def scores(self, image: np.ndarray) -> dict[str, float]:
         """The gate's probability per label for one decoded image."""
-        x, _ = preprocess(image, self.manifest.preprocess)
-        probabilities = self.ensemble.predict(x[None]).probabilities[0]
+        manifest = self.manifest
+        grays = preprocess_sizes(image, manifest.preprocess, manifest.input_sizes)
+        batch = {size: to_model_input(gray, manifest.spec_at(size))[None] for size, (gray, _) in grays.items()}
+        probabilities = self.ensemble.predict(batch).probabilities[0]
         return {label: float(p) for label, p in zip(self.manifest.labels, probabilities, strict=True)}
 
     def check(self, image: np.ndarray) -> GateVerdict:
