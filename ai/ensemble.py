@@ -14,9 +14,9 @@ preprocessed at its own size, and the caller gives one batch per size (``ModelMa
 their ``cam`` output (logit space; its spatial mean is the member's logit), each resized bilinearly to the
 package's grid (``preprocess.size`` squared) as a whole square: the letterboxes of one image at two sizes differ
 only by the rounding of the content's edges, at most one grid pixel (``tests/test_preprocess.py``), far finer
-than a CAM cell (32 input pixels). ``Finding.heatmap`` maps that onto [0, 1] with the sigmoid: an absolute scale
-(0.5 = no evidence either way) that is comparable across images, so a clearly negative image yields
-a dark map instead of a min-max stretched one that would invent hot spots.
+than a CAM cell (32 input pixels for an EfficientNet member). ``Finding.heatmap`` maps that onto [0, 1] with the
+sigmoid: an absolute scale (0.5 = no evidence either way) that is comparable across images, so a clearly negative
+image yields a dark map instead of a min-max stretched one that would invent hot spots.
 """
 
 from __future__ import annotations
