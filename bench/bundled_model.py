@@ -64,16 +64,6 @@ def _inputs(ens: Ensemble, images: Sequence[np.ndarray]) -> Inputs:
     return {size: np.stack([x[size] for x in each]) for size in ens.manifest.input_sizes}
 
 
-def _rows_of(x: Inputs, rows: np.ndarray | slice) -> Inputs:
-    return {size: batch[rows] for size, batch in x.items()}
-
-
-def _probabilities(ens: Ensemble, x: Inputs) -> np.ndarray:
-    """[N, L] in batches of 16."""
-    n = len(next(iter(x.values())))
-    return np.concatenate([ens.predict(_rows_of(x, slice(i, i + 16))).probabilities for i in range(0, n, 16)])
-
-
 def _latency(ens: Ensemble, paths: list[Path]) -> dict[str, Any]:
     ens.predict(_inputs(ens, [read_image_file(paths[0])]))  # warm-up
     total, model_only = [], []
@@ -106,36 +96,37 @@ def _member_scores(package: Path, x: np.ndarray, member_index: int, threads: int
     return sigmoid(np.concatenate(out))[:, 0]
 
 
-def _unchanged(ens: Ensemble, other_dir: Path, images: Sequence[np.ndarray], threads: int) -> dict:
-    """Per label both packages carry: are probabilities and maps on the decoded ``images`` equal, and the largest
-    difference."""
+def _unchanged(ens: Ensemble, other_dir: Path, paths: Sequence[Path], threads: int) -> dict:
+    """Per label both packages carry: are probabilities and maps on the images at ``paths`` equal, and the largest
+    difference (one image at a time: decoded chest radiographs are large)."""
     other = Ensemble.load(other_dir, providers=["CPUExecutionProvider"], threads=threads)
-    x, y = _inputs(ens, images), _inputs(other, images)
-    mine = [ens.predict(_rows_of(x, slice(i, i + 16))) for i in range(0, len(images), 16)]
-    theirs = [other.predict(_rows_of(y, slice(i, i + 16))) for i in range(0, len(images), 16)]
-    out: dict = {"package": str(other_dir), "version": other.manifest.version, "n_images": len(images),
-                 "labels": {}}
-    for label in ens.manifest.labels:
-        if label not in other.manifest.labels:
-            continue
-        i, j = ens.manifest.labels.index(label), other.manifest.labels.index(label)
-        p, q = (np.concatenate([r.probabilities[:, k] for r in rs]) for rs, k in ((mine, i), (theirs, j)))
-        m, n = (np.concatenate([r.cams[:, k] for r in rs]) for rs, k in ((mine, i), (theirs, j)))
-        out["labels"][label] = {"equal_probabilities": bool(np.array_equal(p, q)),
-                                "equal_maps": bool(np.array_equal(m, n)),
-                                "max_abs_prob_diff": float(np.max(np.abs(p - q)))}
-    return out
+    shared = [(label, ens.manifest.labels.index(label), other.manifest.labels.index(label))
+              for label in ens.manifest.labels if label in other.manifest.labels]
+    equal_p = dict.fromkeys((label for label, _, _ in shared), True)
+    equal_m = dict(equal_p)
+    worst = dict.fromkeys(equal_p, 0.0)
+    for path in paths:
+        image = read_image_file(path)
+        mine, theirs = ens.predict(_inputs(ens, [image])), other.predict(_inputs(other, [image]))
+        for label, i, j in shared:
+            p, q = mine.probabilities[:, i], theirs.probabilities[:, j]
+            equal_p[label] &= bool(np.array_equal(p, q))
+            equal_m[label] &= bool(np.array_equal(mine.cams[:, i], theirs.cams[:, j]))
+            worst[label] = max(worst[label], float(np.max(np.abs(p - q))))
+    return {"package": str(other_dir), "version": other.manifest.version, "n_images": len(paths),
+            "labels": {label: {"equal_probabilities": equal_p[label], "equal_maps": equal_m[label],
+                               "max_abs_prob_diff": worst[label]} for label in equal_p}}
 
 
-def _flags(ens: Ensemble, images: Sequence[np.ndarray]) -> tuple[list[list[Finding]], np.ndarray]:
-    """Each decoded image's findings as the node decides them for a patient of unknown age, and its triage flag."""
-    findings = [apply_ages(ens.findings(model_input(image, ens)[0]), ens.manifest.ages, None) for image in images]
+def _flags(ens: Ensemble, paths: Sequence[Path]) -> tuple[list[list[Finding]], np.ndarray]:
+    """Each image's findings as the node decides them for a patient of unknown age, and its triage flag."""
+    findings = [apply_ages(ens.findings(model_input(read_image_file(path), ens)[0]), ens.manifest.ages, None)
+                for path in paths]
     return findings, np.array([any(f.flags for f in fs) for fs in findings])
 
 
-def _triage(ens: Ensemble, images: Sequence[np.ndarray], y: np.ndarray, other_dir: Path | None,
-            threads: int) -> dict:
-    findings, flag = _flags(ens, images)
+def _triage(ens: Ensemble, paths: Sequence[Path], y: np.ndarray, other_dir: Path | None, threads: int) -> dict:
+    findings, flag = _flags(ens, paths)
     negatives, positives = y == 0, y == 1
     out: dict = {"n_negative": int(negatives.sum()), "n_positive": int(positives.sum()),
                  "flag_on_negatives": int(flag[negatives].sum()), "flag_on_positives": int(flag[positives].sum()),
@@ -148,7 +139,7 @@ def _triage(ens: Ensemble, images: Sequence[np.ndarray], y: np.ndarray, other_di
                                 "present_on_positives": int(present[positives].sum())}
     if other_dir is not None:
         other = Ensemble.load(other_dir, providers=["CPUExecutionProvider"], threads=threads)
-        _, other_flag = _flags(other, images)
+        _, other_flag = _flags(other, paths)
         out["vs"] = {"version": other.manifest.version, "flag_differs_on": int(np.sum(flag != other_flag)),
                      "flag_on_negatives": int(other_flag[negatives].sum()),
                      "flag_on_positives": int(other_flag[positives].sum())}
@@ -182,7 +173,8 @@ def main() -> None:
     masks = [np.round(read_image_file(DATA / r["lung_mask"]) * 255).astype(np.uint8) for r in mont]
 
     def score(images: Sequence[np.ndarray]) -> np.ndarray:
-        return _probabilities(ens, _inputs(ens, [im.astype(np.float32) / 255 for im in images]))[:, 0]
+        return np.concatenate([ens.predict(_inputs(ens, [im.astype(np.float32) / 255])).probabilities[:, 0]
+                               for im in images])  # one at a time: a decoded float image is ~80 MB
 
     result["blackout_montgomery"] = blackout_audit(
         score, raw, masks, y_m, [r["patient_id"] for r in mont], cohort="montgomery", label=label, n_boot=2000
@@ -190,11 +182,11 @@ def main() -> None:
     print(result["blackout_montgomery"]["verdict"], flush=True)
 
     # Montgomery as the node reads it, for the package comparisons
-    images_m = [read_image_file(p) for p in mont_paths]
-    result["triage"] = _triage(ens, images_m, y_m, args.unchanged_from, args.threads)
+    del raw, masks
+    result["triage"] = _triage(ens, mont_paths, y_m, args.unchanged_from, args.threads)
     print(json.dumps(result["triage"], indent=1), flush=True)
     if args.unchanged_from:
-        result["unchanged_from"] = _unchanged(ens, args.unchanged_from, images_m, args.threads)
+        result["unchanged_from"] = _unchanged(ens, args.unchanged_from, mont_paths, args.threads)
         print(json.dumps(result["unchanged_from"], indent=1), flush=True)
 
     if args.fp32_package:
@@ -202,7 +194,7 @@ def main() -> None:
         if len(ens.manifest.input_sizes) > 1 or fp32.manifest.input_sizes != ens.manifest.input_sizes:
             raise SystemExit("--fp32-package compares two packages of the same single input size")
         spec = ens.manifest.preprocess
-        x_m = np.stack([preprocess(image, spec)[0] for image in images_m])
+        x_m = np.stack([preprocess(read_image_file(path), spec)[0] for path in mont_paths])
         p16 = np.concatenate([ens.predict(x_m[i : i + 16]).probabilities[:, 0] for i in range(0, len(x_m), 16)])
         p32 = np.concatenate([fp32.predict(x_m[i : i + 16]).probabilities[:, 0] for i in range(0, len(x_m), 16)])
         comparison = {
