@@ -47,11 +47,12 @@ def test_combine_copies_the_members_and_their_figures_and_scores_each_label_as_i
     base, other = packages
     out = tmp_path / "combined"
     run = train_cli("combine", "--base-package", str(base), "--add-package", str(other), "--labels", *OTHER_LABELS,
-                    "--version", "3.0", "--out", str(out))
+                    "--name", "tb+ped", "--version", "3.0", "--out", str(out))
     assert run.returncode == 0, run.stderr
     assert f"package: {out}" in run.stdout
     manifest, base_m, other_m = load_manifest(out), load_manifest(base), load_manifest(other)
-    assert manifest.version == "3.0" and manifest.labels == ("Tuberculosis", *OTHER_LABELS)
+    assert manifest.name == "tb+ped" and manifest.version == "3.0"
+    assert manifest.labels == ("Tuberculosis", *OTHER_LABELS)
     assert manifest.preprocess == base_m.preprocess and manifest.input_sizes == (64, 96)
     # both sources name their files tiny_fold<k>.onnx: the added ones take the other package's name as a prefix
     renamed = [f"{other_m.name}_{m.file}" for m in other_m.members]

@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-package", type=Path, required=True, help="the package the added labels' members come from")
     p.add_argument("--labels", nargs="+", required=True, help="labels of --add-package that --base-package lacks")
     p.add_argument("--out", type=Path, required=True, help="package folder to write")
-    p.add_argument("--version", default="", help="package version (default: the names + date)")
+    p.add_argument("--name", default="", help="package name (default: the two names joined by '+')")
+    p.add_argument("--version", default="", help="package version (default: the name + date)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
 
     p = add("baseline", "thumbnail + intensity floor on the same folds (shortcut audit) -> RUN_DIR/audits.json")
@@ -317,7 +318,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _combine(args: argparse.Namespace) -> int:
     package = combine_packages(args.base_package, args.add_package, args.labels, args.out, args.version,
-                               args.overwrite)
+                               args.overwrite, args.name)
     print(f'package: {package}\nnext: set [model] package = "{package}" in node.toml and restart cxr-node')
     return 0
 

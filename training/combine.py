@@ -24,8 +24,9 @@ from training.export import export_package
 
 
 def combine_packages(base_dir: str | Path, other_dir: str | Path, labels: Sequence[str], out: str | Path,
-                     version: str = "", overwrite: bool = False) -> Path:
-    """Write the base package plus ``other_dir``'s members, thresholds and references of ``labels`` as a package.
+                     version: str = "", overwrite: bool = False, name: str = "") -> Path:
+    """Write the base package plus ``other_dir``'s members, thresholds and references of ``labels`` as a package,
+    named ``name`` (default: the two packages' names joined by ``+``).
 
     Raises:
         ValueError: a label the other package lacks or the base carries already, a member of the other package that
@@ -51,7 +52,7 @@ def combine_packages(base_dir: str | Path, other_dir: str | Path, labels: Sequen
     used = {m.file for m in base.members}
     copied += [(member_path(other_dir, m), replace(_entry(m, other, size), file=_free_name(m.file, other.name, used)))
                for m in taken]
-    name = f"{base.name}+{other.name}"
+    name = name or f"{base.name}+{other.name}"
     summary: dict[str, Any] = {
         "base_package": _record(base, base.labels),
         "added_package": _record(other, labels),
