@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ai.analyse import analyse_image
 from ai.ensemble import Ensemble
 from ai.manifest import bundled_package_dir, load_manifest
 from ai.pixels import read_image_file
-from ai.preprocess import preprocess
 from training import metrics
 
 N_PER_CLASS = 20
@@ -51,9 +51,7 @@ def test_bundled_model_separates_montgomery_tb(data_dir: Path) -> None:
     chosen = [r for r in rows if r["label_tb"] == "1"][:N_PER_CLASS]
     chosen += [r for r in rows if r["label_tb"] == "0"][:N_PER_CLASS]
     ensemble = Ensemble.load(bundled_package_dir(), providers=["CPUExecutionProvider"], threads=2)
-    spec = ensemble.manifest.preprocess
-    x = np.stack([preprocess(read_image_file(data_dir / r["image"]), spec)[0]
-                  for r in chosen])
-    probs = np.concatenate([ensemble.predict(x[i : i + 8]).probabilities[:, 0] for i in range(0, len(x), 8)])
+    probs = np.array([analyse_image(read_image_file(data_dir / r["image"]), ensemble).findings[0].probability
+                      for r in chosen])  # as the node scores an image, at each of the members' input sizes
     y = np.array([float(r["label_tb"]) for r in chosen])
     assert metrics.auroc(y, probs) > 0.7
