@@ -71,6 +71,8 @@ QUANTILE_POINTS = 101
 """Quantiles of a reference distribution: 0 %, 1 %, ..., 100 %."""
 MEMBER_KEYS = ("file", "sha256", "architecture", "fold", "weights", "labels", "size")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_TEXT = 64
+"""The longest ``name`` and ``version``: the node writes both into its results' DICOM LO attributes."""
 CHUNK = 1 << 20
 JSON_TYPE_NAMES = {str: "string", int: "integer", float: "number", list: "array", dict: "object",
                    type(None): "null", bool: "boolean"}
@@ -398,8 +400,8 @@ def parse_manifest(data: Any, path: Path) -> ModelManifest:
     labels = _parse_labels(reader, data)
     preprocess = _parse_preprocess(reader, data)
     return ModelManifest(
-        name=reader.string(data, "name"),
-        version=reader.string(data, "version"),
+        name=_dicom_text(reader, data, "name"),
+        version=_dicom_text(reader, data, "version"),
         labels=labels,
         preprocess=preprocess,
         members=_parse_members(reader, data, labels, preprocess.size),
@@ -417,6 +419,21 @@ def parse_manifest(data: Any, path: Path) -> ModelManifest:
         ages=_parse_ages(reader, data, labels),
         informational=_parse_informational(reader, data, labels),
     )
+
+
+def dicom_text_problem(value: str) -> str:
+    """Why ``value`` cannot be a package's name or version in the node's results ("" when it can)."""
+    if not value.strip() or len(value) > MAX_TEXT or "\\" in value or not value.isprintable():
+        return f"1-{MAX_TEXT} printable characters without a backslash (a DICOM LO value in the results)"
+    return ""
+
+
+def _dicom_text(reader: _Reader, data: dict[str, Any], key: str) -> str:
+    value = reader.string(data, key)
+    problem = dicom_text_problem(value)
+    if problem:
+        raise reader.fail(key, problem, value)
+    return value
 
 
 def _parse_labels(reader: _Reader, data: dict[str, Any]) -> tuple[str, ...]:

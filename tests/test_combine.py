@@ -91,6 +91,9 @@ def test_combine_refuses_what_it_cannot_copy_whole(packages: tuple[Path, Path], 
     part = train_cli("combine", "--base-package", str(base), "--add-package", str(other), "--labels", "Effusion",
                      "--out", str(tmp_path / "c"))
     assert part.returncode == 2 and "carries ['Pediatric_Pneumonia'] too" in part.stderr
+    long_name = train_cli("combine", "--base-package", str(base), "--add-package", str(other), "--labels",
+                          *OTHER_LABELS, "--name", "x" * 65, "--out", str(tmp_path / "e"))
+    assert long_name.returncode == 2 and "1-64 printable characters" in long_name.stderr  # the node could not say it
     import shutil
 
     changed = tmp_path / "other-clahe"
@@ -101,4 +104,4 @@ def test_combine_refuses_what_it_cannot_copy_whole(packages: tuple[Path, Path], 
     differs = train_cli("combine", "--base-package", str(base), "--add-package", str(changed), "--labels",
                         *OTHER_LABELS, "--out", str(tmp_path / "d"))
     assert differs.returncode == 2 and "only their input size may differ" in differs.stderr
-    assert not any((tmp_path / name).exists() for name in "abcd")  # nothing half-written
+    assert not any((tmp_path / name).exists() for name in "abcde")  # nothing half-written

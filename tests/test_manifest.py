@@ -141,6 +141,8 @@ def test_missing_key_names_the_file_and_key(tmp_path: Path, key: str) -> None:
         (lambda d: d.update(labels=[]), "labels", r"\[\]"),
         (lambda d: d.update(labels=["A", "A"]), "labels", "'A'"),
         (lambda d: d.update(name=7), "name", "7"),
+        (lambda d: d.update(name="x" * 65), "name", "1-64 printable characters"),
+        (lambda d: d.update(version="1\\0"), "version", "without a backslash"),
         (lambda d: d.update(aggregation="max"), "aggregation", "'max'"),
         (lambda d: d.update(colour="blue"), "colour", "'colour'"),
         (lambda d: d["members"][1].update(sha256="abc"), r"members\[1\]\.sha256", "'abc'"),

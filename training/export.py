@@ -29,6 +29,7 @@ from ai.manifest import (
     ModelManifest,
     ScoreReference,
     Threshold,
+    dicom_text_problem,
     load_manifest,
     sha256_file,
     write_manifest,
@@ -457,6 +458,9 @@ def export_package(
         ExportError: an export or parity check failed, or a member's sha256 differs from `expected_sha256`'s.
     """
     labels = tuple(labels)
+    for key, value in (("name", name), ("version", version)):
+        if dicom_text_problem(value):
+            raise ValueError(f"package {key} {value!r}: expected {dicom_text_problem(value)}")
     if weights_dtype not in WEIGHTS_DTYPES:
         raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
     if parity_tolerance is None:
