@@ -140,7 +140,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"receipt-to-SR-at-PACS over {result['images']} images: p50 {result['p50_s']} s, p95 {result['p95_s']} s "
-          f"(max {result['max_s']} s); model {result['model']}, {result['members']} members at {result['input_size']}")
+          f"(max {result['max_s']} s); model {result['model']}, {result['members']} members, input sizes "
+          f"{result['input_sizes']} px")
 
 
 if __name__ == "__main__":
