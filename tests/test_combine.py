@@ -105,3 +105,14 @@ def test_combine_refuses_what_it_cannot_copy_whole(packages: tuple[Path, Path], 
                         *OTHER_LABELS, "--out", str(tmp_path / "d"))
     assert differs.returncode == 2 and "only their input size may differ" in differs.stderr
     assert not any((tmp_path / name).exists() for name in "abcde")  # nothing half-written
+
+
+def test_default_versions_fit_a_dicom_lo_value() -> None:
+    from datetime import UTC, datetime
+
+    from training.export_run import default_version
+
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    assert default_version("tb-320") == f"tb-320-{today}"
+    assert default_version("x" * 55) == f"{'x' * 55}-{today}"  # 64 characters: fits
+    assert default_version("x" * 56) == today  # three runs' names and the date would not

@@ -255,8 +255,10 @@ def test_runs_of_two_input_sizes_make_one_package_whose_members_keep_their_size(
     fit(tiny_config((tb, ext), name="tb-64", epochs_head=1, epochs_finetune=0, unfreeze="none"), tmp_path / "a")
     fit(tiny_config((tb, ext), name="tb-96", image_size=96, epochs_head=1, epochs_finetune=0, unfreeze="none"),
         tmp_path / "c")
-    package = export_run([tmp_path / "a", tmp_path / "c"], tmp_path / "pkg", version="0.1", threshold="sensitivity")
+    package = export_run([tmp_path / "a", tmp_path / "c"], tmp_path / "pkg", version="0.1", threshold="sensitivity",
+                         name="tb-two-sizes")
     manifest = load_manifest(package)
+    assert manifest.name == "tb-two-sizes"
     assert manifest.preprocess.size == 64 and manifest.input_sizes == (64, 96)
     assert [(m.file, m.size) for m in manifest.members] == [(f"tb-64_tiny_fold{k}.onnx", None) for k in range(3)] + [
         (f"tb-96_tiny_fold{k}.onnx", 96) for k in range(3)]

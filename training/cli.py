@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run; repeat to combine several runs' members in one package (same preprocessing)")
     p.add_argument("--out", type=Path, required=True, help="package folder to write")
     p.add_argument("--members", nargs="+", help="architectures to include (default: all trained)")
-    p.add_argument("--version", default="", help="package version (default: the run name + date)")
+    p.add_argument("--name", default="", help="package name (default: the run's name, or the runs' names joined "
+                   "by '+')")
+    p.add_argument("--version", default="", help="package version (default: the name + date)")
     p.add_argument("--threshold", choices=("youden", "sensitivity"), default="youden",
                    help="operating point written into the manifest (default youden)")
     p.add_argument("--target-sensitivity", type=float, default=0.90)
@@ -311,7 +313,8 @@ def _compare(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     package = export_run(args.run_dir, args.out, args.members, args.version, args.threshold,
                          args.target_sensitivity, args.overwrite, args.weights_dtype, args.labels,
-                         args.base_package, args.folds, args.informational, args.oof_scores, args.oof_out)
+                         args.base_package, args.folds, args.informational, args.oof_scores, args.oof_out,
+                         args.name)
     print(f'package: {package}\nnext: set [model] package = "{package}" in node.toml and restart cxr-node')
     return 0
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ai.manifest import Member, ModelManifest, load_manifest, member_path
 from training.export import export_package
+from training.export_run import default_version
 
 
 def combine_packages(base_dir: str | Path, other_dir: str | Path, labels: Sequence[str], out: str | Path,
@@ -58,7 +58,7 @@ def combine_packages(base_dir: str | Path, other_dir: str | Path, labels: Sequen
         "added_package": _record(other, labels),
     }
     return export_package(
-        [], out, name=name, version=version or f"{name}-{datetime.now(UTC).strftime('%Y%m%d')}",
+        [], out, name=name, version=version or default_version(name),
         labels=base.labels + labels, spec=base.preprocess,
         thresholds={**base.thresholds, **{label: other.thresholds[label] for label in labels}},
         data_summary={base.name: base.data_summary, other.name: other.data_summary}, evaluation_summary=summary,

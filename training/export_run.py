@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ai.manifest import load_manifest, member_path
+from ai.manifest import MAX_TEXT, load_manifest, member_path
 from ai.preprocess import PreprocessSpec, to_model_input
 from training import metrics
 from training.config import RunConfig
@@ -102,6 +102,7 @@ def export_run(
     weights_dtype: str = "float32", labels: Sequence[str] | None = None,
     base_package: str | Path | None = None, folds: Sequence[int] | Sequence[Sequence[int]] | None = None,
     informational: Sequence[str] = (), oof_scores: str | None = None, oof_out: str | Path | None = None,
+    name: str = "",
 ) -> Path:
     """Export the finished units of ``members`` (architectures) of one run, or of several runs, as a model package.
 
@@ -134,6 +135,10 @@ def export_run(
     ``informational``: labels the package reports with their decision but that do not set the node's triage flag
     (manifest ``informational``: a finding too unspecific at its operating point to sort studies).
 
+    ``name``: the package's name; default: the run's name, or the runs' names joined by ``+`` (the base package's
+    and the run's, with ``base_package``). ``version`` defaults to the name and today's date, or the date alone
+    where that would not fit the 64 characters of a DICOM LO value.
+
     ``oof_scores``: where the OOF scores behind the thresholds, the OOF AUROC and the reference come from: ``"run"``,
     the run's ``predictions_oof.csv``; ``"stored"``, every unit (all folds, also those ``folds`` leaves out) written
     with ``weights_dtype`` and scored by onnxruntime on its held-out images; the shipped members must then be the
@@ -160,7 +165,7 @@ def export_run(
         raise ValueError(f"--labels {foreign} not among the run's labels {list(union)}")
     if base_package is not None:
         return _export_onto(parts[0], Path(base_package), out, labels, version, threshold, target_sensitivity,
-                            overwrite, weights_dtype, informational, oof_scores, oof_out)
+                            overwrite, weights_dtype, informational, oof_scores, oof_out, name)
     carried = tuple(label for label in union if labels is None or label in labels)
     for part in parts:
         own = [label for label in part.config.labels if label in carried]
@@ -168,7 +173,7 @@ def export_run(
             _read_oof(part, own, oof_scores, weights_dtype)
     if len(parts) > 1:
         return _export_runs(parts, out, carried, version, threshold, target_sensitivity, overwrite, weights_dtype,
-                            informational, oof_out)
+                            informational, oof_out, name)
     (part,) = parts
     run, config = part.run, part.config
     thresholds, evaluation, reference = _oof_figures(part, carried, threshold, target_sensitivity, weights_dtype)
@@ -176,8 +181,8 @@ def export_run(
     if left_out:
         evaluation["left_out"] = left_out
     package = export_package(
-        _members(part, carried, prefixed=False), out, name=config.name,
-        version=version or f"{config.name}-{_today()}", labels=carried, spec=config.preprocess_spec(),
+        _members(part, carried, prefixed=False), out, name=name or config.name,
+        version=version or default_version(name or config.name), labels=carried, spec=config.preprocess_spec(),
         thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation, data_summary=_cohorts(run),
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(run.root, config), reference=reference,
         ages=_ages(carried), informational=informational, expected_sha256=_scored_files(part, prefixed=False),
@@ -332,7 +337,7 @@ def _ages(labels: Sequence[str]) -> dict[str, Any]:
 def _export_runs(
     parts: list[_RunPart], out: str | Path, carried: tuple[str, ...], version: str, threshold: str,
     target_sensitivity: float, overwrite: bool, weights_dtype: str, informational: Sequence[str],
-    oof_out: str | Path | None,
+    oof_out: str | Path | None, name: str = "",
 ) -> Path:
     """The package of several runs (see :func:`export_run`); each part's OOF table read (:func:`_read_oof`)."""
     spec = parts[0].config.preprocess_spec()
@@ -363,9 +368,9 @@ def _export_runs(
         outputs = tuple(label for label in part.config.labels if label in carried)
         if outputs:
             models += _members(part, outputs, prefixed=True, package_size=spec.size)
-    name = "+".join(names)
+    name = name or "+".join(names)
     package = export_package(
-        models, out, name=name, version=version or f"{name}-{_today()}", labels=carried, spec=spec,
+        models, out, name=name, version=version or default_version(name), labels=carried, spec=spec,
         thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation,
         data_summary={p.config.name: _cohorts(p.run) for p in parts},
         weights_dtype=weights_dtype, parity_inputs=_parity_by_size(parts),
@@ -379,7 +384,7 @@ def _export_runs(
 def _export_onto(
     part: _RunPart, base_dir: Path, out: str | Path, labels: Sequence[str] | None, version: str, threshold: str,
     target_sensitivity: float, overwrite: bool, weights_dtype: str, informational: Sequence[str],
-    oof_scores: str, oof_out: str | Path | None,
+    oof_scores: str, oof_out: str | Path | None, name: str = "",
 ) -> Path:
     """A base package's members unchanged plus one run's members for labels the base lacks (see :func:`export_run`)."""
     base = load_manifest(base_dir, verify=True)
@@ -407,10 +412,10 @@ def _export_onto(
     left_out = [label for label in config.labels if label not in added and label not in base.labels]
     if left_out:
         summary["left_out"] = left_out
-    name = f"{base.name}+{config.name}"
+    name = name or f"{base.name}+{config.name}"
     package = export_package(
         _members(part, added, prefixed=True), out, name=name,
-        version=version or f"{name}-{_today()}", labels=base.labels + added,
+        version=version or default_version(name), labels=base.labels + added,
         spec=base.preprocess, thresholds={**base.thresholds, **thresholds}, overwrite=overwrite,
         evaluation_summary=summary,
         data_summary={base.name: base.data_summary, config.name: _cohorts(part.run)},
@@ -507,6 +512,7 @@ def oof_thresholds(
     return thresholds, evaluation
 
 
-def _today() -> str:
-    """The date for default package versions (UTC, YYYYMMDD)."""
-    return datetime.now(UTC).strftime("%Y%m%d")
+def default_version(name: str) -> str:
+    """``<name>-<YYYYMMDD>`` (UTC), or the date alone where that is longer than a DICOM LO value takes."""
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    return f"{name}-{today}" if len(name) + 1 + len(today) <= MAX_TEXT else today
