@@ -20,7 +20,7 @@ from ai.errors import ImageRefused
 from ai.findings import Finding
 from ai.gate import InputGate
 from ai.pixels import dicom_to_float
-from ai.preprocess import Letterbox, preprocess_sizes, to_model_input
+from ai.preprocess import Letterbox
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Analysis:
 def model_input(image: np.ndarray, ensemble: Ensemble,
                 gate: InputGate | None = None) -> tuple[dict[int, np.ndarray], Letterbox]:
     """The gate's decision, then the one preprocessing: the ensemble's inputs for a decoded image, one per input
-    size of its members ({size: float32 (channels, size, size)}, ``ModelManifest.input_sizes``; the field detected
+    size of its members ({size: float32 (channels, size, size)}, ``Ensemble.inputs``; the field detected
     once), with the letterbox of the package's grid (``preprocess.size``) that maps its heat maps back. Site
     calibration scores images through this step too (``training.site``).
 
@@ -47,10 +47,7 @@ def model_input(image: np.ndarray, ensemble: Ensemble,
         verdict = gate.check(image)
         if not verdict.analysable:
             raise ImageRefused(verdict.reason, image=image)
-    manifest = ensemble.manifest
-    grays = preprocess_sizes(image, manifest.preprocess, manifest.input_sizes)
-    inputs = {size: to_model_input(gray, manifest.spec_at(size)) for size, (gray, _) in grays.items()}
-    return inputs, grays[manifest.preprocess.size][1]
+    return ensemble.inputs(image)
 
 
 def analyse_image(image: np.ndarray, ensemble: Ensemble, gate: InputGate | None = None,

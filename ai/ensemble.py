@@ -41,7 +41,7 @@ from ai.manifest import (  # effective_thresholds and SITE_OVERRIDE live with th
     load_manifest,
     member_path,
 )
-from ai.preprocess import PreprocessSpec
+from ai.preprocess import Letterbox, PreprocessSpec, preprocess_sizes, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,19 @@ class Ensemble:
         total = np.where(np.isnan(probs), 0.0, probs).sum(axis=0, dtype=np.float64)
         mean = (total / counts.reshape(1, -1)).astype(np.float32)
         return Prediction(probabilities=mean, cams=cams.astype(np.float32), member_probabilities=probs)
+
+    def inputs(self, image: np.ndarray) -> tuple[dict[int, np.ndarray], Letterbox]:
+        """The one preprocessing of a decoded image for this package: {size: float32 (channels, size, size)} for each
+        of its members' input sizes (the field detected once), with the letterbox of the heat maps' grid
+        (``preprocess.size``).
+
+        Raises:
+            UnsupportedImage: the image cannot be preprocessed.
+        """
+        manifest = self.manifest
+        grays = preprocess_sizes(image, manifest.preprocess, manifest.input_sizes)
+        inputs = {size: to_model_input(gray, manifest.spec_at(size)) for size, (gray, _) in grays.items()}
+        return inputs, grays[manifest.preprocess.size][1]
 
     def _inputs(self, batch: np.ndarray | Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
         """{input size: float32 contiguous batch} for every input size of the package, checked."""

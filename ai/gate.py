@@ -27,7 +27,6 @@ import numpy as np
 
 from ai.ensemble import Ensemble
 from ai.manifest import ModelManifest, ModelPackageError, bundled_gate_dir
-from ai.preprocess import preprocess_sizes, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +116,8 @@ class InputGate:
 
     def scores(self, image: np.ndarray) -> dict[str, float]:
         """The gate's probability per label for one decoded image."""
-        manifest = self.manifest
-        grays = preprocess_sizes(image, manifest.preprocess, manifest.input_sizes)
-        batch = {size: to_model_input(gray, manifest.spec_at(size))[None] for size, (gray, _) in grays.items()}
-        probabilities = self.ensemble.predict(batch).probabilities[0]
+        inputs, _ = self.ensemble.inputs(image)
+        probabilities = self.ensemble.predict({size: x[None] for size, x in inputs.items()}).probabilities[0]
         return {label: float(p) for label, p in zip(self.manifest.labels, probabilities, strict=True)}
 
     def check(self, image: np.ndarray) -> GateVerdict:
