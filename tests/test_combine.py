@@ -110,7 +110,7 @@ def test_combine_refuses_what_it_cannot_copy_whole(packages: tuple[Path, Path], 
 def test_default_versions_fit_a_dicom_lo_value() -> None:
     from datetime import UTC, datetime
 
-    from training.export_run import default_version
+    from training.export import default_version
 
     today = datetime.now(UTC).strftime("%Y%m%d")
     assert default_version("tb-320") == f"tb-320-{today}"

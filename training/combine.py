@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ai.manifest import Member, ModelManifest, load_manifest, member_path
-from training.export import export_package
-from training.export_run import default_version
+from training.export import check_same_preprocessing, default_version, export_package
 
 
 def combine_packages(base_dir: str | Path, other_dir: str | Path, labels: Sequence[str], out: str | Path,
@@ -42,10 +41,7 @@ def combine_packages(base_dir: str | Path, other_dir: str | Path, labels: Sequen
         raise ValueError(f"--labels {list(labels)}: name labels of {other.name} {other.version} "
                          f"({list(other.labels)}) that {base.name} {base.version} does not carry "
                          f"({list(base.labels)}); missing there {missing}, carried already {shared}")
-    if replace(other.preprocess, size=base.preprocess.size) != base.preprocess:
-        raise ValueError(f"{other_dir} preprocesses differently from {base_dir} ({other.preprocess} vs "
-                         f"{base.preprocess}): the members of one package share one preprocessing, only their "
-                         f"input size may differ")
+    check_same_preprocessing(base.preprocess, base_dir, other.preprocess, other_dir)
     taken = _members_of(other, labels, other_dir)
     size = base.preprocess.size
     copied = [(member_path(base_dir, m), _entry(m, base, size)) for m in base.members]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ai.manifest import (
+    MAX_TEXT,
     AgeRange,
     Member,
     ModelManifest,
@@ -459,8 +460,9 @@ def export_package(
     """
     labels = tuple(labels)
     for key, value in (("name", name), ("version", version)):
-        if dicom_text_problem(value):
-            raise ValueError(f"package {key} {value!r}: expected {dicom_text_problem(value)}")
+        problem = dicom_text_problem(value)
+        if problem:
+            raise ValueError(f"package {key} {value!r}: expected {problem}")
     if weights_dtype not in WEIGHTS_DTYPES:
         raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
     if parity_tolerance is None:
@@ -537,6 +539,24 @@ def export_package(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def default_version(name: str) -> str:
+    """``<name>-<YYYYMMDD>`` (UTC), or the date alone where that is longer than a DICOM LO value takes."""
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    return f"{name}-{today}" if len(name) + 1 + len(today) <= MAX_TEXT else today
+
+
+def check_same_preprocessing(spec: PreprocessSpec, spec_source: object, other: PreprocessSpec,
+                             other_source: object) -> None:
+    """Members of one package share ``spec``'s preprocessing; only their input size may differ.
+
+    Raises:
+        ValueError: ``other`` differs in more than the size, naming both sources and both preprocessings.
+    """
+    if replace(other, size=spec.size) != spec:
+        raise ValueError(f"{other_source} preprocesses differently from {spec_source} ({other} vs {spec}): the "
+                         f"members of one package share one preprocessing, only their input size may differ")
 
 
 def _parity_inputs(

@@ -14,17 +14,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ai.manifest import MAX_TEXT, load_manifest, member_path
-from ai.preprocess import PreprocessSpec, to_model_input
+from ai.manifest import load_manifest, member_path
+from ai.preprocess import to_model_input
 from training import metrics
 from training.config import RunConfig
-from training.export import INT8_LAST_STAGE, MemberInfo, export_package
+from training.export import INT8_LAST_STAGE, MemberInfo, check_same_preprocessing, default_version, export_package
 from training.labels import LABEL_AGES
 from training.models import CxrNet, keep_labels
 from training.predictions import ENSEMBLE, PredictionTable, read_predictions, write_predictions
@@ -342,7 +341,7 @@ def _export_runs(
     """The package of several runs (see :func:`export_run`); each part's OOF table read (:func:`_read_oof`)."""
     spec = parts[0].config.preprocess_spec()
     for part in parts[1:]:
-        _check_same_preprocessing(spec, part, f"run {parts[0].run.root}")
+        check_same_preprocessing(spec, f"run {parts[0].run.root}", part.config.preprocess_spec(), part.run.root)
     names = [part.config.name for part in parts]
     if len(set(names)) != len(names):
         raise ValueError(f"the runs must have distinct names (member files are prefixed with them), got {names}")
@@ -466,18 +465,6 @@ def combined_oof(parts: Sequence[_RunPart], label: str) -> PredictionTable:
                            folds=first.folds if same_folds else None)
 
 
-def _check_same_preprocessing(spec: PreprocessSpec, part: _RunPart, other: str) -> None:
-    """A run may join a package at another input size; the rest of the preprocessing must be the package's.
-
-    Raises:
-        ValueError: naming both and their preprocessing.
-    """
-    own = part.config.preprocess_spec()
-    if replace(own, size=spec.size) != spec:
-        raise ValueError(f"{part.run.root} preprocesses differently from {other} ({own} vs {spec}): the members of "
-                         f"one package share one preprocessing, only their input size may differ")
-
-
 def _parity_by_size(parts: Sequence[_RunPart]) -> dict[int, np.ndarray]:
     """Real parity images at each run's input size (:func:`real_parity_inputs`; the first run of a size)."""
     out: dict[int, np.ndarray] = {}
@@ -512,7 +499,4 @@ def oof_thresholds(
     return thresholds, evaluation
 
 
-def default_version(name: str) -> str:
-    """``<name>-<YYYYMMDD>`` (UTC), or the date alone where that is longer than a DICOM LO value takes."""
-    today = datetime.now(UTC).strftime("%Y%m%d")
-    return f"{name}-{today}" if len(name) + 1 + len(today) <= MAX_TEXT else today
+
