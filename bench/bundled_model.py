@@ -15,7 +15,9 @@ Measures the default package (``ai/models/default``) on this machine and on the 
 - ``triage``: Montgomery's images through ``Ensemble.findings`` and the age rule as the node decides them (the PNGs
   carry no age): per label how many negatives and positives are Present or not applicable, and how often the
   triage flag (any finding that is not informational) is positive; with ``--unchanged-from``, the images on
-  which that package's flag differs.
+  which that package's flag differs;
+- ``--predictions FILE``: those probabilities as a prediction CSV (``predictions_montgomery.csv`` beside the
+  package's stored OOF scores, ``cxr-train export --oof-out``), for ``cxr-train evaluate``'s per-cohort report.
 
 Run on demand (not part of the test suite)::
 
@@ -45,6 +47,8 @@ from ai.pixels import read_image_file
 from ai.preprocess import preprocess
 from training import metrics
 from training.audits import blackout_audit
+from training.data import load_cohort
+from training.predictions import cohort_table, write_predictions
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -125,8 +129,25 @@ def _flags(ens: Ensemble, paths: Sequence[Path]) -> tuple[list[list[Finding]], n
     return findings, np.array([any(f.flags for f in fs) for fs in findings])
 
 
-def _triage(ens: Ensemble, paths: Sequence[Path], y: np.ndarray, other_dir: Path | None, threads: int) -> dict:
+def _write_predictions(ens: Ensemble, paths: Sequence[Path], findings: Sequence[Sequence[Finding]], path: Path) -> None:
+    """Montgomery's probabilities as the node computed them (``findings``, one list per image in the cohort's row
+    order) as a prediction CSV, for each label of the package that the cohort knows: ``cxr-train evaluate`` on a
+    folder holding it beside the package's stored OOF scores reports the package per cohort, with its plots."""
+    cohort = load_cohort(DATA / "tb" / "montgomery.csv", name="montgomery")
+    if [Path(p).resolve() for p in cohort.paths] != [p.resolve() for p in paths]:
+        raise SystemExit("montgomery.csv read as a cohort lists its images in another order than its rows")
+    known = [label for label in ens.manifest.labels if label in cohort.labels]
+    scores = {label: {"ensemble": np.array([fs[ens.manifest.labels.index(label)].probability for fs in findings])}
+              for label in known}
+    write_predictions(cohort_table(cohort, scores), path)
+    print(f"{path}: {len(findings)} images, labels {known}", flush=True)
+
+
+def _triage(ens: Ensemble, paths: Sequence[Path], y: np.ndarray, other_dir: Path | None, threads: int,
+            predictions: Path | None = None) -> dict:
     findings, flag = _flags(ens, paths)
+    if predictions is not None:
+        _write_predictions(ens, paths, findings, predictions)
     negatives, positives = y == 0, y == 1
     out: dict = {"n_negative": int(negatives.sum()), "n_positive": int(positives.sum()),
                  "flag_on_negatives": int(flag[negatives].sum()), "flag_on_positives": int(flag[positives].sum()),
@@ -155,6 +176,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--latency-images", type=int, default=50)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--predictions", type=Path,
+                        help="also write Montgomery's probabilities through the node as a prediction CSV here "
+                             "(name it predictions_montgomery.csv beside the package's stored OOF scores)")
     args = parser.parse_args()
     result: dict = {"package": str(args.package), "threads": args.threads}
     du = subprocess.run(["du", "-sb", str(args.package)], capture_output=True, text=True, check=True)
@@ -183,7 +207,7 @@ def main() -> None:
 
     # Montgomery as the node reads it, for the package comparisons
     del raw, masks
-    result["triage"] = _triage(ens, mont_paths, y_m, args.unchanged_from, args.threads)
+    result["triage"] = _triage(ens, mont_paths, y_m, args.unchanged_from, args.threads, args.predictions)
     print(json.dumps(result["triage"], indent=1), flush=True)
     if args.unchanged_from:
         result["unchanged_from"] = _unchanged(ens, args.unchanged_from, mont_paths, args.threads)

@@ -107,8 +107,10 @@ def main() -> None:
         raise SystemExit(f"{run.root}: the run has no label {missing[0]!r} of the package's members")
 
     spec = config.preprocess_spec()
-    if spec.to_dict() != manifest.preprocess.to_dict():
-        raise SystemExit(f"the run preprocesses as {spec.to_dict()}, the package as {manifest.preprocess.to_dict()}")
+    for member, _ in of_run:  # a member's input is the package's preprocessing at the member's own size
+        if (shipped := manifest.member_spec(member)).to_dict() != spec.to_dict():
+            raise SystemExit(f"the run preprocesses as {spec.to_dict()}, the package's {member.file} as "
+                             f"{shipped.to_dict()}")
     cohort, _ = training_cohort(config)
     folds = load_folds(run.folds, cohort.images)
     cache = preprocess_cache(config, run.root, spec)
