@@ -356,3 +356,71 @@ def test_a_cbam_head_run_trains_end_to_end_and_refuses_cached_features(
     assert type(model.head).__name__ == "CbamHead"
     oof = read_csv(tmp_path / "run" / "predictions_oof.csv")
     assert len(oof) == 2 * N_PATIENTS and all(0.0 <= float(r["score_Tuberculosis__ensemble"]) <= 1.0 for r in oof)
+
+
+def _checkpoint_weights(run: Path, fold: int = 0) -> dict[str, torch.Tensor]:
+    """The weights of unit ``tiny/fold<fold>``'s checkpoint: the model after its latest epoch."""
+    path = run / "units" / "tiny" / f"fold{fold}" / "checkpoint.pt"
+    return dict(torch.load(path, weights_only=False)["model"])
+
+
+def test_average_last_keeps_the_mean_of_the_last_fine_tuning_epochs(
+    cohorts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``average_last = 2`` of three fine-tuning epochs: the unit's model is the mean of the weights after epochs
+    head+2 and head+3 (every floating tensor, BatchNorm statistics too), and fine-tuning runs all its epochs even
+    where ``patience = 1`` would stop it."""
+    config = tiny_config(cohorts, run_folds=(0,), epochs_head=2, epochs_finetune=3, average_last=2, patience=1,
+                         lr_patience=0)
+    after: dict[int, dict[str, torch.Tensor]] = {}
+    fit(config, tmp_path / "run", on_epoch_end=lambda key, row: after.update(
+        {int(row["epoch"]): _checkpoint_weights(tmp_path / "run")}))
+    unit = tmp_path / "run" / "units" / "tiny" / "fold0"
+    log = read_log(unit / "log.csv")
+    assert [r["phase"] for r in log] == ["head", "head", "finetune", "finetune", "finetune"]
+    done = json.loads((unit / "done.json").read_text())
+    assert done["averaged_epochs"] == [4, 5] and done["best_epoch"] == 5
+    kept = torch.load(unit / "model.pt")
+    assert kept.keys() == after[5].keys()
+    moved = 0
+    for name, value in kept.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (after[4][name] + after[5][name]) / 2, rtol=1e-6, atol=1e-7)
+            moved += not torch.equal(after[4][name], after[5][name])
+        else:
+            assert torch.equal(value, after[5][name])
+    assert moved, "the two averaged epochs left the weights unchanged: the test shows nothing"
+
+
+@pytest.mark.slow
+def test_average_last_resumes_to_the_same_mean(cohorts: tuple[Path, Path], tmp_path: Path) -> None:
+    """Interrupted after the first averaged epoch, the resumed unit ends with the uninterrupted unit's mean."""
+    config = tiny_config(cohorts, run_folds=(0,), epochs_head=1, epochs_finetune=3, average_last=2)
+    fit(config, tmp_path / "straight")
+
+    def interrupt(key: UnitKey, row: dict[str, Any]) -> None:
+        if row["epoch"] == 3:  # fine-tuning epoch 2: the first of the two averaged
+            raise InterruptError
+
+    with pytest.raises(InterruptError):
+        fit(config, tmp_path / "resumed", on_epoch_end=interrupt)
+    fit(None, tmp_path / "resumed")
+    unit = Path("units") / "tiny" / "fold0"
+    a = torch.load(tmp_path / "straight" / unit / "model.pt")
+    b = torch.load(tmp_path / "resumed" / unit / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "straight" / "predictions_oof.csv").read_bytes() == (
+        tmp_path / "resumed" / "predictions_oof.csv").read_bytes()
+
+
+@pytest.mark.parametrize(("changes", "most"), [
+    ({"epochs_finetune": 2, "average_last": 3}, 2),
+    ({"unfreeze": "none", "average_last": 1}, 0),
+    ({"average_last": -1}, 2),
+])
+def test_average_last_outside_the_fine_tuning_epochs_is_refused(
+    cohorts: tuple[Path, Path], changes: dict[str, Any], most: int
+) -> None:
+    expected = rf"average_last: expected an integer from 0 to the fine-tuning epochs \({most}\)"
+    with pytest.raises(ConfigError, match=expected):
+        tiny_config(cohorts, **changes)

@@ -107,6 +107,7 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
     patience: int = 3
+    average_last: int = 0
     monitor: str = "validation"
     inner_folds: int = 5
     lr_patience: int = 1
@@ -187,6 +188,9 @@ def _validate(c: RunConfig) -> list[str]:
         need(getattr(c, key) >= 0, key, "an integer >= 0", getattr(c, key))
     need(c.epochs_head + c.epochs_finetune >= 1, "epochs_head", "at least one epoch in total", c.epochs_head)
     need(c.patience >= 1, "patience", "an integer >= 1", c.patience)
+    need(0 <= c.average_last <= (c.epochs_finetune if c.unfreeze != "none" else 0), "average_last",
+         f"an integer from 0 to the fine-tuning epochs ({c.epochs_finetune if c.unfreeze != 'none' else 0})",
+         c.average_last)
     need(c.monitor in MONITORS, "monitor", f"one of {list(MONITORS)}", c.monitor)
     need(c.inner_folds >= 2, "inner_folds", "an integer >= 2", c.inner_folds)
     need(c.batch_size >= 1, "batch_size", "an integer >= 1", c.batch_size)
@@ -477,6 +481,9 @@ focal_alpha = 0.25              # focal weight of positives (0.5 = both classes 
 balance_sampling = false        # sample images inversely to their label frequency
 seed = 0
 patience = 3                    # early stopping: epochs without a better monitored loss, per phase
+average_last = 0                # > 0: the unit keeps the mean of the weights after each of the last N fine-tuning
+                                # epochs (weight averaging, SWA-style), and fine-tuning runs all its epochs (no
+                                # early stop); 0: the epoch with the best monitored loss
 monitor = "validation"          # the loss that drives early stopping, ReduceLROnPlateau and the kept epoch:
                                 # "validation" (the held-out fold: its OOF predictions carry a small selection
                                 # bias), "training" (the held-out fold decides nothing: unbiased OOF) or

@@ -10,7 +10,10 @@ within a phase only (the phases' training losses are not like for like: cached f
 augmentation, then augmented images), so the held-out fold decides nothing; ``"inner"`` monitors the loss
 on one of ``inner_folds`` patient-grouped parts of the training folds, which the unit then does not train
 on (:func:`training.prepare.inner_split`): compared across phases like the held-out loss, and the held-out
-fold decides nothing either. The held-out fold's loss and metrics are logged under every monitor. With
+fold decides nothing either. The held-out fold's loss and metrics are logged under every monitor.
+``average_last = N > 0`` keeps instead the mean of the weights after each of the last N fine-tuning epochs (all
+parameters and BatchNorm statistics; stochastic weight averaging over the end of fine-tuning), and fine-tuning then
+runs all its epochs: the monitored loss drives the learning rate only, and the held-out fold chooses no weights. With
 ``cache_features`` the head phase trains the head on backbone features computed once per image without
 augmentation (exact, since the backbone is frozen).
 
@@ -79,6 +82,7 @@ class UnitState:
     bad_epochs: int = 0  # epochs without a better monitored loss in the current phase
     best_val_loss: float = math.inf  # the best monitored loss (validation or training, config.monitor)
     best_epoch: int = 0
+    averaged: int = 0  # fine-tuning epochs averaged into the kept weights so far (config.average_last)
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,8 @@ def _finish_unit(
         "fold": key.fold,
         "epochs": state.epoch,
         "best_epoch": state.best_epoch,
+        **({"averaged_epochs": list(range(state.epoch - state.averaged + 1, state.epoch + 1))}
+           if state.averaged else {}),
         "monitor": monitor,
         "best_monitored_loss": state.best_val_loss,
         **({"best_val_loss": state.best_val_loss} if monitor == "validation" else {}),
@@ -237,10 +243,37 @@ class _UnitContext:
             self.config.focal_alpha,
         )
         self.amp = data.amp
+        self.average: dict[str, torch.Tensor] | None = None  # the running mean of config.average_last
+
+    def _averaging(self, phase: Phase) -> bool:
+        """Whether ``phase`` keeps averaged weights instead of its best epoch (``config.average_last``)."""
+        return phase.name == "finetune" and self.config.average_last > 0
+
+    def _stopped(self, phase: Phase, state: UnitState) -> bool:
+        """Early stop: ``patience`` epochs without a better monitored loss (never in an averaging phase)."""
+        return state.bad_epochs >= self.config.patience and not self._averaging(phase)
+
+    def _update_average(self, phase: Phase, state: UnitState) -> None:
+        """After an epoch inside the last ``average_last`` of an averaging phase: fold the weights into the running
+        mean and write the mean as the unit's model (floating tensors averaged; counters taken as they are)."""
+        if not self._averaging(phase) or state.phase_epoch <= phase.epochs - self.config.average_last:
+            return
+        current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        n = state.averaged + 1
+        if self.average is None or state.averaged == 0:
+            self.average = current
+        else:
+            for name, value in current.items():
+                if value.is_floating_point():
+                    self.average[name] += (value - self.average[name]) / n
+                else:
+                    self.average[name] = value
+        state.averaged, state.best_epoch = n, state.epoch
+        _atomic_save(self.average, self.unit.model)
 
     def run_phase(self, phase: Phase, state: UnitState, checkpoint: dict | None) -> None:
         """Epochs of one phase from ``state`` until its epochs are done or it stops early."""
-        if state.phase_epoch >= phase.epochs or state.bad_epochs >= self.config.patience:
+        if state.phase_epoch >= phase.epochs or self._stopped(phase, state):
             return
         if state.phase_epoch == 0 and self.config.monitor == "training":
             state.best_val_loss = math.inf  # training losses are compared within a phase only
@@ -255,8 +288,9 @@ class _UnitContext:
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
             scaler.load_state_dict(checkpoint["scaler"])
+            self.average = checkpoint.get("average")
         features = self._features() if phase.name == "head" and self.config.cache_features else None
-        while state.phase_epoch < phase.epochs and state.bad_epochs < self.config.patience:
+        while state.phase_epoch < phase.epochs and not self._stopped(phase, state):
             started = time.monotonic()
             row = self._epoch(phase, state, optimizer, scaler, features)
             scheduler.step(self._monitored(row))
@@ -312,10 +346,13 @@ class _UnitContext:
         }
         monitored = self._monitored(row)
         if monitored < state.best_val_loss:
-            state.best_val_loss, state.best_epoch, state.bad_epochs = monitored, epoch, 0
-            _atomic_save(self.model.state_dict(), self.unit.model)
+            state.best_val_loss, state.bad_epochs = monitored, 0
+            if not self._averaging(phase):
+                state.best_epoch = epoch
+                _atomic_save(self.model.state_dict(), self.unit.model)
         else:
             state.bad_epochs += 1
+        self._update_average(phase, state)
         row.update(epoch_metrics(self.data.cohort.y[self.val_idx], sigmoid(logits)))
         return row
 
@@ -346,6 +383,7 @@ class _UnitContext:
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
+            **({"average": self.average} if self.average is not None and state.averaged else {}),
         }
         _atomic_save(checkpoint, self.unit.checkpoint)
         log.info(
