@@ -371,7 +371,7 @@ def test_average_last_keeps_the_mean_of_the_last_fine_tuning_epochs(
     head+2 and head+3 (every floating tensor, BatchNorm statistics too), and fine-tuning runs all its epochs even
     where ``patience = 1`` would stop it."""
     config = tiny_config(cohorts, run_folds=(0,), epochs_head=2, epochs_finetune=3, average_last=2, patience=1,
-                         lr_patience=0)
+                         lr_patience=0, loss="bce")
     after: dict[int, dict[str, torch.Tensor]] = {}
     fit(config, tmp_path / "run", on_epoch_end=lambda key, row: after.update(
         {int(row["epoch"]): _checkpoint_weights(tmp_path / "run")}))
@@ -380,6 +380,17 @@ def test_average_last_keeps_the_mean_of_the_last_fine_tuning_epochs(
     assert [r["phase"] for r in log] == ["head", "head", "finetune", "finetune", "finetune"]
     done = json.loads((unit / "done.json").read_text())
     assert done["averaged_epochs"] == [4, 5] and done["best_epoch"] == 5
+    # no epoch was chosen, so no epoch's loss is reported as the kept weights': the mean's own held-out loss is,
+    # here recomputed by hand from the run's OOF probabilities (written by the prediction step from model.pt)
+    assert "best_monitored_loss" not in done and "best_val_loss" not in done
+    held_out = [r for r in read_csv(tmp_path / "run" / "predictions_oof.csv") if r["fold"] == "0"]
+    p = np.array([float(r["score_Tuberculosis__tiny"]) for r in held_out])
+    y = np.array([float(r["label_Tuberculosis"]) for r in held_out])
+    assert 0 < y.sum() < len(y)
+    by_hand = float(np.mean(-(y * np.log(p) + (1 - y) * np.log1p(-p))))
+    assert done["kept_val_loss"] == pytest.approx(by_hand, rel=1e-4)
+    assert all(done["kept_val_loss"] != pytest.approx(float(r["val_loss"]), rel=1e-6) for r in log[3:]), (
+        "the mean's loss equals an averaged epoch's: the test cannot tell them apart")
     kept = torch.load(unit / "model.pt")
     assert kept.keys() == after[5].keys()
     moved = 0
@@ -411,6 +422,10 @@ def test_average_last_resumes_to_the_same_mean(cohorts: tuple[Path, Path], tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "straight" / "predictions_oof.csv").read_bytes() == (
         tmp_path / "resumed" / "predictions_oof.csv").read_bytes()
+    done = [json.loads((tmp_path / run / unit / "done.json").read_text()) for run in ("straight", "resumed")]
+    for d in done:
+        d.pop("seconds_last_session")
+    assert done[0] == done[1] and "kept_val_loss" in done[0]
 
 
 @pytest.mark.parametrize(("changes", "most"), [

@@ -13,7 +13,8 @@ report folder, a :class:`ReportDir`). Layout (``cxr-train fit --run-dir RUN``)::
         model.pt                 weights of the best monitored loss so far (the unit's final model
                                  once done.json exists)
         log.csv                  one row per epoch (training.trainlog)
-        done.json                the unit finished: best epoch and monitored loss, epochs run
+        done.json                the unit finished: best epoch and monitored loss (an averaging unit: the
+                                 averaged epochs and the mean's own losses), epochs run
         pred_<cohort>.npy        probabilities [N, L] of this unit's model (cache for the CSVs)
     predictions_oof.csv          every training image, scored by the model of the fold that held it out
     predictions_<cohort>.csv     every external image, scored by every fold model

@@ -123,7 +123,8 @@ def train_unit(data: RunData, key: UnitKey, on_epoch_end: EpochCallback | None =
             checkpoint = None
         ctx.run_phase(phase, state, checkpoint)
         checkpoint = None
-    _finish_unit(unit, key, state, time.monotonic() - started, config.monitor, ctx.inner_idx)
+    kept = ctx.kept_losses() if state.averaged else None
+    _finish_unit(unit, key, state, time.monotonic() - started, config.monitor, ctx.inner_idx, kept)
 
 
 def unit_inner_split(data: RunData, fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -190,9 +191,24 @@ def _resume(unit: UnitDir, model: CxrNet, device: torch.device) -> tuple[UnitSta
 
 
 def _finish_unit(
-    unit: UnitDir, key: UnitKey, state: UnitState, seconds: float, monitor: str, inner_idx: np.ndarray | None
+    unit: UnitDir,
+    key: UnitKey,
+    state: UnitState,
+    seconds: float,
+    monitor: str,
+    inner_idx: np.ndarray | None,
+    kept: dict[str, float] | None = None,
 ) -> None:
-    """Write ``done.json``; the checkpoint is kept (it is small next to the log's value)."""
+    """Write ``done.json``; the checkpoint is kept (it is small next to the log's value).
+
+    A unit that kept its best epoch reports that epoch's monitored loss (``best_monitored_loss``, and
+    ``best_val_loss`` under ``monitor = "validation"``). An averaging unit (``average_last``) kept no epoch: it
+    reports the losses of the mean it kept instead (``kept``, from :meth:`_UnitContext.kept_losses`), since the
+    lowest loss of any single epoch describes weights it did not keep."""
+    chosen = {
+        "best_monitored_loss": state.best_val_loss,
+        **({"best_val_loss": state.best_val_loss} if monitor == "validation" else {}),
+    }
     done = {
         "architecture": key.architecture,
         "fold": key.fold,
@@ -201,8 +217,7 @@ def _finish_unit(
         **({"averaged_epochs": list(range(state.epoch - state.averaged + 1, state.epoch + 1))}
            if state.averaged else {}),
         "monitor": monitor,
-        "best_monitored_loss": state.best_val_loss,
-        **({"best_val_loss": state.best_val_loss} if monitor == "validation" else {}),
+        **(kept if state.averaged and kept is not None else chosen),
         **({"inner_images": len(inner_idx)} if inner_idx is not None else {}),
         "seconds_last_session": round(seconds, 2),
     }
@@ -355,6 +370,16 @@ class _UnitContext:
         self._update_average(phase, state)
         row.update(epoch_metrics(self.data.cohort.y[self.val_idx], sigmoid(logits)))
         return row
+
+    def kept_losses(self) -> dict[str, float]:
+        """The losses of the weights the unit keeps (its ``model.pt``), evaluated once more: the held-out fold's
+        (``kept_val_loss``) and, under ``monitor = "inner"``, the monitored part's (``kept_inner_loss``). Logged
+        only: nothing is chosen by them. The training loss of an epoch has no counterpart for averaged weights."""
+        self.model.load_state_dict(torch.load(self.unit.model, map_location=self.data.device))
+        losses = {"kept_val_loss": self._loss(self._logits(None, self.val_idx), self.val_idx)}
+        if self.inner_idx is not None:
+            losses["kept_inner_loss"] = self._loss(self._logits(None, self.inner_idx), self.inner_idx)
+        return losses
 
     def _monitored(self, row: dict[str, Any]) -> float:
         """The loss that drives early stopping, the LR schedule and the kept epoch (``config.monitor``)."""
