@@ -365,13 +365,17 @@ def _checkpoint_weights(run: Path, fold: int = 0) -> dict[str, torch.Tensor]:
 
 
 def test_average_last_keeps_the_mean_of_the_last_fine_tuning_epochs(
-    cohorts: tuple[Path, Path], tmp_path: Path
+    cohorts: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``average_last = 2`` of three fine-tuning epochs: the unit's model is the mean of the weights after epochs
-    head+2 and head+3 (every floating tensor, BatchNorm statistics too), and fine-tuning runs all its epochs even
-    where ``patience = 1`` would stop it."""
+    head+2 and head+3 (every floating tensor, BatchNorm statistics too), and fine-tuning runs all its epochs where
+    ``patience = 1`` stops it: the monitored loss is held constant, so no epoch after the first is better."""
+    monkeypatch.setattr("training.unit._UnitContext._monitored", lambda self, row: 1.0)
     config = tiny_config(cohorts, run_folds=(0,), epochs_head=2, epochs_finetune=3, average_last=2, patience=1,
                          lr_patience=0, loss="bce")
+    fit(with_overrides(config, average_last=0), tmp_path / "kept_epoch")
+    stopped = read_log(tmp_path / "kept_epoch" / "units" / "tiny" / "fold0" / "log.csv")
+    assert [r["phase"] for r in stopped] == ["head", "head", "finetune"], "patience = 1 no longer stops this run"
     after: dict[int, dict[str, torch.Tensor]] = {}
     fit(config, tmp_path / "run", on_epoch_end=lambda key, row: after.update(
         {int(row["epoch"]): _checkpoint_weights(tmp_path / "run")}))
@@ -426,6 +430,30 @@ def test_average_last_resumes_to_the_same_mean(cohorts: tuple[Path, Path], tmp_p
     for d in done:
         d.pop("seconds_last_session")
     assert done[0] == done[1] and "kept_val_loss" in done[0]
+
+
+def test_average_last_refuses_a_checkpoint_without_its_mean(cohorts: tuple[Path, Path], tmp_path: Path) -> None:
+    """A checkpoint that records averaged epochs but holds no mean (not written by this training) is refused on
+    resume instead of restarting the mean, which would average fewer epochs than ``done.json`` would list."""
+    config = tiny_config(cohorts, run_folds=(0,), epochs_head=1, epochs_finetune=3, average_last=2)
+
+    def interrupt(key: UnitKey, row: dict[str, Any]) -> None:
+        if row["epoch"] == 3:  # after the first averaged epoch
+            raise InterruptError
+
+    with pytest.raises(InterruptError):
+        fit(config, tmp_path / "run", on_epoch_end=interrupt)
+    path = tmp_path / "run" / "units" / "tiny" / "fold0" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["state"]["averaged"] == 1 and "average" in checkpoint
+    del checkpoint["average"]
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match="1 averaged epoch\\(s\\) recorded but no stored mean"):
+        fit(None, tmp_path / "run")
+
+
+def test_average_last_may_average_every_fine_tuning_epoch(cohorts: tuple[Path, Path]) -> None:
+    assert tiny_config(cohorts, epochs_finetune=3, average_last=3).average_last == 3
 
 
 @pytest.mark.parametrize(("changes", "most"), [

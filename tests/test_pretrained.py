@@ -48,9 +48,26 @@ def test_weights_file_holds_the_backbone_and_its_provenance(chest_weights: tuple
     assert provenance["made_from"]["unit"] == "tiny/fold0" and provenance["made_from"]["labels"] == [
         "Pediatric_Pneumonia"]
     assert "fold 0 of 3" in provenance["made_from"]["held_out"]
+    assert "averaged_epochs" not in provenance["made_from"]  # one kept epoch, named by best_epoch
     (cohort,) = provenance["cohorts"]
     assert (cohort["name"], cohort["role"], cohort["images"]) == ("ped", "train", 24)
     assert provenance["recipe"]["train"]["label_columns"] == {"label_pneumonia": "Pediatric_Pneumonia"}
+
+
+def test_weights_of_averaged_epochs_say_which(chest_weights: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A unit that kept the mean of its last fine-tuning epochs (``average_last``) kept no single epoch: the
+    provenance lists the averaged epochs beside ``best_epoch`` (the last of them)."""
+    _, ped, tb = chest_weights
+    ped_cohort = CohortConfig("ped", str(ped), patient_column="group_hint", site="guangzhou",
+                              label_columns={"label_pneumonia": "Pediatric_Pneumonia"})
+    config = tiny_config((tb, tb), train=(ped_cohort,), external=(), labels=("Pediatric_Pneumonia",),
+                         run_folds=(0,), epochs_head=1, epochs_finetune=2, average_last=2)
+    fit(config, tmp_path / "run")
+    out = tmp_path / "averaged.pth"
+    assert main(["weights", "--run-dir", str(tmp_path / "run"), "--unit", "tiny/fold0", "--out", str(out)]) == 0
+    provenance = read_provenance(out)
+    assert provenance is not None
+    assert provenance["made_from"]["averaged_epochs"] == [2, 3] and provenance["made_from"]["best_epoch"] == 3
 
 
 def test_a_run_starts_from_them_and_the_package_says_so(chest_weights: tuple[Path, Path, Path],

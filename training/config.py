@@ -483,8 +483,10 @@ seed = 0
 patience = 3                    # early stopping: epochs without a better monitored loss, per phase
 average_last = 0                # > 0: the unit keeps the mean of the weights after each of the last N fine-tuning
                                 # epochs (weight averaging, SWA-style), and fine-tuning runs all its epochs (no
-                                # early stop); 0: the epoch with the best monitored loss
-monitor = "validation"          # the loss that drives early stopping, ReduceLROnPlateau and the kept epoch:
+                                # early stop; fine-tuning starts from the head phase's best monitored epoch);
+                                # 0: the epoch with the best monitored loss
+monitor = "validation"          # the loss that drives early stopping, ReduceLROnPlateau and the kept epoch (with
+                                # average_last: the head phase's kept epoch):
                                 # "validation" (the held-out fold: its OOF predictions carry a small selection
                                 # bias), "training" (the held-out fold decides nothing: unbiased OOF) or
                                 # "inner" (a patient-grouped part of the training folds, which it does not

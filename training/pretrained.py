@@ -78,7 +78,8 @@ def export_weights(run_dir: str | Path, unit: UnitKey, out: str | Path) -> Path:
         "architecture": unit.architecture,
         "image_size": config.image_size,
         "made_from": {"run": config.name, "unit": unit.name, "held_out": held_out,
-                      "best_epoch": done.get("best_epoch"), "labels": list(config.labels)},
+                      "best_epoch": done.get("best_epoch"), "labels": list(config.labels),
+                      **({"averaged_epochs": done["averaged_epochs"]} if "averaged_epochs" in done else {})},
         "cohorts": [_cohort_record(c, "train") for c in config.train]
         + [_cohort_record(c, "external (scored, never trained on)") for c in config.external],
         "recipe": config.to_dict(),

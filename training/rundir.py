@@ -10,8 +10,8 @@ report folder, a :class:`ReportDir`). Layout (``cxr-train fit --run-dir RUN``)::
     units/<arch>/fold<k>/        one unit per (architecture, fold):
         checkpoint.pt            last completed epoch: model, optimizer, scheduler, AMP scaler, phase
                                  and early-stopping state (written atomically after every epoch)
-        model.pt                 weights of the best monitored loss so far (the unit's final model
-                                 once done.json exists)
+        model.pt                 weights of the best monitored loss so far, or with average_last the running
+                                 mean of the averaged epochs (the unit's final model once done.json exists)
         log.csv                  one row per epoch (training.trainlog)
         done.json                the unit finished: best epoch and monitored loss (an averaging unit: the
                                  averaged epochs and the mean's own losses), epochs run

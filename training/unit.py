@@ -12,8 +12,11 @@ on one of ``inner_folds`` patient-grouped parts of the training folds, which the
 on (:func:`training.prepare.inner_split`): compared across phases like the held-out loss, and the held-out
 fold decides nothing either. The held-out fold's loss and metrics are logged under every monitor.
 ``average_last = N > 0`` keeps instead the mean of the weights after each of the last N fine-tuning epochs (all
-parameters and BatchNorm statistics; stochastic weight averaging over the end of fine-tuning), and fine-tuning then
-runs all its epochs: the monitored loss drives the learning rate only, and the held-out fold chooses no weights. With
+parameters and BatchNorm statistics, the statistics averaged rather than recomputed for the mean; weight averaging
+over the end of fine-tuning after SWA), and fine-tuning then runs all its epochs: in that phase the monitored loss
+drives the learning rate only. The head phase still keeps its best monitored epoch, which fine-tuning starts from, so
+under ``monitor = "validation"`` the held-out fold still chooses that starting point (and the learning rate): its
+selection bias is reduced, not removed. With
 ``cache_features`` the head phase trains the head on backbone features computed once per image without
 augmentation (exact, since the backbone is frozen).
 
@@ -304,6 +307,9 @@ class _UnitContext:
             scheduler.load_state_dict(checkpoint["scheduler"])
             scaler.load_state_dict(checkpoint["scaler"])
             self.average = checkpoint.get("average")
+            if state.averaged and self.average is None:  # restarting the mean would average fewer epochs than it says
+                raise ValueError(f"{self.unit.checkpoint}: {state.averaged} averaged epoch(s) recorded but no stored "
+                                 "mean; the checkpoint was not written by this unit's training")
         features = self._features() if phase.name == "head" and self.config.cache_features else None
         while state.phase_epoch < phase.epochs and not self._stopped(phase, state):
             started = time.monotonic()
