@@ -38,6 +38,11 @@ class AugmentConfig:
         blur_p: probability of a Gaussian blur; ``blur_sigma``: maximum sigma in pixels.
         downsample_p: probability of a resolution drop (down, then back up);
             ``downsample_min``: smallest factor (0.5 = half resolution).
+        outside_lungs_p: probability that the field outside the lungs is replaced by its median grey before every
+            other augmentation (:class:`training.lungs.OutsideLungs`; images with a lung mask only, training only);
+            ``outside_lungs_margin``: the lungs grown by this fraction of the side first, so that the pleura,
+            hila and costophrenic angles stay. Not an :class:`Augmenter` step: it needs the mask, and draws from a
+            generator of its own, so every other draw of a sample is the same with it or without it.
     """
 
     rotate_p: float = 0.5
@@ -58,6 +63,8 @@ class AugmentConfig:
     blur_sigma: float = 1.0
     downsample_p: float = 0.15
     downsample_min: float = 0.5
+    outside_lungs_p: float = 0.0
+    outside_lungs_margin: float = 0.03
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -72,6 +79,9 @@ class AugmentConfig:
             raise ValueError(f"augment.downsample_min: expected a factor in (0, 1], found {self.downsample_min}")
         if self.scale_frac >= 1.0:
             raise ValueError(f"augment.scale_frac: expected a value < 1, found {self.scale_frac}")
+        if self.outside_lungs_margin >= 0.5:
+            raise ValueError(f"augment.outside_lungs_margin: expected a fraction of the side < 0.5, found "
+                             f"{self.outside_lungs_margin}")
 
     @classmethod
     def none(cls) -> AugmentConfig:

@@ -545,6 +545,9 @@ blur_p = 0.15
 blur_sigma = 1.0                # max sigma, pixels
 downsample_p = 0.15
 downsample_min = 0.5            # smallest resolution factor
+outside_lungs_p = 0.0           # > 0: the field outside the lungs (each image's lung_mask column) replaced by its
+                                # median grey, before the others; images without a mask never; not at evaluation
+outside_lungs_margin = 0.03     # the lungs grown first by this fraction of the side (pleura and hila stay)
 """
 
 

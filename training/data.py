@@ -392,6 +392,39 @@ class PreprocessCache:
         write_atomic(target, npy_bytes(gray))
         return gray
 
+    def get_regions(self, path: str | Path, mask: str | Path) -> np.ndarray:
+        """The lung-region map (uint8 ``(size, size)``, :func:`training.lungs.regions_on_input`) of image ``path`` and
+        its lung mask ``mask``, in the geometry of :meth:`get`'s image; cached like it, keyed by both files."""
+        key = hashlib.sha256(f"{self.key(path)}\0{self.key(mask)}".encode()).hexdigest()
+        target = self.folder / f"regions-{key}.npy"
+        if target.exists():
+            try:
+                return np.load(target)
+            except (OSError, ValueError):
+                log.warning("cache entry %s unreadable, recomputing", target.name)
+        from ai.pixels import read_image_file
+        from ai.preprocess import preprocess_gray
+        from training.lungs import regions_on_input
+
+        _, box = preprocess_gray(read_image_file(path), self.spec)
+        regions = np.ascontiguousarray(regions_on_input(read_image_file(mask), box), dtype=np.uint8)
+        write_atomic(target, npy_bytes(regions))
+        return regions
+
+    def load_regions(self, paths: Sequence[str | Path], masks: Sequence[str | Path | None], progress: bool = False,
+                     desc: str = "lung regions") -> np.ndarray:
+        """The region maps of all images stacked (uint8 ``[N, size, size]``); an image without a mask gets an
+        all-PADDING map, which no lung step changes."""
+        from tqdm import tqdm
+
+        size = int(self.spec.size)
+        out = np.zeros((len(paths), size, size), dtype=np.uint8)
+        for i, (path, mask) in enumerate(tqdm(list(zip(paths, masks, strict=True)), desc=desc, disable=not progress,
+                                              leave=False)):
+            if mask is not None:
+                out[i] = self.get_regions(path, mask)
+        return out
+
     def load_many(self, paths: Sequence[str | Path], progress: bool = False, desc: str = "preprocess") -> np.ndarray:
         """All images stacked as uint8 ``[N, size, size]`` (in memory; 512px is 256 KiB per image)."""
         from tqdm import tqdm
@@ -447,6 +480,11 @@ class CxrDataset:
         augment: ``augment(image_u8, rng) -> image_u8``, or None for evaluation.
         seed: run seed.
         index: the rows of ``images`` this dataset serves, in order.
+        regions: uint8 ``[N, S, S]`` lung-region maps aligned with ``images`` (:mod:`training.lungs`); given
+            together with ``outside_lungs``.
+        outside_lungs: the step applied before ``augment`` (``outside_lungs(image, regions[row], rng)``), whose
+            generator is ``sample_rng``'s key with ``training.lungs.OUTSIDE_LUNGS_STREAM`` appended: it leaves every
+            draw of ``augment`` as it is without it.
     """
 
     def __init__(
@@ -457,9 +495,16 @@ class CxrDataset:
         augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
         seed: int = 0,
         index: Sequence[int] | np.ndarray | None = None,
+        regions: np.ndarray | None = None,
+        outside_lungs: Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray] | None = None,
     ) -> None:
         if len(images) != len(y):
             raise ValueError(f"images and labels differ in length: {len(images)} vs {len(y)}")
+        if (regions is None) != (outside_lungs is None):
+            raise ValueError("regions and outside_lungs come together")
+        if regions is not None and regions.shape != images.shape:
+            raise ValueError(f"lung regions {regions.shape} do not match the images {images.shape}")
+        self.regions, self.outside_lungs = regions, outside_lungs
         self.images = images
         self.y = np.asarray(y, dtype=np.float32)
         self.index = np.arange(len(images)) if index is None else np.asarray(index, dtype=np.int64)
@@ -482,6 +527,11 @@ class CxrDataset:
 
         row = int(self.index[item])
         image = self.images[row]
+        if self.outside_lungs is not None and self.regions is not None:
+            from training.lungs import OUTSIDE_LUNGS_STREAM
+
+            rng = np.random.default_rng([self.seed, self.epoch, row, OUTSIDE_LUNGS_STREAM])
+            image = self.outside_lungs(image, self.regions[row], rng)
         if self.augment is not None:
             image = self.augment(image, sample_rng(self.seed, self.epoch, row))
         x = to_model_input(np.ascontiguousarray(image), self.spec)

@@ -123,6 +123,9 @@ def load_gate_config(path: str | Path) -> GateConfig:
     if not sources:
         raise ValueError(f"{path}: no [[sources]]")
     augment = AugmentConfig(**data.pop("augment", {}))
+    if augment.outside_lungs_p > 0:  # the gate's sources (laterals, other body parts) have no lung masks
+        raise ValueError(f"{path}: augment.outside_lungs_p: the view gate trains without lung masks; expected 0, "
+                         f"found {augment.outside_lungs_p}")
     config = GateConfig(sources=tuple(sources), augment=augment, **data)
     if config.architecture not in ARCHITECTURES:
         raise ValueError(f"{path}: architecture: expected a registered name (cxr-train architectures), "

@@ -29,6 +29,8 @@ from training.config import (
 )
 from training.data import Cohort, PreprocessCache, combine_cohorts, load_cohort
 from training.jsonio import jsonable
+from training.lungs import describe as describe_regions
+from training.lungs import grow_lungs
 from training.pretrained import check_init_cohorts
 from training.rundir import RunDir, UnitKey
 from training.splits import SplitError, check_folds, fold_summary, grouped_stratified_kfold, load_folds, save_folds
@@ -47,6 +49,7 @@ class RunData:
     externals: list[tuple[Cohort, np.ndarray]] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     sources: np.ndarray | None = None  # the training cohort of every row of ``cohort`` (several [[train]])
+    regions: np.ndarray | None = None  # lung regions of ``images``, grown (augment.outside_lungs_p > 0 only)
 
     @property
     def several_cohorts(self) -> bool:
@@ -128,9 +131,27 @@ def prepare_run(config: RunConfig, run_dir: Path) -> RunData:
     if len(parts) > 1:  # per cohort: its counts and its folds' prevalences, never pooled
         summary["train"] = [c.summary() for c in parts]
         summary["folds"] = {c.name: fold_summary(folds[sources == c.name], c.y, c.labels) for c in parts}
+    regions = _lung_regions(config, cache, cohort)
+    if regions is not None:  # written only when the step is on: every other run's cohorts.json stays as it was
+        summary["outside_lungs"] = describe_regions(regions)
     write_atomic(run.cohorts, json.dumps(jsonable(summary, nan="keep"), indent=2).encode("utf-8"))
     device = _device(config)
-    return RunData(config, run_dir, spec, cohort, folds, images, externals, device, sources)
+    return RunData(config, run_dir, spec, cohort, folds, images, externals, device, sources, regions)
+
+
+def _lung_regions(config: RunConfig, cache: PreprocessCache, cohort: Cohort) -> np.ndarray | None:
+    """The training images' lung regions, grown by ``augment.outside_lungs_margin``, when
+    ``augment.outside_lungs_p > 0``; refused when no training image has a lung mask (the step would do nothing)."""
+    augment = config.augment
+    if augment.outside_lungs_p <= 0:
+        return None
+    if not any(mask is not None for mask in cohort.masks):
+        raise ConfigError([f"augment.outside_lungs_p: expected lung masks (a lung_mask column) in the training "
+                           f"cohort, found none in {cohort.name}"], RUN_CONFIGURATION)
+    regions = cache.load_regions(cohort.paths, cohort.masks, progress=config.progress)
+    for i in range(len(regions)):
+        regions[i] = grow_lungs(regions[i], augment.outside_lungs_margin)
+    return regions
 
 
 def check_not_pooled(cohorts: Sequence[Cohort]) -> None:

@@ -56,6 +56,7 @@ from training.epoch import (
     train_epoch,
 )
 from training.losses import LossFn, make_loss
+from training.lungs import OutsideLungs
 from training.prepare import RunData, inner_split
 from training.probability import sigmoid
 from training.rundir import RunDir, UnitDir, UnitKey
@@ -445,6 +446,8 @@ class _UnitContext:
                 Augmenter(config.augment),
                 seed=self.unit_seed,
                 index=self.train_idx,
+                regions=self.data.regions,
+                outside_lungs=OutsideLungs(config.augment.outside_lungs_p) if self.data.regions is not None else None,
             )
             dataset.set_epoch(epoch)
             forward = self.model
