@@ -378,38 +378,41 @@ class PreprocessCache:
 
     def get(self, path: str | Path) -> np.ndarray:
         """The preprocessed uint8 ``(size, size)`` image of ``path``, from the cache or computed now."""
-        target = self.folder / f"{self.key(path)}.npy"
-        if target.exists():
-            try:
-                return np.load(target)
-            except (OSError, ValueError):
-                log.warning("cache entry %s unreadable, recomputing", target.name)
-        from ai.pixels import read_image_file
-        from ai.preprocess import preprocess_gray
 
-        gray, _ = preprocess_gray(read_image_file(path), self.spec)
-        gray = np.ascontiguousarray(gray, dtype=np.uint8)
-        write_atomic(target, npy_bytes(gray))
-        return gray
+        def compute() -> np.ndarray:
+            from ai.pixels import read_image_file
+            from ai.preprocess import preprocess_gray
+
+            return preprocess_gray(read_image_file(path), self.spec)[0]
+
+        return self._cached(f"{self.key(path)}.npy", compute)
 
     def get_regions(self, path: str | Path, mask: str | Path) -> np.ndarray:
         """The lung-region map (uint8 ``(size, size)``, :func:`training.lungs.regions_on_input`) of image ``path`` and
         its lung mask ``mask``, in the geometry of :meth:`get`'s image; cached like it, keyed by both files."""
+
+        def compute() -> np.ndarray:
+            from ai.pixels import read_image_file
+            from ai.preprocess import preprocess_gray
+            from training.lungs import regions_on_input
+
+            _, box = preprocess_gray(read_image_file(path), self.spec)
+            return regions_on_input(read_image_file(mask), box)
+
         key = hashlib.sha256(f"{self.key(path)}\0{self.key(mask)}".encode()).hexdigest()
-        target = self.folder / f"regions-{key}.npy"
+        return self._cached(f"regions-{key}.npy", compute)
+
+    def _cached(self, name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """The uint8 array stored as ``name`` in the cache folder, or ``compute()``'s, stored atomically first."""
+        target = self.folder / name
         if target.exists():
             try:
                 return np.load(target)
             except (OSError, ValueError):
                 log.warning("cache entry %s unreadable, recomputing", target.name)
-        from ai.pixels import read_image_file
-        from ai.preprocess import preprocess_gray
-        from training.lungs import regions_on_input
-
-        _, box = preprocess_gray(read_image_file(path), self.spec)
-        regions = np.ascontiguousarray(regions_on_input(read_image_file(mask), box), dtype=np.uint8)
-        write_atomic(target, npy_bytes(regions))
-        return regions
+        array = np.ascontiguousarray(compute(), dtype=np.uint8)
+        write_atomic(target, npy_bytes(array))
+        return array
 
     def load_regions(self, paths: Sequence[str | Path], masks: Sequence[str | Path | None], progress: bool = False,
                      desc: str = "lung regions") -> np.ndarray:
