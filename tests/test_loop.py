@@ -467,3 +467,29 @@ def test_average_last_outside_the_fine_tuning_epochs_is_refused(
     expected = rf"average_last: expected an integer from 0 to the fine-tuning epochs \({most}\)"
     with pytest.raises(ConfigError, match=expected):
         tiny_config(cohorts, **changes)
+
+
+def test_a_run_records_where_it_started_and_warns_when_resumed_elsewhere(
+    cohorts: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``environment.json``: the libraries and machine a run started on; a resume in another environment keeps that
+    record and says what differs (its units may not equal an uninterrupted run's)."""
+    import cv2
+
+    config = tiny_config(cohorts, run_folds=(0,), epochs_head=1, epochs_finetune=1)
+    run = tmp_path / "run"
+    fit(config, run)
+    path = run / "environment.json"
+    started = json.loads(path.read_text())
+    assert started["torch"] == torch.__version__ and started["opencv"] == cv2.__version__
+    assert started["torch_cpu_capability"] == str(torch.backends.cpu.get_cpu_capability())
+    with caplog.at_level("WARNING", logger="training.fit"):
+        fit(None, run)
+    assert not [r for r in caplog.records if "another environment" in r.message]
+    elsewhere = {**started, "opencv": "0.0.0", "torch_cpu_capability": "AVX512"}
+    path.write_text(json.dumps(elsewhere))
+    with caplog.at_level("WARNING", logger="training.fit"):
+        fit(None, run)
+    (warning,) = [r.message for r in caplog.records if "another environment" in r.message]
+    assert f"opencv 0.0.0 -> {cv2.__version__}" in warning and "torch_cpu_capability AVX512 ->" in warning
+    assert json.loads(path.read_text()) == elsewhere  # the first record stays

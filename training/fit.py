@@ -12,6 +12,7 @@ architectures. When ``run_folds`` trains only some folds, the OOF file holds onl
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from training.epoch import predict_array
 from training.predictions import ENSEMBLE, cohort_table, write_predictions
 from training.prepare import RunData, prepare_run, resolve_config
 from training.probability import sigmoid
-from training.rundir import OOF, UnitKey
+from training.rundir import OOF, RunDir, UnitKey
 from training.unit import EpochCallback, load_unit_model, train_unit, unit_inner_split
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ def fit(config: RunConfig | None, run_dir: str | Path, on_epoch_end: EpochCallba
     if config.threads:
         torch.set_num_threads(config.threads)
     data = prepare_run(config, run_dir)
+    record_environment(run_dir)
     if config.monitor == "inner":  # every fold's inner split before any unit trains: a bad one fails now
         for fold in config.fold_indices():
             unit_inner_split(data, fold)
@@ -76,6 +78,55 @@ def fit(config: RunConfig | None, run_dir: str | Path, on_epoch_end: EpochCallba
     predictions = write_run_predictions(data, units)
     log.info("run %s: %d unit(s) done, predictions in %s", config.name, len(units), run_dir)
     return FitResult(run_dir, units, tuple(predictions))
+
+
+def training_environment() -> dict[str, str]:
+    """What a CPU run's bits depend on beyond the code and the data: the libraries that compute (torch and the
+    kernels its CPU capability selects, numpy, OpenCV for the augmentation, timm) and the machine.
+
+    Measured (docs/model/README.md, "Reproduced from a clean clone"): on one machine the same configuration and code
+    gave other fine-tuned weights with OpenCV 5.0 and 5.1 (augmented pixels one grey level apart in places), and
+    neither gave the bundled members, which were trained and reproduced on other machines."""
+    import platform
+
+    import cv2
+    import timm
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+        "numpy": np.__version__,
+        "opencv": cv2.__version__,
+        "timm": timm.__version__,
+        "machine": f"{platform.machine()}, {cpu or platform.processor() or 'unknown CPU'}",
+    }
+
+
+def record_environment(run_dir: Path) -> None:
+    """Write ``environment.json`` when a run starts; when it is resumed elsewhere, keep the first record and warn
+    with what differs: units trained there may not equal an uninterrupted run's bit for bit."""
+    path = RunDir(run_dir).environment
+    now = training_environment()
+    if not path.exists():
+        write_atomic(path, (json.dumps(now, indent=2) + "\n").encode("utf-8"))
+        return
+    try:
+        started = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        log.warning("%s unreadable; not compared", path)
+        return
+    changed = {k: (started.get(k), v) for k, v in now.items() if started.get(k) != v}
+    if changed:
+        log.warning("run %s resumed in another environment than it started in (%s): units trained from here may "
+                    "differ from an uninterrupted run's", run_dir,
+                    "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
 
 
 def run_probabilities(

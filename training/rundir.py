@@ -5,6 +5,7 @@ report folder, a :class:`ReportDir`). Layout (``cxr-train fit --run-dir RUN``)::
 
     config.toml                  the effective configuration (training.config)
     folds.csv                    image, patient_id, fold of the training cohort (checked, training.splits)
+    environment.json             where the run was started: library versions, torch's CPU capability, the CPU
     cohorts.json                 counts per cohort and fold prevalences (no patient identifiers)
     cache/                       preprocessed pixels (training.data.PreprocessCache; unless config.cache_dir)
     units/<arch>/fold<k>/        one unit per (architecture, fold):
@@ -122,6 +123,10 @@ class RunDir:
     @property
     def cohorts(self) -> Path:
         return self.root / "cohorts.json"
+
+    @property
+    def environment(self) -> Path:
+        return self.root / "environment.json"
 
     @property
     def audits(self) -> Path:
