@@ -24,6 +24,7 @@ from storage.files import write_atomic
 from training.data import Cohort
 from training.fit import run_probabilities
 from training.jsonio import jsonable
+from training.lungs import resize_nearest
 from training.predictions import ENSEMBLE, PredictionTable, load_prediction_dir
 from training.prepare import RunData, load_run_config, prepare_run
 from training.rundir import RunDir, UnitKey
@@ -40,7 +41,6 @@ from training.shortcuts import (
     floor_report,
     intensity_statistics,
     lung_blackout,
-    resize_nearest,
     thumbnail_baseline,
     thumbnail_features,
 )

@@ -26,22 +26,33 @@ PADDING, FIELD, LUNGS = 0, 1, 2
 OUTSIDE_LUNGS_STREAM = 1  # the step's generator: sample_rng's key with this appended (training.data.CxrDataset)
 
 
-def regions_on_input(mask: np.ndarray, box: Letterbox) -> np.ndarray:
-    """The region map (uint8 ``size x size``: PADDING, FIELD, LUNGS) of a source-geometry lung mask.
+def resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a 2-D mask (pixel centres mapped, no interpolation)."""
+    mask = np.asarray(mask)
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0]).astype(int), mask.shape[0] - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1]).astype(int), mask.shape[1] - 1)
+    return mask[np.ix_(rows, cols)]
 
-    Args:
-        mask: 2-D lung mask (> 0 = lung; RGB reduced to its maximum channel), any size: it is first resized to the
-            source image (nearest), as :func:`training.shortcuts.lung_blackout` reads it.
-        box: the image's letterbox (:func:`ai.preprocess.preprocess_gray`).
-    """
+
+def lung_pixels(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The lung pixels (``mask > 0``; an RGB mask reduced to its maximum channel) of a lung mask of any size, on an
+    image of ``shape`` (nearest neighbour): how both the lung-blackout audit and the lung regions read a mask."""
     mask = np.asarray(mask)
     mask = mask.max(axis=2) if mask.ndim == 3 else mask
     if mask.ndim != 2:
         raise ValueError(f"expected a 2-D lung mask, got shape {mask.shape}")
-    rows, cols = box.source_shape
-    lungs = (mask > 0).astype(np.uint8)
-    if lungs.shape != (rows, cols):
-        lungs = cv2.resize(lungs, (cols, rows), interpolation=cv2.INTER_NEAREST)
+    return resize_nearest(mask, shape) > 0
+
+
+def regions_on_input(mask: np.ndarray, box: Letterbox) -> np.ndarray:
+    """The region map (uint8 ``size x size``: PADDING, FIELD, LUNGS) of a source-geometry lung mask.
+
+    Args:
+        mask: a lung mask of any size, read by :func:`lung_pixels` onto the source image, as
+            :func:`training.shortcuts.lung_blackout` reads it.
+        box: the image's letterbox (:func:`ai.preprocess.preprocess_gray`).
+    """
+    lungs = lung_pixels(mask, box.source_shape).astype(np.uint8)
     y0, y1, x0, x1 = box.field
     out_rows, out_cols = box.content_shape
     content = cv2.resize(np.ascontiguousarray(lungs[y0:y1, x0:x1]), (out_cols, out_rows),

@@ -27,6 +27,7 @@ from sklearn.preprocessing import StandardScaler
 
 from training import metrics
 from training.delong import DeLongResult, delong_test
+from training.lungs import lung_pixels
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99)
 THUMBNAIL_SIZE = 16
@@ -213,14 +214,6 @@ def floor_report(
     }
 
 
-def resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a 2-D mask (pixel centres mapped, no interpolation)."""
-    mask = np.asarray(mask)
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0]).astype(int), mask.shape[0] - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1]).astype(int), mask.shape[1] - 1)
-    return mask[np.ix_(rows, cols)]
-
-
 def lung_blackout(image_u8: np.ndarray, mask_u8: np.ndarray, fill: int | str = 0) -> np.ndarray:
     """A copy of ``image_u8`` with the lung pixels (``mask > 0``) set to ``fill``.
 
@@ -238,9 +231,7 @@ def lung_blackout(image_u8: np.ndarray, mask_u8: np.ndarray, fill: int | str = 0
     image = np.asarray(image_u8)
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D grey image, got shape {image.shape}")
-    mask = np.asarray(mask_u8)
-    mask = mask.max(axis=2) if mask.ndim == 3 else mask
-    lungs = resize_nearest(mask, image.shape) > 0
+    lungs = lung_pixels(mask_u8, image.shape)
     if fill == "background":
         value = np.median(image[~lungs]) if (~lungs).any() else 0
     elif isinstance(fill, int | np.integer):

@@ -221,7 +221,7 @@ def _finish_unit(
         **({"averaged_epochs": list(range(state.epoch - state.averaged + 1, state.epoch + 1))}
            if state.averaged else {}),
         "monitor": monitor,
-        **(kept if state.averaged and kept is not None else chosen),
+        **(kept if kept is not None else chosen),
         **({"inner_images": len(inner_idx)} if inner_idx is not None else {}),
         "seconds_last_session": round(seconds, 2),
     }
