@@ -110,6 +110,49 @@ def test_fit_writes_units_logs_and_predictions(cohorts: tuple[Path, Path], tmp_p
     assert len(external) == 10 and "fold" not in external[0]
 
 
+@pytest.mark.slow
+def test_the_seed_configuration_runs_from_its_file_to_the_node_at_toy_scale(
+    cohorts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The seed's 13 x 5 file with only its scale cut (one fold, one epoch a phase, 64 px, the tiny cohorts): every
+    architecture trains with the file's own settings, exports with parity, and the node's ensemble scores an external
+    image as the run did."""
+    from ai.ensemble import Ensemble
+    from ai.pixels import read_image_file
+    from training.config import load_config
+    from training.evaluate import evaluate_dir
+    from training.export_run import export_run
+
+    seed = load_config(Path(__file__).resolve().parents[1] / "training" / "configs" / "seed_13x5.toml")
+    train_csv, external_csv = cohorts
+    config = with_overrides(
+        seed, train=(CohortConfig("dev", str(train_csv)),), external=(CohortConfig("ext", str(external_csv)),),
+        run_folds=(0,), epochs_head=1, epochs_finetune=1, image_size=64, batch_size=8, num_workers=0, threads=1,
+        preprocess={**seed.preprocess, "field_detection": False},  # synthetic squares have no X-ray field to find
+    )
+    assert (config.init, config.unfreeze, config.device, config.amp) == ("random", "all", "auto", True)
+    run = tmp_path / "run"
+    result = fit(config, run)
+    assert [key.architecture for key in result.units] == list(seed.architectures) and len(result.units) == 13
+
+    evaluate_dir(run, run / "report", n_boot=20)
+    results = json.loads((run / "report" / "results.json").read_text())
+    reported = results["cohorts"]["ext"]["labels"]["Tuberculosis"]["models"]
+    assert set(reported) == {*seed.architectures, "ensemble"}
+
+    package = export_run(run, tmp_path / "pkg", version="0.0.1", threshold="sensitivity")
+    ensemble = Ensemble.load(package, threads=1)
+    member = {m.architecture: i for i, m in enumerate(ensemble.manifest.members)}
+    assert sorted(member) == sorted(seed.architectures)
+    row = read_csv(run / "predictions_ext.csv")[0]
+    inputs, _ = ensemble.inputs(read_image_file(external_csv.parent / row["image"]))
+    prediction = ensemble.predict({size: x[None] for size, x in inputs.items()})
+    for architecture, m in member.items():  # one fold: each member's score is its architecture's in the run
+        assert prediction.member_probabilities[m, 0, 0] == pytest.approx(
+            float(row[f"score_Tuberculosis__{architecture}"]), abs=1e-4), architecture
+    assert prediction.probabilities[0, 0] == pytest.approx(float(row["score_Tuberculosis__ensemble"]), abs=1e-4)
+
+
 def test_oof_scores_come_from_the_held_out_fold_model(cohorts: tuple[Path, Path], tmp_path: Path) -> None:
     config = tiny_config(cohorts, epochs_head=1, epochs_finetune=0, unfreeze="none")
     fit(config, tmp_path / "run")
