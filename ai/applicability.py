@@ -1,10 +1,13 @@
 """Applicability step: which labels apply to the patient of an image, from the patient's age.
 
-A label learnt from one age group only (the package's ``ages``, e.g. ``Pediatric_Pneumonia``: children aged
-1-5) is reported only for a patient whose age is known and inside that range. The rule is strict: a patient
-of unknown age does not get the label either, because a child-trained pneumonia score on an adult is the
-harm the rule exists to prevent. Such a finding keeps its score for the engineer (``cxr-node predict``) but
-is never positive, and the SR states the reason instead of a probability and a decision.
+A label limited to an age range (the package's ``ages``) is reported only for a patient whose age is inside it.
+For a label learnt from one age group only (``Pediatric_Pneumonia``: children aged 1-5) the rule is strict: a
+patient of unknown age does not get the label either, because a child-trained pneumonia score on an adult is the
+harm the rule exists to prevent. A label learnt from most ages and limited only where it was never shown to work
+(``Tuberculosis``: from 15 years, as WHO recommends computer-aided TB detection) says ``unknown_age = "applies"``:
+an image without an age keeps it, since withholding the main finding from every such image is the greater harm.
+A finding that does not apply keeps its score for the engineer (``cxr-node predict``) but is never positive, and
+the SR states the reason instead of a probability and a decision.
 
 The age comes from the DICOM header: Patient's Age (0010,1010, ``nnnD``/``W``/``M``/``Y``), else Patient's
 Birth Date (0010,0030) against the first of Study, Series, Acquisition and Content Date. The reasons never
@@ -21,7 +24,7 @@ from datetime import date
 import pydicom
 
 from ai.findings import Finding
-from ai.manifest import AgeRange
+from ai.manifest import MAX_AGE_YEARS, AgeRange
 
 _AGE_STRING = re.compile(r"^(\d{3})([DWMY])$")
 _DAYS_PER = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
@@ -58,11 +61,18 @@ def _years(value: float) -> str:
     return f"{value:g}"
 
 
+def _range(ages: AgeRange) -> str:
+    if ages.below_years >= MAX_AGE_YEARS:
+        return f"ages {_years(ages.from_years)} and over"
+    return f"ages {_years(ages.from_years)} to under {_years(ages.below_years)} years"
+
+
 def not_applicable_reason(ages: AgeRange, age_years: float | None) -> str:
     """Why a label limited to ``ages`` does not apply to a patient of ``age_years``, or "" when it applies."""
-    learnt = (f"learnt from {ages.population} (ages {_years(ages.from_years)} to under "
-              f"{_years(ages.below_years)} years)")
+    learnt = f"learnt from {ages.population} ({_range(ages)})"
     if age_years is None:
+        if ages.unknown_age == "applies":
+            return ""
         return f"patient age unknown (no Patient's Age or Birth Date); {learnt}"
     if ages.contains(age_years):
         return ""
@@ -71,7 +81,7 @@ def not_applicable_reason(ages: AgeRange, age_years: float | None) -> str:
 
 def apply_ages(findings: Sequence[Finding], ages: Mapping[str, AgeRange], age_years: float | None) -> list[Finding]:
     """The findings, each label limited to an age range marked not applicable (never positive) when the
-    patient is outside it or of unknown age; labels without a range are unchanged."""
+    patient is outside it, or of unknown age where the range says so; labels without a range are unchanged."""
     out = []
     for finding in findings:
         limit = ages.get(finding.label)

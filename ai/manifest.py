@@ -27,10 +27,11 @@ ensemble's scores on the training cohort that carries the label, as ``QUANTILE_P
 1 %, ..., 100 %) of all scores and of the positives' and negatives' scores, with that cohort's prevalence. A
 site's scores are compared against it (drift, label-free threshold adaptation).
 
-``ages`` (optional) names the labels learnt from one age group only, e.g. ``{"Pediatric_Pneumonia":
+``ages`` (optional) names the labels limited to an age range, e.g. ``{"Pediatric_Pneumonia":
 {"from_years": 1, "below_years": 6, "population": "children aged 1-5 (Guangzhou pediatric set)"}}``: the node
-reports such a label only for a patient whose age is known and in ``[from_years, below_years)``, and says in
-the SR that it did not apply otherwise (``ai.applicability``).
+reports such a label only for a patient whose age is in ``[from_years, below_years)``, and says in the SR that it
+did not apply otherwise (``ai.applicability``). A patient of unknown age does not get it either, unless the entry
+says ``"unknown_age": "applies"`` (a label learnt from most ages, limited only where it was never shown to work).
 
 A member's ``size`` (optional) is the side of the square input it takes when that is not ``preprocess.size``; the
 rest of the preprocessing is shared. The node preprocesses an image once per distinct size
@@ -65,7 +66,9 @@ OUTPUT_KEYS = ("logits", "cam")
 REQUIRED_KEYS = ("format_version", "name", "version", "labels", "preprocess", "members", "thresholds")
 OPTIONAL_KEYS = ("aggregation", "input_name", "outputs", "data_summary", "evaluation_summary", "created",
                  "reference", "ages", "informational")
-AGE_KEYS = ("from_years", "below_years", "population")
+AGE_KEYS = ("from_years", "below_years", "population", "unknown_age")
+UNKNOWN_AGE = ("not_applicable", "applies")
+MAX_AGE_YEARS = 150
 REFERENCE_KEYS = ("source", "cohort", "n", "prevalence", "quantiles", "quantiles_positive", "quantiles_negative")
 QUANTILE_POINTS = 101
 """Quantiles of a reference distribution: 0 %, 1 %, ..., 100 %."""
@@ -167,17 +170,24 @@ class AgeRange:
         from_years: the youngest age, in years, the label applies to.
         below_years: the first age, in years, it no longer applies to.
         population: who the training images came from, in words (said in the SR when the label does not apply).
+        unknown_age: what a patient of unknown age gets: "not_applicable" (the strict default, for a label learnt
+            from one age group only) or "applies" (for a label learnt from most ages).
     """
 
     from_years: float
     below_years: float
     population: str
+    unknown_age: str = "not_applicable"
 
     def contains(self, age_years: float) -> bool:
         return self.from_years <= age_years < self.below_years
 
     def to_dict(self) -> dict[str, Any]:
-        return {"from_years": self.from_years, "below_years": self.below_years, "population": self.population}
+        out: dict[str, Any] = {"from_years": self.from_years, "below_years": self.below_years,
+                               "population": self.population}
+        if self.unknown_age != "not_applicable":  # the default is left out: older manifests write as they were
+            out["unknown_age"] = self.unknown_age
+        return out
 
 
 @dataclass(frozen=True)
@@ -583,9 +593,13 @@ def _parse_ages(reader: _Reader, data: dict[str, Any], labels: tuple[str, ...]) 
     for label, item, where in _label_entries(reader, data, "ages", labels, AGE_KEYS):
         low = reader.require(item, "from_years", (int, float), where)
         high = reader.require(item, "below_years", (int, float), where)
-        if isinstance(low, bool) or isinstance(high, bool) or not 0 <= low < high <= 150:
-            raise reader.fail(f"{where}from_years/below_years", "0 <= from_years < below_years <= 150", (low, high))
-        out[label] = AgeRange(float(low), float(high), reader.string(item, "population", where))
+        if isinstance(low, bool) or isinstance(high, bool) or not 0 <= low < high <= MAX_AGE_YEARS:
+            raise reader.fail(f"{where}from_years/below_years", f"0 <= from_years < below_years <= {MAX_AGE_YEARS}",
+                              (low, high))
+        unknown = item.get("unknown_age", "not_applicable")
+        if unknown not in UNKNOWN_AGE:
+            raise reader.fail(f"{where}unknown_age", f"one of {list(UNKNOWN_AGE)}", unknown)
+        out[label] = AgeRange(float(low), float(high), reader.string(item, "population", where), unknown)
     return out
 
 

@@ -12,6 +12,10 @@ compares:
   for (``--target-sensitivity``);
 - the images nearest the threshold: how far a score moved by this machine's arithmetic can flip a decision there.
 
+``--copy-as S``: every image first turned into a copy like the Guangzhou pediatric set's (resized to S x S pixels,
+the aspect squashed to square, stored as JPEG at ``--jpeg-quality``), then read and scored the same way: what such a
+copy alone does to the scores of the cohort the threshold was chosen on (bench/tb_on_children.py).
+
 Run on demand (not part of the test suite)::
 
     .venv/bin/python bench/node_oof.py --folds runs/tb-320-strong-aug/folds.csv \\
@@ -28,9 +32,12 @@ import csv
 import json
 import platform
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 
@@ -51,8 +58,24 @@ def fold_members(ensemble: Ensemble, label: str) -> dict[int, list[int]]:
     return out
 
 
-def score(ensemble: Ensemble, label: str, images: list[tuple[Path, int]], threads: int) -> np.ndarray:
-    """Each image's mean over its fold's members, as the node preprocesses it (float64 mean of float32 scores)."""
+def squashed_jpeg_copy(image: np.ndarray, size: int, quality: int) -> np.ndarray:
+    """``image`` (float in [0, 1]) as an 8-bit ``size`` x ``size`` JPEG copy (aspect squashed), read back as the node
+    reads a JPEG (float in [0, 1])."""
+    resized = cv2.resize(np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8), (size, size),
+                         interpolation=cv2.INTER_AREA)
+    ok, encoded = cv2.imencode(".jpg", resized, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    decoded = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
+    if decoded is None:
+        raise RuntimeError("JPEG decoding failed")
+    return decoded.astype(np.float32) / 255.0
+
+
+def score(ensemble: Ensemble, label: str, images: list[tuple[Path, int]], threads: int,
+          change: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Each image's mean over its fold's members, as the node preprocesses it (float64 mean of float32 scores),
+    after ``change`` of the decoded image when given."""
     manifest = ensemble.manifest
     members = fold_members(ensemble, label)
     options = session_options(threads)
@@ -61,7 +84,8 @@ def score(ensemble: Ensemble, label: str, images: list[tuple[Path, int]], thread
                 for indices in members.values() for i in indices}
     out = np.empty(len(images))
     for n, (path, fold) in enumerate(images):
-        inputs, _ = ensemble.inputs(read_image_file(path))
+        image = read_image_file(path)
+        inputs, _ = ensemble.inputs(change(image) if change is not None else image)
         scores = []
         for i in members[fold]:
             member = manifest.members[i]
@@ -85,6 +109,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--scores", type=Path, help="also write every image's score as CSV")
+    parser.add_argument("--copy-as", type=int, metavar="S", help="score S x S squashed JPEG copies of the images")
+    parser.add_argument("--jpeg-quality", type=int, default=90)
     args = parser.parse_args()
 
     root = args.root or args.cohort.resolve().parent.parent
@@ -98,7 +124,8 @@ def main() -> None:
     if missing:  # e.g. a label whose package ships some folds' members only: its reference spans all folds
         raise SystemExit(f"the package has no {args.label} member for fold(s) {missing} of {args.folds}")
     started = time.monotonic()
-    s = score(ensemble, args.label, [(root / image, fold) for image, fold in folds], args.threads)
+    change = partial(squashed_jpeg_copy, size=args.copy_as, quality=args.jpeg_quality) if args.copy_as else None
+    s = score(ensemble, args.label, [(root / image, fold) for image, fold in folds], args.threads, change)
     seconds = time.monotonic() - started
     y = np.array([labels[image] for image, _ in folds])
 
@@ -117,6 +144,8 @@ def main() -> None:
     result: dict[str, Any] = {
         "package": f"{manifest.name} {manifest.version}",
         "label": args.label,
+        "copy": ({"size": args.copy_as, "jpeg_quality": args.jpeg_quality, "aspect": "squashed to square"}
+                 if args.copy_as else None),
         "n": len(folds),
         "seconds": round(seconds, 1),
         "reference_cohort": reference.cohort,

@@ -74,17 +74,40 @@ def test_a_child_gets_the_label_an_adult_and_an_unknown_age_do_not() -> None:
     assert "34" not in not_applicable_reason(CHILDREN, 34.0)  # the age itself is never written out
 
 
+FROM_15 = AgeRange(15.0, 150.0, "adults and adolescents (test set)", unknown_age="applies")
+
+
+def test_a_label_from_15_keeps_an_unknown_age_and_withholds_only_the_young() -> None:
+    scored = [finding("Tuberculosis", 0.9), finding(PED, 0.8)]
+    ages = {"Tuberculosis": FROM_15, PED: CHILDREN}
+    for age in (15.0, 34.0, 149.0, None):
+        assert apply_ages(scored, ages, age)[0] == scored[0]
+    for age in (0.5, 3.0, 14.9):
+        tb = apply_ages(scored, ages, age)[0]
+        assert tb.positive is False and tb.probability == 0.9
+        assert tb.not_applicable == "patient age outside the label's range; learnt from adults and adolescents " \
+                                    "(test set) (ages 15 and over)"
+    # the strict default still withholds the child-only label from an unknown age
+    assert "unknown" in apply_ages(scored, ages, None)[1].not_applicable
+    assert "to under 6 years" in not_applicable_reason(CHILDREN, 34.0)
+
+
 def test_the_manifest_carries_ages_and_refuses_bad_ones(tmp_path: Path) -> None:
     pytest.importorskip("torch", reason="building a test model package needs the train extra")
     from tests.model_fixtures import build_tiny_package
 
-    package = build_tiny_package(tmp_path / "pkg", labels=("Tuberculosis", PED), members=1, ages={PED: CHILDREN})
+    package = build_tiny_package(tmp_path / "pkg", labels=("Tuberculosis", PED), members=1,
+                                 ages={PED: CHILDREN, "Tuberculosis": FROM_15})
     manifest = load_manifest(package)
-    assert manifest.ages == {PED: CHILDREN}
+    assert manifest.ages == {PED: CHILDREN, "Tuberculosis": FROM_15}
     data = json.loads((package / "manifest.json").read_text())
-    assert data["ages"] == {PED: {"from_years": 1.0, "below_years": 6.0, "population": "children aged 1-5 (test set)"}}
+    assert data["ages"] == {  # the strict default is not written: manifests without the key read as before
+        PED: {"from_years": 1.0, "below_years": 6.0, "population": "children aged 1-5 (test set)"},
+        "Tuberculosis": {"from_years": 15.0, "below_years": 150.0, "population": "adults and adolescents (test set)",
+                         "unknown_age": "applies"}}
     for bad, message in [
         ({"Hernia": CHILDREN.to_dict()}, "entries for the package's labels"),
+        ({PED: {**CHILDREN.to_dict(), "unknown_age": "maybe"}}, "unknown_age"),
         ({PED: {**CHILDREN.to_dict(), "below_years": 1}}, "0 <= from_years < below_years <= 150"),
         ({PED: {**CHILDREN.to_dict(), "upper": 3}}, "upper"),
         ({PED: {**CHILDREN.to_dict(), "population": " "}}, "a non-empty string"),

@@ -36,8 +36,11 @@ def test_bundled_package_loads_and_verifies() -> None:
         reference = manifest.reference[label]
         assert (reference.cohort, reference.n) == ("nih14", 500) and 0.05 < reference.prevalence < 0.15
     ages = manifest.ages["Pediatric_Pneumonia"]  # learnt from children aged 1-5: reported for them only
-    assert ages.contains(3.0) and not ages.contains(0.5) and not ages.contains(6.0) and set(manifest.ages) == {
-        "Pediatric_Pneumonia"}
+    assert ages.contains(3.0) and not ages.contains(0.5) and not ages.contains(6.0)
+    assert ages.unknown_age == "not_applicable"
+    ages = manifest.ages["Tuberculosis"]  # from 15 years (docs/model/age-rule.md), and for an unknown age
+    assert ages.contains(15.0) and ages.contains(90.0) and not ages.contains(14.9) and ages.unknown_age == "applies"
+    assert set(manifest.ages) == {"Pediatric_Pneumonia", "Tuberculosis"}
     size = sum(f.stat().st_size for f in package.iterdir() if f.is_file())
     assert size <= 60e6, f"the bundled package must stay <= 60 MB on disk, it is {size / 1e6:.1f} MB"
 

@@ -116,3 +116,37 @@ def test_default_versions_fit_a_dicom_lo_value() -> None:
     assert default_version("tb-320") == f"tb-320-{today}"
     assert default_version("x" * 55) == f"{'x' * 55}-{today}"  # 64 characters: fits
     assert default_version("x" * 56) == today  # three runs' names and the date would not
+
+
+def test_reissue_gives_the_current_age_ranges_under_a_new_version_and_nothing_else(
+    packages: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A package made before Tuberculosis had an age range gets it, and only it, with a version of its own: the same
+    member bytes, thresholds and references, so every score is the same and only who may get the label changes."""
+    from training.labels import LABEL_AGES
+
+    base, other = packages
+    combined = tmp_path / "combined"
+    assert train_cli("combine", "--base-package", str(base), "--add-package", str(other), "--labels",
+                     *OTHER_LABELS, "--version", "3.0", "--out", str(combined)).returncode == 0
+    before = json.loads((combined / MANIFEST_NAME).read_text())  # as written before the table named Tuberculosis
+    before["ages"] = {"Pediatric_Pneumonia": LABEL_AGES["Pediatric_Pneumonia"].to_dict()}
+    (combined / MANIFEST_NAME).write_text(json.dumps(before))
+    out = tmp_path / "reissued"
+    run = train_cli("reissue", "--package", str(combined), "--version", "3.1", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    old, new = load_manifest(combined), load_manifest(out, verify=True)
+    assert new.version == "3.1" and new.name == old.name
+    assert new.ages == {"Pediatric_Pneumonia": old.ages["Pediatric_Pneumonia"],
+                        "Tuberculosis": LABEL_AGES["Tuberculosis"]} and "Tuberculosis" not in old.ages
+    assert (new.members, new.thresholds, new.reference, new.informational) == (
+        old.members, old.thresholds, old.reference, old.informational)
+    for member in old.members:
+        assert (out / member.file).read_bytes() == (combined / member.file).read_bytes()
+    assert new.evaluation_summary["reissued_from"] == {"version": "3.0", "ages_changed": ["Tuberculosis"]}
+
+    again = train_cli("reissue", "--package", str(out), "--version", "3.2", "--out", str(tmp_path / "again"))
+    assert again.returncode != 0 and "carries the current age ranges already" in again.stderr
+    same = train_cli("reissue", "--package", str(combined), "--version", "3.0", "--out", str(tmp_path / "same"))
+    assert same.returncode != 0 and "a version of its own" in same.stderr
+    assert not (tmp_path / "again").exists() and not (tmp_path / "same").exists()

@@ -309,7 +309,8 @@ def test_a_run_adds_its_labels_to_a_base_package_whose_members_stay_unchanged(
         assert (package / member.file).read_bytes() == (base / member.file).read_bytes()
     assert manifest.thresholds["Tuberculosis"] == base_manifest.thresholds["Tuberculosis"]
     assert manifest.reference["Tuberculosis"] == base_manifest.reference["Tuberculosis"]
-    assert set(manifest.ages) == {"Pediatric_Pneumonia"}
+    assert set(manifest.ages) == {"Pediatric_Pneumonia", "Tuberculosis"}
+    assert manifest.ages["Tuberculosis"] == base_manifest.ages["Tuberculosis"]  # the base's range, carried as it is
     assert manifest.evaluation_summary["base_package"]["version"] == "1.0"
     assert manifest.evaluation_summary["added"]["folds"] == [0, 2]
 

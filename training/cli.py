@@ -27,7 +27,7 @@ from node.packages import load_gate
 from storage.files import DISK_FULL_ERRNOS, DiskFull, write_atomic
 from training.architectures import ARCHITECTURES
 from training.audits import baseline_run, blackout_run, blackout_scores, merge_audits, read_audits
-from training.combine import combine_packages
+from training.combine import combine_packages, reissue_package
 from training.compare import compare
 from training.config import ConfigError, example_config_text, load_config
 from training.evaluate import evaluate_dir
@@ -76,7 +76,8 @@ workflow:
                 cxr-train compare A.csv B.csv --label Tuberculosis   DeLong between two models
   5. export     cxr-train export --run-dir runs/tb --out packages/tb-v1
                 (--run-dir twice: two runs' members in one package, also of two image sizes;
-                cxr-train combine adds another package's members for some labels, byte for byte)
+                cxr-train combine adds another package's members for some labels, byte for byte;
+                cxr-train reissue gives a package the current age ranges under a new version)
   6. deploy     point the node at the package: [model] package = "packages/tb-v1" in node.toml
                 (or CXR_MODEL_PACKAGE=packages/tb-v1), then restart cxr-node
   7. site       at another hospital, a labelled local sample (a cohort CSV) sets the site's threshold:
@@ -161,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="package folder to write")
     p.add_argument("--name", default="", help="package name (default: the two names joined by '+')")
     p.add_argument("--version", default="", help="package version (default: the name + date)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package")
+
+    p = add("reissue", "a package under a new version with the project's current age ranges per label, its members, "
+                       "thresholds and references byte for byte")
+    p.add_argument("--package", type=Path, required=True, help="the package to reissue")
+    p.add_argument("--version", required=True, help="the new package version (what the SR and the banner carry)")
+    p.add_argument("--out", type=Path, required=True, help="package folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
 
     p = add("baseline", "thumbnail + intensity floor on the same folds (shortcut audit) -> RUN_DIR/audits.json")
@@ -326,6 +334,12 @@ def _combine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reissue(args: argparse.Namespace) -> int:
+    package = reissue_package(args.package, args.out, args.version, args.overwrite)
+    print(f'package: {package}\nnext: set [model] package = "{package}" in node.toml and restart cxr-node')
+    return 0
+
+
 def _baseline(args: argparse.Namespace) -> int:
     for report in baseline_run(args.run_dir, args.n_boot):
         print(f"{report.get('cohort', '')} {report.get('label', '')}: {report['verdict']}")
@@ -429,6 +443,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "compare": _compare,
     "export": _export,
     "combine": _combine,
+    "reissue": _reissue,
     "baseline": _baseline,
     "audit-blackout": _audit_blackout,
     "site-threshold": _site_threshold,

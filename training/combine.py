@@ -1,4 +1,5 @@
-"""Combine step (``cxr-train combine``): one package's members for some labels added, byte for byte, to another's.
+"""Combine step (``cxr-train combine``): one package's members for some labels added, byte for byte, to another's;
+and (``cxr-train reissue``) a package under a new version with the project's current age ranges.
 
 A package's labels may come from different runs, each with its own members and threshold (``cxr-train export
 --base-package`` adds a run's). When a label's members already exist as a validated package, rebuilding them from
@@ -62,6 +63,43 @@ def combine_packages(base_dir: str | Path, other_dir: str | Path, labels: Sequen
         ages={**base.ages, **{k: v for k, v in other.ages.items() if k in labels}}, copied=copied,
         informational=(*base.informational, *(label for label in other.informational if label in labels)),
         overwrite=overwrite,
+    )
+
+
+def reissue_package(package_dir: str | Path, out: str | Path, version: str, overwrite: bool = False) -> Path:
+    """The package again under ``version`` with the project's current age ranges (``training.labels.LABEL_AGES``)
+    for the labels it carries, everything else as it was: members byte for byte, thresholds, references, the
+    informational labels, the data summary; the evaluation summary records what it was reissued from.
+
+    An age range is a statement about whom a label may be reported for, not about the members: changing it needs no
+    training, only a new version, so that every SR says which rule it was made under.
+
+    Raises:
+        ValueError: no version, the package's own version, or nothing that would change.
+        ModelPackageError: the package fails its manifest or checksum check.
+    """
+    from training.labels import LABEL_AGES
+
+    package_dir = Path(package_dir)
+    manifest = load_manifest(package_dir, verify=True)
+    current = {**manifest.ages, **{label: LABEL_AGES[label] for label in manifest.labels if label in LABEL_AGES}}
+    ages = {label: current[label] for label in manifest.labels if label in current}  # in label order, as export
+    if not version or version == manifest.version:
+        raise ValueError(f"a reissue needs a version of its own, not {version!r} "
+                         f"({manifest.name} is {manifest.version})")
+    if ages == manifest.ages:
+        raise ValueError(f"{manifest.name} {manifest.version} carries the current age ranges already: "
+                         "nothing to reissue")
+    size = manifest.preprocess.size
+    changed = sorted(label for label in ages if ages[label] != manifest.ages.get(label))
+    return export_package(
+        [], out, name=manifest.name, version=version, labels=manifest.labels, spec=manifest.preprocess,
+        thresholds=dict(manifest.thresholds), data_summary=manifest.data_summary,
+        evaluation_summary={**manifest.evaluation_summary,
+                            "reissued_from": {"version": manifest.version, "ages_changed": changed}},
+        reference=dict(manifest.reference), ages=ages,
+        copied=[(member_path(package_dir, m), _entry(m, manifest, size)) for m in manifest.members],
+        informational=manifest.informational, overwrite=overwrite,
     )
 
 
