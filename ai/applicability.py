@@ -41,19 +41,42 @@ def _da(value: object) -> date | None:
         return None
 
 
+def _birthday(born: date, year: int) -> date:
+    """``born``'s birthday in ``year`` (29 February on 1 March in a common year)."""
+    try:
+        return born.replace(year=year)
+    except ValueError:
+        return date(year, 3, 1)
+
+
+def _calendar_years(born: date, seen: date) -> float:
+    """Completed years at ``seen``, plus the part of the current year of life: exactly N on the N-th birthday,
+    whatever the leap days in between (days / 365.25 puts a 15th birthday at 14.998)."""
+    years = seen.year - born.year - (1 if seen < _birthday(born, seen.year) else 0)
+    last, following = _birthday(born, born.year + years), _birthday(born, born.year + years + 1)
+    return years + (seen - last).days / (following - last).days
+
+
 def patient_age_years(ds: pydicom.Dataset) -> float | None:
-    """The patient's age in years at the examination, or None when the header does not say (or says nonsense)."""
+    """The patient's age in years at the examination, or None when the header does not say (or says nonsense: a
+    date of birth after the examination, or an age of ``MAX_AGE_YEARS`` or more, such as a placeholder 999Y)."""
     match = _AGE_STRING.match(str(ds.get("PatientAge", "") or "").strip().upper())
     if match:
-        return int(match.group(1)) * _DAYS_PER[match.group(2)] / 365.25
+        if match.group(2) == "Y":
+            years = float(match.group(1))  # whole years, as the header states them: no leap-day rounding
+        else:
+            years = int(match.group(1)) * _DAYS_PER[match.group(2)] / 365.25
+        return years if years < MAX_AGE_YEARS else None
     born = _da(ds.get("PatientBirthDate"))
     if born is None:
         return None
     for keyword in _EXAM_DATES:
         seen = _da(ds.get(keyword))
         if seen is not None:
-            days = (seen - born).days
-            return days / 365.25 if 0 <= days <= 150 * 365.25 else None
+            if seen < born:
+                return None
+            years = _calendar_years(born, seen)
+            return years if years < MAX_AGE_YEARS else None
     return None
 
 

@@ -19,8 +19,8 @@ class Finding:
         threshold_method: how the threshold was chosen, e.g. ``Youden J on OOF`` or ``site override``.
         heatmap: class activation map on the model's input grid (size x size, float32 in [0, 1]),
             or None when the model provides none.
-        not_applicable: why the label does not apply to this patient (``ai.applicability``: a label learnt
-            from one age group, a patient outside it or of unknown age), or "" when it applies. A label
+        not_applicable: why the label does not apply to this patient (``ai.applicability``: a label limited to
+            an age range, a patient outside it or of unknown age), or "" when it applies. A label
             that does not apply is never positive, and the SR states the reason instead of a score.
         informational: the package reports this label with its decision but does not let it set the triage flag
             (the manifest's ``informational``): a finding whose specificity at its operating point is too low

@@ -10,7 +10,8 @@ compares:
   the export rounded to 6 decimals): equal within that rounding means the node reproduces the OOF scores;
 - sensitivity and specificity at the package threshold on them, with counts, against what the threshold was chosen
   for (``--target-sensitivity``);
-- the images nearest the threshold: how far a score moved by this machine's arithmetic can flip a decision there.
+- the images nearest the threshold: how little it takes to flip a decision there (another machine's arithmetic; the
+  float32 the node stores a probability in, against a threshold chosen on float64 scores).
 
 ``--copy-as S``: every image first turned into a copy like the Guangzhou pediatric set's (resized to S x S pixels,
 the aspect squashed to square, stored as JPEG at ``--jpeg-quality``), then read and scored the same way: what such a
@@ -74,8 +75,9 @@ def squashed_jpeg_copy(image: np.ndarray, size: int, quality: int) -> np.ndarray
 
 def score(ensemble: Ensemble, label: str, images: list[tuple[Path, int]], threads: int,
           change: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-    """Each image's mean over its fold's members, as the node preprocesses it (float64 mean of float32 scores),
-    after ``change`` of the decoded image when given."""
+    """Each image's mean over its fold's members as the node computes a label's probability (``Ensemble.predict``:
+    the float32 members' scores summed in float64, the mean stored as float32), after ``change`` of the decoded
+    image when given."""
     manifest = ensemble.manifest
     members = fold_members(ensemble, label)
     options = session_options(threads)
@@ -92,7 +94,7 @@ def score(ensemble: Ensemble, label: str, images: list[tuple[Path, int]], thread
             logits = sessions[i].run([manifest.outputs["logits"]],
                                      {manifest.input_name: inputs[member.input_size(manifest.preprocess.size)][None]})
             scores.append(float(sigmoid(logits[0])[0, member.outputs(manifest.labels).index(label)]))
-        out[n] = float(np.mean(scores))
+        out[n] = float(np.float32(np.sum(scores, dtype=np.float64) / len(scores)))
     return out
 
 

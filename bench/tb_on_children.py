@@ -1,9 +1,10 @@
 """The Tuberculosis label on young children from another hospital: what the triage flag and the drift check do.
 
-Tuberculosis carries no age limit in the bundled package: Shenzhen, its training cohort, has patients of most ages
-(16 aged 1-5). This scores a random sample of the Guangzhou pediatric set (children aged 1-5, normal and pneumonia,
-none labelled for TB; ``--per-class`` images each, seed 0) exactly as the node scores an image of a 3-year-old
-(``ai.analyse.analyse_image``), and reports per class how many are Tuberculosis-positive at the package threshold,
+Shenzhen, the Tuberculosis label's training cohort, has patients of most ages (16 aged 1-5). This scores a random
+sample of the Guangzhou pediatric set (children aged 1-5, normal and pneumonia, none labelled for TB; ``--per-class``
+images each, seed 0) exactly as the node scores an image of a 3-year-old (``ai.analyse.analyse_image``; a package
+that limits Tuberculosis to ages 15 and over, chest-default-1.6.1 on, computes the probability and reports it as not
+applicable: here the probability is read), and reports per class how many score at or above the package threshold,
 the score quartiles, and the node's prevalence-adjusted drift statistic (``ai.drift.drift``, the one ``cxr-node
 sites`` and ``status`` use) for the normals alone and for both classes together, at the configured alert level.
 

@@ -87,7 +87,7 @@ class WorkerSettings:
     retry_max_s: float = 600.0  # cap of the delay
     job_timeout_s: float = 120.0  # the worker process is killed when one job runs longer (a stall)
     max_memory_mb: int = 3072  # the worker process is killed when its resident memory passes this (690 MB
-    # peak with tb-default-1.2.0 on a 3000 x 3000 16-bit image, 922 MB with the bundled chest-default-1.6.0,
+    # peak with tb-default-1.2.0 on a 3000 x 3000 16-bit image, 922 MB with chest-default-1.6.0's members,
     # about 16 bytes a pixel more beyond)
 
 

@@ -3,8 +3,9 @@
 DICOM files pass the same chest filter as received images (a lateral or a canine thorax is
 ``skipped`` with the filter's reason); PNG and JPEG files carry no tags. Every image then passes the node's
 input gate (``ai.gate``): one that is not a frontal chest radiograph is ``not analysed`` with the gate's reason.
-Every label is printed; one that does not apply to the patient (``ai.applicability``: a label learnt from
-children, a DICOM of an adult or of unknown age, and every PNG or JPEG, which carry no age) keeps its score with
+Every label is printed; one that does not apply to the patient (``ai.applicability``: a patient outside the
+label's age range, e.g. pediatric pneumonia on an adult or Tuberculosis under 15, or of unknown age where the range
+says so, as for pediatric pneumonia on every PNG or JPEG, which carry no age) keeps its score with
 ``not applicable`` and the reason, and is never positive. A label the package marks informational keeps its
 score and decision with ``(informational)``: it does not set the image's triage flag (``triage`` in JSON lines).
 """

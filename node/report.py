@@ -11,7 +11,7 @@ A report about one image holds, under the TID 1500 root:
   the probability as a NUM (DCM 122157 "Probability", UCUM ``1``) and the decision at the threshold as
   a qualitative evaluation (TID 1501 row 11): concept name = the finding type, value (52101004, SCT,
   "Present") or (272519000, SCT, "Absent") from CID 241 "Present-Absent Only". A label that does not apply
-  to the patient (``ai.applicability``: learnt from children, an adult or a patient of unknown age) has no
+  to the patient (``ai.applicability``: a patient outside the label's age range, or of unknown age) has no
   probability; its decision is (385432009, SCT, "Not applicable") and the parameter ``not_applicable=``
   says why. A label the package marks informational (``ModelManifest.informational``) keeps its probability
   and decision, and the parameter ``informational=`` says that its decision does not set the triage flag.

@@ -43,7 +43,7 @@ def build_tiny_package(
         threshold: the operating threshold of every label.
         reference: per label, the reference score distribution the manifest carries.
         version: the package version.
-        ages: labels learnt from one age group only (manifest ``ages``).
+        ages: labels limited to an age range (manifest ``ages``).
         informational: labels that do not set the triage flag (manifest ``informational``).
         member_sizes: each member's input size (``Member.size``, left out where it is `size`); None: all `size`.
 

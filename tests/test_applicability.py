@@ -39,9 +39,15 @@ def header(**values: str) -> Dataset:
     ({"PatientAge": "052W"}, 52 * 7 / 365.25),
     ({"PatientAge": "010D"}, 10 / 365.25),
     ({"PatientAge": "034Y", "PatientBirthDate": "20200101", "StudyDate": "20230101"}, 34.0),  # Patient's Age first
-    ({"PatientBirthDate": "20200101", "StudyDate": "20230101"}, 1096 / 365.25),
-    ({"PatientBirthDate": "20200101", "ContentDate": "20210101"}, 366 / 365.25),  # the first exam date present
-    ({"PatientAge": "4 years", "PatientBirthDate": "20200101", "SeriesDate": "20220101"}, 731 / 365.25),
+    ({"PatientAge": "149Y"}, 149.0),
+    ({"PatientBirthDate": "20200101", "StudyDate": "20230101"}, 3.0),  # calendar years: the birthday is exact
+    ({"PatientBirthDate": "20200101", "ContentDate": "20210101"}, 1.0),  # the first exam date present
+    ({"PatientAge": "4 years", "PatientBirthDate": "20200101", "SeriesDate": "20220101"}, 2.0),
+    ({"PatientBirthDate": "20090302", "StudyDate": "20240302"}, 15.0),  # 15th birthday, 4 leap days between
+    ({"PatientBirthDate": "20090302", "StudyDate": "20240301"}, 14 + 365 / 366),  # the day before it
+    ({"PatientBirthDate": "20180406", "StudyDate": "20240406"}, 6.0),  # 6th birthday, 1 leap day between
+    ({"PatientBirthDate": "20200229", "StudyDate": "20210301"}, 1.0),  # born on 29 February
+    ({"PatientBirthDate": "20200229", "StudyDate": "20200229"}, 0.0),
 ])
 def test_patient_age_from_the_header(values: dict[str, str], years: float) -> None:
     assert patient_age_years(header(**values)) == pytest.approx(years)
@@ -52,6 +58,7 @@ def test_patient_age_from_the_header(values: dict[str, str], years: float) -> No
     {"PatientBirthDate": "20230101", "StudyDate": "20200101"},  # born after the exam
     {"PatientBirthDate": "20201301", "StudyDate": "20230101"},  # no such month
     {"PatientBirthDate": "2020", "StudyDate": "20230101"},
+    {"PatientAge": "999Y"}, {"PatientAge": "150Y"},  # placeholders, not ages
 ])
 def test_an_age_the_header_does_not_give_is_unknown(values: dict[str, str]) -> None:
     assert patient_age_years(header(**values)) is None
@@ -82,7 +89,7 @@ def test_a_label_from_15_keeps_an_unknown_age_and_withholds_only_the_young() -> 
     ages = {"Tuberculosis": FROM_15, PED: CHILDREN}
     for age in (15.0, 34.0, 149.0, None):
         assert apply_ages(scored, ages, age)[0] == scored[0]
-    for age in (0.5, 3.0, 14.9):
+    for age in (0.5, 3.0, 14.9, 14 + 365 / 366):
         tb = apply_ages(scored, ages, age)[0]
         assert tb.positive is False and tb.probability == 0.9
         assert tb.not_applicable == "patient age outside the label's range; learnt from adults and adolescents " \
@@ -168,7 +175,7 @@ def two_label_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.model_fixtures import build_tiny_package
 
     return build_tiny_package(tmp_path_factory.mktemp("m") / "pkg", labels=("Tuberculosis", PED), size=64,
-                              threshold=0.0, ages={PED: CHILDREN})
+                              threshold=0.0, ages={PED: CHILDREN, "Tuberculosis": FROM_15})  # as the bundled one
 
 
 def test_predict_prints_every_label_and_what_did_not_apply(tmp_path: Path, two_label_package: Path) -> None:
@@ -185,10 +192,13 @@ def test_predict_prints_every_label_and_what_did_not_apply(tmp_path: Path, two_l
     assert out.returncode == 0, out.stderr
     child, adult, unknown = (json.loads(line) for line in out.stdout.splitlines())
     for row in (child, adult, unknown):
-        assert set(row["scores"]) == {"Tuberculosis", PED} and row["positive"]["Tuberculosis"] is True  # threshold 0
-    assert child["not_applicable"] == {} and child["positive"][PED] is True
-    assert adult["positive"][PED] is False and "outside the label's range" in adult["not_applicable"][PED]
-    assert unknown["positive"][PED] is False and "unknown" in unknown["not_applicable"][PED]
+        assert set(row["scores"]) == {"Tuberculosis", PED}  # every label's score is printed (threshold 0)
+    assert list(child["not_applicable"]) == ["Tuberculosis"] and child["positive"] == {"Tuberculosis": False, PED: True}
+    assert "(ages 15 and over)" in child["not_applicable"]["Tuberculosis"]
+    assert adult["positive"] == {"Tuberculosis": True, PED: False}
+    assert "outside the label's range" in adult["not_applicable"][PED] and "Tuberculosis" not in adult["not_applicable"]
+    assert unknown["positive"] == {"Tuberculosis": True, PED: False}  # an unknown age keeps Tuberculosis only
+    assert "unknown" in unknown["not_applicable"][PED] and "Tuberculosis" not in unknown["not_applicable"]
     text = cli("predict", "--config", str(config(tmp_path, two_label_package)), str(files["adult"]))
     assert f"{PED} " in text.stdout and "(not applicable: patient age outside" in text.stdout
 
@@ -205,7 +215,8 @@ def test_the_worker_reports_the_child_label_for_children_only(tmp_path: Path, tw
                         destinations=(Destination("pacs", "PACS", "127.0.0.1", 104),))
     store = Store(make_engine(f"sqlite:///{tmp_path / 'q.sqlite'}"), max_attempts=2)
     worker = Worker(store, Ensemble.load(two_label_package, threads=1), settings, owner="test:1:1")
-    ages = {"4-year-old": ("", "20200301", "20240615"), "adult": ("063Y", "", ""), "unknown": ("", "", "")}
+    ages = {"4-year-old": ("", "20200301", "20240615"), "10-year-old": ("010Y", "", ""), "adult": ("063Y", "", ""),
+            "unknown": ("", "", "")}
     uids = {}
     for name, (age, born, seen) in ages.items():
         ds = chest()
@@ -223,9 +234,14 @@ def test_the_worker_reports_the_child_label_for_children_only(tmp_path: Path, tw
             paths[uids[report.source_sop_instance_uids[0]]] = path
     assert set(reports) == set(ages)
     assert reports["4-year-old"].finding(PED).positive is True
-    for name in ("adult", "unknown"):
+    for name in ("4-year-old", "10-year-old"):  # Tuberculosis from 15 years only
+        tb = reports[name].finding("Tuberculosis")
+        assert tb.probability is None and "ages 15 and over" in tb.not_applicable and tb.positive is False
+    assert reports["10-year-old"].triage is not None and reports["10-year-old"].triage.positive is False
+    for name in ("10-year-old", "adult", "unknown"):
         ped = reports[name].finding(PED)
         assert ped.probability is None and ped.not_applicable and ped.positive is False
+    for name in ("adult", "unknown"):
         assert reports[name].finding("Tuberculosis").positive is True
 
     # what `cxr-node status` lists for the adult's result

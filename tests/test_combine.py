@@ -129,21 +129,29 @@ def test_reissue_gives_the_current_age_ranges_under_a_new_version_and_nothing_el
     combined = tmp_path / "combined"
     assert train_cli("combine", "--base-package", str(base), "--add-package", str(other), "--labels",
                      *OTHER_LABELS, "--version", "3.0", "--out", str(combined)).returncode == 0
-    before = json.loads((combined / MANIFEST_NAME).read_text())  # as written before the table named Tuberculosis
-    before["ages"] = {"Pediatric_Pneumonia": LABEL_AGES["Pediatric_Pneumonia"].to_dict()}
+    before = json.loads((combined / MANIFEST_NAME).read_text())  # as written before the table named Tuberculosis,
+    before["ages"] = {"Pediatric_Pneumonia": LABEL_AGES["Pediatric_Pneumonia"].to_dict(),  # with a range for a
+                      "Effusion": {"from_years": 18, "below_years": 90, "population": "adults"}}  # label it has none
     (combined / MANIFEST_NAME).write_text(json.dumps(before))
     out = tmp_path / "reissued"
     run = train_cli("reissue", "--package", str(combined), "--version", "3.1", "--out", str(out))
     assert run.returncode == 0, run.stderr
     old, new = load_manifest(combined), load_manifest(out, verify=True)
     assert new.version == "3.1" and new.name == old.name
-    assert new.ages == {"Pediatric_Pneumonia": old.ages["Pediatric_Pneumonia"],
-                        "Tuberculosis": LABEL_AGES["Tuberculosis"]} and "Tuberculosis" not in old.ages
+    assert list(new.ages.items()) == [("Tuberculosis", LABEL_AGES["Tuberculosis"]),  # in the package's label order
+                                      ("Pediatric_Pneumonia", old.ages["Pediatric_Pneumonia"])]
     assert (new.members, new.thresholds, new.reference, new.informational) == (
         old.members, old.thresholds, old.reference, old.informational)
     for member in old.members:
         assert (out / member.file).read_bytes() == (combined / member.file).read_bytes()
-    assert new.evaluation_summary["reissued_from"] == {"version": "3.0", "ages_changed": ["Tuberculosis"]}
+    after = json.loads((out / MANIFEST_NAME).read_text())
+    assert sorted(k for k in {*before, *after} if before.get(k) != after.get(k)) == [
+        "ages", "created", "evaluation_summary", "version"]
+    assert after["evaluation_summary"] == {**before["evaluation_summary"], "reissues": [
+        {"from_version": "3.0", "ages_changed": ["Effusion", "Tuberculosis"]}]}
+    assert train_cli("reissue", "--package", str(combined), "--version", "3.1", "--out", str(out)).returncode != 0
+    assert train_cli("reissue", "--package", str(combined), "--version", "3.1", "--out", str(out),
+                     "--overwrite").returncode == 0
 
     again = train_cli("reissue", "--package", str(out), "--version", "3.2", "--out", str(tmp_path / "again"))
     assert again.returncode != 0 and "carries the current age ranges already" in again.stderr

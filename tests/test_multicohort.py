@@ -310,7 +310,9 @@ def test_a_run_adds_its_labels_to_a_base_package_whose_members_stay_unchanged(
     assert manifest.thresholds["Tuberculosis"] == base_manifest.thresholds["Tuberculosis"]
     assert manifest.reference["Tuberculosis"] == base_manifest.reference["Tuberculosis"]
     assert set(manifest.ages) == {"Pediatric_Pneumonia", "Tuberculosis"}
-    assert manifest.ages["Tuberculosis"] == base_manifest.ages["Tuberculosis"]  # the base's range, carried as it is
+    tb_ages = manifest.ages["Tuberculosis"]  # the base's range (from the label table at its export), carried
+    assert (tb_ages.from_years, tb_ages.unknown_age) == (15.0, "applies")
+    assert tb_ages == base_manifest.ages["Tuberculosis"]
     assert manifest.evaluation_summary["base_package"]["version"] == "1.0"
     assert manifest.evaluation_summary["added"]["folds"] == [0, 2]
 

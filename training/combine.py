@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ai.manifest import Member, ModelManifest, load_manifest, member_path
-from training.export import check_same_preprocessing, default_version, export_package
+from training.export import INPUT_NAME, OUTPUT_NAMES, check_same_preprocessing, default_version, export_package
 
 
 def combine_packages(base_dir: str | Path, other_dir: str | Path, labels: Sequence[str], out: str | Path,
@@ -67,9 +67,10 @@ def combine_packages(base_dir: str | Path, other_dir: str | Path, labels: Sequen
 
 
 def reissue_package(package_dir: str | Path, out: str | Path, version: str, overwrite: bool = False) -> Path:
-    """The package again under ``version`` with the project's current age ranges (``training.labels.LABEL_AGES``)
-    for the labels it carries, everything else as it was: members byte for byte, thresholds, references, the
-    informational labels, the data summary; the evaluation summary records what it was reissued from.
+    """The package again under ``version`` with the project's current age ranges (``training.labels.LABEL_AGES``,
+    for the labels it carries; a label the table has no range for gets none), everything else as it was: members
+    byte for byte, thresholds, references, the informational labels, the data summary; the evaluation summary
+    appends to ``reissues`` what this reissue came from and which labels' ranges it changed.
 
     An age range is a statement about whom a label may be reported for, not about the members: changing it needs no
     training, only a new version, so that every SR says which rule it was made under.
@@ -82,8 +83,10 @@ def reissue_package(package_dir: str | Path, out: str | Path, version: str, over
 
     package_dir = Path(package_dir)
     manifest = load_manifest(package_dir, verify=True)
-    current = {**manifest.ages, **{label: LABEL_AGES[label] for label in manifest.labels if label in LABEL_AGES}}
-    ages = {label: current[label] for label in manifest.labels if label in current}  # in label order, as export
+    ages = {label: LABEL_AGES[label] for label in manifest.labels if label in LABEL_AGES}  # label order, as export
+    if (manifest.input_name, manifest.outputs) != (INPUT_NAME, dict(zip(OUTPUT_NAMES, OUTPUT_NAMES, strict=True))):
+        raise ValueError(f"{package_dir}: its members' input and output names ({manifest.input_name}, "
+                         f"{manifest.outputs}) are not the ones this export writes; it cannot be reissued")
     if not version or version == manifest.version:
         raise ValueError(f"a reissue needs a version of its own, not {version!r} "
                          f"({manifest.name} is {manifest.version})")
@@ -91,12 +94,13 @@ def reissue_package(package_dir: str | Path, out: str | Path, version: str, over
         raise ValueError(f"{manifest.name} {manifest.version} carries the current age ranges already: "
                          "nothing to reissue")
     size = manifest.preprocess.size
-    changed = sorted(label for label in ages if ages[label] != manifest.ages.get(label))
+    changed = sorted(label for label in {*ages, *manifest.ages} if ages.get(label) != manifest.ages.get(label))
+    reissues = [*manifest.evaluation_summary.get("reissues", []), {"from_version": manifest.version,
+                                                                   "ages_changed": changed}]
     return export_package(
         [], out, name=manifest.name, version=version, labels=manifest.labels, spec=manifest.preprocess,
         thresholds=dict(manifest.thresholds), data_summary=manifest.data_summary,
-        evaluation_summary={**manifest.evaluation_summary,
-                            "reissued_from": {"version": manifest.version, "ages_changed": changed}},
+        evaluation_summary={**manifest.evaluation_summary, "reissues": reissues},
         reference=dict(manifest.reference), ages=ages,
         copied=[(member_path(package_dir, m), _entry(m, manifest, size)) for m in manifest.members],
         informational=manifest.informational, overwrite=overwrite,

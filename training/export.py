@@ -441,7 +441,7 @@ def export_package(
             `PARITY_TOLERANCE` (1e-4). With float16 storage, the rounding's own effect is measured after that
             check against `FP16_PARITY_TOLERANCE` and recorded separately in the manifest.
         reference: per label, the score distribution the package was validated on (manifest ``reference``).
-        ages: the labels learnt from one age group only, with that range (manifest ``ages``).
+        ages: the labels limited to an age range, with that range (manifest ``ages``).
         copied: members taken over unchanged from another package: (its ONNX file, its manifest entry with
             ``labels`` set), listed before `members`; each file is copied byte for byte and must match its sha256.
         informational: labels reported with their decision that do not set the triage flag (manifest

@@ -329,7 +329,7 @@ def _cohorts(run: RunDir) -> dict[str, Any]:
 
 
 def _ages(labels: Sequence[str]) -> dict[str, Any]:
-    """The labels learnt from one age group only, with that range."""
+    """The labels the project's table limits to an age range, with that range (``training.labels.LABEL_AGES``)."""
     return {label: LABEL_AGES[label] for label in labels if label in LABEL_AGES}
 
 
