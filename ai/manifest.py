@@ -225,6 +225,16 @@ class ModelManifest:
         """The package's preprocessing at another input side."""
         return self.preprocess if size == self.preprocess.size else replace(self.preprocess, size=size)
 
+    @property
+    def same_score_versions(self) -> tuple[str, ...]:
+        """Earlier versions of this package that score every image as it does, latest first: the versions it was
+        reissued from with other age ranges only (``evaluation_summary.reissues``, ``cxr-train reissue``)."""
+        reissues = self.evaluation_summary.get("reissues", [])
+        if not isinstance(reissues, list):
+            return ()
+        versions = [r.get("from_version") for r in reissues if isinstance(r, dict)]
+        return tuple(v for v in reversed(versions) if isinstance(v, str) and v and v != self.version)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values, in the order of the file format."""
         return {

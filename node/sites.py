@@ -176,7 +176,7 @@ def site_reports(store: Store, manifest: ModelManifest, thresholds: Mapping[str,
     now = now or store.clock()
     since = now - (dt.timedelta(weeks=HISTORY_WEEKS) if weekly else dt.timedelta(days=RECENT_DAYS))
     stated = prevalence or {}
-    accepted = store.site_thresholds(manifest.version)
+    accepted = store.site_thresholds(manifest.version, same_scores=manifest.same_score_versions)
     reports = []
     for site, images in store.score_sites(manifest.version).items():
         labels = {}
@@ -249,7 +249,7 @@ def auto_accept(store: Store, manifest: ModelManifest, site: str, min_images: in
     """``[sites] adapt = "auto"``: put the suggestion in force for each label of ``site`` that has none yet for
     this model version, once the site has ``min_images`` scores of it. Each acceptance is logged as an AUDIT line
     (no patient values). Returns what was accepted."""
-    accepted = store.site_thresholds(manifest.version, site)
+    accepted = store.site_thresholds(manifest.version, site, manifest.same_score_versions)
     out = []
     for label in manifest.labels:
         reference = manifest.reference.get(label)

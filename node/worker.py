@@ -247,8 +247,8 @@ class Worker:
         else:
             manifest = self.ensemble.manifest
             analysis = dataclasses.replace(analysis, findings=self.console_thresholds(analysis.findings))
-            accepted = self.store.site_thresholds(manifest.version, site)
-            if accepted:  # the site's own thresholds, accepted for this model version
+            accepted = self.store.site_thresholds(manifest.version, site, manifest.same_score_versions)
+            if accepted:  # the site's own thresholds, accepted for this model version (or one that scores alike)
                 analysis = dataclasses.replace(
                     analysis, findings=apply_site_thresholds(analysis.findings, site, accepted))
             objects = self._build_results(ds, analysis)

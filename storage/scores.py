@@ -8,6 +8,7 @@ job's transaction); read here by drift monitoring and the site commands (``node.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import aliased
@@ -106,14 +107,26 @@ class ScoreStore(StoreBase):
             s.add(row)
         return _accepted(row)
 
-    def site_thresholds(self, model_version: str, site: str | None = None) -> dict[tuple[str, str], AcceptedThreshold]:
-        """The site thresholds in force for ``model_version`` (of one site, or all), keyed by (site, label)."""
-        query = select(SiteThreshold).where(SiteThreshold.model_version == model_version)
+    def site_thresholds(self, model_version: str, site: str | None = None,
+                        same_scores: Sequence[str] = ()) -> dict[tuple[str, str], AcceptedThreshold]:
+        """The site thresholds in force for ``model_version`` (of one site, or all), keyed by (site, label).
+
+        ``same_scores``: earlier package versions that score every image exactly as this one (a package reissued
+        with other age ranges, ``ModelManifest.same_score_versions``), latest first. A (site, label) with no threshold
+        accepted for ``model_version`` keeps the one accepted for the latest of them that has one.
+        """
+        versions = [model_version, *same_scores]
+        query = select(SiteThreshold).where(SiteThreshold.model_version.in_(versions))
         if site is not None:
             query = query.where(SiteThreshold.site == site)
         with self._tx("site_thresholds", read_only=True) as s:
             rows = s.scalars(query.order_by(SiteThreshold.version)).all()
-            return {(row.site, row.label): _accepted(row) for row in rows}  # the highest version wins
+            out: dict[tuple[str, str], AcceptedThreshold] = {}
+            for version in reversed(versions):  # the earliest first, so that later versions replace it
+                for row in rows:
+                    if row.model_version == version:
+                        out[(row.site, row.label)] = _accepted(row)  # within a version the highest wins
+            return out
 
 
 def _accepted(row: SiteThreshold) -> AcceptedThreshold:

@@ -149,6 +149,7 @@ def test_reissue_gives_the_current_age_ranges_under_a_new_version_and_nothing_el
         "ages", "created", "evaluation_summary", "version"]
     assert after["evaluation_summary"] == {**before["evaluation_summary"], "reissues": [
         {"from_version": "3.0", "ages_changed": ["Effusion", "Tuberculosis"]}]}
+    assert new.same_score_versions == ("3.0",) and old.same_score_versions == ()  # a site's thresholds carry over
     assert train_cli("reissue", "--package", str(combined), "--version", "3.1", "--out", str(out)).returncode != 0
     assert train_cli("reissue", "--package", str(combined), "--version", "3.1", "--out", str(out),
                      "--overwrite").returncode == 0

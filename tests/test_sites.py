@@ -216,10 +216,44 @@ def test_an_accepted_site_threshold_is_in_the_next_sr_survives_a_restart_and_res
     in_force = {r["site"]: r["labels"]["Tuberculosis"]["threshold_method"] for r in listed}
     assert in_force["ROOM A"].startswith("site threshold v1") and in_force["ROOM B"] == "fixed for tests"
 
+    # the same members reissued with other age ranges score alike: the site keeps its threshold
+    from training.combine import reissue_package
+
+    reissued = reissue_package(package, tmp_path / "pkg-reissued", version="0.0.0-test.1")
+    reports = run_worker(tmp_path, reissued, {"ROOM A": 1})
+    room_a = reports["ROOM A"][-1].finding("Tuberculosis")
+    assert room_a.threshold == pytest.approx(value, abs=1e-6) and room_a.threshold_method.startswith(
+        "site threshold v1 for ROOM A")
+    config_reissued = tmp_path / "node-reissued.toml"
+    config_reissued.write_text(config.read_text().replace(str(package), str(reissued)))
+    listed = json.loads(cli("sites", "--format", "json", "--config", str(config_reissued)).stdout)
+    assert [(r["site"], r["labels"]["Tuberculosis"]["threshold_method"].split(" (")[0]) for r in listed] == [
+        ("ROOM A", "site threshold v1 for ROOM A")]  # the reissue's own score history: the one image above
+
     # a new model version starts the site over with the package's thresholds
     newer = build_tiny_package(tmp_path / "pkg2", size=64, members=1, reference=reference, version="0.0.1-test")
     reports = run_worker(tmp_path, newer, {"ROOM A": 1})
     assert reports["ROOM A"][-1].finding("Tuberculosis").threshold_method == "fixed for tests"
+
+
+def test_site_thresholds_of_a_version_that_scores_alike_fill_in_below_the_versions_own(tmp_path: Path) -> None:
+    from storage.db import make_engine
+    from storage.queue import Store
+
+    store = Store(make_engine(f"sqlite:///{tmp_path / 'q.sqlite'}"))
+    store.accept_site_threshold("A", "Tuberculosis", "pkg", "1.0", 0.3, "m", "admin")
+    store.accept_site_threshold("A", "Pediatric_Pneumonia", "pkg", "1.0", 0.6, "m", "admin")
+    store.accept_site_threshold("A", "Pediatric_Pneumonia", "pkg", "1.1", 0.7, "m", "admin")
+    store.accept_site_threshold("B", "Tuberculosis", "pkg", "0.9", 0.2, "m", "admin")  # not named: never used
+
+    def in_force(version: str, *same: str) -> dict[tuple[str, str], tuple[str, float]]:
+        return {k: (v.model_version, v.threshold) for k, v in store.site_thresholds(version, same_scores=same).items()}
+
+    assert in_force("1.1") == {("A", "Pediatric_Pneumonia"): ("1.1", 0.7)}
+    assert in_force("1.1", "1.0") == {("A", "Tuberculosis"): ("1.0", 0.3), ("A", "Pediatric_Pneumonia"): ("1.1", 0.7)}
+    assert in_force("1.2", "1.1", "1.0") == in_force("1.1", "1.0")  # the latest earlier version that has one
+    assert set(store.site_thresholds("1.2", "A", ("1.1", "1.0"))) == {("A", "Tuberculosis"),
+                                                                     ("A", "Pediatric_Pneumonia")}
 
 
 def run_worker(tmp_path: Path, package: Path, images: dict[str, int]) -> dict[str, list]:  # type: ignore[type-arg]
