@@ -62,10 +62,7 @@ def patient_age_years(ds: pydicom.Dataset) -> float | None:
     date of birth after the examination, or an age of ``MAX_AGE_YEARS`` or more, such as a placeholder 999Y)."""
     match = _AGE_STRING.match(str(ds.get("PatientAge", "") or "").strip().upper())
     if match:
-        if match.group(2) == "Y":
-            years = float(match.group(1))  # whole years, as the header states them: no leap-day rounding
-        else:
-            years = int(match.group(1)) * _DAYS_PER[match.group(2)] / 365.25
+        years = int(match.group(1)) * _DAYS_PER[match.group(2)] / 365.25  # nnnY: exactly nnn
         return years if years < MAX_AGE_YEARS else None
     born = _da(ds.get("PatientBirthDate"))
     if born is None:

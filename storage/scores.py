@@ -119,14 +119,13 @@ class ScoreStore(StoreBase):
         query = select(SiteThreshold).where(SiteThreshold.model_version.in_(versions))
         if site is not None:
             query = query.where(SiteThreshold.site == site)
+        rank = {version: i for i, version in enumerate(versions)}
         with self._tx("site_thresholds", read_only=True) as s:
             rows = s.scalars(query.order_by(SiteThreshold.version)).all()
-            out: dict[tuple[str, str], AcceptedThreshold] = {}
-            for version in reversed(versions):  # the earliest first, so that later versions replace it
-                for row in rows:
-                    if row.model_version == version:
-                        out[(row.site, row.label)] = _accepted(row)  # within a version the highest wins
-            return out
+            # the earliest package version first (a stable sort keeps each one's threshold versions in order), so
+            # that the later ones, and within one the highest threshold version, win
+            ordered = sorted(rows, key=lambda row: -rank[row.model_version])
+            return {(row.site, row.label): _accepted(row) for row in ordered}
 
 
 def _accepted(row: SiteThreshold) -> AcceptedThreshold:
