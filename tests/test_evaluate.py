@@ -76,6 +76,8 @@ def report(tmp_path_factory: pytest.TempPathFactory, cohorts: Any) -> tuple[dict
 def test_report_files_exist(report: Any) -> None:
     _, out = report
     assert (out / "report.md").is_file()
+    assert "placed midway between the score that reaches it and the next lower OOF score" in (
+        out / "report.md").read_text()
     assert (out / "results.json").is_file()
     pngs = {p.name for p in (out / "plots").glob("*.png")}
     for cohort in ("oof", "site_a", "site_b"):
@@ -131,8 +133,13 @@ def test_ensemble_is_mean_of_members_when_absent(cohorts: Any) -> None:
 def test_thresholds_chosen_on_oof_ensemble_and_reused_on_externals(report: Any, cohorts: Any) -> None:
     results, _ = report
     oof, externals = cohorts
-    youden = metrics.youden_threshold(oof.labels[TB], oof.scores[TB][ENSEMBLE])
-    sens = metrics.threshold_for_sensitivity(oof.labels[TB], oof.scores[TB][ENSEMBLE], 0.90)
+    y, p = oof.labels[TB], oof.scores[TB][ENSEMBLE]
+    youden = metrics.midway_below(y, p, metrics.youden_threshold(y, p))
+    sens = metrics.midway_below(y, p, metrics.threshold_for_sensitivity(y, p, 0.90))
+    assert results["settings"]["threshold_at"] == "midway"
+    on_score = evaluate_cohorts(oof, externals, n_boot=N_BOOT, seed=3, threshold_at="score")
+    assert on_score["thresholds"][TB]["youden"]["value"] == metrics.youden_threshold(y, p)
+    assert on_score["thresholds"][TB]["sensitivity"]["value"] == metrics.threshold_for_sensitivity(y, p, 0.90)
     assert results["thresholds"][TB]["youden"]["value"] == youden
     assert results["thresholds"][TB]["sensitivity"]["value"] == sens
     for c in results["cohorts"].values():

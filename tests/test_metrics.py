@@ -95,6 +95,33 @@ def test_threshold_for_sensitivity_reaches_target_and_is_highest() -> None:
         assert np.mean(p[y == 1] >= above) < target
 
 
+def test_midway_below_hand_example() -> None:
+    y = [0, 0, 1, 0, 1, 1, np.nan]
+    p = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.28]  # the last image's label is unknown: it does not count
+    t = m.threshold_for_sensitivity(y, p, 1.0)
+    assert t == 0.3
+    assert m.midway_below(y, p, t) == pytest.approx(0.25, abs=1e-15)
+    assert m.midway_below(y, p, 0.7) == pytest.approx(0.6, abs=1e-15)
+    assert m.midway_below(y, p, 0.1) == 0.1  # nothing below: the threshold itself
+    close = [0.3, float(np.nextafter(0.3, 0.0)), 0.9]  # no float64 strictly between the two lowest
+    assert m.midway_below([1, 0, 1], close, 0.3) == 0.3
+
+
+def test_midway_threshold_survives_the_nodes_float32_probability() -> None:
+    # The threshold reached is one image's ensemble score, the float64 mean of its members' float32 scores; the
+    # node stores that mean as float32, which can round below it and flip the image. Midway it cannot.
+    a, b = np.float32(0.39), np.float32(0.3920001)
+    y = np.array([0, 0, 1, 1, 1, 0])
+    p = np.array([0.2, 0.35, (float(a) + float(b)) / 2, 0.6, 0.8, 0.95])
+    on_score = m.threshold_for_sensitivity(y, p, 1.0)
+    assert on_score == p[2] and float(np.float32(p[2])) < on_score  # the trap this placement avoids
+    midway = m.midway_below(y, p, on_score)
+    assert midway == pytest.approx((0.35 + p[2]) / 2)
+    node = np.float32(p).astype(float)  # the node compares float(its float32 probability) >= threshold
+    assert (node >= on_score).tolist() != (p >= on_score).tolist()
+    assert (node >= midway).tolist() == (p >= on_score).tolist() == [False, False, True, True, True, True]
+
+
 def test_confusion_at_counts_and_wilson() -> None:
     y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
     p = np.array([0.9, 0.8, 0.7, 0.2, 0.6, 0.3, 0.2, 0.1, 0.1, 0.0])

@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -36,6 +37,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def _midway_at_90(scores: Any, y: Any) -> float:
+    """The sensitivity-0.90 threshold as export places it, by hand: the highest score that 90 % of the positives reach,
+    midway to the next lower score of any image (docs/model/threshold-rule.md)."""
+    scores, y = np.asarray(scores, dtype=float), np.asarray(y, dtype=float)
+    positives = np.sort(scores[y == 1])[::-1]
+    reached = positives[int(np.ceil(0.9 * positives.size)) - 1]
+    return float((reached + scores[scores < reached].max()) / 2)
 
 
 def pediatric_like(folder: Path, n_patients: int, seed: int) -> Path:
@@ -235,8 +245,7 @@ def test_a_package_combines_the_members_of_two_runs(cohorts: tuple[Path, Path, P
     score_b = {r["image"]: float(r["score_Tuberculosis__ensemble"]) for r in oof_b if r["label_Tuberculosis"]}
     mean = {r["image"]: (float(r["score_Tuberculosis__ensemble"]) + score_b[r["image"]]) / 2 for r in oof_a}
     y = {r["image"]: int(r["label_Tuberculosis"]) for r in oof_a}
-    positives = sorted((mean[i] for i in mean if y[i] == 1), reverse=True)
-    expected = positives[int(np.ceil(0.9 * len(positives))) - 1]  # the highest threshold reaching sensitivity 0.90
+    expected = _midway_at_90([mean[i] for i in mean], [y[i] for i in mean])
     assert manifest.thresholds["Tuberculosis"].value == pytest.approx(expected, abs=1e-6)
     assert manifest.reference["Tuberculosis"].n == len(mean)
     assert manifest.evaluation_summary["oof"]["Tuberculosis"]["runs"] == ["tb-only", "tb-ped"]
@@ -274,8 +283,8 @@ def test_runs_of_two_input_sizes_make_one_package_whose_members_keep_their_size(
     oof_a, oof_c = read_csv(tmp_path / "a" / "predictions_oof.csv"), read_csv(tmp_path / "c" / "predictions_oof.csv")
     score_c = {r["image"]: float(r["score_Tuberculosis__ensemble"]) for r in oof_c}
     mean = {r["image"]: (float(r["score_Tuberculosis__ensemble"]) + score_c[r["image"]]) / 2 for r in oof_a}
-    positives = sorted((mean[r["image"]] for r in oof_a if r["label_Tuberculosis"] == "1"), reverse=True)
-    expected_threshold = positives[int(np.ceil(0.9 * len(positives))) - 1]
+    expected_threshold = _midway_at_90([mean[r["image"]] for r in oof_a],
+                                       [r["label_Tuberculosis"] == "1" for r in oof_a])
     assert manifest.thresholds["Tuberculosis"].value == pytest.approx(expected_threshold, abs=1e-6)
 
     other = tmp_path / "d"  # run a's units under another name, its CLAHE changed: not one preprocessing
@@ -393,9 +402,8 @@ def test_an_int8_package_chooses_its_thresholds_on_the_scores_of_its_stored_memb
     stored_scores = np.array([float(stored[i]["score_Pediatric_Pneumonia__ensemble"]) for i in known])
     y = np.array([int(stored[i]["label_Pediatric_Pneumonia"]) for i in known])
     assert 0 < np.max(np.abs(stored_scores - [run_scores[i] for i in known])) <= 0.25
-    positives = np.sort(stored_scores[y == 1])[::-1]
     threshold = manifest.thresholds["Pediatric_Pneumonia"]
-    assert threshold.value == pytest.approx(positives[int(np.ceil(0.9 * positives.size)) - 1], abs=1e-7)
+    assert threshold.value == pytest.approx(_midway_at_90(stored_scores, y), abs=1e-7)
     assert manifest.reference["Pediatric_Pneumonia"].n == len(known)
     assert manifest.evaluation_summary["oof"]["Pediatric_Pneumonia"]["auroc"] == pytest.approx(
         metrics.auroc(y, stored_scores))
@@ -405,9 +413,8 @@ def test_an_int8_package_chooses_its_thresholds_on_the_scores_of_its_stored_memb
                  "sensitivity", "--weights-dtype", "int8-last-stage", "--labels", "Pediatric_Pneumonia",
                  "--oof-scores", "run"]) == 0
     from_run = load_manifest(tmp_path / "run-scores")
-    run_positives = np.sort([run_scores[i] for i in known if stored[i]["label_Pediatric_Pneumonia"] == "1"])[::-1]
     assert from_run.thresholds["Pediatric_Pneumonia"].value == pytest.approx(
-        run_positives[int(np.ceil(0.9 * run_positives.size)) - 1], abs=1e-7)
+        _midway_at_90([run_scores[i] for i in known], y), abs=1e-7)
     assert from_run.evaluation_summary["oof_scores"] == {"source": "the run's predictions_oof.csv (torch, float32)"}
     assert from_run.thresholds["Pediatric_Pneumonia"].value != threshold.value
     with pytest.raises(ValueError, match="oof_scores must be one of"):

@@ -109,13 +109,20 @@ def test_export_chooses_on_the_ensemble_of_its_members_with_the_evaluate_chooser
 
     everything, evaluation = oof_thresholds(oof, [TB], ["a", "b"], "youden", 0.9)
     mean = np.mean([oof.scores[TB]["a"], oof.scores[TB]["b"]], axis=0)
-    assert everything[TB] == (metrics.youden_threshold(y, mean), "Youden J on OOF ensemble")
+    youden = metrics.youden_threshold(y, mean)
+    assert everything[TB] == (metrics.midway_below(y, mean, youden),
+                              "Youden J on OOF ensemble, midway to the next lower score")
+    assert (mean >= everything[TB][0]).tolist() == (mean >= youden).tolist()
+    on_score, _ = oof_thresholds(oof, [TB], ["a", "b"], "youden", 0.9, placement="score")
+    assert on_score[TB] == (youden, "Youden J on OOF ensemble")
     assert evaluation == {"ensemble_of": ["a", "b"], "oof": {TB: {"auroc": metrics.auroc(y, mean), "n": 60}}}
 
     subset, evaluation = oof_thresholds(oof, [TB], ["a"], "sensitivity", 0.8)
     chosen = choose_thresholds(oof, TB, 0.8, members=["a"])["sensitivity"]
+    reached = metrics.threshold_for_sensitivity(y, oof.scores[TB]["a"], 0.8)
     assert subset[TB] == (chosen["value"], chosen["method"]) == (
-        metrics.threshold_for_sensitivity(y, oof.scores[TB]["a"], 0.8), "sensitivity >= 0.80 on OOF ensemble of a")
+        metrics.midway_below(y, oof.scores[TB]["a"], reached),
+        "sensitivity >= 0.80 on OOF ensemble of a, midway to the next lower score")
     assert subset[TB][0] != choose_thresholds(oof, TB, 0.8)["sensitivity"]["value"]  # not the full ensemble's
     assert evaluation["oof"][TB]["auroc"] == metrics.auroc(y, ensemble_of(oof, TB, ["a"]))
     with pytest.raises(ValueError, match=r"no scores of \['c'\]"):

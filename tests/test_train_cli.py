@@ -8,6 +8,7 @@ import os
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from training.cli import main
@@ -165,8 +166,21 @@ def test_fit_baseline_evaluate_compare_export_end_to_end(tmp_path: Path) -> None
     assert manifest.labels == ("Tuberculosis",) and manifest.version == "1.0-test"
     assert sorted(m.fold for m in manifest.members) == [0, 1, 2]
     assert manifest.preprocess.size == 64 and manifest.preprocess.field_detection is False
-    assert manifest.thresholds["Tuberculosis"].method == "Youden J on OOF ensemble"
+    midway = manifest.thresholds["Tuberculosis"]
+    assert midway.method == "Youden J on OOF ensemble, midway to the next lower score"
+    assert main(["export", "--run-dir", str(run), "--out", str(tmp_path / "on-score"), "--threshold-at", "score"]) == 0
+    on_score = load_manifest(tmp_path / "on-score", verify=True)
+    assert on_score.thresholds["Tuberculosis"].method == "Youden J on OOF ensemble"
+    with (run / "predictions_oof.csv").open(newline="") as src:
+        oof = np.array([float(row["score_Tuberculosis__ensemble"]) for row in csv.DictReader(src)])
+    score = on_score.thresholds["Tuberculosis"].value
+    assert score in oof.tolist()  # on one image's OOF score ...
+    below = oof[oof < score].max()
+    assert below < midway.value < score  # ... and midway lies strictly between it and the next lower one
+    assert midway.value == pytest.approx((below + score) / 2, abs=1e-6)  # the CSV keeps 6 decimals
     assert main(["export", "--run-dir", str(run), "--out", str(package), "--members", "resnet18"]) == 2
+    with pytest.raises(SystemExit, match="2"):  # argparse: invalid choice
+        main(["export", "--run-dir", str(run), "--out", str(tmp_path / "p2"), "--threshold-at", "x"])
 
 
 def test_fit_on_a_full_disk_says_so_loses_nothing_and_resumes_to_the_same_result(

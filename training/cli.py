@@ -40,6 +40,7 @@ from training.pretrained import export_weights, provenance_path
 from training.rundir import RunDir, UnitKey
 from training.site import SITE_MARKDOWN, site_threshold_run
 from training.site_unlabelled import SUGGESTION_MARKDOWN, unlabelled_run
+from training.thresholds import PLACEMENTS
 
 __all__ = [  # the compositions that lived here, importable from here as before
     "baseline_run",
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="report folder (default RUN_DIR/report)")
     p.add_argument("--labels", nargs="+", help="labels to evaluate (default: all scored)")
     p.add_argument("--target-sensitivity", type=float, default=0.90)
+    p.add_argument("--threshold-at", choices=PLACEMENTS, default="midway", help=THRESHOLD_AT_HELP)
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per CI")
 
     p = add("compare", "DeLong test between two prediction CSVs on the images both score")
@@ -133,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", choices=("youden", "sensitivity"), default="youden",
                    help="operating point written into the manifest (default youden)")
     p.add_argument("--target-sensitivity", type=float, default=0.90)
+    p.add_argument("--threshold-at", choices=PLACEMENTS, default="midway", help=THRESHOLD_AT_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
     p.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32",
                    help="store member weights as float16 (half the disk) or int8-last-stage (the last stage and "
@@ -231,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+THRESHOLD_AT_HELP = (
+    "where the threshold lies: midway between the score that reaches the operating point and the next lower OOF "
+    "score (default; the same OOF decisions, and no float32 rounding or other CPU moves an image across it), or on "
+    "that score (packages up to chest-default-1.6.x; docs/model/threshold-rule.md)"
+)
+
 BLACKOUT_HELP = """\
 Lung-blackout test of the run's ensemble (shortcut audit).
 
@@ -307,7 +316,7 @@ def _fit(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     out = args.out or RunDir(args.run_dir).report.path
     report = evaluate_dir(args.run_dir, out, args.labels, args.target_sensitivity, args.n_boot,
-                          audits=read_audits(args.run_dir))
+                          audits=read_audits(args.run_dir), threshold_at=args.threshold_at)
     print(f"report: {report}")
     return 0
 
@@ -322,7 +331,7 @@ def _export(args: argparse.Namespace) -> int:
     package = export_run(args.run_dir, args.out, args.members, args.version, args.threshold,
                          args.target_sensitivity, args.overwrite, args.weights_dtype, args.labels,
                          args.base_package, args.folds, args.informational, args.oof_scores, args.oof_out,
-                         args.name)
+                         args.name, args.threshold_at)
     print(f'package: {package}\nnext: set [model] package = "{package}" in node.toml and restart cxr-node')
     return 0
 

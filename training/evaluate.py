@@ -246,6 +246,7 @@ def evaluate_cohorts(
     n_boot: int = 2000,
     seed: int = 0,
     audits: Sequence[Mapping[str, Any]] = (),
+    threshold_at: str = "midway",
 ) -> dict[str, Any]:
     """Evaluate the OOF cohort (each training cohort apart) and every external cohort; thresholds from OOF only.
 
@@ -261,6 +262,7 @@ def evaluate_cohorts(
         n_boot: Bootstrap resamples per CI.
         seed: Bootstrap seed.
         audits: Shortcut-audit results (``training.audits``) to carry into the report.
+        threshold_at: where the OOF thresholds lie (``training.thresholds.PLACEMENTS``).
 
     Returns:
         A JSON-ready dict (NaN and infinities as None): ``settings``, ``labels``, ``thresholds``,
@@ -269,7 +271,7 @@ def evaluate_cohorts(
     if OOF in externals:
         raise ValueError(f"an external cohort may not be named {OOF!r}")
     labels = list(labels) if labels is not None else list(oof.scores)
-    thresholds = {label: choose_thresholds(oof, label, target_sensitivity) for label in labels}
+    thresholds = {label: choose_thresholds(oof, label, target_sensitivity, placement=threshold_at) for label in labels}
     cohorts: dict[str, Any] = {}
     oof_tables = oof.by_source(OOF)  # several training cohorts: each its own ("oof:<cohort>"), never pooled
     for name, table in {**oof_tables, **externals}.items():
@@ -284,7 +286,8 @@ def evaluate_cohorts(
     results = {
         "format_version": FORMAT_VERSION,
         "settings": {"target_sensitivity": target_sensitivity, "n_boot": n_boot, "seed": seed, "level": 0.95,
-                     "threshold_source": "OOF ensemble", "age_bands": [b[0] for b in AGE_BANDS]},
+                     "threshold_source": "OOF ensemble", "threshold_at": threshold_at,
+                     "age_bands": [b[0] for b in AGE_BANDS]},
         "labels": labels,
         "thresholds": thresholds,
         "cohorts": cohorts,
@@ -297,7 +300,7 @@ def evaluate_cohorts(
 def evaluate_dir(
     pred_dir: str | Path, out_dir: str | Path, labels: Sequence[str] | None = None,
     target_sensitivity: float = 0.90, n_boot: int = 2000, seed: int = 0,
-    audits: Sequence[Mapping[str, Any]] = (),
+    audits: Sequence[Mapping[str, Any]] = (), threshold_at: str = "midway",
 ) -> Path:
     """``cxr-train evaluate`` in one call: read ``predictions_*.csv`` of a folder, evaluate, report.
 
@@ -305,5 +308,5 @@ def evaluate_dir(
         The path of ``report.md`` in ``out_dir``.
     """
     oof, externals = load_prediction_dir(pred_dir)
-    results = evaluate_cohorts(oof, externals, labels, target_sensitivity, n_boot, seed, audits)
+    results = evaluate_cohorts(oof, externals, labels, target_sensitivity, n_boot, seed, audits, threshold_at)
     return write_report(results, out_dir)

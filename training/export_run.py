@@ -101,13 +101,14 @@ def export_run(
     weights_dtype: str = "float32", labels: Sequence[str] | None = None,
     base_package: str | Path | None = None, folds: Sequence[int] | Sequence[Sequence[int]] | None = None,
     informational: Sequence[str] = (), oof_scores: str | None = None, oof_out: str | Path | None = None,
-    name: str = "",
+    name: str = "", threshold_at: str = "midway",
 ) -> Path:
     """Export the finished units of ``members`` (architectures) of one run, or of several runs, as a model package.
 
     Every fold model of each selected architecture becomes a member (the node averages them all, which
     equals the mean over architectures of their fold means). Thresholds are chosen on the OOF ensemble
-    of the selected architectures (Youden J, or the highest threshold reaching ``target_sensitivity``).
+    of the selected architectures (Youden J, or the highest threshold reaching ``target_sensitivity``), placed
+    ``threshold_at`` (``training.thresholds.PLACEMENTS``: midway to the next lower OOF score, or on the score).
     ``weights_dtype="float16"`` stores the members' weights at half the size, ``"int8-last-stage"`` the last backbone
     stage's and the head's as int8 and the rest as float16 (float32 compute either way).
     ``labels``: the run's labels the package carries (default: all), in the run's order; the others are cut
@@ -163,19 +164,20 @@ def export_run(
     if foreign:
         raise ValueError(f"--labels {foreign} not among the run's labels {list(union)}")
     if base_package is not None:
-        return _export_onto(parts[0], Path(base_package), out, labels, version, threshold, target_sensitivity,
-                            overwrite, weights_dtype, informational, oof_scores, oof_out, name)
+        return _export_onto(parts[0], Path(base_package), out, labels, version, (threshold, threshold_at),
+                            target_sensitivity, overwrite, weights_dtype, informational, oof_scores, oof_out, name)
     carried = tuple(label for label in union if labels is None or label in labels)
     for part in parts:
         own = [label for label in part.config.labels if label in carried]
         if own:  # a run none of whose labels the package carries ships no member and scores nothing
             _read_oof(part, own, oof_scores, weights_dtype)
     if len(parts) > 1:
-        return _export_runs(parts, out, carried, version, threshold, target_sensitivity, overwrite, weights_dtype,
-                            informational, oof_out, name)
+        return _export_runs(parts, out, carried, version, (threshold, threshold_at), target_sensitivity, overwrite,
+                            weights_dtype, informational, oof_out, name)
     (part,) = parts
     run, config = part.run, part.config
-    thresholds, evaluation, reference = _oof_figures(part, carried, threshold, target_sensitivity, weights_dtype)
+    thresholds, evaluation, reference = _oof_figures(part, carried, (threshold, threshold_at), target_sensitivity,
+                                                     weights_dtype)
     left_out = [label for label in config.labels if label not in carried]
     if left_out:
         evaluation["left_out"] = left_out
@@ -289,12 +291,13 @@ def _merge(tables: Sequence[PredictionTable]) -> PredictionTable:
 
 
 def _oof_figures(
-    part: _RunPart, labels: Sequence[str], threshold: str, target_sensitivity: float, weights_dtype: str
+    part: _RunPart, labels: Sequence[str], threshold: tuple[str, str], target_sensitivity: float, weights_dtype: str
 ) -> tuple[dict[str, tuple[float, str]], dict[str, Any], dict[str, Any]]:
     """One run's thresholds and evaluation (:func:`oof_thresholds`) and reference distributions of ``labels``, from
     its OOF table (:func:`_read_oof`)."""
     oof = part.table()
-    thresholds, evaluation = oof_thresholds(oof, labels, part.archs, threshold, target_sensitivity)
+    thresholds, evaluation = oof_thresholds(oof, labels, part.archs, threshold[0], target_sensitivity,
+                                            placement=threshold[1])
     evaluation["oof_scores"] = _oof_record([part], weights_dtype)
     reference = {label: reference_distribution(oof, label, part.archs, part.config.train[0].name)
                  for label in labels}
@@ -334,7 +337,7 @@ def _ages(labels: Sequence[str]) -> dict[str, Any]:
 
 
 def _export_runs(
-    parts: list[_RunPart], out: str | Path, carried: tuple[str, ...], version: str, threshold: str,
+    parts: list[_RunPart], out: str | Path, carried: tuple[str, ...], version: str, threshold: tuple[str, str],
     target_sensitivity: float, overwrite: bool, weights_dtype: str, informational: Sequence[str],
     oof_out: str | Path | None, name: str = "",
 ) -> Path:
@@ -353,7 +356,8 @@ def _export_runs(
     for label in carried:
         table = combined_oof(parts, label)
         tables.append(table)
-        point = choose_thresholds(table, label, target_sensitivity, kinds=(threshold,))[threshold]
+        kind, placement = threshold
+        point = choose_thresholds(table, label, target_sensitivity, kinds=(kind,), placement=placement)[kind]
         thresholds[label] = (float(point["value"]), point["method"])
         y, p = table.labels[label], table.scores[label][ENSEMBLE]
         evaluation["oof"][label] = {"auroc": float(metrics.auroc(y, p)), "n": int(np.sum(~np.isnan(y))),
@@ -381,7 +385,8 @@ def _export_runs(
 
 
 def _export_onto(
-    part: _RunPart, base_dir: Path, out: str | Path, labels: Sequence[str] | None, version: str, threshold: str,
+    part: _RunPart, base_dir: Path, out: str | Path, labels: Sequence[str] | None, version: str,
+    threshold: tuple[str, str],
     target_sensitivity: float, overwrite: bool, weights_dtype: str, informational: Sequence[str],
     oof_scores: str, oof_out: str | Path | None, name: str = "",
 ) -> Path:
@@ -485,14 +490,17 @@ def real_parity_inputs(run_dir: Path, config: RunConfig, n: int = 4) -> np.ndarr
 
 
 def oof_thresholds(
-    oof: PredictionTable, labels: Sequence[str], archs: Sequence[str], threshold: str, target_sensitivity: float
+    oof: PredictionTable, labels: Sequence[str], archs: Sequence[str], threshold: str, target_sensitivity: float,
+    placement: str = "midway",
 ) -> tuple[dict[str, tuple[float, str]], dict[str, Any]]:
     """Per label, the ``threshold`` operating point (``youden`` or ``sensitivity``) on the OOF ensemble of
-    ``archs`` in ``oof`` (:func:`training.thresholds.choose_thresholds`), and that ensemble's OOF AUROC."""
+    ``archs`` in ``oof``, placed as ``placement`` says (:func:`training.thresholds.choose_thresholds`), and that
+    ensemble's OOF AUROC."""
     thresholds: dict[str, tuple[float, str]] = {}
     evaluation: dict[str, Any] = {"ensemble_of": list(archs), "oof": {}}
     for label in labels:
-        point = choose_thresholds(oof, label, target_sensitivity, members=archs, kinds=(threshold,))[threshold]
+        point = choose_thresholds(oof, label, target_sensitivity, members=archs, kinds=(threshold,),
+                                  placement=placement)[threshold]
         thresholds[label] = (float(point["value"]), point["method"])
         y, p = oof.labels[label], ensemble_of(oof, label, archs)
         evaluation["oof"][label] = {"auroc": float(metrics.auroc(y, p)), "n": int(np.sum(~np.isnan(y)))}

@@ -174,6 +174,24 @@ def threshold_for_sensitivity(y: Any, p: Any, target: float = 0.90) -> float:
     return float(roc["threshold"][1:][reached[0]])
 
 
+def midway_below(y: Any, p: Any, threshold: float) -> float:
+    """The midpoint between ``threshold`` and the highest score below it: the same decisions (``p >= t``) on these
+    images as ``threshold`` itself, with a margin on both sides.
+
+    A threshold taken from the observed scores sits exactly on one image's score, so the smallest change to that
+    score (the node's float32 probability, another CPU's kernels) flips its decision; halfway to the next score no
+    such change does. Images with an unknown label or a missing score do not count, as in the choosers above.
+    ``threshold`` itself is returned when no score lies below it or no float64 lies strictly between the two.
+    """
+    _, p = clean(y, p)
+    below = p[p < threshold]
+    if below.size == 0:
+        return float(threshold)
+    lower = float(below.max())
+    middle = lower + (float(threshold) - lower) / 2
+    return middle if lower < middle < threshold else float(threshold)
+
+
 def wilson_ci(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval for a proportion ``k / n``; ``(nan, nan)`` when ``n == 0``.
 

@@ -159,7 +159,9 @@ def _md_header(results: Mapping[str, Any]) -> list[str]:
         f"AUROC, AUPRC and balanced accuracy: 95% CIs from {s['n_boot']} bootstrap resamples of patients, "
         f"stratified by label (seed {s['seed']}). Sensitivity, specificity, PPV, NPV: Wilson 95% CIs. "
         "Operating thresholds were chosen on the OOF ensemble only and are applied unchanged to every "
-        "member and every cohort (an image is positive when its score >= the threshold).", "",
+        "member and every cohort (an image is positive when its score >= the threshold)"
+        + (", each placed midway between the score that reaches it and the next lower OOF score."
+           if s.get("threshold_at") == "midway" else "."), "",
         "## Operating thresholds", "",
         *_table(["Label", "Youden J", f"Sensitivity >= {s['target_sensitivity']:.2f}"], rows),
     ]

@@ -20,6 +20,11 @@ from training.predictions import ENSEMBLE, PredictionTable
 KINDS = ("youden", "sensitivity")
 """The operating points: Youden J, and the highest threshold reaching the target sensitivity."""
 
+PLACEMENTS = ("midway", "score")
+"""Where the threshold lies: ``midway`` between the score that decides the operating point and the next lower
+score (:func:`training.metrics.midway_below`: no float32 rounding or other CPU moves an image across it), or on
+that ``score`` itself (packages up to chest-default-1.6.x; ``docs/model/threshold-rule.md``)."""
+
 
 def ensemble_of(table: PredictionTable, label: str, members: Sequence[str]) -> np.ndarray:
     """Mean score of ``members`` for ``label`` in a prediction table (the exported ensemble).
@@ -35,7 +40,7 @@ def ensemble_of(table: PredictionTable, label: str, members: Sequence[str]) -> n
 
 def choose_thresholds(
     oof: PredictionTable, label: str, target_sensitivity: float = 0.90, members: Sequence[str] | None = None,
-    kinds: Sequence[str] = KINDS,
+    kinds: Sequence[str] = KINDS, placement: str = "midway",
 ) -> dict[str, Any]:
     """Operating thresholds for ``label`` from the OOF ensemble score (``p >= t`` = positive).
 
@@ -46,18 +51,22 @@ def choose_thresholds(
         members: None: the table's ``ensemble`` column; else the mean of these members' scores
             (:func:`ensemble_of`); a strict subset of the table's members is named in the method.
         kinds: the operating points to choose (``KINDS``).
+        placement: ``"midway"`` to the next lower score, or on the ``"score"`` (``PLACEMENTS``); the same decisions
+            on these images either way.
 
     Returns:
         ``{"youden": {"value", "method"}, "sensitivity": {"value", "method", "target"}}`` (those of ``kinds``).
 
     Raises:
-        ValueError: no label column for ``label``, an unknown kind or member.
+        ValueError: no label column for ``label``, an unknown kind, placement or member.
     """
     if label not in oof.labels:
         raise ValueError(f"OOF cohort has no label column for {label!r}: cannot choose its thresholds")
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ValueError(f"unknown operating point(s) {unknown}; expected {list(KINDS)}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown threshold placement {placement!r}; expected one of {list(PLACEMENTS)}")
     y = oof.labels[label]
     source = "OOF ensemble"
     if members is None:
@@ -66,13 +75,17 @@ def choose_thresholds(
         p = ensemble_of(oof, label, members)
         if set(members) < set(oof.members(label)) - {ENSEMBLE}:
             source += f" of {', '.join(members)}"
+    def placed(score: float) -> float:
+        return metrics.midway_below(y, p, score) if placement == "midway" else score
+
+    where = ", midway to the next lower score" if placement == "midway" else ""
     choice: dict[str, Any] = {}
     if "youden" in kinds:
-        choice["youden"] = {"value": metrics.youden_threshold(y, p), "method": f"Youden J on {source}"}
+        choice["youden"] = {"value": placed(metrics.youden_threshold(y, p)), "method": f"Youden J on {source}{where}"}
     if "sensitivity" in kinds:
         choice["sensitivity"] = {
-            "value": metrics.threshold_for_sensitivity(y, p, target_sensitivity),
-            "method": f"sensitivity >= {target_sensitivity:.2f} on {source}",
+            "value": placed(metrics.threshold_for_sensitivity(y, p, target_sensitivity)),
+            "method": f"sensitivity >= {target_sensitivity:.2f} on {source}{where}",
             "target": target_sensitivity,
         }
     return choice
