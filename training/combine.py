@@ -21,6 +21,7 @@ from typing import Any
 
 from ai.manifest import Member, ModelManifest, load_manifest, member_path
 from training.export import INPUT_NAME, OUTPUT_NAMES, check_same_preprocessing, default_version, export_package
+from training.labels import label_ages
 
 
 def combine_packages(base_dir: str | Path, other_dir: str | Path, labels: Sequence[str], out: str | Path,
@@ -79,11 +80,9 @@ def reissue_package(package_dir: str | Path, out: str | Path, version: str, over
         ValueError: no version, the package's own version, or nothing that would change.
         ModelPackageError: the package fails its manifest or checksum check.
     """
-    from training.labels import LABEL_AGES
-
     package_dir = Path(package_dir)
     manifest = load_manifest(package_dir, verify=True)
-    ages = {label: LABEL_AGES[label] for label in manifest.labels if label in LABEL_AGES}  # label order, as export
+    ages = label_ages(manifest.labels)
     if (manifest.input_name, manifest.outputs) != (INPUT_NAME, dict(zip(OUTPUT_NAMES, OUTPUT_NAMES, strict=True))):
         raise ValueError(f"{package_dir}: its members' input and output names ({manifest.input_name}, "
                          f"{manifest.outputs}) are not the ones this export writes; it cannot be reissued")

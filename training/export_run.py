@@ -24,7 +24,7 @@ from ai.preprocess import to_model_input
 from training import metrics
 from training.config import RunConfig
 from training.export import INT8_LAST_STAGE, MemberInfo, check_same_preprocessing, default_version, export_package
-from training.labels import LABEL_AGES
+from training.labels import label_ages
 from training.models import CxrNet, keep_labels
 from training.predictions import ENSEMBLE, PredictionTable, read_predictions, write_predictions
 from training.prepare import load_configured_cohort, load_run_config, preprocess_cache
@@ -186,7 +186,7 @@ def export_run(
         version=version or default_version(name or config.name), labels=carried, spec=config.preprocess_spec(),
         thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation, data_summary=_cohorts(run),
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(run.root, config), reference=reference,
-        ages=_ages(carried), informational=informational, expected_sha256=_scored_files(part, prefixed=False),
+        ages=label_ages(carried), informational=informational, expected_sha256=_scored_files(part, prefixed=False),
     )
     _write_oof(oof_out, [part.table()], overwrite)
     return package
@@ -331,11 +331,6 @@ def _cohorts(run: RunDir) -> dict[str, Any]:
     return json.loads(run.cohorts.read_text()) if run.cohorts.exists() else {}
 
 
-def _ages(labels: Sequence[str]) -> dict[str, Any]:
-    """The labels the project's table limits to an age range, with that range (``training.labels.LABEL_AGES``)."""
-    return {label: LABEL_AGES[label] for label in labels if label in LABEL_AGES}
-
-
 def _export_runs(
     parts: list[_RunPart], out: str | Path, carried: tuple[str, ...], version: str, threshold: tuple[str, str],
     target_sensitivity: float, overwrite: bool, weights_dtype: str, informational: Sequence[str],
@@ -377,7 +372,7 @@ def _export_runs(
         thresholds=thresholds, overwrite=overwrite, evaluation_summary=evaluation,
         data_summary={p.config.name: _cohorts(p.run) for p in parts},
         weights_dtype=weights_dtype, parity_inputs=_parity_by_size(parts),
-        reference=reference, ages=_ages(carried), informational=informational,
+        reference=reference, ages=label_ages(carried), informational=informational,
         expected_sha256={file: digest for part in parts for file, digest in _scored_files(part, True).items()},
     )
     _write_oof(oof_out, tables, overwrite)
@@ -425,7 +420,7 @@ def _export_onto(
         data_summary={base.name: base.data_summary, config.name: _cohorts(part.run)},
         weights_dtype=weights_dtype, parity_inputs=real_parity_inputs(part.run.root, config),
         reference={**base.reference, **reference},
-        ages={**base.ages, **_ages(added)}, copied=copied,
+        ages={**base.ages, **label_ages(added)}, copied=copied,
         informational=(*base.informational, *informational), expected_sha256=_scored_files(part, prefixed=True),
     )
     _write_oof(oof_out, [part.table()], overwrite)

@@ -20,9 +20,9 @@ child's 224 px image" and a pooled AUROC would reward it. A cohort maps its colu
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from ai.manifest import AgeRange
+from ai.manifest import MAX_AGE_YEARS, AgeRange
 
 NIH_FINDINGS: tuple[str, ...] = (
     "Atelectasis",
@@ -49,15 +49,20 @@ CANONICAL_LABELS: tuple[str, ...] = ("Tuberculosis", PEDIATRIC_PNEUMONIA, *NIH_F
 
 LABEL_AGES: dict[str, AgeRange] = {
     PEDIATRIC_PNEUMONIA: AgeRange(1.0, 6.0, "children aged 1-5 (Guangzhou pediatric set, Kermany et al. 2018)"),
-    "Tuberculosis": AgeRange(15.0, 150.0, "patients of most ages, few of them children (Shenzhen: 30 of 662 under "
-                                          "18); WHO recommends computer-aided TB detection from age 15",
-                             unknown_age="applies"),
+    "Tuberculosis": AgeRange(15.0, float(MAX_AGE_YEARS),
+                             "patients of most ages, few of them children (Shenzhen: 30 of 662 under 18); "
+                             "WHO recommends computer-aided TB detection from age 15", unknown_age="applies"),
 }
 """Labels limited to an age range: a package carrying one says so (manifest ``ages``), and the node reports it only
 for patients inside the range (``ai.applicability``). Pediatric pneumonia, learnt from children aged 1-5 only, needs
 a known age inside it. Tuberculosis, learnt from patients of most ages but shown to work at no other hospital's
 children (docs/model/age-rule.md), applies from 15 years, WHO's age for computer-aided TB detection, and to a
 patient of unknown age."""
+
+
+def label_ages(labels: Sequence[str]) -> dict[str, AgeRange]:
+    """The ``labels`` the table limits to an age range, with that range, in ``labels``' order (manifest ``ages``)."""
+    return {label: LABEL_AGES[label] for label in labels if label in LABEL_AGES}
 
 LABEL_PREFIX = "label_"
 """Prefix of a label column in cohort manifests and prediction CSVs (``label_Tuberculosis``)."""
