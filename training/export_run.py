@@ -164,7 +164,7 @@ def export_run(
     if foreign:
         raise ValueError(f"--labels {foreign} not among the run's labels {list(union)}")
     if base_package is not None:
-        return _export_onto(parts[0], Path(base_package), out, labels, version, (threshold, threshold_at),
+        return _export_onto(parts[0], Path(base_package), out, labels, version, threshold, threshold_at,
                             target_sensitivity, overwrite, weights_dtype, informational, oof_scores, oof_out, name)
     carried = tuple(label for label in union if labels is None or label in labels)
     for part in parts:
@@ -172,11 +172,11 @@ def export_run(
         if own:  # a run none of whose labels the package carries ships no member and scores nothing
             _read_oof(part, own, oof_scores, weights_dtype)
     if len(parts) > 1:
-        return _export_runs(parts, out, carried, version, (threshold, threshold_at), target_sensitivity, overwrite,
+        return _export_runs(parts, out, carried, version, threshold, threshold_at, target_sensitivity, overwrite,
                             weights_dtype, informational, oof_out, name)
     (part,) = parts
     run, config = part.run, part.config
-    thresholds, evaluation, reference = _oof_figures(part, carried, (threshold, threshold_at), target_sensitivity,
+    thresholds, evaluation, reference = _oof_figures(part, carried, threshold, threshold_at, target_sensitivity,
                                                      weights_dtype)
     left_out = [label for label in config.labels if label not in carried]
     if left_out:
@@ -291,13 +291,13 @@ def _merge(tables: Sequence[PredictionTable]) -> PredictionTable:
 
 
 def _oof_figures(
-    part: _RunPart, labels: Sequence[str], threshold: tuple[str, str], target_sensitivity: float, weights_dtype: str
+    part: _RunPart, labels: Sequence[str], threshold: str, placement: str, target_sensitivity: float,
+    weights_dtype: str,
 ) -> tuple[dict[str, tuple[float, str]], dict[str, Any], dict[str, Any]]:
     """One run's thresholds and evaluation (:func:`oof_thresholds`) and reference distributions of ``labels``, from
     its OOF table (:func:`_read_oof`)."""
     oof = part.table()
-    thresholds, evaluation = oof_thresholds(oof, labels, part.archs, threshold[0], target_sensitivity,
-                                            placement=threshold[1])
+    thresholds, evaluation = oof_thresholds(oof, labels, part.archs, threshold, target_sensitivity, placement)
     evaluation["oof_scores"] = _oof_record([part], weights_dtype)
     reference = {label: reference_distribution(oof, label, part.archs, part.config.train[0].name)
                  for label in labels}
@@ -332,7 +332,7 @@ def _cohorts(run: RunDir) -> dict[str, Any]:
 
 
 def _export_runs(
-    parts: list[_RunPart], out: str | Path, carried: tuple[str, ...], version: str, threshold: tuple[str, str],
+    parts: list[_RunPart], out: str | Path, carried: tuple[str, ...], version: str, threshold: str, placement: str,
     target_sensitivity: float, overwrite: bool, weights_dtype: str, informational: Sequence[str],
     oof_out: str | Path | None, name: str = "",
 ) -> Path:
@@ -351,8 +351,7 @@ def _export_runs(
     for label in carried:
         table = combined_oof(parts, label)
         tables.append(table)
-        kind, placement = threshold
-        point = choose_thresholds(table, label, target_sensitivity, kinds=(kind,), placement=placement)[kind]
+        point = choose_thresholds(table, label, target_sensitivity, kinds=(threshold,), placement=placement)[threshold]
         thresholds[label] = (float(point["value"]), point["method"])
         y, p = table.labels[label], table.scores[label][ENSEMBLE]
         evaluation["oof"][label] = {"auroc": float(metrics.auroc(y, p)), "n": int(np.sum(~np.isnan(y))),
@@ -380,9 +379,8 @@ def _export_runs(
 
 
 def _export_onto(
-    part: _RunPart, base_dir: Path, out: str | Path, labels: Sequence[str] | None, version: str,
-    threshold: tuple[str, str],
-    target_sensitivity: float, overwrite: bool, weights_dtype: str, informational: Sequence[str],
+    part: _RunPart, base_dir: Path, out: str | Path, labels: Sequence[str] | None, version: str, threshold: str,
+    placement: str, target_sensitivity: float, overwrite: bool, weights_dtype: str, informational: Sequence[str],
     oof_scores: str, oof_out: str | Path | None, name: str = "",
 ) -> Path:
     """A base package's members unchanged plus one run's members for labels the base lacks (see :func:`export_run`)."""
@@ -401,7 +399,8 @@ def _export_onto(
     if not added:
         raise ValueError(f"the run adds no label to the base package's {list(base.labels)}")
     _read_oof(part, added, oof_scores, weights_dtype)
-    thresholds, evaluation, reference = _oof_figures(part, added, threshold, target_sensitivity, weights_dtype)
+    thresholds, evaluation, reference = _oof_figures(part, added, threshold, placement, target_sensitivity,
+                                                     weights_dtype)
     copied = [(member_path(base_dir, m), replace(m, labels=m.outputs(base.labels))) for m in base.members]
     summary: dict[str, Any] = {
         "base_package": {"name": base.name, "version": base.version, "labels": list(base.labels),
